@@ -1,0 +1,117 @@
+"""The NATS side of every service: connect, publish typed messages with trace context, subscribe.
+
+Trace context (W3C ``traceparent``) travels in NATS headers, so one trace spans gateway,
+scheduler and workers (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from aegaeon.config import BusConfig
+from aegaeon.protocol import decode, encode
+from aegaeon.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+
+def trace_headers() -> dict[str, str] | None:
+    """The current trace context as NATS headers (None when there is no active span)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+def context_from(msg: Msg) -> otel_context.Context:
+    """The trace context a message carried, for starting a child span."""
+    return propagate.extract(dict(msg.headers or {}))
+
+
+class Bus:
+    """One NATS connection with typed helpers. ``await Bus.connect(config, name)``."""
+
+    def __init__(self, nc: Client, config: BusConfig) -> None:
+        self.nc = nc
+        self.config = config
+        self.subjects = Subjects(config.prefix)
+
+    @classmethod
+    async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
+        """Connect, reconnecting forever: a NATS restart must not take a service down."""
+
+        async def on_disconnect() -> None:
+            log.warning("%s: disconnected from NATS", name)
+
+        async def on_reconnect() -> None:
+            log.warning("%s: reconnected to NATS", name)
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("%s: NATS error: %s", name, exc)
+
+        nc = await nats.connect(
+            config.nats_url,
+            name=name,
+            user=config.nats_user,
+            password=config.nats_password,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+            **options,
+        )
+        return cls(nc, config)
+
+    async def publish(self, subject: str, message: Any) -> None:
+        """Publish one typed message (fire and forget)."""
+        await self.nc.publish(subject, encode(message), headers=trace_headers())
+
+    async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):  # noqa: ANN201
+        """Request/reply with a typed answer."""
+        msg = await self.nc.request(subject, encode(message), timeout=timeout, headers=trace_headers())
+        return decode(msg.data, reply_type)
+
+    async def subscribe(
+        self,
+        subject: str,
+        message_type: Any,
+        handler: Callable[[Any, Msg], Awaitable[None]],
+        queue: str = "",
+    ):  # noqa: ANN201
+        """Subscribe; each message is decoded to ``message_type`` and passed with its raw Msg.
+
+        A message that does not decode is logged and dropped, never crashes the service.
+        """
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                payload = decode(msg.data, message_type)
+            except Exception as exc:  # malformed input from the wire
+                log.error("dropping malformed message on %s: %s", msg.subject, exc)
+                return
+            try:
+                await handler(payload, msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
+    async def reply(self, msg: Msg, message: Any) -> None:
+        """Answer a request."""
+        await msg.respond(encode(message))
+
+    async def close(self) -> None:
+        """Drain subscriptions, flush, close."""
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # already closing / server gone
+                await self.nc.close()

@@ -1,0 +1,48 @@
+"""Configuration shared by every service: validated once, at construction, from the environment.
+
+Every setting has an embedded default so ``aegaeon up`` works with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def default_state_dir() -> Path:
+    """Where the embedded stack keeps demo models, server data and logs."""
+    return Path(_env("AEGAEON_HOME", str(Path.home() / ".aegaeon")))
+
+
+def shm_dir() -> Path:
+    """Shared memory for the host model cache and KV pool (/dev/shm on Linux)."""
+    default = "/dev/shm" if Path("/dev/shm").is_dir() else "/tmp"
+    return Path(_env("AEGAEON_SHM_DIR", default))
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """Where NATS and Redis are, and the subject/key prefix this deployment uses."""
+
+    nats_url: str = field(default_factory=lambda: _env("AEGAEON_NATS_URL", "nats://127.0.0.1:4222"))
+    redis_url: str = field(
+        default_factory=lambda: _env("AEGAEON_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    prefix: str = field(default_factory=lambda: _env("AEGAEON_PREFIX", "aegaeon"))
+    nats_user: str | None = field(default_factory=lambda: os.environ.get("AEGAEON_NATS_USER"))
+    nats_password: str | None = field(
+        default_factory=lambda: os.environ.get("AEGAEON_NATS_PASSWORD")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"AEGAEON_NATS_URL must be a nats:// URL, got {self.nats_url!r}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"AEGAEON_REDIS_URL must be a redis:// URL, got {self.redis_url!r}")
+        if not self.prefix.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"AEGAEON_PREFIX must be one subject token, got {self.prefix!r}")

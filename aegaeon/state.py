@@ -1,0 +1,37 @@
+"""Redis keys, defined once. Every key expires, so nothing grows without bound.
+
+``<prefix>:req:<id>``      hash  request metadata: state, model, gateway, prompt_len, output_len,
+                                 arrival, first_token_at, finished_at, finish_reason, worker
+``<prefix>:req:<id>:out``  list  output token ids already sent to the client (for recovery)
+``<prefix>:kv:<id>``       hash  where the request's KV lives: worker, place (device|host|none),
+                                 blocks, host_path, host_offset, host_bytes
+``<prefix>:queue``         hash  request id → packed SubmitRequest, for requests the scheduler
+                                 has accepted but not finished (a restarted scheduler resumes them)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REQUEST_TTL_S = 3600
+"""Metadata of a request lives this long after its last update."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names under one prefix."""
+
+    prefix: str = "aegaeon"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}"
+
+    def output_tokens(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}:out"
+
+    def kv(self, request_id: str) -> str:
+        return f"{self.prefix}:kv:{request_id}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"

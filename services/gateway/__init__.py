@@ -1,0 +1,1 @@
+"""gateway: the OpenAI-compatible HTTP API, SSE streams, tokenization, keys and limits."""

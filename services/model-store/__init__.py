@@ -1,0 +1,1 @@
+"""model-store: the model registry, the shared-memory host weight cache, prefetch, demo models."""

@@ -1,0 +1,1 @@
+"""scheduler: per-model queues, instance state and the token-level policies."""

@@ -1,0 +1,160 @@
+"""The contract between scheduling policies and whatever drives them.
+
+A policy is pure logic (no I/O, no clock of its own): the scheduler service drives it with
+real workers over NATS, and the simulator (:mod:`aegaeon.sim`) drives the very same classes
+against a cost model. Both call it the same way::
+
+    policy.add_instance(InstanceView(...))          # a worker joined (heartbeat)
+    policy.submit(RequestView(...), now)             # a request arrived → None or a Rejection
+    plan = policy.next_turn(instance_id, now)        # an instance is idle: what should it run?
+    ...the instance executes plan (switch, prefill/decode steps for plan.quota_s)...
+    policy.turn_done(instance_id, plan, TurnResult(...), now)
+    policy.cancel(request_id)                        # client went away
+    lost = policy.remove_instance(instance_id)       # worker died → requests to re-run
+
+A driver asks ``next_turn`` for every idle instance after each event; a policy returns None
+when that instance has nothing to do now.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+InstanceRole = Literal["prefill", "decode", "both"]
+
+
+@dataclass
+class ModelSpec:
+    """What a policy knows of a model: its size (switch cost) and KV footprint per token."""
+
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    context_length: int = 4096
+
+
+@dataclass
+class RequestView:
+    """A request as the policy tracks it. The driver creates it; the policy updates it."""
+
+    request_id: str
+    model: str
+    prompt_len: int
+    max_tokens: int
+    arrival: float
+    generated: int = 0  # tokens produced so far (the first comes from prefill)
+    prefilled: bool = False
+    instance_id: str | None = None  # where its KV lives / where it is queued
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.generated
+
+
+@dataclass
+class InstanceView:
+    """A worker as the policy sees it."""
+
+    instance_id: str
+    role: InstanceRole = "both"
+    kv_capacity_tokens: int = 1 << 20  # KV tokens that fit on the device at once (all models)
+    weight_budget_bytes: int = 1 << 40  # weights that fit on the device at once
+    resident_model: str | None = None
+    busy: bool = False
+
+
+@dataclass
+class TurnPlan:
+    """One turn for one instance: make ``model`` resident, then run ``request_ids``.
+
+    ``quota_s`` bounds decode time after the switch; ``prefill_only`` ends the turn after the
+    prefill step; ``swap_out_after`` moves the batch's KV to the host at the end;
+    ``prefetch_model`` is staged during the turn. ``handoff`` maps request ids whose KV must go
+    to another instance after this turn (prefill → decode) to that instance's id.
+    """
+
+    instance_id: str
+    model: str
+    request_ids: list[str]
+    quota_s: float
+    prefill_only: bool = False
+    swap_out_after: bool = False
+    prefetch_model: str | None = None
+    max_steps: int | None = None
+    handoff: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TurnResult:
+    """What executing a TurnPlan produced."""
+
+    steps: int
+    elapsed_s: float
+    switch_s: float = 0.0
+    finished: list[str] = field(default_factory=list)
+    generated: dict[str, int] = field(default_factory=dict)  # request id → tokens so far
+    step_times_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Rejection:
+    """Why a request cannot be admitted, and the HTTP status that says so."""
+
+    reason: str
+    status: int = 503
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency targets: time to first token and time between tokens, in seconds."""
+
+    ttft_s: float = 10.0
+    tbt_s: float = 0.1
+
+
+class Policy(ABC):
+    """A scheduling policy. Subclasses set ``name`` (the ``--policy`` value)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, models: dict[str, ModelSpec], slo: Slo) -> None:
+        self.models = models
+        self.slo = slo
+        self.instances: dict[str, InstanceView] = {}
+        self.requests: dict[str, RequestView] = {}
+
+    def add_model(self, spec: ModelSpec) -> None:
+        """A model was registered after start."""
+        self.models[spec.name] = spec
+
+    def add_instance(self, instance: InstanceView) -> None:
+        """A worker joined."""
+        self.instances[instance.instance_id] = instance
+
+    def remove_instance(self, instance_id: str) -> list[RequestView]:
+        """A worker left or died: forget it and return the requests it held, reset so that
+        they can be submitted again (the driver re-submits with the tokens already sent)."""
+        self.instances.pop(instance_id, None)
+        lost = [r for r in self.requests.values() if r.instance_id == instance_id]
+        for request in lost:
+            del self.requests[request.request_id]
+        return lost
+
+    @abstractmethod
+    def submit(self, request: RequestView, now: float) -> Rejection | None:
+        """Admit a request (queue it somewhere) or reject it."""
+
+    @abstractmethod
+    def next_turn(self, instance_id: str, now: float) -> TurnPlan | None:
+        """The next turn for an idle instance, or None when it has nothing to do."""
+
+    @abstractmethod
+    def turn_done(self, instance_id: str, plan: TurnPlan, result: TurnResult, now: float) -> None:
+        """Book-keeping after a turn: progress, finished requests, estimator updates."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Forget a request (client cancelled or it ended with an error)."""
