@@ -74,9 +74,11 @@ class Bus:
         """Publish one typed message (fire and forget)."""
         await self.nc.publish(subject, encode(message), headers=trace_headers())
 
-    async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):  # noqa: ANN201
+    async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):
         """Request/reply with a typed answer."""
-        msg = await self.nc.request(subject, encode(message), timeout=timeout, headers=trace_headers())
+        msg = await self.nc.request(
+            subject, encode(message), timeout=timeout, headers=trace_headers()
+        )
         return decode(msg.data, reply_type)
 
     async def subscribe(
@@ -85,7 +87,7 @@ class Bus:
         message_type: Any,
         handler: Callable[[Any, Msg], Awaitable[None]],
         queue: str = "",
-    ):  # noqa: ANN201
+    ):
         """Subscribe; each message is decoded to ``message_type`` and passed with its raw Msg.
 
         A message that does not decode is logged and dropped, never crashes the service.

@@ -16,7 +16,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve", "scheduler"): ("aegaeon.scheduler.main", "run the scheduler"),
     ("serve", "worker"): ("aegaeon.gpu_worker.main", "run one gpu-worker"),
     ("serve", "model-store"): ("aegaeon.model_store.main", "run the model-store"),
-    ("models", "create-demo"): ("aegaeon.model_store.demo", "write small random-weight demo models"),
+    ("models", "create-demo"): (
+        "aegaeon.model_store.demo",
+        "write small random-weight demo models",
+    ),
     ("models", "add"): ("aegaeon.model_store.cli", "register a model folder"),
     ("models", "list"): ("aegaeon.model_store.cli", "list registered models"),
     ("bench", "engine"): ("aegaeon.gpu_worker.bench", "benchmark switching, decode and KV swap"),

@@ -204,11 +204,35 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     resident_model: str | None = None
     arena_bytes: int = 0
     weight_budget_bytes: int = 0
+    kv_block_size: int = 16
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     host_kv_bytes_free: int = 0
     num_requests: int = 0
     draining: bool = False
+
+
+class WorkerState(msgspec.Struct, omit_defaults=True):
+    """One worker as the scheduler sees it (part of SchedulerState)."""
+
+    worker_id: str
+    role: WorkerRole
+    resident_model: str | None = None
+    busy: bool = False
+    num_requests: int = 0
+    kv_usage: float = 0.0
+
+
+class SchedulerState(msgspec.Struct, omit_defaults=True):
+    """scheduler → observers (``scheduler.state``, about once a second): for /health,
+    /v1/models and ``aegaeon top``."""
+
+    time: float
+    policy: str
+    workers: list[WorkerState] = []
+    queued: dict[str, int] = {}  # model → requests waiting for a first token
+    running: dict[str, int] = {}  # model → requests decoding
+    alpha: float | None = None  # last round's α (aegaeon policy)
 
 
 # ---------------------------------------------------------------- worker → gateway
@@ -247,6 +271,7 @@ class ModelInfo(msgspec.Struct, omit_defaults=True):
     num_parameters: int
     context_length: int
     dtype: str
+    kv_bytes_per_token: int = 0  # layers x 2 x kv_heads x head_dim x dtype size
     cached: bool = False  # weights are in the host cache now
     cache_path: str | None = None
     created: int = 0
@@ -315,7 +340,7 @@ encode = _encoder.encode
 _decoders: dict[object, msgspec.msgpack.Decoder] = {}
 
 
-def decode(data: bytes, type_: type | object):  # noqa: ANN201 - returns an instance of type_
+def decode(data: bytes, type_: type | object):
     """Decode msgpack ``data`` as ``type_`` (a Struct or a tagged union such as WorkerCommand).
 
     Raises msgspec.ValidationError / DecodeError on a malformed message.

@@ -98,7 +98,9 @@ def start_nats(
     return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc)
 
 
-def start_redis(data_dir: Path, port: int | None = None, log_file: Path | None = None) -> ServerProcess:
+def start_redis(
+    data_dir: Path, port: int | None = None, log_file: Path | None = None
+) -> ServerProcess:
     """Start ``redis-server`` on 127.0.0.1 with persistence off (metadata expires anyway)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)

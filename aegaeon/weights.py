@@ -108,6 +108,8 @@ def model_weight_files(model_dir: str | Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
-            raise WeightsError(f"{model_dir}: shard(s) listed in {index.name} are missing: {missing}")
+            raise WeightsError(
+                f"{model_dir}: shard(s) listed in {index.name} are missing: {missing}"
+            )
         return [model_dir / f for f in files]
     raise WeightsError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 InstanceRole = Literal["prefill", "decode", "both"]
 
@@ -115,14 +115,30 @@ class Slo:
     tbt_s: float = 0.1
 
 
+class StepTimeEstimator(Protocol):
+    """Predicted engine times, in seconds (``aegaeon.scheduler.estimators`` implements it)."""
+
+    def prefill_time(self, model: str, prompt_lens: list[int]) -> float: ...
+
+    def decode_time(self, model: str, context_lens: list[int]) -> float: ...
+
+    def switch_time(self, model: str) -> float: ...
+
+
 class Policy(ABC):
     """A scheduling policy. Subclasses set ``name`` (the ``--policy`` value)."""
 
     name: ClassVar[str]
 
-    def __init__(self, models: dict[str, ModelSpec], slo: Slo) -> None:
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        slo: Slo,
+        estimator: StepTimeEstimator | None = None,
+    ) -> None:
         self.models = models
         self.slo = slo
+        self.estimator = estimator
         self.instances: dict[str, InstanceView] = {}
         self.requests: dict[str, RequestView] = {}
 
