@@ -1,0 +1,91 @@
+"""Every Prometheus metric, defined once. Names follow vLLM's where the meaning is the same
+(``vllm:`` → ``aegaeon:``); the rest are what only this system has (switches, quotas, α).
+
+Each service exposes the default registry at ``/metrics`` (the gateway on its HTTP port, the
+others through ``serve_metrics(port)``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+
+# ---- gateway: request latencies as the client sees them
+TIME_TO_FIRST_TOKEN = Histogram(
+    "aegaeon:time_to_first_token_seconds", "Arrival to first token.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "aegaeon:time_per_output_token_seconds", "(e2e − TTFT) / (output tokens − 1).",
+    ["model_name"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+INTER_TOKEN_LATENCY = Histogram(
+    "aegaeon:inter_token_latency_seconds", "Gap between consecutive tokens.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+E2E_REQUEST_LATENCY = Histogram(
+    "aegaeon:e2e_request_latency_seconds", "Arrival to last token.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+REQUEST_SUCCESS = Counter(
+    "aegaeon:request_success", "Finished requests.", ["model_name", "finished_reason"]
+)
+REQUEST_ERRORS = Counter("aegaeon:request_errors", "Requests refused or failed.", ["status"])
+PROMPT_TOKENS = Counter("aegaeon:prompt_tokens", "Prefilled prompt tokens.", ["model_name"])
+GENERATION_TOKENS = Counter("aegaeon:generation_tokens", "Generated tokens.", ["model_name"])
+
+# ---- scheduler: queues and the token-level policy
+NUM_REQUESTS_RUNNING = Gauge("aegaeon:num_requests_running", "Requests decoding.", ["model_name"])
+NUM_REQUESTS_WAITING = Gauge(
+    "aegaeon:num_requests_waiting", "Requests waiting for their first token.", ["model_name"]
+)
+TURN_QUOTA = Histogram(
+    "aegaeon:turn_quota_seconds", "Time quota given to a decode turn.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+ROUND_ALPHA = Gauge("aegaeon:round_alpha", "α of the last weighted round-robin round.")
+
+# ---- worker: engine, memory and switching
+KV_CACHE_USAGE = Gauge("aegaeon:kv_cache_usage_perc", "Device KV blocks in use (0..1).", ["worker"])
+NUM_PREEMPTIONS = Counter(
+    "aegaeon:num_preemptions", "Requests whose KV left the device mid-request.", ["model_name"]
+)
+MODEL_SWITCHES = Counter("aegaeon:model_switches", "Resident-model switches.", ["model_name"])
+MODEL_SWITCH_LATENCY = Histogram(
+    "aegaeon:model_switch_latency_seconds", "Time to make a model resident.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+RESIDENT_MODELS = Gauge("aegaeon:resident_models", "Models resident on a worker.", ["worker"])
+KV_SWAP_BYTES = Counter("aegaeon:kv_swap_bytes", "KV bytes moved.", ["direction"])
+ENGINE_STEP = Histogram(
+    "aegaeon:engine_step_seconds", "One engine step.", ["model_name"], buckets=_LATENCY_BUCKETS
+)
+GPU_UTILIZATION = Gauge("aegaeon:gpu_utilization_perc", "GPU utilization (NVML).", ["gpu"])
+GPU_MEMORY_USED = Gauge("aegaeon:gpu_memory_used_bytes", "GPU memory used (NVML).", ["gpu"])
+
+# ---- model-store: host cache
+HOST_CACHE_HITS = Counter("aegaeon:host_cache_hits", "Ensure-cached requests already cached.")
+HOST_CACHE_MISSES = Counter("aegaeon:host_cache_misses", "Ensure-cached requests that loaded.")
+HOST_CACHE_BYTES = Gauge("aegaeon:host_cache_bytes", "Bytes of weights in the host cache.")
+
+
+def serve_metrics(port: int) -> None:
+    """Expose ``/metrics`` on ``port`` (0: do nothing) from a background thread."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")
+
+
+def sample_gpus() -> None:
+    """Refresh the NVML gauges; silently nothing on a machine without an NVIDIA GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        GPU_UTILIZATION.labels(str(index)).set(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        GPU_MEMORY_USED.labels(str(index)).set(pynvml.nvmlDeviceGetMemoryInfo(handle).used)

@@ -1,0 +1,58 @@
+"""``aegaeon serve worker``: one gpu-worker process (one per accelerator; the CPU counts as one)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+
+import redis.asyncio as aioredis
+
+from aegaeon.bus import Bus
+from aegaeon.config import BusConfig
+from aegaeon.runtime import run_process
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
+    parser.add_argument("--arena-bytes", type=int, default=None, help="device memory arena size")
+    parser.add_argument("--weight-budget-bytes", type=int, default=None)
+    parser.add_argument("--host-kv-bytes", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """Build the engine, connect, serve until ``stop``; then drain (finish the current turn)."""
+    from aegaeon.gpu_worker.engine import Engine, EngineConfig
+    from aegaeon.gpu_worker.worker import WorkerService
+
+    options = {
+        "device": args.device,
+        "arena_bytes": args.arena_bytes,
+        "weight_budget_bytes": args.weight_budget_bytes,
+        "block_size": args.block_size,
+    }
+    if args.host_kv_bytes is not None:
+        options["host_kv_bytes"] = args.host_kv_bytes
+    engine = Engine(EngineConfig(**options))
+    config = BusConfig()
+    bus = await Bus.connect(config, name=f"worker-{args.worker_id}")
+    redis = aioredis.Redis.from_url(config.redis_url)
+    worker = WorkerService(args.worker_id, args.role, engine, bus, redis)
+    runner = asyncio.create_task(worker.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not runner.done():
+        await worker.drain()
+        await runner
+    stopper.cancel()
+    await bus.close()
+    await redis.aclose()
+    engine.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_process(f"worker[{args.worker_id}]", lambda stop: serve(args, stop))

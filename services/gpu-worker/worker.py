@@ -1,0 +1,401 @@
+"""The gpu-worker's NATS shell: commands in, engine steps, tokens and events out.
+
+The engine is synchronous torch code and is only ever touched from one thread (``_engine_thread``).
+An asyncio coroutine drives a turn one step at a time, so commands (abort, preempt) that arrive
+mid-turn land between two steps — at a token boundary — without a message per token::
+
+    RunTurn ──► ensure weights cached ──► switch_to(model) ──► step ─┬─► publish TokenBatch per gateway
+                                                                     ├─► append tokens to Redis (recovery)
+                                        quota / empty / preempt ◄────┘
+                                        ──► swap_out (if asked) ──► TurnDone
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from aegaeon.bus import Bus
+from aegaeon.protocol import (
+    AbortRequest,
+    AssignRequest,
+    Drain,
+    EnsureCached,
+    Heartbeat,
+    ModelReply,
+    Preempt,
+    PrefetchModel,
+    RequestDone,
+    RunTurn,
+    SwitchDone,
+    TokenBatch,
+    TokenEvent,
+    TurnDone,
+    WorkerCommand,
+    WorkerError,
+    WorkerRole,
+)
+from aegaeon.state import REQUEST_TTL_S, Keys
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+ENSURE_TIMEOUT_S = 120.0
+
+
+@dataclass
+class HeldRequest:
+    """What the shell remembers of a request the engine holds: where its tokens go."""
+
+    request_id: str
+    model: str
+    gateway_id: str
+    produced: int  # tokens of the output so far (incl. any sent before a recovery)
+
+
+@dataclass
+class TurnState:
+    """The turn in progress."""
+
+    command: RunTurn
+    preempted: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class WorkerService:
+    """One worker: an Engine behind NATS. Build with ``WorkerService(...)``, then ``await run()``."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        role: WorkerRole,
+        engine: Any,
+        bus: Bus,
+        redis: aioredis.Redis,
+    ) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.engine = engine
+        self.bus = bus
+        self.redis = redis
+        self.keys = Keys(bus.config.prefix)
+        self.subjects = bus.subjects
+        self.held: dict[str, HeldRequest] = {}
+        self.registered: dict[str, str] = {}  # model → host-cache path registered with the engine
+        self.turn: TurnState | None = None
+        self.draining = False
+        self._commands: asyncio.Queue[Any] = asyncio.Queue()
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._stopped = asyncio.Event()
+        self._redis_writes: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _on_engine(self, fn: Any, *args: Any) -> Any:
+        """Run one engine call on the engine's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
+
+    async def run(self) -> None:
+        """Serve until ``stop()``: heartbeats, the command loop, the subscription."""
+        sub = await self.bus.subscribe(
+            self.subjects.worker_cmd(self.worker_id), WorkerCommand, self._on_command
+        )
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._command_loop(), name="commands"),
+        ]
+        log.info("worker %s ready (%s)", self.worker_id, self.engine.stats())
+        await self._stopped.wait()
+        await sub.unsubscribe()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._publish_heartbeat(draining=True)
+        self._engine_thread.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def drain(self) -> None:
+        """Graceful exit: take no new turns, let the current one end, then stop. Requests still
+        held are re-run elsewhere by the scheduler from their prompt plus the tokens sent."""
+        self.draining = True
+        await self._publish_heartbeat(draining=True)
+        while self.turn is not None:
+            await asyncio.sleep(0.02)
+        self.stop()
+
+    async def _on_command(self, command: Any, _msg: Any) -> None:
+        # Preempt must not wait behind a running turn: it only raises a flag.
+        if isinstance(command, Preempt):
+            if self.turn and (command.turn_id in (None, self.turn.command.turn_id)):
+                self.turn.preempted = True
+            return
+        await self._commands.put(command)
+
+    async def _command_loop(self) -> None:
+        handlers = {
+            AssignRequest: self._assign,
+            RunTurn: self._run_turn,
+            AbortRequest: self._abort,
+            PrefetchModel: self._prefetch,
+            Drain: lambda _c: self.drain(),
+        }
+        while True:
+            command = await self._commands.get()
+            try:
+                await handlers[type(command)](command)
+            except Exception as exc:
+                log.exception("command %s failed", type(command).__name__)
+                await self._report_error(command, exc)
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._publish_heartbeat(draining=self.draining)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _publish_heartbeat(self, draining: bool) -> None:
+        # Reads plain counters from the engine without its thread: a long switch must not
+        # delay the heartbeat, or the scheduler would think this worker dead.
+        stats = self.engine.stats()
+        beat = Heartbeat(
+            worker_id=self.worker_id,
+            device=str(stats.device),
+            role=self.role,
+            time=time.time(),
+            resident_model=self.engine.resident_model,
+            arena_bytes=stats.arena_bytes,
+            weight_budget_bytes=stats.weight_budget_bytes,
+            kv_block_size=stats.block_size,
+            kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_free=stats.kv_blocks_free,
+            host_kv_bytes_free=stats.host_kv_bytes_free,
+            num_requests=len(self.held),
+            draining=draining,
+        )
+        try:
+            await self.bus.publish(self.subjects.heartbeat, beat)
+        except Exception as exc:  # NATS reconnecting: the next beat will go through
+            log.debug("heartbeat not sent: %s", exc)
+
+    # ------------------------------------------------------------------ commands
+
+    async def _ensure_model(self, model: str) -> None:
+        """Make sure the model is in the host cache and registered with the engine."""
+        reply = await self.bus.request(
+            self.subjects.models("ensure"),
+            EnsureCached(model),
+            ModelReply,
+            timeout=ENSURE_TIMEOUT_S,
+        )
+        if reply.model is None or not reply.model.cache_path:
+            raise RuntimeError(f"model-store cannot provide {model!r}: {reply.error or 'no cache'}")
+        if self.registered.get(model) != reply.model.cache_path:
+            await self._on_engine(
+                self.engine.register_model, model, reply.model.path, reply.model.cache_path
+            )
+            self.registered[model] = reply.model.cache_path
+
+    async def _assign(self, command: AssignRequest) -> None:
+        if command.request_id in self.held:
+            return  # a repeated assign (scheduler retry) changes nothing
+        if command.model not in self.registered:
+            await self._ensure_model(command.model)
+        await self._on_engine(
+            self.engine.add_request,
+            command.request_id,
+            command.model,
+            list(command.prompt_token_ids),
+            command.sampling,
+            list(command.output_token_ids),
+        )
+        self.held[command.request_id] = HeldRequest(
+            command.request_id, command.model, command.gateway_id, len(command.output_token_ids)
+        )
+
+    async def _abort(self, command: AbortRequest) -> None:
+        held = self.held.pop(command.request_id, None)
+        if held is None:
+            return
+        await self._on_engine(self.engine.abort, command.request_id)
+        await self.bus.publish(
+            self.subjects.worker_events(self.worker_id),
+            RequestDone(self.worker_id, command.request_id, "abort", held.produced),
+        )
+
+    async def _prefetch(self, command: PrefetchModel) -> None:
+        await self._ensure_model(command.model)
+        await self._on_engine(self.engine.prefetch, command.model)
+
+    async def _switch(self, model: str) -> float:
+        """Make ``model`` resident; returns the seconds it took (0 when already resident)."""
+        if self.engine.resident_model == model and model in self.registered:
+            return 0.0
+        await self._ensure_model(model)
+        stats = await self._on_engine(self.engine.switch_to, model)
+        if stats.seconds > 0:
+            await self.bus.publish(
+                self.subjects.worker_events(self.worker_id),
+                SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes),
+            )
+        return float(stats.seconds)
+
+    async def _run_turn(self, command: RunTurn) -> None:
+        turn = self.turn = TurnState(command)
+        done = TurnDone(self.worker_id, command.turn_id, command.model, steps=0, elapsed_s=0.0)
+        try:
+            done.switch_s = await self._switch(command.model)
+            await self._step_until_turn_ends(turn, done)
+            if command.swap_out_after:
+                await self._swap_out(command.model, done)
+        finally:
+            done.elapsed_s = time.monotonic() - turn.started
+            done.progress = {rid: h.produced for rid, h in self.held.items()}
+            self.turn = None
+            await self._flush_redis()
+            await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+
+    async def _step_until_turn_ends(self, turn: TurnState, done: TurnDone) -> None:
+        command = turn.command
+        batch = [rid for rid in command.request_ids if rid in self.held]
+        done.batch_size = len(batch)
+        first_step_at: float | None = None
+        while batch and not turn.preempted:
+            if command.max_steps is not None and done.steps >= command.max_steps:
+                break
+            if first_step_at and time.monotonic() - first_step_at >= command.quota_s:
+                break
+            t0 = time.monotonic()
+            outputs = await self._on_engine(self.engine.step, batch)
+            elapsed = time.monotonic() - t0
+            if first_step_at is None:
+                first_step_at = t0  # the quota runs from the first step, after the switch
+                done.prefill_s += elapsed
+            else:
+                done.decode_s += elapsed
+            done.steps += 1
+            finished = await self._deliver(outputs)
+            done.finished.extend(finished)
+            batch = [rid for rid in batch if rid in self.held]
+            if command.prefill_only:
+                break
+
+    async def _swap_out(self, model: str, done: TurnDone) -> None:
+        still_here = [rid for rid, h in self.held.items() if h.model == model]
+        if not still_here:
+            return
+        dropped = await self._on_engine(self.engine.swap_out, still_here)
+        done.swapped_out = [rid for rid in still_here if rid not in dropped]
+        done.recomputed = list(dropped)
+
+    # ------------------------------------------------------------------ output
+
+    async def _deliver(self, outputs: Sequence[Any]) -> list[str]:
+        """Publish one step's tokens to each owning gateway; returns the finished request ids."""
+        per_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
+        finished: list[str] = []
+        redis_tokens: dict[str, list[int]] = defaultdict(list)
+        for out in outputs:
+            held = self.held.get(out.request_id)
+            if held is None:
+                continue
+            logprobs = (
+                [(float(out.logprob), [(int(t), float(p)) for t, p in out.top_logprobs])]
+                if out.logprob is not None and out.top_logprobs is not None and out.top_logprobs
+                else ([(float(out.logprob), [])] if out.logprob is not None else [])
+            )
+            per_gateway[held.gateway_id].append(
+                TokenEvent(
+                    out.request_id,
+                    out.index,
+                    [int(out.token_id)],
+                    logprobs,
+                    finish_reason=out.finish_reason,
+                )
+            )
+            held.produced = out.index + 1
+            redis_tokens[out.request_id].append(int(out.token_id))
+            if out.finish_reason is not None:
+                finished.append(out.request_id)
+        for gateway_id, events in per_gateway.items():
+            await self.bus.publish(self.subjects.tokens(gateway_id), TokenBatch(events))
+        await self._append_tokens(redis_tokens)
+        for rid in finished:
+            held = self.held.pop(rid)
+            await self.bus.publish(
+                self.subjects.worker_events(self.worker_id),
+                RequestDone(self.worker_id, rid, _reason(outputs, rid), held.produced),
+            )
+        return finished
+
+    async def _append_tokens(self, tokens: dict[str, list[int]]) -> None:
+        """Record sent tokens in Redis for recovery, overlapped with the next engine step but kept
+        in order (each write waits for the previous one)."""
+        if not tokens:
+            return
+        previous = self._redis_writes
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for rid, ids in tokens.items():
+                        key = self.keys.output_tokens(rid)
+                        pipe.rpush(key, *ids)
+                        pipe.expire(key, REQUEST_TTL_S)
+                    await pipe.execute()
+            except Exception as exc:  # Redis restarting: recovery then re-runs from less
+                log.warning("could not record tokens in Redis: %s", exc)
+
+        self._redis_writes = asyncio.create_task(write())
+
+    async def _flush_redis(self) -> None:
+        if self._redis_writes is not None:
+            await asyncio.gather(self._redis_writes, return_exceptions=True)
+            self._redis_writes = None
+
+    async def _report_error(self, command: Any, exc: Exception) -> None:
+        """A command failed: tell the scheduler; end the affected requests with an error."""
+        message = f"{type(exc).__name__}: {exc}"
+        request_ids: list[str] = []
+        if isinstance(command, AssignRequest):
+            request_ids = [command.request_id]
+            gateway = {command.request_id: command.gateway_id}
+        elif isinstance(command, RunTurn):
+            request_ids = [rid for rid in command.request_ids if rid in self.held]
+            gateway = {rid: self.held[rid].gateway_id for rid in request_ids}
+        else:
+            gateway = {}
+        events = self.subjects.worker_events(self.worker_id)
+        turn_id = command.turn_id if isinstance(command, RunTurn) else None
+        await self.bus.publish(events, WorkerError(self.worker_id, message, None, turn_id))
+        for rid in request_ids:
+            held = self.held.pop(rid, None)
+            produced = held.produced if held else 0
+            try:
+                await self._on_engine(self.engine.abort, rid)
+            except Exception:
+                log.exception("abort after error failed for %s", rid)
+            event = TokenEvent(rid, produced, [], finish_reason="error", error=message)
+            await self.bus.publish(self.subjects.tokens(gateway[rid]), TokenBatch([event]))
+            await self.bus.publish(
+                events, RequestDone(self.worker_id, rid, "error", produced, message)
+            )
+
+
+def _reason(outputs: Sequence[Any], request_id: str) -> Any:
+    for out in outputs:
+        if out.request_id == request_id and out.finish_reason is not None:
+            return out.finish_reason
+    return "stop"
