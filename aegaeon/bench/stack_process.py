@@ -1,0 +1,99 @@
+"""Run ``aegaeon up`` as a child process and wait until it serves — for benchmarks and tests
+that must exercise the real stack exactly as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from aegaeon.servers import free_port
+
+
+class StackProcess:
+    """``with StackProcess(home, models_dir=..., workers=1) as stack: stack.url ...``"""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        models_dir: Path | None = None,
+        workers: int = 1,
+        policy: str | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 180.0,
+    ) -> None:
+        self.home = Path(home)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--home", str(self.home), "--port", str(self.port), "--workers", str(workers)]
+        if models_dir is not None:
+            args += ["--models-dir", str(models_dir)]
+        if policy is not None:
+            args += ["--policy", policy]
+        self.args = args + list(extra_args or [])
+        self.env = {**os.environ, **(env or {})}
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> StackProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "up.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "aegaeon.cli", "up", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        """Block until ``/health`` answers 200 (or the stack dies / the timeout passes)."""
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"aegaeon up exited ({self.process.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"stack not healthy after {self.ready_timeout} s; see {self.log}")
+
+    @property
+    def log(self) -> Path:
+        return self.home / "up.log"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, as a user's Ctrl-C would; SIGKILL the group if it does not end in time."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

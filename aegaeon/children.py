@@ -1,0 +1,103 @@
+"""Service processes of ``aegaeon up``: each in its own process group, logged to a file, and
+stopped together with everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher itself is killed (no orphans)."""
+    with contextlib.suppress(OSError):  # not Linux: Ctrl-C and SIGTERM still stop everything
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One supervised service: how to start it, and the process when it runs."""
+
+    name: str
+    kind: str  # gateway, worker, scheduler or model-store: sets the stop order
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log = self.log_path.open("ab")
+        self.log.write(f"\n=== {time.strftime('%F %T')} starting {' '.join(self.argv)}\n".encode())
+        self.log.flush()
+        self.process = subprocess.Popen(
+            self.argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else -1
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the child's whole process group (anything it started goes too)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    def wait_group_gone(self, timeout: float = 3.0) -> None:
+        """Wait until no process of the child's group is left (SIGKILL lands asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while self.process is not None and time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.02)
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def remove_stale_shm(parent: Path) -> list[Path]:
+    """Remove ``aegaeon-up-<pid>`` folders of launchers that no longer run (killed with SIGKILL,
+    so they could not clean up). Returns what was removed."""
+    removed = []
+    for folder in parent.glob("aegaeon-up-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def wait_until(child: Child, deadline: float) -> None:
+    """Wait for the child to exit, at most until ``deadline`` (monotonic clock)."""
+    if child.process is None:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.process.wait(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,297 @@
+"""``aegaeon up``: the whole system on this machine, as supervised child processes.
+
+::
+
+    aegaeon up ─┬─ nats-server (JetStream)   unless AEGAEON_NATS_URL is set
+                ├─ redis-server              unless AEGAEON_REDIS_URL is set
+                ├─ serve model-store ─┐
+                ├─ serve scheduler    │ each in its own process group, log in <home>/logs/,
+                ├─ serve worker × N   │ restarted with exponential backoff when it crashes
+                └─ serve gateway ─────┘
+
+Every service sees ``AEGAEON_SHM_DIR=<shm>/aegaeon-up-<pid>``, so all the shared memory it uses
+(host model cache, host KV pools) lies in one folder that the launcher removes at exit. Ctrl-C or
+SIGTERM stops the services front to back (gateway first, model-store last: SIGTERM, then SIGKILL
+after a grace period, to the whole process group), then the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from aegaeon.children import Child, die_with_parent, remove_stale_shm, wait_until
+from aegaeon.config import default_state_dir, shm_dir
+from aegaeon.servers import ServerProcess, start_nats, start_redis
+from aegaeon.supervisor import RestartPlanner
+
+STOP_ORDER = ("gateway", "worker", "scheduler", "model-store")
+"""Front to back: stop taking requests first, remove the weights last."""
+POLL_S = 0.2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="models in HF layout (default: <home>/models, demo models on first run)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="gpu-worker processes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (workers use cuda:0..N-1)")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    parser.add_argument("--host", default="127.0.0.1", help="the gateway's bind address")
+    parser.add_argument("--policy", default="aegaeon", help="scheduling policy")
+    parser.add_argument("--home", type=Path, default=None, help="state dir (default $AEGAEON_HOME)")
+    parser.add_argument("--arena-bytes", type=int, default=None, help="each worker's memory arena")
+    parser.add_argument("--cache-bytes", type=int, default=None, help="host model cache capacity")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")  # fmt: skip
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /health")  # fmt: skip
+
+
+def service_argv(kind: str, *args: str) -> list[str]:
+    """``python -m aegaeon.cli serve <kind> ...`` with this interpreter (works without PATH)."""
+    return [sys.executable, "-m", "aegaeon.cli", "serve", kind, *args]
+
+
+def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_bytes: int) -> list[Child]:  # fmt: skip
+    """The services of the stack, in start order."""
+    children = [
+        Child("model-store", "model-store", service_argv(
+            "model-store", "--models-dir", str(models_dir), "--cache-bytes", str(cache_bytes),
+            "--store-id", "local"), logs / "model-store.log"),
+        Child("scheduler", "scheduler", service_argv("scheduler", "--policy", args.policy),
+              logs / "scheduler.log"),
+    ]  # fmt: skip
+    for i in range(args.workers):
+        device = f"cuda:{i}" if args.device == "cuda" else args.device
+        extra = ["--arena-bytes", str(args.arena_bytes)] if args.arena_bytes else []
+        argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", "both", *extra)  # fmt: skip
+        children.append(Child(f"worker-{i}", "worker", argv, logs / f"worker-{i}.log"))
+    gateway = service_argv("gateway", "--host", args.host, "--port", str(args.port), "--gateway-id", "gw-0")  # fmt: skip
+    children.append(Child("gateway", "gateway", gateway, logs / "gateway.log"))
+    return children
+
+
+# ---------------------------------------------------------------------- the stack
+
+
+class Stack:
+    """Servers and services of one ``aegaeon up``; ``run()`` until a signal, then ``stop()``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.home: Path = (args.home or default_state_dir()).expanduser()
+        self.logs = self.home / "logs"
+        self.shm = shm_dir() / f"aegaeon-up-{os.getpid()}"
+        self.servers: list[ServerProcess] = []
+        self.children: list[Child] = []
+        self.planner = RestartPlanner()
+        self.stopping = threading.Event()
+        self.env = dict(os.environ)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    # -- start
+
+    def start(self) -> bool:
+        """Bring everything up; False when stopped (signal) before the system was ready."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        remove_stale_shm(self.shm.parent)
+        self.shm.mkdir(parents=True, exist_ok=True)
+        self.say(f"aegaeon up: home {self.home}, logs in {self.logs}")
+        models_dir = self.resolve_models_dir()
+        if models_dir is None:
+            return False
+        self.start_servers()
+        self.env |= {"AEGAEON_SHM_DIR": str(self.shm), "PYTHONUNBUFFERED": "1"}
+        cache_bytes = self.args.cache_bytes or _default_cache_bytes()
+        self.children = plan_children(self.args, models_dir, self.logs, cache_bytes)
+        for child in self.children:
+            child.start(self.env)
+            self.planner.started(child.name, time.monotonic())
+            self.say(f"  {child.name:<12} started (pid {child.pid}, log {child.log_path})")
+        return self.wait_ready(models_dir)
+
+    def resolve_models_dir(self) -> Path | None:
+        """The models to serve; on a first run with no ``--models-dir``, write the demo models."""
+        if self.args.models_dir is not None:
+            models_dir = self.args.models_dir.expanduser().resolve()
+            if not models_dir.is_dir():
+                raise SystemExit(f"aegaeon up: --models-dir {models_dir} is not a folder")
+            return models_dir
+        models_dir = self.home / "models"
+        if not any(models_dir.glob("*/config.json")):
+            self.say(f"  first run: writing demo models into {models_dir} …")
+            code = self.run_foreground([sys.executable, "-m", "aegaeon.cli", "models", "create-demo", str(models_dir)])  # fmt: skip
+            if code != 0:
+                if self.stopping.is_set():
+                    return None
+                raise SystemExit(f"aegaeon up: creating demo models failed (exit {code})")
+        return models_dir
+
+    def run_foreground(self, argv: list[str]) -> int:
+        """Run a one-off child (its output on our terminal), interruptible by our stop signal."""
+        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent)
+        while proc.poll() is None:
+            if self.stopping.wait(POLL_S):
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+        return proc.returncode
+
+    def start_servers(self) -> None:
+        """Embedded NATS and Redis, unless the environment points at existing ones."""
+        if "AEGAEON_NATS_URL" in os.environ:
+            self.say(f"  nats         {os.environ['AEGAEON_NATS_URL']} (existing)")
+        else:
+            user, password = os.environ.get("AEGAEON_NATS_USER"), os.environ.get("AEGAEON_NATS_PASSWORD")  # fmt: skip
+            nats = start_nats(self.home / "nats", log_file=self.logs / "nats.log", user=user, password=password)  # fmt: skip
+            self.servers.append(nats)
+            self.env["AEGAEON_NATS_URL"] = nats.url
+            self.say(f"  nats-server  {nats.url} (JetStream, pid {nats.process.pid})")
+        if "AEGAEON_REDIS_URL" in os.environ:
+            self.say(f"  redis        {os.environ['AEGAEON_REDIS_URL']} (existing)")
+        else:
+            redis = start_redis(self.home / "redis", log_file=self.logs / "redis.log")
+            self.servers.append(redis)
+            self.env["AEGAEON_REDIS_URL"] = redis.url
+            self.say(f"  redis-server {redis.url} (pid {redis.process.pid})")
+
+    def wait_ready(self, models_dir: Path) -> bool:
+        """Supervise while waiting for the gateway's /health; print the endpoint once it is 200."""
+        host = "127.0.0.1" if self.args.host in ("0.0.0.0", "::", "") else self.args.host
+        url = f"http://{host}:{self.args.port}"
+        deadline = time.monotonic() + self.args.ready_timeout
+        self.say(f"  waiting for {url}/health …")
+        while not self.stopping.wait(POLL_S):
+            self.supervise_once()
+            if _healthy(url + "/health"):
+                self.say(ready_banner(url, _model_names(models_dir)))
+                return True
+            if time.monotonic() > deadline:
+                self.say(f"  /health not ready after {self.args.ready_timeout:.0f} s; see {self.logs}")  # fmt: skip
+                deadline = float("inf")
+        return False
+
+    # -- supervise
+
+    def supervise_once(self) -> None:
+        """Note children that exited, restart those whose backoff has elapsed."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.exit_code()
+            if code is not None and not self.planner.waiting(child.name):
+                child.signal_group(signal.SIGKILL)  # anything it left behind in its group
+                child.close_log()
+                delay = self.planner.exited(child.name, now)
+                self.say(f"  {child.name} exited with code {code}; restarting in {delay:.1f} s (log {child.log_path})")  # fmt: skip
+        for name in self.planner.due(now):
+            child = next(c for c in self.children if c.name == name)
+            child.start(self.env)
+            self.planner.started(name, now)
+            self.say(f"  {name} restarted (pid {child.pid})")
+
+    def run(self) -> None:
+        """Supervise until a signal."""
+        while not self.stopping.wait(POLL_S):
+            self.supervise_once()
+
+    # -- stop
+
+    def stop(self) -> None:
+        """Stop services front to back, then the servers; remove our shared memory."""
+        for kind in STOP_ORDER:
+            tier = [c for c in self.children if c.kind == kind]
+            for child in tier:
+                child.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + self.args.grace
+            for child in tier:
+                wait_until(child, deadline)
+                child.signal_group(signal.SIGKILL)  # the leader's leftovers, or a stuck leader
+                if child.process is not None:
+                    child.process.wait()
+                child.wait_group_gone()
+                child.close_log()
+        for server in reversed(self.servers):
+            server.stop()
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _model_names(models_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in models_dir.glob("*/config.json"))
+
+
+def _default_cache_bytes() -> int:
+    from aegaeon.model_store.main import default_cache_bytes
+
+    return default_cache_bytes()
+
+
+def ready_banner(url: str, models: list[str]) -> str:
+    """What the user sees once the system answers: the endpoint and a request to paste."""
+    model = models[0] if models else "MODEL"
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 32,
+                       "messages": [{"role": "user", "content": "Hello!"}]})  # fmt: skip
+    return "\n".join([
+        "",
+        f"Aegaeon is up: {url}/v1 (OpenAI-compatible), {len(models)} models: {', '.join(models)}",
+        "",
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"       -d '{body}'",
+        f"  curl {url}/v1/models",
+        "",
+        "Ctrl-C stops everything.",
+    ])  # fmt: skip
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the stack until Ctrl-C / SIGTERM; leave no process and no shared memory behind."""
+    if args.workers < 1:
+        print("aegaeon up: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if not _port_free(args.host, args.port):
+        print(f"aegaeon up: port {args.port} is in use; pick another with --port", file=sys.stderr)
+        return 1
+    stack = Stack(args)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stack.stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        if stack.start():
+            stack.run()
+        stack.say("\naegaeon up: stopping …")
+    except (OSError, RuntimeError, TimeoutError) as exc:  # a server or service could not start
+        print(f"aegaeon up: {exc}; stopping (logs in {stack.logs})", file=sys.stderr)
+        code = 1
+    finally:
+        stack.stop()
+    stack.say("aegaeon up: stopped")
+    return code

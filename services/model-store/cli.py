@@ -1,0 +1,96 @@
+"""``aegaeon models add`` and ``aegaeon models list``: the registry from the command line.
+
+Registering a model makes it appear as a folder in the models directory: a symlink named after the
+model, pointing at the Hugging Face folder. A running model-store picks it up on its next scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+from aegaeon.config import default_state_dir
+
+from .registry import ModelError, RegistryScanner, check_name, check_supported, describe
+
+
+def default_models_dir() -> Path:
+    """The models directory of ``aegaeon up`` (``$AEGAEON_HOME/models``)."""
+    return default_state_dir() / "models"
+
+
+def add_arguments_for(words: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir", type=Path, default=None,
+        help="the registry's folder (default: $AEGAEON_HOME/models, i.e. ~/.aegaeon/models)",
+    )  # fmt: skip
+    if words[-1] == "add":
+        parser.add_argument("path", type=Path, help="a Hugging Face model folder")
+        parser.add_argument("--name", default=None, help="the model's name (default: folder name)")
+    else:
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def register(path: Path, models_dir: Path, name: str | None = None) -> Path:
+    """Validate ``path`` and link it into ``models_dir`` as ``name``. Raises ModelError."""
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a folder")
+    name = check_name(name or path.name)
+    info = describe(path, name)  # config and every safetensors header must be readable
+    check_supported(info)
+    link = models_dir / name
+    if link.is_symlink() and link.resolve() == path:
+        return link  # already registered: adding twice is harmless
+    if link.exists() or link.is_symlink():
+        raise ModelError(f"a model named {name!r} is already registered ({link}); pick --name")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(path, target_is_directory=True)
+    return link
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def print_registry(models_dir: Path, as_json: bool) -> None:
+    """Every model of ``models_dir`` with its size, and every folder refused, with why."""
+    registry = RegistryScanner(models_dir).scan()
+    if as_json:
+        models = [msgspec.to_builtins(m) for m in registry.models.values()]
+        print(json.dumps({"models": models, "problems": registry.problems}, indent=2))
+        return
+    header = (
+        f"{'NAME':<24} {'ARCHITECTURE':<24} {'PARAMS':>10} {'WEIGHTS':>11} {'CONTEXT':>8} DTYPE"
+    )
+    print(header)
+    for m in registry.models.values():
+        params = f"{m.num_parameters / 1e6:.1f}M"
+        print(f"{m.name:<24} {m.architecture:<24} {params:>10} {_size(m.weight_bytes):>11} {m.context_length:>8} {m.dtype}")  # fmt: skip
+    for name, why in registry.problems.items():
+        print(f"{name:<24} NOT SERVABLE: {why}")
+    if not registry.models and not registry.problems:
+        print(f"(no models in {models_dir}; add one with `aegaeon models add PATH`)")
+
+
+def main(args: argparse.Namespace) -> int:
+    models_dir = (args.models_dir or default_models_dir()).expanduser()
+    if args.command[-1] == "list":
+        print_registry(models_dir, args.json)
+        return 0
+    try:
+        link = register(args.path, models_dir, args.name)
+    except ModelError as exc:
+        print(f"aegaeon models add: refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"registered {link.name} → {link.resolve()} in {models_dir}")
+    return 0

@@ -1,0 +1,247 @@
+"""The host model cache: model weights in shared memory, a byte capacity, LRU eviction.
+
+Each cached model is ONE single-file safetensors (``layout.py``) at ``<root>/<model>.safetensors``,
+where ``root`` is ``shm_dir()/aegaeon-<store-id>``. A worker maps that file and copies its data
+section to its device in one bulk copy. Files are written to a hidden temp name and renamed into
+place, so a reader never sees half a model; eviction only ever removes finished files (a worker
+that has one mapped keeps its mapping: unlinking does not pull pages from under a live mmap).
+
+Thread-safe: ``ensure`` runs in worker threads of the service; two callers asking for the same
+model share one load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from aegaeon.config import shm_dir
+from aegaeon.metrics import HOST_CACHE_BYTES, HOST_CACHE_HITS, HOST_CACHE_MISSES
+from aegaeon.protocol import ModelInfo
+from aegaeon.weights import WeightsError, model_weight_files, read_index
+
+from .layout import MergedLayout, plan_merge
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 16 * 1024 * 1024
+SIGNATURE_KEY = "aegaeon.signature"
+SOURCE_KEY = "aegaeon.source"
+
+
+class CacheError(RuntimeError):
+    """A model cannot be put in the host cache (too large, shared memory full, unreadable)."""
+
+
+def cache_root(store_id: str) -> Path:
+    """Where a store keeps its cache: one folder per store under shared memory."""
+    return shm_dir() / f"aegaeon-{store_id}"
+
+
+def weights_signature(model_dir: str | Path) -> str:
+    """Changes whenever any weight file of the model changes (size or modification time)."""
+    parts = []
+    for path in model_weight_files(model_dir):
+        stat = path.stat()
+        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+@dataclass
+class CacheEntry:
+    """One finished file in the cache."""
+
+    name: str
+    path: Path
+    nbytes: int
+    signature: str
+
+
+def write_merged(layout: MergedLayout, target: Path) -> None:
+    """Write ``layout`` to ``target`` through a temp file and an atomic rename."""
+    temp = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with temp.open("wb") as out:
+            out.truncate(layout.file_bytes)  # gaps between aligned tensors read as zeros
+            out.write(layout.header)
+            buffer = bytearray(COPY_CHUNK)
+            for place in layout.placements:
+                _copy_range(place.source, place.source_offset, out, layout.data_offset + place.offset, place.nbytes, buffer)  # fmt: skip
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_range(source: Path, offset: int, out, out_offset: int, nbytes: int, buffer: bytearray) -> None:  # fmt: skip
+    view = memoryview(buffer)
+    out.seek(out_offset)
+    with source.open("rb") as src:
+        src.seek(offset)
+        while nbytes > 0:
+            got = src.readinto(view[: min(nbytes, len(view))])
+            if not got:
+                raise CacheError(f"{source}: file ended early (truncated weights)")
+            out.write(view[:got])
+            nbytes -= got
+
+
+class HostCache:
+    """Weights of recently used models in shared memory, at most ``capacity_bytes`` in total."""
+
+    def __init__(self, root: str | Path, capacity_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"host cache capacity must be positive, got {capacity_bytes}")
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
+        self._loading: dict[str, threading.Event] = {}
+        self._reserved: dict[str, int] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._adopt_existing()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of finished files plus bytes reserved by loads in progress."""
+        return sum(e.nbytes for e in self._entries.values()) + sum(self._reserved.values())
+
+    def cached_path(self, name: str) -> Path | None:
+        """The cache file of ``name`` if it is cached now (does not count as a use)."""
+        entry = self._entries.get(name)
+        return entry.path if entry else None
+
+    def names(self) -> list[str]:
+        """Cached models, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    # ------------------------------------------------------------------ ensure
+
+    def ensure(self, info: ModelInfo) -> Path:
+        """Make ``info``'s weights resident in the cache (load if needed) and return the file."""
+        try:
+            signature = weights_signature(info.path)
+        except (WeightsError, OSError) as exc:
+            raise CacheError(f"cannot cache {info.name}: {exc}") from None
+        layout: MergedLayout | None = None
+        while True:
+            with self._lock:
+                entry = self._entries.get(info.name)
+                if entry is not None and entry.signature == signature:
+                    self._entries.move_to_end(info.name)  # the hit path reads no file
+                    HOST_CACHE_HITS.inc()
+                    return entry.path
+                waiting = self._loading.get(info.name)
+                if waiting is None and layout is not None:
+                    done = self._reserve(info.name, layout.file_bytes)
+                    break
+            if waiting is not None:
+                waiting.wait()  # another thread is loading this model: share its result
+            else:
+                layout = self._plan(info, signature)  # headers are read outside the lock
+        return self._load(info, signature, layout, done)
+
+    def _plan(self, info: ModelInfo, signature: str) -> MergedLayout:
+        try:
+            shards = [read_index(f) for f in model_weight_files(info.path)]
+            metadata = {"format": "pt", SOURCE_KEY: info.path, SIGNATURE_KEY: signature}
+            return plan_merge(shards, metadata)
+        except (WeightsError, OSError, ValueError) as exc:
+            raise CacheError(f"cannot cache {info.name}: {exc}") from None
+
+    def _reserve(self, name: str, nbytes: int) -> threading.Event:
+        """Make room (evicting least recently used finished files) and claim ``nbytes``. Locked."""
+        if nbytes > self.capacity_bytes:
+            raise CacheError(
+                f"model {name} needs {nbytes} bytes, more than the host cache's capacity of "
+                f"{self.capacity_bytes} bytes (raise --cache-bytes)"
+            )
+        stale = self._entries.get(name)
+        if stale is not None:
+            self._remove(stale)  # its weights changed on disk
+        while self.used_bytes + nbytes > self.capacity_bytes and self._entries:
+            self._remove(next(iter(self._entries.values())))
+        if self.used_bytes + nbytes > self.capacity_bytes:
+            raise CacheError(
+                f"host cache full: {name} needs {nbytes} bytes while other models are loading"
+            )
+        free = shutil.disk_usage(self.root).free
+        if nbytes > free:
+            raise CacheError(
+                f"{self.root}: {free} bytes free in shared memory, {name} needs {nbytes} "
+                "(size /dev/shm, e.g. docker shm_size)"
+            )
+        self._reserved[name] = nbytes
+        done = self._loading[name] = threading.Event()
+        return done
+
+    def _load(self, info: ModelInfo, signature: str, layout: MergedLayout, done: threading.Event) -> Path:  # fmt: skip
+        target = self.root / f"{info.name}.safetensors"
+        HOST_CACHE_MISSES.inc()
+        try:
+            write_merged(layout, target)
+        except OSError as exc:
+            raise CacheError(f"cannot cache {info.name}: {exc}") from None
+        else:
+            with self._lock:
+                self._entries[info.name] = CacheEntry(
+                    info.name, target, layout.file_bytes, signature
+                )
+            log.info("cached %s (%d bytes) at %s", info.name, layout.file_bytes, target)
+            return target
+        finally:
+            with self._lock:
+                self._reserved.pop(info.name, None)
+                self._loading.pop(info.name, None)
+                HOST_CACHE_BYTES.set(self.used_bytes)
+            done.set()
+
+    # ------------------------------------------------------------------ removal
+
+    def evict(self, name: str) -> bool:
+        """Drop ``name`` from the cache; False when it was not cached."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                self._remove(entry)
+            return entry is not None
+
+    def _remove(self, entry: CacheEntry) -> None:
+        """Locked. Only finished entries are ever in ``_entries``, so no write is cut short."""
+        del self._entries[entry.name]
+        entry.path.unlink(missing_ok=True)
+        HOST_CACHE_BYTES.set(self.used_bytes)
+        log.info("evicted %s from the host cache", entry.name)
+
+    def close(self) -> None:
+        """Remove the whole cache folder from shared memory."""
+        with self._lock:
+            self._entries.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+        HOST_CACHE_BYTES.set(0)
+
+    def _adopt_existing(self) -> None:
+        """Keep finished files a previous run of this store left (a restart keeps its cache warm);
+        remove temp files of interrupted writes and anything unreadable."""
+        for temp in self.root.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+        files = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            try:
+                signature = read_index(path).metadata[SIGNATURE_KEY]
+            except (WeightsError, KeyError):
+                path.unlink(missing_ok=True)
+                continue
+            entry = CacheEntry(path.stem, path, path.stat().st_size, signature)
+            self._entries[entry.name] = entry
+        while self.used_bytes > self.capacity_bytes and self._entries:
+            self._remove(next(iter(self._entries.values())))

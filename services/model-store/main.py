@@ -1,0 +1,81 @@
+"""``aegaeon serve model-store``: the registry and the shared-memory host cache of one node."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import socket
+
+import psutil
+
+from aegaeon.bus import Bus
+from aegaeon.config import BusConfig, shm_dir
+from aegaeon.metrics import serve_metrics
+from aegaeon.runtime import run_process
+from aegaeon.telemetry import setup_tracing, shutdown_tracing
+
+from .host_cache import HostCache, cache_root
+from .registry import NAME_PATTERN, RegistryScanner
+from .service import ModelStoreService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_CAP = 8 * 1024**3
+
+
+def default_cache_bytes() -> int:
+    """8 GiB, or less: at most half of the free RAM and of the free shared memory."""
+    free_ram = psutil.virtual_memory().available // 2
+    free_shm = shutil.disk_usage(shm_dir()).free // 2 if shm_dir().is_dir() else free_ram
+    return max(1, min(DEFAULT_CACHE_CAP, free_ram, free_shm))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", required=True, help="folder of models in HF layout")
+    parser.add_argument(
+        "--cache-bytes", type=int, default=None,
+        help="host cache capacity (default: 8 GiB or half the free RAM, whichever is less)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--store-id", default=socket.gethostname().split(".")[0] or "store",
+        help="names this store's shared-memory folder (aegaeon-<id>)",
+    )  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """Scan, connect, answer until ``stop``; then remove the cache from shared memory."""
+    if not NAME_PATTERN.match(args.store_id):
+        raise ValueError(f"--store-id {args.store_id!r}: letters, digits, '-' and '_' only")
+    setup_tracing("model-store")
+    serve_metrics(args.metrics_port)
+    capacity = args.cache_bytes or default_cache_bytes()
+    cache = HostCache(cache_root(args.store_id), capacity)
+    bus = await Bus.connect(BusConfig(), name=f"model-store-{args.store_id}")
+    service = ModelStoreService(bus, RegistryScanner(args.models_dir), cache, args.store_id)
+    try:
+        await service.start()
+        registry = await service.refresh()
+        log.info(
+            "model-store %s: %d models in %s, cache %d bytes at %s",
+            args.store_id, len(registry.models), args.models_dir, capacity, cache.root,
+        )  # fmt: skip
+        for name, why in registry.problems.items():
+            log.warning("skipping %s: %s", name, why)
+        await stop.wait()
+    finally:
+        await service.stop()
+        await bus.close()
+        cache.close()
+        shutdown_tracing()
+
+
+def run_model_store_process(args: argparse.Namespace) -> int:
+    """Run the store in this process until SIGINT/SIGTERM; a crash exits non-zero."""
+    return run_process(f"model-store[{args.store_id}]", lambda stop: serve(args, stop))
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_model_store_process(args)

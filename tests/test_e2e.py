@@ -1,0 +1,157 @@
+"""End to end through the official ``openai`` client against the embedded stack (`aegaeon up`):
+real NATS, Redis, model-store, scheduler, gpu-worker and gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+import redis
+from transformers import AutoTokenizer
+
+from aegaeon.bench.stack_process import StackProcess
+from aegaeon.protocol import Heartbeat, SamplingParams, decode
+
+pytestmark = pytest.mark.slow
+
+PREFIX = "e2e"
+MODELS = ["demo-llama", "demo-qwen2", "demo-mistral"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, demo_models_dir, nats_server, redis_server) -> Iterator[StackProcess]:
+    env = {
+        "AEGAEON_NATS_URL": nats_server.url,
+        "AEGAEON_REDIS_URL": redis_server.url,
+        "AEGAEON_PREFIX": PREFIX,
+    }
+    with StackProcess(tmp_path_factory.mktemp("home"), models_dir=demo_models_dir, env=env) as s:
+        yield s
+
+
+def engine_greedy(models_dir: Path, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """The engine's own greedy output, in process, for the same prompt."""
+    from aegaeon.gpu_worker.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(device="cpu", arena_bytes=1 << 30))
+    try:
+        engine.register_model(model, models_dir / model)
+        engine.switch_to(model)
+        engine.add_request("ref", model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+        tokens: list[int] = []
+        while True:
+            outputs = engine.step(["ref"])
+            tokens += [o.token_id for o in outputs]
+            if any(o.finish_reason for o in outputs):
+                return tokens
+    finally:
+        engine.close()
+
+
+def chat_prompt(models_dir: Path, model: str, text: str) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / model)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+async def stream_chat(client: openai.AsyncOpenAI, model: str, text: str, max_tokens: int) -> str:
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": text}],
+        stream=True,
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    parts = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+def test_three_models_stream_concurrently_with_the_engines_greedy_text(stack, demo_models_dir):
+    prompts = {model: f"Tell me about the {word} sea." for model, word in
+               zip(MODELS, ["north", "quiet", "wine-dark"], strict=True)}  # fmt: skip
+
+    async def run_all() -> dict[str, str]:
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="none")
+        texts = await asyncio.gather(*(stream_chat(client, m, prompts[m], 24) for m in MODELS))
+        await client.close()
+        return dict(zip(MODELS, texts, strict=True))
+
+    streamed = asyncio.run(run_all())
+    for model in MODELS:
+        tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / model)
+        expected_ids = engine_greedy(
+            demo_models_dir, model, chat_prompt(demo_models_dir, model, prompts[model]), 24
+        )
+        expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
+        assert streamed[model] == expected, model
+
+
+def test_completions_with_token_ids_match_the_engine_for_every_model(stack, demo_models_dir):
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    prompt = [5, 17, 42, 99, 7, 61, 23, 88]
+    for model in [*MODELS, "demo-gpt2"]:
+        text = client.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0
+        ).choices[0].text
+        tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / model)
+        expected = tokenizer.decode(engine_greedy(demo_models_dir, model, prompt, 12),
+                                    skip_special_tokens=True)  # fmt: skip
+        assert text == expected, model
+
+
+def test_models_endpoint_lists_every_registered_model(stack, demo_models_dir):
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    listed = {m.id for m in client.models.list().data}
+    assert listed == {p.name for p in demo_models_dir.iterdir() if (p / "config.json").exists()}
+
+
+def test_unknown_model_is_a_404_openai_error(stack):
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+
+
+def test_cancel_mid_stream_stops_generation_and_frees_kv(stack, nats_server, redis_server):
+    async def run() -> tuple[Heartbeat, int]:
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="none")
+        stream = await client.completions.create(
+            model="demo-llama", prompt=[3, 4, 5, 6], max_tokens=2000, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        received = 0
+        async for _chunk in stream:
+            received += 1
+            if received == 5:
+                break
+        await stream.close()
+        await client.close()
+        # The worker must report the blocks free again: watch its heartbeats.
+        nc = await nats.connect(nats_server.url)
+        sub = await nc.subscribe(f"{PREFIX}.worker.heartbeat")
+        beat = None
+        for _ in range(100):
+            beat = decode((await sub.next_msg(timeout=5)).data, Heartbeat)
+            if beat.num_requests == 0 and beat.kv_blocks_free == beat.kv_blocks_total:
+                break
+        await nc.close()
+        assert beat is not None
+        return beat, received
+
+    beat, received = asyncio.run(run())
+    assert received == 5
+    assert beat.num_requests == 0
+    assert beat.kv_blocks_free == beat.kv_blocks_total
+    # Nothing about running requests is left in Redis without an expiry.
+    client = redis.Redis.from_url(redis_server.url)
+    for key in client.scan_iter(f"{PREFIX}:*"):
+        assert client.ttl(key) > 0 or key.decode().endswith(":queue"), key
+    assert client.hlen(f"{PREFIX}:queue") == 0
