@@ -201,6 +201,9 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     device: str
     role: WorkerRole
     time: float
+    # New for every process: a worker restarted under the same id (faster than the heartbeat
+    # timeout) holds none of its predecessor's requests, and the scheduler must notice.
+    incarnation: str = ""
     resident_model: str | None = None
     arena_bytes: int = 0
     weight_budget_bytes: int = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,7 @@ class WorkerService:
         redis: aioredis.Redis,
     ) -> None:
         self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex
         self.role = role
         self.engine = engine
         self.bus = bus
@@ -173,6 +175,7 @@ class WorkerService:
             device=str(stats.device),
             role=self.role,
             time=time.time(),
+            incarnation=self.incarnation,
             resident_model=self.engine.resident_model,
             arena_bytes=stats.arena_bytes,
             weight_budget_bytes=stats.weight_budget_bytes,

@@ -1,0 +1,149 @@
+"""The scheduler's Redis side: the persisted queue of accepted requests, request metadata, and
+the output tokens a recovery re-runs from (keys in :mod:`aegaeon.state`).
+
+Every call retries through a short outage (Redis restarting) and then gives up with a warning
+instead of raising: losing a metadata update is better than a scheduler loop that crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from aegaeon.protocol import SubmitRequest, decode, encode
+from aegaeon.state import REQUEST_TTL_S, Keys
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+"""Back-off between attempts: about 3 s in all, longer than a local Redis restart."""
+
+
+class RequestStore:
+    """Redis reads and writes of the scheduler, each one retried (see module docstring)."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], default: T) -> T:
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                return await op()
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                if delay is None:
+                    log.warning("redis: %s failed, giving up: %s", what, exc)
+                    return default
+                await asyncio.sleep(delay)
+        return default
+
+    async def _pipeline(self, what: str, build: Callable[[Any], None]) -> None:
+        async def run() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                build(pipe)
+                await pipe.execute()
+
+        await self._retry(what, run, None)
+
+    # ------------------------------------------------------------------ the queue
+
+    async def persist(self, submit: SubmitRequest) -> None:
+        """Remember an accepted request until it ends (a restarted scheduler resumes it)."""
+        key = self.keys.request(submit.request_id)
+        fields = {
+            "state": "queued",
+            "model": submit.model,
+            "gateway": submit.gateway_id,
+            "prompt_len": len(submit.prompt_token_ids),
+            "arrival": submit.arrival_time,
+        }
+
+        def build(pipe: Any) -> None:
+            pipe.hset(self.keys.queue, submit.request_id, encode(submit))
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, REQUEST_TTL_S)
+
+        await self._pipeline(f"persist {submit.request_id}", build)
+
+    async def queued(self) -> list[tuple[SubmitRequest, str | None, int]]:
+        """Every persisted request, with the worker that last held it and its output length."""
+        raw: dict[Any, Any] = await self._retry(
+            "read queue", lambda: self.redis.hgetall(self.keys.queue), {}
+        )
+        found = []
+        for request_id, packed in raw.items():
+            try:
+                submit = decode(packed, SubmitRequest)
+            except Exception as exc:  # written by an older, incompatible version
+                log.error("dropping unreadable queued request %r: %s", request_id, exc)
+                await self.forget_queued(_text(request_id))
+                continue
+            worker, produced = await self._holder_and_length(submit.request_id)
+            found.append((submit, worker, produced))
+        return found
+
+    async def _holder_and_length(self, request_id: str) -> tuple[str | None, int]:
+        async def read() -> tuple[Any, Any]:
+            worker = await self.redis.hget(self.keys.request(request_id), "worker")
+            produced = await self.redis.llen(self.keys.output_tokens(request_id))
+            return worker, produced
+
+        worker, produced = await self._retry(f"read {request_id}", read, (None, 0))
+        return (_text(worker) if worker else None), int(produced or 0)
+
+    async def forget_queued(self, request_id: str) -> None:
+        await self._retry(
+            f"forget {request_id}", lambda: self.redis.hdel(self.keys.queue, request_id), 0
+        )
+
+    # ------------------------------------------------------------------ one request
+
+    async def output_tokens(self, request_id: str) -> list[int] | None:
+        """The tokens already sent to the client (None when Redis cannot say)."""
+        raw = await self._retry(
+            f"read outputs of {request_id}",
+            lambda: self.redis.lrange(self.keys.output_tokens(request_id), 0, -1),
+            None,
+        )
+        return None if raw is None else [int(t) for t in raw]
+
+    async def mark_running(self, request_id: str, worker_id: str) -> None:
+        key = self.keys.request(request_id)
+
+        def build(pipe: Any) -> None:
+            pipe.hset(key, mapping={"state": "running", "worker": worker_id})
+            pipe.expire(key, REQUEST_TTL_S)
+
+        await self._pipeline(f"mark {request_id} running", build)
+
+    async def finish(self, request_id: str, reason: str, output_len: int) -> None:
+        """The request ended: out of the queue, metadata final and expiring, recovery data gone."""
+        key = self.keys.request(request_id)
+        state = {"stop": "finished", "length": "finished", "abort": "cancelled"}.get(
+            reason, "error"
+        )
+        fields = {
+            "state": state,
+            "finish_reason": reason,
+            "finished_at": time.time(),
+            "output_len": output_len,
+        }
+
+        def build(pipe: Any) -> None:
+            pipe.hdel(self.keys.queue, request_id)
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, REQUEST_TTL_S)
+            pipe.delete(self.keys.output_tokens(request_id))
+
+        await self._pipeline(f"finish {request_id}", build)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

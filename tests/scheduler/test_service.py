@@ -1,0 +1,622 @@
+"""The scheduler service against real NATS and Redis, with fake workers, a fake model-store and a
+fake gateway written here (they stand in for the other services; the scheduler is the real one).
+
+A fake worker emits token ``1000 + index`` for output position ``index`` of any request, so the
+stream a client sees is the same whichever worker produced it: a recovery that re-sends or skips
+a token shows up as a wrong or missing index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aegaeon.scheduler.policies import POLICIES
+from aegaeon.scheduler.policies.base import (
+    Policy,
+    Rejection,
+    RequestView,
+    Slo,
+    TurnPlan,
+    TurnResult,
+)
+from aegaeon.scheduler.service import SchedulerConfig, SchedulerService
+from aegaeon.scheduler.store import RequestStore
+
+from aegaeon.bus import Bus
+from aegaeon.config import BusConfig
+from aegaeon.protocol import (
+    AbortRequest,
+    AssignRequest,
+    CancelRequest,
+    Heartbeat,
+    ListModels,
+    ModelInfo,
+    ModelList,
+    RequestDone,
+    RunTurn,
+    SamplingParams,
+    SchedulerState,
+    SubmitReply,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+    TurnDone,
+    WorkerCommand,
+    WorkerError,
+)
+from aegaeon.servers import free_port, start_nats, start_redis
+from aegaeon.state import Keys
+
+GATEWAY = "gw1"
+CONTEXT = 64
+
+
+async def wait_for(condition, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class FakeWorker:
+    """Heartbeats; holds assigned requests; answers each RunTurn with ``tokens_per_turn`` tokens
+    per request (to the gateway and the Redis output list, like the real worker), then TurnDone."""
+
+    def __init__(
+        self, bus: Bus, redis: aioredis.Redis, worker_id: str, tokens_per_turn: int = 1,
+        role: str = "both",
+    ) -> None:  # fmt: skip
+        self.bus, self.redis, self.worker_id = bus, redis, worker_id
+        self.keys = Keys(bus.config.prefix)
+        self.tokens_per_turn = tokens_per_turn
+        self.commands: list[Any] = []
+        self.held: dict[str, AssignRequest] = {}
+        self.produced: dict[str, int] = {}
+        self.answer = True  # False: record turns but leave them unanswered
+        self.die_after_turns: int | None = None
+        self.draining = False
+        self.crash_on_last_token = False
+        self.role = role
+        self.alive = True
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> FakeWorker:
+        subject = self.bus.subjects.worker_cmd(self.worker_id)
+        self._sub = await self.bus.subscribe(subject, WorkerCommand, self._on_command)
+        self._tasks.append(asyncio.create_task(self._beat()))
+        return self
+
+    async def _beat(self) -> None:
+        while self.alive:
+            beat = Heartbeat(
+                self.worker_id, "cpu", self.role, time.time(), kv_blocks_total=64,  # type: ignore[arg-type]
+                kv_blocks_free=64, num_requests=len(self.held), draining=self.draining,
+            )  # fmt: skip
+            await self.bus.publish(self.bus.subjects.heartbeat, beat)
+            await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """Go silent, as a crashed process does."""
+        self.alive = False
+
+    async def stop(self) -> None:
+        self.kill()
+        await self._sub.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+
+    def of_type(self, kind: type) -> list[Any]:
+        return [c for c in self.commands if isinstance(c, kind)]
+
+    async def _on_command(self, command: Any, _msg: Any) -> None:
+        if not self.alive:
+            return
+        self.commands.append(command)
+        if isinstance(command, AssignRequest) and command.request_id not in self.held:
+            self.held[command.request_id] = command  # a repeated assign changes nothing
+            self.produced[command.request_id] = len(command.output_token_ids)
+        elif isinstance(command, AbortRequest) and command.request_id in self.held:
+            del self.held[command.request_id]
+            await self._event(RequestDone(self.worker_id, command.request_id, "abort", 0))
+        elif isinstance(command, RunTurn) and self.answer:
+            await self.run_turn(command)
+
+    async def run_turn(self, turn: RunTurn) -> None:
+        finished: list[str] = []
+        for _ in range(1 if turn.prefill_only else self.tokens_per_turn):
+            for rid in [r for r in turn.request_ids if r in self.held]:
+                if await self._emit(rid):
+                    finished.append(rid)
+        if not self.alive:
+            return
+        progress = {rid: self.produced[rid] for rid in self.held}
+        await self._event(
+            TurnDone(self.worker_id, turn.turn_id, turn.model, steps=self.tokens_per_turn,
+                     elapsed_s=0.01, finished=finished, progress=progress)
+        )  # fmt: skip
+        self.die_after_turns = None if self.die_after_turns is None else self.die_after_turns - 1
+        if self.die_after_turns == 0:
+            self.kill()
+
+    async def _emit(self, rid: str) -> bool:
+        """One token for ``rid``; True when that ended it."""
+        request = self.held[rid]
+        index = self.produced[rid]
+        self.produced[rid] = index + 1
+        done = index + 1 >= request.sampling.max_tokens
+        event = TokenEvent(rid, index, [1000 + index], finish_reason="length" if done else None)
+        await self.bus.publish(self.bus.subjects.tokens(request.gateway_id), TokenBatch([event]))
+        with contextlib.suppress(Exception):  # Redis down: recovery re-runs from fewer tokens
+            await self.redis.rpush(self.keys.output_tokens(rid), 1000 + index)
+        if done and self.crash_on_last_token:
+            self.kill()  # the client has every token; the scheduler never hears it ended
+            return False
+        if done:
+            del self.held[rid]
+            await self._event(RequestDone(self.worker_id, rid, "length", index + 1))
+        return done
+
+    async def _event(self, event: Any) -> None:
+        await self.bus.publish(self.bus.subjects.worker_events(self.worker_id), event)
+
+
+class Harness:
+    """One isolated deployment (its own subject/key prefix) on the session's servers."""
+
+    def __init__(self, nats_url: str, redis_url: str) -> None:
+        self.config = BusConfig(
+            nats_url=nats_url, redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:10]}"
+        )
+        self.keys = Keys(self.config.prefix)
+        self.tokens: dict[str, list[TokenEvent]] = defaultdict(list)
+        self.states: list[SchedulerState] = []
+        self.workers: list[FakeWorker] = []
+        self.model_names = ["a", "b"]  # what the fake model-store has registered
+        self._schedulers: list[tuple[asyncio.Event, asyncio.Task, Bus]] = []
+
+    async def open(self) -> Harness:
+        self.bus = await Bus.connect(self.config, "test")
+        self.redis = aioredis.Redis.from_url(self.config.redis_url)
+        subjects = self.bus.subjects
+        await self.bus.subscribe(subjects.models("list"), ListModels, self._list_models)
+        await self.bus.subscribe(subjects.tokens(GATEWAY), TokenBatch, self._on_tokens)
+        await self.bus.subscribe(subjects.scheduler_state, SchedulerState, self._on_state)
+        return self
+
+    async def _list_models(self, _query: Any, msg: Any) -> None:
+        models = [
+            ModelInfo(name, "LlamaForCausalLM", "llama", f"/models/{name}", 1 << 20, 1 << 18,
+                      CONTEXT, "float32", kv_bytes_per_token=256)
+            for name in self.model_names
+        ]  # fmt: skip
+        await self.bus.reply(msg, ModelList(models))
+
+    async def _on_tokens(self, batch: TokenBatch, _msg: Any) -> None:
+        for event in batch.events:
+            self.tokens[event.request_id].append(event)
+
+    async def _on_state(self, state: SchedulerState, _msg: Any) -> None:
+        self.states.append(state)
+
+    async def worker(self, worker_id: str, **options: Any) -> FakeWorker:
+        worker = await FakeWorker(self.bus, self.redis, worker_id, **options).start()
+        self.workers.append(worker)
+        return worker
+
+    async def scheduler(self, **options: Any) -> SchedulerService:
+        settings: dict[str, Any] = {
+            "policy": "round-robin",
+            "policy_options": {"quota_s": 0.05},
+            "heartbeat_timeout_s": 0.8,
+            "check_interval_s": 0.05,
+            "state_interval_s": 0.1,
+            "models_wait_s": 2.0,
+        }
+        settings.update(options)
+        bus = await Bus.connect(self.config, "scheduler")
+        store = RequestStore(aioredis.Redis.from_url(self.config.redis_url), self.config.prefix)
+        service = SchedulerService(SchedulerConfig(**settings), bus, store)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        self._schedulers.append((stop, task, bus))
+        await asyncio.wait_for(service.ready.wait(), 5.0)
+        return service
+
+    async def stop_scheduler(self, index: int = -1) -> None:
+        stop, task, bus = self._schedulers.pop(index)
+        stop.set()
+        await asyncio.wait_for(task, 5.0)
+        await bus.close()
+
+    async def submit(
+        self, rid: str, model: str = "a", max_tokens: int = 3, prompt_len: int = 4
+    ) -> SubmitReply:
+        request = SubmitRequest(
+            rid, model, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
+            GATEWAY, time.time(),
+        )  # fmt: skip
+        return await self.bus.request(self.bus.subjects.submit, request, SubmitReply)
+
+    def finished(self, rid: str) -> bool:
+        return any(e.finish_reason for e in self.tokens[rid])
+
+    def stream(self, rid: str) -> list[tuple[int, list[int]]]:
+        return [(e.start, e.token_ids) for e in self.tokens[rid] if e.token_ids]
+
+    async def close(self) -> None:
+        while self._schedulers:
+            await self.stop_scheduler()
+        for worker in self.workers:
+            await worker.stop()
+        await self.bus.close()
+        await self.redis.aclose()
+
+
+@pytest.fixture
+async def harness(nats_server, redis_server):
+    h = await Harness(nats_server.url, redis_server.url).open()
+    yield h
+    with contextlib.suppress(Exception):
+        await h.close()
+
+
+def expected_stream(n: int) -> list[tuple[int, list[int]]]:
+    return [(i, [1000 + i]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------- admission and turns
+
+
+async def test_request_is_assigned_then_run_in_turns_until_it_finishes(harness):
+    worker = await harness.worker("w1")
+    await harness.scheduler()
+    assert (await harness.submit("r1", max_tokens=3)).accepted
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    assert harness.stream("r1") == expected_stream(3)
+    first = worker.commands[:2]
+    assert isinstance(first[0], AssignRequest) and first[0].request_id == "r1"
+    assert isinstance(first[1], RunTurn) and (first[1].model, first[1].request_ids) == ("a", ["r1"])
+    assert len(worker.of_type(AssignRequest)) == 1  # a worker is told about a request once
+
+
+async def test_finished_request_leaves_the_queue_and_its_metadata_expires(harness):
+    await harness.worker("w1")
+    await harness.scheduler()
+    await harness.submit("r1", max_tokens=2)
+    await wait_for(lambda: harness.finished("r1"))
+    redis, keys = harness.redis, harness.keys
+    deadline = time.monotonic() + 3
+    while await redis.hexists(keys.queue, "r1") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not await redis.hexists(keys.queue, "r1")
+    assert await redis.hget(keys.request("r1"), "state") == b"finished"
+    assert await redis.hget(keys.request("r1"), "finish_reason") == b"length"
+    assert 0 < await redis.ttl(keys.request("r1")) <= 3600
+    assert await redis.ttl(keys.output_tokens("r1")) in (-2, *range(1, 3601))  # gone or expiring
+
+
+async def test_turns_rotate_between_models_on_one_worker(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler()
+    await harness.submit("ra", "a", max_tokens=3)
+    await harness.submit("rb", "b", max_tokens=3)
+    await wait_for(lambda: worker.of_type(RunTurn), what="first turn")
+    worker.answer = True
+    await worker.run_turn(worker.of_type(RunTurn)[0])
+    await wait_for(lambda: harness.finished("ra") and harness.finished("rb"), what="both")
+    turns = worker.of_type(RunTurn)
+    assert [t.model for t in turns] == ["a", "b", "a", "b", "a", "b"]
+    assert turns[1].swap_out_after and turns[1].prefetch_model == "a"
+    assert harness.stream("ra") == harness.stream("rb") == expected_stream(3)
+
+
+async def test_unknown_model_is_rejected_with_404(harness):
+    await harness.worker("w1")
+    await harness.scheduler()
+    reply = await harness.submit("r1", model="nope")
+    assert (reply.accepted, reply.status) == (False, 404)
+
+
+async def test_prompt_longer_than_the_context_is_rejected_with_413(harness):
+    await harness.worker("w1")
+    await harness.scheduler()
+    reply = await harness.submit("r1", prompt_len=CONTEXT, max_tokens=1)
+    assert (reply.accepted, reply.status) == (False, 413)
+    assert not await harness.redis.hexists(harness.keys.queue, "r1")
+
+
+async def test_full_admission_queue_answers_503_with_retry_after(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler(max_queue=2)
+    assert (await harness.submit("r1")).accepted
+    assert (await harness.submit("r2")).accepted
+    reply = await harness.submit("r3")
+    assert (reply.accepted, reply.status) == (False, 503)
+    assert reply.retry_after and reply.retry_after > 0
+
+
+async def test_no_worker_at_all_answers_503(harness):
+    await harness.scheduler()
+    reply = await harness.submit("r1")
+    assert (reply.accepted, reply.status) == (False, 503)
+
+
+async def test_cancel_sends_abort_to_the_worker_holding_the_request(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler()
+    await harness.submit("r1", max_tokens=5)
+    await wait_for(lambda: worker.of_type(RunTurn), what="turn")
+    await harness.bus.publish(harness.bus.subjects.cancel, CancelRequest("r1"))
+    await wait_for(lambda: worker.of_type(AbortRequest), what="abort")
+    assert worker.of_type(AbortRequest)[0].request_id == "r1"
+    await wait_for(lambda: "r1" not in worker.held)
+    await asyncio.sleep(0.1)
+    assert not await harness.redis.hexists(harness.keys.queue, "r1")
+    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"cancelled"
+
+
+async def test_turn_without_turn_done_frees_the_worker_after_the_timeout(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler(turn_timeout_s=0.3)
+    await harness.submit("r1")
+    await wait_for(lambda: len(worker.of_type(RunTurn)) >= 2, timeout=3, what="a second turn")
+
+
+async def test_worker_error_for_a_request_ends_it_with_an_error_event(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler()
+    await harness.submit("r1")
+    await wait_for(lambda: worker.of_type(RunTurn))
+    error = WorkerError("w1", "engine exploded", request_id="r1")
+    await harness.bus.publish(harness.bus.subjects.worker_events("w1"), error)
+    await wait_for(lambda: harness.finished("r1"), what="error event")
+    last = harness.tokens["r1"][-1]
+    assert (last.finish_reason, last.error) == ("error", "engine exploded")
+    await wait_for(lambda: worker.of_type(AbortRequest), what="abort to the worker")
+
+
+async def test_scheduler_state_reports_workers_and_queues(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    await harness.scheduler()
+    await harness.submit("r1", model="b")
+    await wait_for(lambda: any(s.queued.get("b") == 1 for s in harness.states), what="state")
+    state = next(s for s in harness.states if s.queued.get("b") == 1)
+    assert state.policy == "round-robin"
+    assert [(w.worker_id, w.busy) for w in state.workers] == [("w1", True)]
+
+
+# ---------------------------------------------------------------------- failures and restarts
+
+
+async def test_dead_workers_requests_continue_on_another_worker_after_the_tokens_sent(harness):
+    first = await harness.worker("w1", tokens_per_turn=2)
+    first.die_after_turns = 1
+    second = await harness.worker("w2")
+    await harness.scheduler()
+    assert (await harness.submit("r1", max_tokens=5)).accepted
+    await wait_for(lambda: harness.finished("r1"), timeout=5, what="r1 to finish on w2")
+    assigned = second.of_type(AssignRequest)
+    assert [a.request_id for a in assigned] == ["r1"]
+    assert assigned[0].output_token_ids == [1000, 1001]  # what the client already has
+    assert harness.stream("r1") == expected_stream(5)  # no duplicate, no gap
+
+
+async def test_request_whose_tokens_all_went_out_before_a_crash_just_ends(harness):
+    first = await harness.worker("w1", tokens_per_turn=2)
+    first.crash_on_last_token = True
+    second = await harness.worker("w2")
+    await harness.scheduler()
+    await harness.submit("r1", max_tokens=2)
+
+    def closing_events() -> list[tuple[int, str | None]]:
+        return [(e.start, e.finish_reason) for e in harness.tokens["r1"] if not e.token_ids]
+
+    await wait_for(closing_events, timeout=5, what="the scheduler's finish event")
+    assert closing_events() == [(2, "length")]
+    assert harness.stream("r1") == expected_stream(2)
+    assert second.of_type(AssignRequest) == []  # nothing left to run
+    await asyncio.sleep(0.1)
+    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"finished"
+
+
+async def test_when_no_worker_is_left_the_gateway_gets_an_error_event(harness):
+    only = await harness.worker("w1")
+    only.die_after_turns = 1
+    await harness.scheduler()
+    await harness.submit("r1", max_tokens=5)
+    await wait_for(lambda: harness.finished("r1"), timeout=5, what="error event")
+    last = harness.tokens["r1"][-1]
+    assert last.finish_reason == "error" and last.error
+    assert last.start == 1  # after the token the client already has
+    await asyncio.sleep(0.1)
+    assert not await harness.redis.hexists(harness.keys.queue, "r1")
+    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"error"
+
+
+async def test_restarted_scheduler_resumes_the_redis_queue(harness):
+    worker = await harness.worker("w1")
+    await harness.scheduler()
+    worker.die_after_turns = None
+    worker.answer = True
+    original_run_turn = worker.run_turn
+
+    async def run_one_then_stall(turn: RunTurn) -> None:
+        worker.answer = False  # the next turns wait (the scheduler is about to go away)
+        await original_run_turn(turn)
+
+    worker.run_turn = run_one_then_stall  # type: ignore[method-assign]
+    await harness.submit("r1", max_tokens=4)
+    await wait_for(lambda: len(harness.stream("r1")) == 1, what="first token")
+    await harness.stop_scheduler()
+    assert await harness.redis.hexists(harness.keys.queue, "r1")
+
+    worker.run_turn = original_run_turn  # type: ignore[method-assign]
+    worker.answer = True
+    before = len(worker.commands)
+    await harness.scheduler()
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish after the restart")
+    resumed = [c for c in worker.commands[before:] if isinstance(c, AssignRequest)]
+    assert [a.output_token_ids for a in resumed] == [[1000]]
+    assert harness.stream("r1") == expected_stream(4)
+
+
+async def test_draining_worker_hands_its_requests_to_another_worker(harness):
+    first = await harness.worker("w1")
+    await harness.scheduler()
+    first.answer = False
+    await harness.submit("r1", max_tokens=3)
+    await wait_for(lambda: first.of_type(RunTurn), what="turn on w1")
+    second = await harness.worker("w2")
+    first.draining = True  # the next heartbeats say so; the turn in flight still ends
+    await asyncio.sleep(0.3)
+    await first.run_turn(first.of_type(RunTurn)[0])  # one token
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish on w2")
+    assert [a.output_token_ids for a in second.of_type(AssignRequest)] == [[1000]]
+    assert [a.request_id for a in first.of_type(AbortRequest)] == ["r1"]  # frees its copy
+    assert len(first.of_type(RunTurn)) == 1  # no new turn for a draining worker
+    assert harness.stream("r1") == expected_stream(3)
+
+
+async def test_model_registered_after_start_is_accepted(harness):
+    await harness.worker("w1")
+    await harness.scheduler()
+    harness.model_names.append("late")
+    reply = await harness.submit("r1", model="late", max_tokens=2)
+    assert reply.accepted
+    await wait_for(lambda: harness.finished("r1"))
+
+
+class HandoffScript(Policy):
+    """A scripted two-role policy: prefill on instance "p", then hand the request to "d"."""
+
+    name = "test-handoff"
+
+    def __init__(self, models: Any, slo: Slo, estimator: Any = None) -> None:
+        super().__init__(models, slo, estimator)
+        self.queues: dict[str, list[str]] = {"p": [], "d": []}
+        self.busy: set[str] = set()
+
+    def submit(self, request: RequestView, now: float) -> Rejection | None:
+        request.instance_id = "p"
+        self.requests[request.request_id] = request
+        self.queues["p"].append(request.request_id)
+        return None
+
+    def next_turn(self, instance_id: str, now: float) -> TurnPlan | None:
+        ids = self.queues.get(instance_id)
+        if instance_id in self.busy or not ids:
+            return None
+        self.busy.add(instance_id)
+        prefill = instance_id == "p"
+        handoff = dict.fromkeys(ids, "d") if prefill else {}
+        model = self.requests[ids[0]].model
+        return TurnPlan(instance_id, model, list(ids), 0.05, prefill_only=prefill, handoff=handoff)
+
+    def turn_done(self, instance_id: str, plan: TurnPlan, result: TurnResult, now: float) -> None:
+        self.busy.discard(instance_id)
+        for rid in result.finished:
+            self.cancel(rid)
+        for rid, target in plan.handoff.items():
+            if rid in self.requests:
+                self.queues[instance_id].remove(rid)
+                self.queues[target].append(rid)
+                self.requests[rid].instance_id = target
+
+    def cancel(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        for queue in self.queues.values():
+            if request_id in queue:
+                queue.remove(request_id)
+
+
+async def test_prefilled_request_is_handed_off_to_the_decode_worker(harness, monkeypatch):
+    monkeypatch.setitem(POLICIES, "test-handoff", f"{__name__}:HandoffScript")
+    prefill = await harness.worker("p", role="prefill")
+    decode = await harness.worker("d", role="decode")
+    await harness.scheduler(policy="test-handoff", policy_options={})
+    await harness.submit("r1", max_tokens=3)
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish on d")
+    assert [t.prefill_only for t in prefill.of_type(RunTurn)] == [True]
+    assert [a.request_id for a in prefill.of_type(AbortRequest)] == ["r1"]  # its KV freed
+    assert [a.output_token_ids for a in decode.of_type(AssignRequest)] == [[1000]]
+    assert harness.stream("r1") == expected_stream(3)
+
+
+async def test_scheduler_survives_a_redis_restart(nats_server, tmp_path):
+    port = free_port()
+    redis_server = start_redis(tmp_path / "r1", port=port)
+    h = await Harness(nats_server.url, redis_server.url).open()
+    try:
+        await h.worker("w1")
+        await h.scheduler()
+        redis_server.kill()
+        pending = asyncio.create_task(h.submit("r1", max_tokens=2))
+        await asyncio.sleep(0.5)  # the scheduler is retrying its write now
+        redis_server = start_redis(tmp_path / "r2", port=port)
+        assert (await pending).accepted
+        await wait_for(lambda: h.finished("r1"), what="r1 to finish after the outage")
+        assert await h.redis.hget(h.keys.request("r1"), "state") == b"finished"
+    finally:
+        with contextlib.suppress(Exception):
+            await h.close()
+        redis_server.stop()
+
+
+async def test_scheduler_keeps_serving_after_a_nats_restart(redis_server, tmp_path):
+    port = free_port()
+    nats = start_nats(tmp_path / "n1", port=port)
+    h = await Harness(nats.url, redis_server.url).open()
+    try:
+        await h.worker("w1")
+        await h.scheduler(heartbeat_timeout_s=3.0)
+        nats.stop()
+        await asyncio.sleep(0.5)
+        nats = start_nats(tmp_path / "n2", port=port)
+        await wait_for(lambda: h.bus.nc.is_connected, what="test client reconnected")
+        reply = None
+        for _ in range(50):  # until the scheduler's subscriptions are back on the new server
+            with contextlib.suppress(Exception):
+                reply = await h.bus.request(
+                    h.bus.subjects.submit,
+                    SubmitRequest("r1", "a", [1, 2], SamplingParams(max_tokens=2), GATEWAY, 0.0),
+                    SubmitReply,
+                    timeout=0.5,
+                )
+                break
+            await asyncio.sleep(0.1)
+        assert reply is not None and reply.accepted
+        await wait_for(lambda: h.finished("r1"), what="r1 to finish after the restart")
+    finally:
+        with contextlib.suppress(Exception):
+            await h.close()
+        nats.stop()
+
+
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"test-handoff"}))
+async def test_every_registered_policy_runs_requests_to_completion_through_the_service(
+    harness, policy
+):
+    await harness.worker("w1", tokens_per_turn=2)
+    await harness.worker("w2", tokens_per_turn=2)
+    await harness.scheduler(policy=policy, policy_options={})
+    for rid, model in [("ra", "a"), ("rb", "b"), ("ra2", "a")]:
+        assert (await harness.submit(rid, model, max_tokens=4)).accepted
+    await wait_for(
+        lambda: all(harness.finished(r) for r in ("ra", "rb", "ra2")), what=f"{policy} to finish"
+    )
+    for rid in ("ra", "rb", "ra2"):
+        assert harness.stream(rid) == expected_stream(4)
