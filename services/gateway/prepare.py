@@ -1,0 +1,143 @@
+"""From a validated OpenAI request to what the scheduler needs: token ids and SamplingParams.
+
+Everything here is a check or a translation; the only work is tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aegaeon.protocol import ModelInfo, SamplingParams
+
+from .errors import APIError, bad_request
+from .openai_types import ChatCompletionRequest, CompletionRequest
+from .tokenization import ModelTokenizer
+
+Kind = Literal["chat", "completion"]
+
+LONG_TEXT = 20_000
+"""Prompts longer than this (characters) are tokenized off the event loop."""
+
+
+@dataclass
+class Prepared:
+    """An accepted-looking request, tokenized, ready to submit."""
+
+    kind: Kind
+    request_id: str
+    model: ModelInfo
+    tokenizer: ModelTokenizer
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None  # None: no logprobs asked
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse parameters this server accepts in the schema but cannot honour."""
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported.", param="logit_bias")
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools:
+            raise bad_request("tools are not supported.", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise bad_request("Only response_format type 'text' is supported.", "response_format")
+    else:
+        if body.echo:
+            raise bad_request("echo is not supported.", param="echo")
+        if body.suffix:
+            raise bad_request("suffix is not supported.", param="suffix")
+    stops = body.stop_strings()
+    if len(stops) > 16 or any(len(s) > 1024 for s in stops):
+        raise bad_request("At most 16 stop strings of up to 1024 characters.", param="stop")
+
+
+async def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: ModelTokenizer):
+    """The prompt as token ids: a chat through the template, or a completion's text or ids."""
+    if isinstance(body, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        size = sum(len(m["content"]) for m in messages)
+        return await _maybe_thread(size, tok.encode_chat, messages)
+    prompt = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # one prompt in a batch of one
+    if isinstance(prompt, str):
+        ids = await _maybe_thread(len(prompt), tok.encode, prompt)
+        if not ids:
+            raise bad_request("The prompt is empty.", param="prompt")
+        return ids
+    if not prompt or not all(isinstance(t, int) for t in prompt):
+        raise bad_request("Only one prompt per request is supported.", param="prompt")
+    ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+    if any(t < 0 or t >= tok.vocab_size for t in ids):
+        raise bad_request(f"Token ids must be in [0, {tok.vocab_size}).", param="prompt")
+    return ids
+
+
+async def _maybe_thread(size: int, fn, arg):
+    if size > LONG_TEXT:
+        return await asyncio.to_thread(fn, arg)
+    return fn(arg)
+
+
+def max_new_tokens(
+    body: ChatCompletionRequest | CompletionRequest, prompt_len: int, context: int
+) -> int:
+    """The output budget; a prompt that leaves no room, or a budget past the context, is a 400."""
+    room = context - prompt_len
+    if room <= 0:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, your prompt "
+            f"has {prompt_len} tokens.",
+            code="context_length_exceeded",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+        )
+    asked = body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        asked = body.max_completion_tokens
+    if asked is None:
+        # OpenAI's defaults: completions 16 tokens, chat as long as the context allows.
+        return min(16, room) if isinstance(body, CompletionRequest) else room
+    if asked > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the output).",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
+    return asked
+
+
+def sampling_params(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, tok: ModelTokenizer
+) -> SamplingParams:
+    """OpenAI sampling fields → the engine's SamplingParams (temperature 0 is greedy)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=None if body.seed is None else body.seed % (1 << 63),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        stop_token_ids=list(tok.eos_token_ids),
+        logprobs=top_logprobs(body),
+    )
+
+
+def top_logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+def new_request_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex

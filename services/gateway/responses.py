@@ -1,0 +1,143 @@
+"""OpenAI response objects and SSE chunks, built from Pieces (pure).
+
+Streams look exactly like OpenAI's: a chat stream opens with a role delta, sends content
+deltas, ends with an empty delta carrying ``finish_reason``; with ``include_usage`` every chunk
+has ``"usage": null`` and one last chunk has no choices and the usage; then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .generation import Logprob, Piece
+from .prepare import Prepared
+from .tokenization import ModelTokenizer
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ResponseBuilder:
+    """Shapes one request's Pieces into chunks or a whole response."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.p = prepared
+        self.chat = prepared.kind == "chat"
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self._text_offset = 0
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.p.request_id,
+            "object": obj,
+            "created": self.p.created,
+            "model": self.p.model.name,
+            "choices": choices,
+        }
+        if self.p.stream and self.p.include_usage:
+            out["usage"] = None
+        return out
+
+    # ------------------------------------------------------------ streaming
+
+    def first_chunk(self) -> str | None:
+        """Chat streams start with the role (OpenAI sends it before any content)."""
+        if not self.chat:
+            return None
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        choice["finish_reason"] = None
+        return sse(self._envelope("chat.completion.chunk", [choice]))
+
+    def chunk(self, piece: Piece) -> str | None:
+        """A piece as chunks: its text, then (chat) an empty delta with the finish reason."""
+        out = ""
+        logprobs = self.logprobs(piece)
+        if piece.text or logprobs is not None:
+            out += sse(self._envelope(self._chunk_object(), [self._choice(piece.text, logprobs)]))
+        if piece.finish_reason is not None:
+            end = self._choice("", None, piece.finish_reason, empty=True)
+            out += sse(self._envelope(self._chunk_object(), [end]))
+        return out or None
+
+    def usage_chunk(self, completion_tokens: int) -> str:
+        body = self._envelope(self._chunk_object(), [])
+        body["usage"] = usage(len(self.p.prompt_ids), completion_tokens)
+        return sse(body)
+
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _choice(
+        self, text: str, logprobs: Any, finish: str | None = None, empty: bool = False
+    ) -> dict[str, Any]:
+        if self.chat:
+            delta = {} if empty else {"content": text}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    # ------------------------------------------------------------ whole response
+
+    def complete(self, pieces: list[Piece]) -> dict[str, Any]:
+        text = "".join(p.text for p in pieces)
+        finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
+        merged = Piece(text, [t for p in pieces for t in p.token_ids], [])
+        merged.logprobs = [lp for p in pieces for lp in p.logprobs]
+        self._text_offset = 0
+        logprobs = self.logprobs(merged)
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        body = self._envelope(self.object, [choice])
+        body["usage"] = usage(len(self.p.prompt_ids), len(merged.token_ids))
+        return body
+
+    # ------------------------------------------------------------ logprobs
+
+    def logprobs(self, piece: Piece) -> dict[str, Any] | None:
+        if self.p.top_logprobs is None or not piece.logprobs:
+            return None
+        tok = self.p.tokenizer
+        pairs = list(zip(piece.token_ids, piece.logprobs, strict=False))
+        if self.chat:
+            return {"content": [_chat_logprob(tok, t, lp) for t, lp in pairs]}
+        return self._completion_logprobs(tok, pairs)
+
+    def _completion_logprobs(self, tok: ModelTokenizer, pairs: list[tuple[int, Logprob]]):
+        tokens, chosen, tops, offsets = [], [], [], []
+        for token_id, (logprob, top) in pairs:
+            text = tok.token_text(token_id)
+            tokens.append(text)
+            chosen.append(logprob)
+            tops.append({tok.token_text(t): lp for t, lp in top})
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": chosen,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+
+def _chat_logprob(tok: ModelTokenizer, token_id: int, entry: Logprob) -> dict[str, Any]:
+    logprob, top = entry
+
+    def one(tid: int, lp: float) -> dict[str, Any]:
+        text = tok.token_text(tid)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {**one(token_id, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}

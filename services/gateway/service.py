@@ -1,0 +1,233 @@
+"""The gateway's core: its connections and the admission path of a request.
+
+``open()`` runs the checks in the order that sheds load cheapest first: admission (503), model
+(404), tokenization and context (400/413), rate limits (429), then the Redis record and the
+submit. Any failure releases what was taken, so a refused request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from aegaeon.bus import Bus
+from aegaeon.protocol import ModelInfo
+from aegaeon.state import Keys
+
+from .auth import ApiKey, AuthError, KeyStore
+from .cluster import ClusterView, ModelDirectory
+from .errors import APIError
+from .generation import Generation, Services
+from .limits import Admission, RateLimiter
+from .openai_types import ChatCompletionRequest, CompletionRequest
+from .prepare import (
+    Kind,
+    Prepared,
+    check_supported,
+    max_new_tokens,
+    new_request_id,
+    prompt_ids,
+    sampling_params,
+)
+from .settings import GatewaySettings
+from .streams import StreamRouter
+from .tokenization import ModelTokenizer, TokenizerCache
+
+log = logging.getLogger(__name__)
+
+WARM_TOKENIZERS = 64
+"""Tokenizers loaded at start-up; a larger registry loads the rest on first use."""
+
+
+class Gateway:
+    """Connections (NATS, Redis), views of the cluster, keys and limits. ``start()``/``stop()``."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.keystore = KeyStore.load(settings.api_keys_file)
+        self.limiter = RateLimiter()
+        self.admission = Admission(settings.max_in_flight)
+        self.router = StreamRouter()
+        self.cluster = ClusterView()
+        self.keys = Keys(settings.bus.prefix)
+        self._bus: Bus | None = None
+        self._redis: aioredis.Redis | None = None
+        self._models: ModelDirectory | None = None
+        self._tokenizers: TokenizerCache | None = None
+        self._warming: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._bus = await Bus.connect(s.bus, name=f"gateway-{s.gateway_id}")
+        self._redis = aioredis.from_url(s.bus.redis_url)
+        await self.router.start(self._bus, s.gateway_id)
+        await self.cluster.start(self._bus)
+        self._models = ModelDirectory(self._bus, ttl_s=s.models_ttl_s)
+        self._tokenizers = TokenizerCache(self._bus, s.tokenizer_cache_dir)
+        self._warming = asyncio.create_task(self._warm_tokenizers())
+
+    async def _warm_tokenizers(self) -> None:
+        """Load tokenizers before the first request needs them (the first load imports
+        transformers: seconds that would otherwise land on someone's time to first token)."""
+        try:
+            models = await self.models.all()
+        except Exception:
+            return  # the model-store is not up yet; requests load tokenizers on demand
+        for info in models[:WARM_TOKENIZERS]:
+            with contextlib.suppress(Exception):
+                await self.tokenizer(info)
+
+    async def stop(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(BaseException):
+                await self._warming
+        await self.router.stop()
+        await self.cluster.stop()
+        if self._bus is not None:
+            await self._bus.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    @property
+    def bus(self) -> Bus:
+        assert self._bus is not None, "gateway not started"
+        return self._bus
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "gateway not started"
+        return self._redis
+
+    @property
+    def models(self) -> ModelDirectory:
+        assert self._models is not None, "gateway not started"
+        return self._models
+
+    # ------------------------------------------------------------ checks
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        try:
+            return self.keystore.authenticate(authorization)
+        except AuthError as exc:
+            raise APIError(401, str(exc), code="invalid_api_key") from None
+
+    async def registry(self) -> list[ModelInfo]:
+        try:
+            return await self.models.all()
+        except Exception as exc:
+            raise APIError(503, "The model registry is not reachable.", retry_after=1.0) from exc
+
+    async def resolve(self, name: str, key: ApiKey) -> ModelInfo:
+        try:
+            info = await self.models.get(name)
+        except Exception as exc:
+            raise APIError(503, "The model registry is not reachable.", retry_after=1.0) from exc
+        if info is None or not key.allows(name):
+            # Same answer for "absent" and "not yours": a key cannot probe other keys' models.
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        return info
+
+    async def tokenizer(self, info: ModelInfo) -> ModelTokenizer:
+        assert self._tokenizers is not None, "gateway not started"
+        try:
+            return await self._tokenizers.get(info)
+        except Exception as exc:
+            log.exception("tokenizer of %s failed to load", info.name)
+            raise APIError(503, f"The tokenizer of '{info.name}' is not available.") from exc
+
+    # ------------------------------------------------------------ the path of a request
+
+    async def open(
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
+    ) -> Generation:
+        """Admit, check, record and submit. Raises APIError with nothing left behind."""
+        if not self.admission.can_admit():
+            raise APIError(
+                503,
+                "The server is overloaded; try again.",
+                retry_after=self.admission.retry_after_s,
+            )
+        self.admission.admit()
+        generation: Generation | None = None
+        try:
+            prepared = await self.prepare(kind, body, key)
+            self._charge(key, prepared)
+            generation = Generation(self._services(), prepared, key.name)
+            await generation.submit()
+            return generation
+        except BaseException:
+            if generation is not None:
+                await generation.close()  # releases admission and refunds tokens
+            else:
+                self.admission.release()
+            raise
+
+    async def prepare(
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
+    ) -> Prepared:
+        check_supported(body)
+        info = await self.resolve(body.model, key)
+        tok = await self.tokenizer(info)
+        ids = await prompt_ids(body, tok)
+        limit = self.settings.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise APIError(
+                413,
+                f"The prompt has {len(ids)} tokens; this server accepts at most {limit}.",
+                code="prompt_too_long",
+            )
+        max_tokens = max_new_tokens(body, len(ids), info.context_length)
+        stream = bool(body.stream)
+        sampling = sampling_params(body, max_tokens, tok)
+        return Prepared(
+            kind=kind,
+            request_id=new_request_id(kind),
+            model=info,
+            tokenizer=tok,
+            prompt_ids=ids,
+            sampling=sampling,
+            stops=body.stop_strings(),
+            stream=stream,
+            include_usage=stream
+            and bool(body.stream_options and body.stream_options.include_usage),
+            top_logprobs=sampling.logprobs,
+        )
+
+    def _charge(self, key: ApiKey, prepared: Prepared) -> None:
+        cost = len(prepared.prompt_ids) + prepared.sampling.max_tokens
+        wait = self.limiter.acquire(key.name, key.limit, cost, time.monotonic())
+        if wait is not None:
+            raise APIError(
+                429,
+                f"Rate limit reached for key '{key.name}'; try again in {wait:.1f} s.",
+                code="rate_limit_exceeded",
+                retry_after=wait,
+            )
+
+    def _services(self) -> Services:
+        s = self.settings
+        return Services(
+            bus=self.bus,
+            redis=self.redis,
+            router=self.router,
+            keys=self.keys,
+            gateway_id=s.gateway_id,
+            submit_timeout_s=s.submit_timeout_s,
+            idle_timeout_s=s.idle_timeout_s,
+            on_close=self._on_close,
+        )
+
+    def _on_close(self, generation: Generation) -> None:
+        self.admission.release()
+        unused = generation.p.sampling.max_tokens - generation.timings.output_tokens
+        self.limiter.refund(generation.api_key, unused, time.monotonic())

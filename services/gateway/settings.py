@@ -1,0 +1,65 @@
+"""The gateway's settings, validated once at construction; every one has a working default.
+
+Environment (besides the bus's ``AEGAEON_NATS_URL`` / ``AEGAEON_REDIS_URL`` / ``AEGAEON_PREFIX``):
+
+``AEGAEON_API_KEYS_FILE``      JSON/TOML of hashed keys with limits (auth.py); unset: open access
+``AEGAEON_MAX_BODY_BYTES``     larger request bodies get 413 (default 4 MiB)
+``AEGAEON_MAX_PROMPT_TOKENS``  longer prompts get 413 (default: only the model's context limits)
+``AEGAEON_MAX_IN_FLIGHT``      requests in flight through this gateway before 503 (default 1024)
+``AEGAEON_SUBMIT_TIMEOUT_S``   wait for the scheduler's admission answer (default 10 s)
+``AEGAEON_IDLE_TIMEOUT_S``     no token for this long ends a request with an error (default 600 s)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aegaeon.config import BusConfig, default_state_dir
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Where the gateway connects, who may use it and how much it accepts."""
+
+    bus: BusConfig = field(default_factory=BusConfig)
+    gateway_id: str = field(default_factory=lambda: f"gw-{secrets.token_hex(4)}")
+    api_keys_file: str | None = field(
+        default_factory=lambda: os.environ.get("AEGAEON_API_KEYS_FILE") or None
+    )
+    max_body_bytes: int = field(
+        default_factory=lambda: _env_int("AEGAEON_MAX_BODY_BYTES", 4 * 1024 * 1024)
+    )
+    max_prompt_tokens: int | None = field(
+        default_factory=lambda: _env_int("AEGAEON_MAX_PROMPT_TOKENS", 0) or None
+    )
+    max_in_flight: int = field(default_factory=lambda: _env_int("AEGAEON_MAX_IN_FLIGHT", 1024))
+    submit_timeout_s: float = field(
+        default_factory=lambda: _env_float("AEGAEON_SUBMIT_TIMEOUT_S", 10.0)
+    )
+    # No token event for this long ends a request with an error (a lost worker and scheduler).
+    idle_timeout_s: float = field(
+        default_factory=lambda: _env_float("AEGAEON_IDLE_TIMEOUT_S", 600.0)
+    )
+    models_ttl_s: float = 2.0
+    tokenizer_cache_dir: Path = field(default_factory=lambda: default_state_dir() / "tokenizers")
+
+    def __post_init__(self) -> None:
+        if not self.gateway_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"gateway id must be one NATS subject token, got {self.gateway_id!r}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self.submit_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")

@@ -1,0 +1,106 @@
+"""Answering with a Generation: an SSE stream, or one JSON body; both cancel on disconnect.
+
+A client that goes away must cancel its request at once, even while it is still queued and no
+token has been sent (a write would reveal the disconnect only at the next token). So both paths
+listen for ``http.disconnect`` alongside the work, and the Generation is closed in a finally
+shielded from cancellation: the CancelRequest and the final Redis write always happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .errors import APIError
+from .generation import Generation, Piece
+from .responses import DONE, ResponseBuilder, sse
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that stops streaming as soon as the client disconnects and then runs
+    ``generation.close()`` (starlette's own only notices a disconnect on a failed write)."""
+
+    def __init__(self, body: AsyncIterator[str], generation: Generation) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream_then_stop() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        except OSError:
+            pass  # the connection broke mid-write: same as a disconnect
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.generation.close()
+
+
+async def sse_body(generation: Generation, builder: ResponseBuilder) -> AsyncIterator[str]:
+    """Chunks as OpenAI sends them; an error mid-stream becomes an error chunk, then [DONE]."""
+    try:
+        first = builder.first_chunk()
+        if first:
+            yield first
+        async for piece in generation.pieces():
+            chunk = builder.chunk(piece)
+            if chunk:
+                yield chunk
+        if generation.p.include_usage:
+            yield builder.usage_chunk(generation.timings.output_tokens)
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception:
+        # Headers are sent: the error can only travel in the stream, never as a traceback.
+        log.exception("%s: stream failed", generation.request_id)
+        yield sse(APIError(500, "The server had an error while streaming.").body())
+    yield DONE
+
+
+def stream(generation: Generation) -> EventStreamResponse:
+    return EventStreamResponse(sse_body(generation, ResponseBuilder(generation.p)), generation)
+
+
+async def complete(request: Request, generation: Generation) -> JSONResponse:
+    """Collect the whole output; a disconnect while waiting cancels the request."""
+    try:
+        work = asyncio.ensure_future(_collect(generation))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            return APIError(499, "Client closed the request.").response()  # nobody reads it
+        pieces = work.result()
+        return JSONResponse(ResponseBuilder(generation.p).complete(pieces))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await generation.close()
+
+
+async def _collect(generation: Generation) -> list[Piece]:
+    return [piece async for piece in generation.pieces()]
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

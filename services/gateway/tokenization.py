@@ -1,0 +1,132 @@
+"""Tokenizers per model, loaded once from the model's folder, and chat templates.
+
+A model's folder is read in place when this gateway can see it (same node as the model-store);
+otherwise its small files are fetched over NATS (``models.file``) into a local cache directory.
+Loading runs in a thread: it is file I/O and Python-heavy, and the event loop serves streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aegaeon.bus import Bus
+from aegaeon.protocol import ModelInfo
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files a tokenizer may need; a model has a subset of them."""
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""For a model whose tokenizer has no chat template: plain ``role: content`` lines."""
+
+
+@dataclass
+class ModelTokenizer:
+    """A model's tokenizer with what the gateway needs from it."""
+
+    tokenizer: Any
+    eos_token_ids: list[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """A completion prompt, with the model's usual special tokens (BOS)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation through the model's chat template, ready for the assistant's turn."""
+        template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        # The template writes BOS and friends itself; do not add them twice.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, for logprobs (may be part of a character)."""
+        return self.tokenizer.decode([token_id])
+
+
+def load_tokenizer(folder: Path) -> ModelTokenizer:
+    """Load from a Hugging Face layout folder (blocking)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return ModelTokenizer(tokenizer, eos_ids(folder, tokenizer), len(tokenizer))
+
+
+def eos_ids(folder: Path, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: generation_config.json, then config.json, then the tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return [value] if isinstance(value, int) else [int(v) for v in value]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+class TokenizerCache:
+    """``await cache.get(info)`` → ModelTokenizer, loaded at most once per model."""
+
+    def __init__(self, bus: Bus | None, cache_dir: Path) -> None:
+        self.bus = bus
+        self.cache_dir = cache_dir
+        self._loaded: dict[str, ModelTokenizer] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, info: ModelInfo) -> ModelTokenizer:
+        found = self._loaded.get(info.name)
+        if found is not None:
+            return found
+        async with self._locks.setdefault(info.name, asyncio.Lock()):
+            if info.name not in self._loaded:
+                folder = await self._folder(info)
+                self._loaded[info.name] = await asyncio.to_thread(load_tokenizer, folder)
+            return self._loaded[info.name]
+
+    async def _folder(self, info: ModelInfo) -> Path:
+        local = Path(info.path)
+        if (local / "tokenizer.json").is_file() or (local / "tokenizer_config.json").is_file():
+            return local
+        return await self._fetch(info.name)
+
+    async def _fetch(self, model: str) -> Path:
+        """Copy the tokenizer files from the model-store (another node) into the cache dir."""
+        from aegaeon.model_store.service import fetch_file
+
+        if self.bus is None:
+            raise FileNotFoundError(f"model {model!r}: no local tokenizer and no bus to fetch it")
+        folder = self.cache_dir / model
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            try:
+                data = await fetch_file(self.bus, model, name)
+            except FileNotFoundError:
+                continue
+            await asyncio.to_thread((folder / name).write_bytes, data)
+        return folder

@@ -1,0 +1,45 @@
+"""Token events fan out per request, in order, and tokens resent after a recovery are dropped."""
+
+from __future__ import annotations
+
+from aegaeon.gateway.streams import RequestStream, StreamRouter
+
+from aegaeon.protocol import TokenBatch, TokenEvent
+
+
+def drain(stream: RequestStream) -> list[TokenEvent]:
+    events = []
+    while not stream.queue.empty():
+        events.append(stream.queue.get_nowait())
+    return events
+
+
+def test_resent_tokens_are_trimmed_and_pure_duplicates_dropped():
+    stream = RequestStream("r")
+    stream.put(TokenEvent("r", 0, [1, 2, 3]))
+    stream.put(TokenEvent("r", 1, [2, 3]))  # a re-run resends what was already sent
+    stream.put(TokenEvent("r", 2, [3, 4, 5], [(-1.0, []), (-2.0, []), (-3.0, [])]))
+    stream.put(TokenEvent("r", 5, [], finish_reason="length"))
+    events = drain(stream)
+    assert [e.token_ids for e in events] == [[1, 2, 3], [4, 5], []]
+    assert events[1].start == 3 and events[1].logprobs == [(-2.0, []), (-3.0, [])]
+    assert events[-1].finish_reason == "length"
+    assert stream.received == 5
+
+
+def test_a_duplicate_that_carries_the_end_is_kept_for_its_finish_reason():
+    stream = RequestStream("r")
+    stream.put(TokenEvent("r", 0, [1, 2]))
+    stream.put(TokenEvent("r", 0, [1, 2], finish_reason="stop"))
+    events = drain(stream)
+    assert events[-1].token_ids == [] and events[-1].finish_reason == "stop"
+
+
+async def test_router_fans_a_batch_out_and_ignores_closed_requests():
+    router = StreamRouter()
+    a, b = router.open("a"), router.open("b")
+    router.close("b")
+    batch = TokenBatch([TokenEvent("a", 0, [7]), TokenEvent("b", 0, [8]), TokenEvent("c", 0, [9])])
+    await router.on_batch(batch, None)  # type: ignore[arg-type]
+    assert [e.token_ids for e in drain(a)] == [[7]]
+    assert drain(b) == []

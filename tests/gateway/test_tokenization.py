@@ -1,0 +1,75 @@
+"""Tokenizers load from the model folder, or over NATS from the model-store when the folder is
+on another node; eos ids come from generation_config first; chat templates apply."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from aegaeon.gateway.tokenization import FALLBACK_TEMPLATE, TokenizerCache, load_tokenizer
+from aegaeon.model_store.service import read_chunk
+
+from aegaeon.bus import Bus
+from aegaeon.config import BusConfig
+from aegaeon.protocol import FetchFile, decode
+
+from .conftest import model_info
+
+
+async def test_tokenizer_is_fetched_over_nats_when_the_folder_is_not_local(
+    nats_server, tiny_model, tiny_tokenizer, tmp_path
+):
+    config = BusConfig(nats_url=nats_server.url, prefix="tokfetch")
+    bus = await Bus.connect(config, "test-store")
+    served: list[str] = []
+
+    async def on_file(msg):
+        request = decode(msg.data, FetchFile)
+        served.append(request.file)
+        await bus.reply(msg, read_chunk(tiny_model, request))
+
+    sub = await bus.nc.subscribe(bus.subjects.models("file"), cb=on_file)
+    try:
+        cache = TokenizerCache(bus, tmp_path / "cache")
+        remote = model_info("tiny", tmp_path / "elsewhere" / "tiny")
+        tok = await cache.get(remote)
+        assert "tokenizer.json" in served and "config.json" in served
+        assert tok.encode("héllo wörld 🙂") == tiny_tokenizer("héllo wörld 🙂")["input_ids"]
+        assert tok.eos_token_ids == [tiny_tokenizer.convert_tokens_to_ids("<|eos|>")]
+        assert await cache.get(remote) is tok  # loaded once
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+
+
+def test_generation_config_eos_wins_over_config_and_tokenizer(tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
+    assert load_tokenizer(folder).eos_token_ids == [3, 4]
+
+
+def test_chat_uses_the_model_template_and_falls_back_without_one(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert tok.decode(tok.encode_chat(messages)) == "<|system|>be brief\n<|user|>hi\n<|assistant|>"
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = load_tokenizer(folder)
+    assert plain.tokenizer.chat_template is None and "assistant:" in FALLBACK_TEMPLATE
+    assert plain.decode(plain.encode_chat(messages)) == "system: be brief\nuser: hi\nassistant:"
+
+
+def test_gateway_command_has_its_options():
+    import argparse
+
+    from aegaeon.gateway.main import add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--port", "9000", "--gateway-id", "gw-7", "--host", "0.0.0.0"])
+    assert (args.port, args.host) == (9000, "0.0.0.0")
+    assert settings_from(args).gateway_id == "gw-7"
