@@ -1,0 +1,147 @@
+"""Latency and SLO metrics, defined once for the benchmark and the simulator (DESIGN.md §7).
+
+- TTFT: arrival → first token; TBT: gap between consecutive tokens; TPOT: (e2e − TTFT)/(n − 1);
+  e2e: arrival → last token (vLLM's serving-benchmark meanings).
+- Per-request attainment: the request finished and token *k* (1-based) came by its deadline
+  ``arrival + SLO_TTFT + (k − 1)·SLO_TBT``.
+- Time-fraction score: the share of a request's service time (arrival → last token) during
+  which it was on schedule, i.e. not behind a missed deadline; 0 for an unfinished request.
+- Goodput: the highest rate whose attainment is ≥ 90%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+ATTAINMENT_TARGET = 0.9
+
+
+class SloLike(Protocol):
+    """Anything with the two targets (``aegaeon.scheduler.policies.base.Slo`` fits)."""
+
+    @property
+    def ttft_s(self) -> float: ...
+
+    @property
+    def tbt_s(self) -> float: ...
+
+
+@dataclass
+class RequestRecord:
+    """What a client (or the simulator) saw of one request: when each token arrived."""
+
+    request_id: str
+    model: str
+    arrival: float
+    output_len: int  # tokens asked for; a finished request has this many token times
+    token_times: Sequence[float]
+    finished: bool = True
+
+
+def deadlines(record: RequestRecord, slo: SloLike, count: int) -> np.ndarray:
+    """Deadline of each of the first ``count`` tokens."""
+    return record.arrival + slo.ttft_s + np.arange(count) * slo.tbt_s
+
+
+def meets_slo(record: RequestRecord, slo: SloLike) -> bool:
+    """The per-request view: finished, and every token by its deadline."""
+    times = np.asarray(record.token_times, dtype=float)
+    if not record.finished or times.size == 0:
+        return False
+    return bool(np.all(times <= deadlines(record, slo, times.size) + 1e-9))
+
+
+def late_time(times: np.ndarray, due: np.ndarray) -> float:
+    """Length of the union of the intervals [due_k, t_k] where token k came late.
+
+    Both sequences increase, so a sweep merging overlapping intervals suffices.
+    """
+    late = times > due
+    if not late.any():
+        return 0.0
+    starts, ends = due[late], times[late]
+    total, cur_start, cur_end = 0.0, starts[0], ends[0]
+    for start, end in zip(starts[1:], ends[1:], strict=True):
+        if start > cur_end:
+            total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return float(total + cur_end - cur_start)
+
+
+def time_fraction_score(record: RequestRecord, slo: SloLike) -> float:
+    """The artifact's view: share of the service time spent on schedule (0 if unfinished)."""
+    times = np.asarray(record.token_times, dtype=float)
+    if not record.finished or times.size == 0:
+        return 0.0
+    span = times[-1] - record.arrival
+    if span <= 0:
+        return 1.0
+    return max(0.0, 1.0 - late_time(times, deadlines(record, slo, times.size)) / span)
+
+
+def latencies(record: RequestRecord) -> tuple[float | None, float | None, float | None, list]:
+    """(TTFT, TPOT, e2e, TBTs) of one request; None where undefined."""
+    times = np.asarray(record.token_times, dtype=float)
+    if times.size == 0:
+        return None, None, None, []
+    ttft = float(times[0] - record.arrival)
+    e2e = float(times[-1] - record.arrival) if record.finished else None
+    tpot = (e2e - ttft) / (times.size - 1) if e2e is not None and times.size > 1 else None
+    return ttft, tpot, e2e, np.diff(times).tolist()
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """mean, p50, p90, p99 and max (None for an empty list)."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {
+        "mean": float(arr.mean()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": float(arr.max()),
+    }
+
+
+def summarize(records: Sequence[RequestRecord], slo: SloLike) -> dict:
+    """Every metric of a run: latency percentiles and both attainment views."""
+    ttfts, tpots, e2es, tbts = [], [], [], []
+    for record in records:
+        ttft, tpot, e2e, gaps = latencies(record)
+        if ttft is not None:
+            ttfts.append(ttft)
+        if tpot is not None:
+            tpots.append(tpot)
+        if e2e is not None:
+            e2es.append(e2e)
+        tbts.extend(gaps)
+    count = len(records)
+    met = sum(meets_slo(r, slo) for r in records)
+    score = sum(time_fraction_score(r, slo) for r in records)
+    return {
+        "requests": count,
+        "finished": sum(r.finished for r in records),
+        "slo_ttft_s": slo.ttft_s,
+        "slo_tbt_s": slo.tbt_s,
+        "attainment": met / count if count else 1.0,
+        "time_fraction_attainment": score / count if count else 1.0,
+        "ttft_s": percentiles(ttfts),
+        "tbt_s": percentiles(tbts),
+        "tpot_s": percentiles(tpots),
+        "e2e_s": percentiles(e2es),
+    }
+
+
+def goodput(points: Iterable[tuple[float, float]], target: float = ATTAINMENT_TARGET) -> float:
+    """The highest rate (first of each pair) whose attainment (second) is ≥ ``target``;
+    0 when none reaches it."""
+    passing = [rate for rate, attained in points if attained >= target]
+    return max(passing, default=0.0)

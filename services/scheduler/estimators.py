@@ -1,0 +1,136 @@
+"""Step-time and switch-time estimators (DESIGN.md §6): fitted linear models per model and device.
+
+- prefill of a group with prompt lengths l_j:  ``a + b·Σ l_j + c·Σ l_j²``  (c: attention, which is
+  quadratic in each sequence's own length, hence the sum of squares)
+- one decode step over context lengths l_j:   ``a + b·Σ l_j + c·batch``
+- switch:                                      ``weight_bytes / link bandwidth + fixed``
+- KV move (swap, prefill → decode handoff):    ``tokens · kv_bytes_per_token / link bandwidth``
+
+Profiles come from ``aegaeon profile`` (a JSON file, fitted here by :func:`fit_linear` etc. from
+the samples it measured) or, where none exists, from the roofline model of
+:mod:`aegaeon.sim.hardware`. Everything here is pure except :meth:`Estimator.save` /
+:func:`load_estimator`, which read and write the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from aegaeon.scheduler.policies.base import ModelSpec
+
+Coeffs = tuple[float, float, float]
+
+
+@dataclass
+class ModelProfile:
+    """Fitted costs of one model on one device."""
+
+    prefill: Coeffs  # a [s], b [s/token], c [s/token²]
+    decode: Coeffs  # a [s], b [s/context token], c [s/request]
+    switch_fixed_s: float
+    link_bytes_per_s: float
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+class Estimator:
+    """Predicted engine times for every model on one device (implements StepTimeEstimator)."""
+
+    def __init__(self, profiles: dict[str, ModelProfile], device: str = "cpu") -> None:
+        self.profiles = profiles
+        self.device = device
+
+    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
+        a, b, c = self.profiles[model].prefill
+        return a + b * sum(prompt_lens) + c * sum(n * n for n in prompt_lens)
+
+    def decode_time(self, model: str, context_lens: list[int]) -> float:
+        return self.decode_time_sum(model, sum(context_lens), len(context_lens))
+
+    def decode_time_sum(self, model: str, total_context: int, batch: int) -> float:
+        """One decode step from the batch's total context and size (the simulator's fast path)."""
+        a, b, c = self.profiles[model].decode
+        return a + b * total_context + c * batch
+
+    def switch_time(self, model: str) -> float:
+        p = self.profiles[model]
+        return p.switch_fixed_s + p.weight_bytes / p.link_bytes_per_s
+
+    def kv_move_time(self, model: str, tokens: int) -> float:
+        p = self.profiles[model]
+        return tokens * p.kv_bytes_per_token / p.link_bytes_per_s
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "models": {k: asdict(v) for k, v in self.profiles.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Estimator:
+        profiles = {}
+        for name, raw in data["models"].items():
+            raw = dict(raw)
+            raw["prefill"] = tuple(raw["prefill"])
+            raw["decode"] = tuple(raw["decode"])
+            profiles[name] = ModelProfile(**raw)
+        return cls(profiles, data.get("device", "cpu"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+
+def load_estimator(
+    path: str | None, models: dict[str, ModelSpec], *, device: str = "cpu"
+) -> Estimator:
+    """Profiles from ``path`` when it exists; a roofline default for ``device`` for every model
+    the file lacks (or for all of them without a file)."""
+    from aegaeon.sim.hardware import roofline_profile
+
+    base = Estimator({}, device)
+    if path and Path(path).exists():
+        base = Estimator.from_json(json.loads(Path(path).read_text()))
+    profiles = dict(base.profiles)
+    for name, spec in models.items():
+        if name not in profiles:
+            profiles[name] = roofline_profile(spec, base.device)
+    return Estimator(profiles, base.device)
+
+
+# ---------------------------------------------------------------- fitting (pure)
+
+
+def fit_linear(features: np.ndarray, seconds: np.ndarray) -> Coeffs:
+    """Least squares with three non-negative coefficients (a cost never falls with size).
+
+    A negative coefficient is dropped and the rest refitted, the usual active-set step.
+    """
+    active = [0, 1, 2]
+    coeffs = np.zeros(3)
+    while active:
+        sol, *_ = np.linalg.lstsq(features[:, active], seconds, rcond=None)
+        if (sol >= 0).all():
+            coeffs[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return float(coeffs[0]), float(coeffs[1]), float(coeffs[2])
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
+    """Fit ``a + b·Σl + c·Σl²`` to (prompt lengths, seconds) samples."""
+    x = np.array([[1.0, sum(lens), sum(n * n for n in lens)] for lens, _ in samples])
+    return fit_linear(x, np.array([s for _, s in samples]))
+
+
+def fit_decode(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
+    """Fit ``a + b·Σl + c·batch`` to (context lengths, seconds) samples."""
+    x = np.array([[1.0, sum(lens), len(lens)] for lens, _ in samples])
+    return fit_linear(x, np.array([s for _, s in samples]))
+
+
+def fit_switch(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Fit ``fixed + bytes/bandwidth`` to (bytes, seconds) samples → (fixed_s, bytes_per_s)."""
+    x = np.array([[1.0, b, 0.0] for b, _ in samples])
+    fixed, per_byte, _ = fit_linear(x, np.array([s for _, s in samples]))
+    return fixed, (1.0 / per_byte if per_byte > 0 else float("inf"))

@@ -1,0 +1,189 @@
+"""The simulator: turn execution against a cost model, the event loop, the GPU search, the CLI."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import pytest
+from aegaeon.scheduler.estimators import Estimator, ModelProfile
+from aegaeon.scheduler.policies.base import InstanceView, Slo, TurnPlan
+
+from aegaeon.sim.engine import simulate
+from aegaeon.sim.hardware import DEVICES, paper_models
+from aegaeon.sim.instance import SimInstance, SimRequest
+from aegaeon.sim.run import POLICIES, Deployment, fewest_gpus, run_deployment
+from aegaeon.sim.study import Setting, gpus_needed, roofline_estimator
+from aegaeon.workload import TraceRequest, generate_trace
+
+SLO = Slo(10.0, 0.1)
+
+
+def flat_cost() -> Estimator:
+    """Decode 10 ms/step, prefill 50 ms, switch 1 s, KV moves free."""
+    profile = ModelProfile(
+        prefill=(0.05, 0.0, 0.0),
+        decode=(0.01, 0.0, 0.0),
+        switch_fixed_s=1.0,
+        link_bytes_per_s=1e30,
+        weight_bytes=1 << 30,
+        kv_bytes_per_token=0,
+    )
+    return Estimator({"A": profile, "B": profile})
+
+
+def sim_requests(*specs: tuple[str, str, int]) -> dict[str, SimRequest]:
+    return {rid: SimRequest(TraceRequest(rid, model, 0.0, 10, out)) for rid, model, out in specs}
+
+
+def test_a_turn_pays_the_switch_then_prefills_then_decodes():
+    inst = SimInstance(InstanceView("g0"), flat_cost())
+    reqs = sim_requests(("r", "A", 5))
+    end, result = inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0), reqs, now=0.0)
+    assert result.switch_s == 1.0
+    assert list(reqs["r"].times) == pytest.approx([1.05, 1.06, 1.07, 1.08, 1.09])
+    assert result.finished == ["r"] and end == pytest.approx(1.09)
+
+
+def test_a_resident_model_switches_for_free():
+    inst = SimInstance(InstanceView("g0"), flat_cost())
+    reqs = sim_requests(("r", "A", 3), ("s", "A", 3))
+    inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0), reqs, 0.0)
+    _, result = inst.execute(TurnPlan("g0", "A", ["s"], quota_s=10.0), reqs, 5.0)
+    assert result.switch_s == 0.0
+
+
+def test_decode_stops_when_the_quota_is_spent():
+    inst = SimInstance(InstanceView("g0"), flat_cost())
+    reqs = sim_requests(("r", "A", 1000))
+    _, result = inst.execute(TurnPlan("g0", "A", ["r"], quota_s=0.1), reqs, 0.0)
+    # 0.1 s of 10 ms steps after the switch and prefill: 10 decode steps + the prefill token
+    assert result.steps == 10 and reqs["r"].generated == 11
+
+
+def test_a_prefetched_model_switches_in_less_time():
+    inst = SimInstance(InstanceView("g0", weight_budget_bytes=1 << 30), flat_cost())
+    reqs = sim_requests(("r", "A", 1000), ("s", "B", 5))
+    plan = TurnPlan("g0", "A", ["r"], quota_s=0.6, prefetch_model="B")
+    end, _ = inst.execute(plan, reqs, 0.0)
+    _, result = inst.execute(TurnPlan("g0", "B", ["s"], quota_s=1.0), reqs, end)
+    assert result.switch_s == pytest.approx(1.0 - (end - 1.0), abs=0.02)
+
+
+def test_the_weight_budget_evicts_the_least_recently_used_model():
+    inst = SimInstance(InstanceView("g0", weight_budget_bytes=1 << 30), flat_cost())
+    reqs = sim_requests(("r", "A", 2), ("s", "B", 2), ("t", "A", 2))
+    inst.execute(TurnPlan("g0", "A", ["r"], 1.0), reqs, 0.0)
+    inst.execute(TurnPlan("g0", "B", ["s"], 1.0), reqs, 5.0)
+    _, result = inst.execute(TurnPlan("g0", "A", ["t"], 1.0), reqs, 10.0)
+    assert result.switch_s == 1.0  # A was evicted to make room for B
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_serves_a_light_trace_within_slo(policy):
+    models = paper_models(4)
+    trace = generate_trace(list(models), 0.05, 120, seed=3)
+    cost = roofline_estimator(models, DEVICES["H800"])
+    layout = Deployment(4, 1 if policy == "aegaeon" else 0)
+    result = run_deployment(trace, policy, layout, models, DEVICES["H800"], cost, SLO)
+    assert result.metrics["finished"] == len(trace)
+    assert result.metrics["attainment"] >= 0.9
+
+
+def test_dedicated_with_too_few_gpus_rejects_the_orphans():
+    models = paper_models(4)
+    trace = generate_trace(list(models), 0.05, 60, seed=3)
+    cost = roofline_estimator(models, DEVICES["H800"])
+    result = run_deployment(trace, "dedicated", Deployment(2), models, DEVICES["H800"], cost, SLO)
+    assert result.rejected > 0
+    assert result.metrics["finished"] == len(trace) - result.rejected
+
+
+def test_the_engine_drives_a_both_instance_through_prefill_and_decode():
+    models = paper_models(2)
+    cost = roofline_estimator(models, DEVICES["H100"])
+    trace = generate_trace(list(models), 0.2, 60, seed=5)
+    policy = POLICIES["aegaeon"](dict(models), SLO, cost)
+    result = simulate(trace, policy, [InstanceView("g0")], cost, SLO)
+    assert result.metrics["finished"] == len(trace)
+    assert result.last_alpha is not None and result.switches >= 2
+
+
+def test_fewest_gpus_bisects_to_the_threshold():
+    calls = []
+
+    class Fake:
+        def __init__(self, ok):
+            self.metrics = {"attainment": 1.0 if ok else 0.5}
+
+    def run(deployment):
+        calls.append(deployment.gpus)
+        return Fake(deployment.gpus >= 7)
+
+    needed = fewest_gpus("static-mux", run, 1, 40, guess=8)
+    assert needed.gpus == 7
+    assert len(set(calls)) <= 7
+
+
+def test_fewest_gpus_says_none_when_even_the_most_fail():
+    class Fake:
+        def __init__(self):
+            self.metrics = {"attainment": 0.0}
+
+    assert fewest_gpus("static-mux", lambda d: Fake(), 1, 8).gpus is None
+
+
+def test_aegaeon_needs_fewer_gpus_than_dedicated_on_a_cold_fleet():
+    models = paper_models(10)
+    setting = Setting(10, 0.05, SLO, DEVICES["H800"], duration=200, seed=1)
+    trace = generate_trace(list(models), setting.rate, setting.duration, seed=1)
+    cost = roofline_estimator(models, setting.device)
+    out = gpus_needed(trace, models, cost, setting, ("aegaeon", "dedicated"))
+    assert out["dedicated"]["gpus"] == 10
+    assert out["aegaeon"]["gpus"] is not None and out["aegaeon"]["gpus"] <= 5
+
+
+def test_sim_command_writes_json_for_a_fixed_gpu_count(tmp_path):
+    from aegaeon.sim import cli
+
+    path = tmp_path / "out.json"
+    args = Namespace(
+        gpu="H800", profile=None, models=4, rate=0.05, policy=["aegaeon", "static-mux"],
+        slo_ttft=10.0, slo_tbt=0.1, duration=60.0, gpus=2, prefill=1, popularity="uniform",
+        cv=1.0, sharegpt=None, seed=0, metric="attainment", paper=False, quick=False,
+        json=str(path),
+    )  # fmt: skip
+    assert cli.main(args) == 0
+    out = json.loads(path.read_text())
+    assert set(out["policies"]) == {"aegaeon", "static-mux"}
+    assert out["policies"]["aegaeon"]["metrics"]["requests"] == out["setting"]["requests"]
+
+
+def test_simulate_policy_runs_on_instances_the_caller_describes():
+    from aegaeon.scheduler.policies.base import ModelSpec
+
+    from aegaeon.sim.run import simulate_policy
+    from aegaeon.workload import SHAREGPT
+
+    # Demo-sized models on the CPU roofline, with short requests.
+    models = {f"d{i}": ModelSpec(f"d{i}", 50 << 20, 4096) for i in range(3)}
+    cost = roofline_estimator(models, DEVICES["cpu"])
+    lengths = SHAREGPT.scaled(0.05, max_input=64, max_output=32)
+    trace = generate_trace(list(models), 0.05, 100, lengths=lengths, seed=2)
+    views = [InstanceView("w0", weight_budget_bytes=max(m.weight_bytes for m in models.values()))]
+    result = simulate_policy(trace, "request-level", views, models, cost, Slo(600.0, 5.0))
+    assert result.metrics["finished"] == len(trace)
+    assert result.switches >= 2  # one model resident at a time
+
+
+def test_headline_reports_the_issue_goals():
+    from aegaeon.sim.study import headline
+
+    point = {
+        "models": 80, "rate_per_model": 0.1, "slo_scale": 1.0, "metric": "attainment",
+        "policies": {"aegaeon": {"gpus": 10}, "request-level": {"gpus": 25},
+                     "dedicated": {"gpus": 80}},
+    }  # fmt: skip
+    out = headline(point)
+    assert out["gpus_vs_dedicated"] == 0.125
+    assert out["models_per_gpu_vs_request_level"] == 2.5

@@ -1,0 +1,68 @@
+"""SLO metrics: deadline-schedule attainment, the time-fraction score, percentiles, goodput."""
+
+from __future__ import annotations
+
+import pytest
+from aegaeon.scheduler.policies.base import Slo
+
+from aegaeon.slo_metrics import (
+    RequestRecord,
+    goodput,
+    latencies,
+    meets_slo,
+    summarize,
+    time_fraction_score,
+)
+
+SLO = Slo(ttft_s=1.0, tbt_s=0.1)
+
+
+def record(times, finished=True, arrival=0.0):
+    return RequestRecord("r", "m", arrival, len(times), list(times), finished)
+
+
+def test_tokens_on_their_deadline_schedule_meet_the_slo():
+    # token k is due by arrival + TTFT + (k-1)·TBT: 1.0, 1.1, 1.2
+    assert meets_slo(record([0.5, 1.1, 1.2]), SLO)
+
+
+def test_one_late_token_fails_the_request_even_after_early_ones():
+    assert not meets_slo(record([0.1, 0.2, 1.25]), SLO)
+
+
+def test_a_burst_after_an_early_first_token_is_allowed_by_the_schedule():
+    # The first token came 0.9 s early, so the next may come late against TBT yet be on time.
+    assert meets_slo(record([0.1, 1.05, 1.06]), SLO)
+
+
+def test_an_unfinished_request_never_meets_the_slo_and_scores_zero():
+    rec = record([0.1, 0.2], finished=False)
+    assert not meets_slo(rec, SLO)
+    assert time_fraction_score(rec, SLO) == 0.0
+
+
+def test_time_fraction_counts_the_time_spent_behind_schedule():
+    # TTFT late by 1 s (token 1 at 2.0, due 1.0); token 2 at 2.05 is due 1.1: late over
+    # [1.0, 2.05]; span = 2.05 s → score = 1 − 1.05/2.05
+    score = time_fraction_score(record([2.0, 2.05]), SLO)
+    assert score == pytest.approx(1 - 1.05 / 2.05)
+
+
+def test_latencies_follow_vllm_definitions():
+    ttft, tpot, e2e, gaps = latencies(record([0.5, 0.7, 1.1], arrival=0.0))
+    assert (ttft, e2e) == (0.5, 1.1)
+    assert tpot == pytest.approx(0.3)
+    assert gaps == pytest.approx([0.2, 0.4])
+
+
+def test_summary_reports_both_attainment_views():
+    recs = [record([0.5, 0.6]), record([3.0, 3.1])]
+    out = summarize(recs, SLO)
+    assert out["attainment"] == 0.5
+    assert 0.5 < out["time_fraction_attainment"] < 1.0
+    assert out["ttft_s"]["p50"] == pytest.approx(1.75)
+
+
+def test_goodput_is_the_highest_rate_with_ninety_percent_attainment():
+    assert goodput([(0.5, 1.0), (1.0, 0.95), (2.0, 0.89)]) == 1.0
+    assert goodput([(1.0, 0.5)]) == 0.0
