@@ -41,7 +41,9 @@ def engine_greedy(models_dir: Path, model: str, prompt: list[int], max_tokens: i
     try:
         engine.register_model(model, models_dir / model)
         engine.switch_to(model)
-        engine.add_request("ref", model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+        engine.add_request(
+            "ref", model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0)
+        )
         tokens: list[int] = []
         while True:
             outputs = engine.step(["ref"])
@@ -99,9 +101,11 @@ def test_completions_with_token_ids_match_the_engine_for_every_model(stack, demo
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
     prompt = [5, 17, 42, 99, 7, 61, 23, 88]
     for model in [*MODELS, "demo-gpt2"]:
-        text = client.completions.create(
-            model=model, prompt=prompt, max_tokens=12, temperature=0
-        ).choices[0].text
+        text = (
+            client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+            .choices[0]
+            .text
+        )
         tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / model)
         expected = tokenizer.decode(engine_greedy(demo_models_dir, model, prompt, 12),
                                     skip_special_tokens=True)  # fmt: skip

@@ -42,6 +42,12 @@ class StreamTiming:
     token_times: list[float]
     ok: bool
     error: str = ""
+    sent_at: float = 0.0
+    status: int = 0  # HTTP status (0: no response)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.sent_at if self.token_times else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,11 +71,14 @@ async def stream_completion(
         "ignore_eos": True,
     }
     times: list[float] = []
+    sent_at = time.perf_counter()
+    status = 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
+            status = response.status_code
+            if status != 200:
                 text = (await response.aread()).decode(errors="replace")
-                return StreamTiming([], False, f"HTTP {response.status_code}: {text[:200]}")
+                return StreamTiming([], False, f"HTTP {status}: {text[:200]}", sent_at, status)
             done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
@@ -79,12 +88,13 @@ async def stream_completion(
                     break
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return StreamTiming(times, False, str(chunk["error"]))
+                    return StreamTiming(times, False, str(chunk["error"]), sent_at, status)
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     times.append(time.perf_counter())
-            return StreamTiming(times, done, "" if done else "stream ended without [DONE]")
+            error = "" if done else "stream ended without [DONE]"
+            return StreamTiming(times, done, error, sent_at, status)
     except httpx.HTTPError as exc:
-        return StreamTiming(times, False, f"{type(exc).__name__}: {exc}")
+        return StreamTiming(times, False, f"{type(exc).__name__}: {exc}", sent_at, status)
 
 
 def engine_step_times(
@@ -117,7 +127,7 @@ def engine_step_times(
 
 def added_latency(stack_runs: list[StreamTiming], engine_runs: list[list[float]]) -> list[float]:
     """Per decode token: stack inter-token gap − the engine's step time for that token."""
-    added = []
+    added: list[float] = []
     for timing, steps in zip(stack_runs, engine_runs, strict=False):
         gaps = [b - a for a, b in zip(timing.token_times, timing.token_times[1:], strict=False)]
         added.extend(gap - step for gap, step in zip(gaps, steps[1:], strict=False))

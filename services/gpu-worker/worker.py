@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +144,7 @@ class WorkerService:
         await self._commands.put(command)
 
     async def _command_loop(self) -> None:
-        handlers = {
+        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             AssignRequest: self._assign,
             RunTurn: self._run_turn,
             AbortRequest: self._abort,

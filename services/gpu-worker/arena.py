@@ -1,0 +1,128 @@
+"""The device memory arena: one allocation at start, carved into weight slots and a KV region.
+
+    arena (uint8): | weight slot 0 | weight slot 1 | KV region (engine dtype, cut into slabs) |
+
+A weight slot holds one model: its safetensors data section copied in one bulk copy, then
+tensor views at the file's offsets (bump-allocated space after it only when a dtype must be
+converted). Nothing here allocates after construction except those conversions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from aegaeon.gpu_worker.host_kv import map_file, pin
+from aegaeon.gpu_worker.weights_loader import TORCH_DTYPES, ModelError, ModelSpec
+
+ALIGN = 4096
+
+
+def align_up(value: int, align: int = ALIGN) -> int:
+    return -(-value // align) * align
+
+
+def align_down(value: int, align: int = ALIGN) -> int:
+    return value // align * align
+
+
+@dataclass
+class HostWeights:
+    """A model's host-cache file mapped into this process (pinned on CUDA), kept across switches."""
+
+    tensor: torch.Tensor  # the data section only
+    pinned: bool
+
+
+class Arena:
+    """One device allocation: ``slots`` weight slots, then the KV region."""
+
+    def __init__(self, device: torch.device, total: int, weight_bytes: int, slots: int, kv_dtype: torch.dtype) -> None:  # fmt: skip
+        if weight_bytes >= total:
+            raise ValueError(
+                f"weight budget {weight_bytes} leaves no KV room in a {total}-byte arena"
+            )
+        self.device = device
+        self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
+        self.slot_bytes = align_down(weight_bytes // slots)
+        self.slots = [
+            self.buffer[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(slots)
+        ]
+        kv_start = align_up(self.slot_bytes * slots)
+        esize = torch.empty((), dtype=kv_dtype).element_size()
+        kv_len = (total - kv_start) // esize
+        self.kv = self.buffer[kv_start : kv_start + kv_len * esize].view(kv_dtype)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.buffer.numel()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.slot_bytes * len(self.slots)
+
+    def release(self) -> None:
+        empty = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.buffer, self.slots, self.kv = empty, [], empty
+
+
+def map_host_weights(spec: ModelSpec, device: torch.device) -> HostWeights:
+    """Map the host-cache file's data section (read-only use); pin it when the device is CUDA."""
+    index = spec.index
+    whole = map_file(spec.weights_path, index.data_offset + index.data_bytes, shared=False)
+    data = whole[index.data_offset :]
+    pinned = pin(whole) if device.type == "cuda" else False
+    return HostWeights(data, pinned)
+
+
+def slot_need(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of a slot a model takes: its data section plus space for converted tensors."""
+    need = align_up(spec.index.data_bytes)
+    esize = torch.empty((), dtype=dtype).element_size()
+    for entry in spec.index.tensors.values():
+        if TORCH_DTYPES[entry.dtype] != str(dtype).removeprefix("torch.") or entry.start % esize:
+            need += align_up(entry.nbytes // _src_esize(entry.dtype) * esize, 64)
+    return need
+
+
+def _src_esize(st_dtype: str) -> int:
+    return 4 if st_dtype == "F32" else 2
+
+
+def copy_into_slot(
+    slot: torch.Tensor, host: HostWeights, stream: torch.cuda.Stream | None
+) -> float:
+    """THE switch: one bulk copy of the data section into the slot. Returns seconds taken."""
+    start = time.perf_counter()
+    nbytes = host.tensor.numel()
+    if stream is not None:
+        # The slot may still be read by the previous model's last kernels: order after them.
+        stream.wait_stream(torch.cuda.current_stream(slot.device))
+        with torch.cuda.stream(stream):
+            slot[:nbytes].copy_(host.tensor, non_blocking=host.pinned)
+        stream.synchronize()
+    else:
+        slot[:nbytes].copy_(host.tensor)
+    return time.perf_counter() - start
+
+
+def bind_views(slot: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensor views at the file's offsets; tensors of another dtype are converted after the data."""
+    tensors: dict[str, torch.Tensor] = {}
+    esize = torch.empty((), dtype=dtype).element_size()
+    bump = align_up(spec.index.data_bytes)
+    for name, entry in spec.index.tensors.items():
+        src_dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
+        raw = slot[entry.start : entry.end]
+        if src_dtype == dtype and entry.start % esize == 0:
+            tensors[name] = raw.view(dtype).view(entry.shape)
+            continue
+        numel = entry.nbytes // _src_esize(entry.dtype)
+        if bump + numel * esize > slot.numel():
+            raise ModelError(f"{spec.weights_path}: converting {name!r} overflows the weight slot")
+        out = slot[bump : bump + numel * esize].view(dtype).view(entry.shape)
+        out.copy_(raw.clone().view(src_dtype).view(entry.shape))  # clone: raw may be misaligned
+        tensors[name] = out
+        bump = align_up(bump + numel * esize, 64)
+    return tensors

@@ -1,0 +1,265 @@
+"""``aegaeon bench engine --json OUT``: switch cost, decode speed and KV swap bandwidth.
+
+Every figure sits beside its physical or practical reference measured in the same run:
+switch vs a plain copy of the same bytes, switch vs a naive reload (fresh process + transformers),
+decode vs transformers ``generate`` at the same batch, KV swap vs copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from aegaeon.gpu_worker.arena import map_host_weights
+from aegaeon.gpu_worker.engine import Engine, EngineConfig
+
+from aegaeon.protocol import SamplingParams
+
+PROMPT_LEN = 32
+DECODE_STEPS = 24
+BATCHES = (1, 8, 32)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", dest="json_out", help="write the figures to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="demo model to measure (default: largest)")
+    parser.add_argument("--models-dir", default=None, help="demo models folder (default: temp)")
+    parser.add_argument("--large", action="store_true", help="create the 7B-shaped model too")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_switch(engine: Engine, model: str) -> dict[str, float]:
+    """Switch between two names of the same host file (one weight slot: every switch copies)."""
+    engine.register_model(
+        model + "#2", engine.specs[model].model_dir, engine.specs[model].weights_path
+    )
+    engine.switch_to(model)
+    names = [model + "#2", model]
+    switch_times = [engine.switch_to(names[i % 2]).seconds for i in range(4)]
+    host = map_host_weights(engine.specs[model], engine.device)
+    dest = engine.arena.slots[0][: host.tensor.numel()]
+    # The plain copy reuses the engine's own slot as its destination: the same bytes, same path.
+    memcpy = _median_time(lambda: dest.copy_(host.tensor, non_blocking=host.pinned), engine.device)
+    engine.invalidate_weights()  # the plain copy clobbered the slot: the next switch reloads
+    engine.switch_to(model)
+    switch = statistics.median(switch_times[1:])
+    nbytes = host.tensor.numel()
+    return {"switch_s": switch, "memcpy_s": memcpy, "switch_over_memcpy": switch / memcpy,
+            "weight_bytes": nbytes, "memcpy_gb_s": nbytes / memcpy / 1e9}  # fmt: skip
+
+
+def measure_naive_reload(model_dir: Path, device: str, dtype: str) -> float:
+    """A fresh process that imports transformers, loads the model and produces one token."""
+    threads = torch.get_num_threads()
+    code = (
+        f"import torch, transformers\ntorch.set_num_threads({threads})\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.{dtype}).to({device!r})\n"
+        f"m.generate(torch.tensor([[1, 2, 3]], device={device!r}), max_new_tokens=1, do_sample=False)\n"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def _engine_decode(engine: Engine, model: str, batch: int) -> float:
+    sampling = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
+    ids = [f"bench-{batch}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        engine.add_request(rid, model, [(7 * i + j) % 500 + 1 for j in range(PROMPT_LEN)], sampling)
+    engine.step(ids)  # prefill
+    _sync(engine.device)
+    start = time.perf_counter()
+    for _ in range(DECODE_STEPS):
+        engine.step(ids)
+    _sync(engine.device)
+    return batch * DECODE_STEPS / (time.perf_counter() - start)
+
+
+def _hf_decode(hf: Any, device: torch.device, batch: int) -> float:
+    ids = torch.tensor(
+        [[(7 * i + j) % 500 + 1 for j in range(PROMPT_LEN)] for i in range(batch)], device=device
+    )
+
+    def run(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        mask = torch.ones_like(ids)
+        hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        _sync(device)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    decode = run(DECODE_STEPS + 1) - run(1)  # generate's own prefill subtracted
+    return batch * DECODE_STEPS / decode
+
+
+def measure_decode(engine: Engine, model: str) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    spec = engine.specs[model]
+    hf: Any = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=engine.dtype)
+    hf = hf.to(engine.device).eval()
+    out: dict[str, float] = {}
+    _engine_decode(engine, model, 1)  # warm-up
+    for batch in BATCHES:
+        out[f"decode_tok_s_b{batch}"] = _engine_decode(engine, model, batch)
+        with torch.inference_mode():
+            out[f"hf_decode_tok_s_b{batch}"] = _hf_decode(hf, engine.device, batch)
+        out[f"decode_over_hf_b{batch}"] = (
+            out[f"decode_tok_s_b{batch}"] / out[f"hf_decode_tok_s_b{batch}"]
+        )
+    del hf
+    return out
+
+
+def measure_device_bandwidth(device: torch.device) -> float:
+    """Device-local copy bandwidth (bytes read + written per second): the roofline's memory side."""
+    n = 512 << 20 if device.type == "cuda" else 256 << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = _median_time(lambda: dst.copy_(src), device, repeats=5)
+    return 2 * n / seconds
+
+
+def measure_kv_swap(engine: Engine, model: str) -> dict[str, float]:
+    """Swap a batch's KV out to the host pool and back; GB/s over the bytes moved."""
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    ids = [f"swap-{i}" for i in range(8)]
+    for rid in ids:
+        engine.add_request(rid, model, list(range(1, 257)), sampling)
+    engine.step(ids)
+    kv = engine._paged_kv(model)
+    nbytes = sum(len(engine._requests[r].blocks) for r in ids) * kv.block_elems * engine.esize
+
+    def round_trip() -> None:
+        engine.swap_out(ids)
+        engine.swap_in(ids)
+
+    out_s = _median_time(round_trip, engine.device)
+    for rid in ids:
+        engine.abort(rid)
+    return {"kv_swap_gb_s": 2 * nbytes / out_s / 1e9, "kv_swap_bytes": nbytes}
+
+
+def _bench_config(device: str, model_dir: Path) -> EngineConfig:
+    """One weight slot (every switch copies) and room left on the device for transformers' copy."""
+    from aegaeon.weights import read_index
+
+    weights = (
+        (read_index(model_dir / "model.safetensors").data_bytes * 11 // 10 + 4095) // 4096 * 4096
+    )
+    kv = (4 << 30) if device.startswith("cuda") else (512 << 20)
+    return EngineConfig(device=device, weight_slots=1, arena_bytes=weights + kv,
+                        weight_budget_bytes=weights, host_kv_bytes=2 * kv)  # fmt: skip
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared CPU, spinning extra threads costs more
+    models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="aegaeon-bench-"))
+    try:
+        return _run_in(models_dir, args)
+    finally:
+        if not args.models_dir:
+            shutil.rmtree(models_dir, ignore_errors=True)
+
+
+def _run_in(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from aegaeon.model_store.demo import create_demo_models
+
+    create_demo_models(models_dir, large=args.large, progress=True)
+    model = args.model or (
+        "demo-llama-7b" if (models_dir / "demo-llama-7b").is_dir() else "demo-mistral"
+    )
+    device = torch.device(args.device)
+    engine = Engine(_bench_config(args.device, models_dir / model))
+    try:
+        engine.register_model(model, models_dir / model)
+        dtype = str(engine.dtype).removeprefix("torch.")
+        result: dict[str, Any] = {"device": engine.stats().device, "model": model, "dtype": dtype}
+        result.update(measure_switch(engine, model))
+        result["naive_reload_s"] = measure_naive_reload(models_dir / model, args.device, dtype)
+        result["naive_over_switch"] = result["naive_reload_s"] / result["switch_s"]
+        result.update(measure_decode(engine, model))
+        bandwidth = measure_device_bandwidth(device)
+        result["device_copy_gb_s"] = bandwidth / 1e9
+        result["roofline_fraction_b1"] = (
+            result["weight_bytes"] * result["decode_tok_s_b1"] / bandwidth
+        )
+        result.update(measure_kv_swap(engine, model))
+    finally:
+        engine.close()
+    return result
+
+
+GOALS = {"switch_over_memcpy": ("<=", 1.3), "naive_over_switch": (">=", 50.0),
+         "decode_over_hf_b1": (">=", 1.5), "decode_over_hf_b8": (">=", 3.0)}  # fmt: skip
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"aegaeon bench engine: {result['model']} on {result['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("goal")
+    for key, value in result.items():
+        if key in ("device", "model"):
+            continue
+        goal = GOALS.get(key)
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        met = (
+            ""
+            if goal is None
+            else (f"{goal[0]} {goal[1]} " + ("ok" if _met(value, goal) else "MISSED"))
+        )
+        table.add_row(key, shown, met)
+    Console().print(table)
+
+
+def _met(value: float, goal: tuple[str, float]) -> bool:
+    return value <= goal[1] if goal[0] == "<=" else value >= goal[1]
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    print_table(result)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,108 @@
+"""Device-side paged KV: reads and writes token rows of one model's blocks in the flat KV region.
+
+A block of a model lives at an element offset ``o`` of the region with layout
+``[layers, 2 (K,V), block_size, kv_heads * head_dim]``; token ``t`` of a request is row
+``t % block_size`` of block ``table[t // block_size]``. Because different models' blocks sit at
+offsets that are not multiples of each other's row size, reads use a sliding-window view of the
+flat region (row i = elements [i, i + row)), so ``index_select`` can gather a row starting at
+any element; writes use ``index_put_`` on the flat view (the window overlaps itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from aegaeon.gpu_worker.weights_loader import KVShape
+
+
+class PagedKV:
+    """One model's view of the KV region: its block shape and vectorized gather/scatter."""
+
+    def __init__(self, region: torch.Tensor, shape: KVShape, block_size: int, aligned: bool = False) -> None:  # fmt: skip
+        self.region = region
+        self.shape = shape
+        self.block_size = block_size
+        self.row = shape.kv_heads * shape.head_dim
+        self.block_elems = shape.block_elems(block_size)
+        self.layer_stride = 2 * block_size * self.row  # elements from layer l's K to layer l+1's K
+        self.window = region.as_strided((region.numel() - self.row + 1, self.row), (1, 1))
+        self._cols = torch.arange(self.row, device=region.device)
+        # When every block starts at a multiple of the row size (slabs sized so), rows tile the
+        # region: plain 2-D row indexing, cheaper than the sliding window and element scatter.
+        self.rows: torch.Tensor | None = None
+        if aligned:
+            self.rows = region[: region.numel() // self.row * self.row].view(-1, self.row)
+
+    def token_bases(self, tables: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+        """Element offset of layer 0's K row for each (request, position); same nesting, flattened."""
+        flat: list[int] = []
+        bs, row = self.block_size, self.row
+        for table, pos in zip(tables, positions, strict=True):
+            flat.extend(table[p // bs] + (p % bs) * row for p in pos)
+        return torch.tensor(flat, dtype=torch.int64, device=self.region.device)
+
+    def padded_bases(self, tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """[B, longest] element offsets of every token's layer-0 K row, computed on the device
+        from the block tables; positions past a request's length point at its token 0 (real
+        memory, masked out by the caller)."""
+        longest = max(lengths)
+        width = -(-longest // self.block_size)
+        padded = [t[:width] + [t[0]] * (width - len(t[:width])) for t in tables]
+        table = torch.tensor(padded, dtype=torch.int64, device=self.region.device)
+        pos = torch.arange(longest, device=self.region.device)
+        lens = torch.tensor(lengths, device=self.region.device)[:, None]
+        pos = torch.where(pos < lens, pos, 0)
+        return table.gather(1, pos // self.block_size) + (pos % self.block_size) * self.row
+
+    def write(self, layer: int, bases: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K and V rows ([N, kv_heads * head_dim]) of ``layer`` at token ``bases``."""
+        k_at = bases + layer * self.layer_stride
+        v_at = k_at + self.block_size * self.row
+        if self.rows is not None:
+            self.rows.index_copy_(0, torch.cat((k_at, v_at)) // self.row, torch.cat((k, v)))
+            return
+        index = torch.cat((k_at, v_at))[:, None] + self._cols
+        self.region.index_put_((index.view(-1),), torch.cat((k, v)).reshape(-1))
+
+    def gather(self, layer: int, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows of ``layer`` at ``bases`` (any shape S) as [*S, kv_heads, head_dim]."""
+        k_at = bases + layer * self.layer_stride
+        shape = (*bases.shape, self.shape.kv_heads, self.shape.head_dim)
+        if self.rows is not None:
+            k = self.rows.index_select(0, k_at.reshape(-1) // self.row).view(shape)
+            v_at = k_at + self.block_size * self.row
+            return k, self.rows.index_select(0, v_at.reshape(-1) // self.row).view(shape)
+        k = self.window.index_select(0, k_at.reshape(-1)).view(shape)
+        v = self.window.index_select(0, (k_at + self.block_size * self.row).reshape(-1)).view(shape)
+        return k, v
+
+    def runs(self, blocks: list[int]) -> list[tuple[int, int, int]]:
+        """(first index, region offset, block count) of runs of adjacent blocks: one copy each."""
+        out: list[tuple[int, int, int]] = []
+        for i, offset in enumerate(blocks):
+            if out and out[-1][1] + out[-1][2] * self.block_elems == offset:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+            else:
+                out.append((i, offset, 1))
+        return out
+
+    def read_blocks(self, blocks: list[int], out: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy whole blocks into ``out`` ([n, block_elems], host memory) for swap-out."""
+        flat = out.view(-1)
+        for first, offset, count in self.runs(blocks):
+            n = count * self.block_elems
+            start = first * self.block_elems
+            flat[start : start + n].copy_(
+                self.region[offset : offset + n], non_blocking=non_blocking
+            )
+
+    def write_blocks(
+        self, blocks: list[int], data: torch.Tensor, non_blocking: bool = False
+    ) -> None:
+        """Put whole blocks back (swap-in): one slice copy per run of blocks, no allocation."""
+        flat = data.view(-1)
+        for first, offset, count in self.runs(blocks):
+            n = count * self.block_elems
+            start = first * self.block_elems
+            self.region[offset : offset + n].copy_(
+                flat[start : start + n], non_blocking=non_blocking
+            )

@@ -1,0 +1,106 @@
+"""The engine's per-request state and its public output types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from aegaeon.protocol import SamplingParams
+
+
+class KVHandle(msgspec.Struct, frozen=True):
+    """Where an exported request's KV lies in a host pool on this node (prefill → decode worker).
+
+    The bytes are ``num_blocks`` whole blocks of shape [layers, 2, block_size, kv_heads, head_dim]
+    in ``dtype``, holding the KV of the first ``num_tokens`` tokens of prompt + outputs.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+    num_tokens: int
+    num_blocks: int
+    block_size: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+@dataclass
+class TokenOutput:
+    """One generated token of one request, from one engine step."""
+
+    request_id: str
+    index: int  # position in the output (0 = first generated token)
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]]  # empty unless sampling.logprobs
+    finish_reason: str | None  # "stop" (eos or stop_token_ids) | "length" | None
+
+
+@dataclass
+class SwitchStats:
+    """What a ``switch_to`` did: from which model to which, how long, how many bytes copied."""
+
+    from_model: str | None
+    to_model: str
+    seconds: float
+    bytes: int
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's capacity (cheap: read by the heartbeat from another thread)."""
+
+    device: str
+    resident_model: str | None
+    arena_bytes: int
+    weight_budget_bytes: int
+    block_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    host_kv_bytes_total: int
+    host_kv_bytes_free: int
+    num_requests: int
+
+
+@dataclass
+class HostCopy:
+    """Where a request's KV lies in the host pool while it is swapped out."""
+
+    offset: int
+    nbytes: int
+    num_blocks: int = 0
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # fallback caches only
+
+
+@dataclass
+class Request:
+    """A request the engine holds. Its KV is in one of: nowhere, device blocks, the host pool."""
+
+    request_id: str
+    model: str
+    prompt: list[int]
+    sampling: SamplingParams
+    outputs: list[int]
+    seed: int
+    order: int  # admission order: the most recent is preempted first
+    blocks: list[int] = field(default_factory=list)
+    host: HostCopy | None = None
+    fallback_kv: Any = None  # the fallback runner's per-request cache while on the device
+    last_used: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.outputs
+
+    @property
+    def on_device(self) -> bool:
+        return bool(self.blocks) or self.fallback_kv is not None
+
+    @property
+    def needs_prefill(self) -> bool:
+        return not self.on_device and self.host is None

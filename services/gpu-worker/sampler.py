@@ -1,0 +1,93 @@
+"""Per-request token choice: penalties, greedy / temperature / top-k / top-p, seeds, logprobs.
+
+Seeded sampling is a pure function of (seed, token index, logits): each token draws from a
+generator seeded with both, so a request that is preempted, recomputed or recovered elsewhere
+draws exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aegaeon.protocol import SamplingParams
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over 63 bits
+
+
+@dataclass
+class Choice:
+    """The sampler's pick for one request at one step."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]]
+
+
+def is_plain_greedy(sampling: SamplingParams) -> bool:
+    """Greedy with nothing that needs per-row work (lets a batch take one argmax)."""
+    return (
+        sampling.temperature == 0.0
+        and sampling.presence_penalty == 0.0
+        and sampling.frequency_penalty == 0.0
+        and sampling.logprobs is None
+    )
+
+
+def token_seed(seed: int, index: int) -> int:
+    return ((seed * _MIX) ^ (index * 0x2545F4914F6CDD1D) ^ index) & ((1 << 63) - 1)
+
+
+def apply_penalties(
+    logits: torch.Tensor, sampling: SamplingParams, outputs: list[int]
+) -> torch.Tensor:
+    """OpenAI-style presence/frequency penalties over the tokens generated so far."""
+    if not outputs or (sampling.presence_penalty == 0.0 and sampling.frequency_penalty == 0.0):
+        return logits
+    ids, counts = torch.tensor(outputs, device=logits.device).unique(return_counts=True)
+    penalty = sampling.frequency_penalty * counts.to(logits.dtype) + sampling.presence_penalty
+    logits = logits.clone()
+    logits[ids] -= penalty
+    return logits
+
+
+def _filtered(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < logits.numel():
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token crossing p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, sampling: SamplingParams, outputs: list[int], seed: int) -> Choice:
+    """Pick token number ``len(outputs)`` from one row of float32 logits."""
+    adjusted = apply_penalties(logits, sampling, outputs)
+    if sampling.temperature == 0.0:
+        token = int(torch.argmax(adjusted))
+    else:
+        probs = _filtered(adjusted, sampling).softmax(-1)
+        generator = torch.Generator(device=probs.device).manual_seed(token_seed(seed, len(outputs)))
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if sampling.logprobs is None:
+        return Choice(token, None, [])
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top: list[tuple[int, float]] = []
+    if sampling.logprobs > 0:
+        values, ids = torch.topk(logprobs, min(sampling.logprobs, logprobs.numel()))
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return Choice(token, float(logprobs[token]), top)
+
+
+def finish_reason(token: int, produced: int, sampling: SamplingParams, eos_ids: tuple[int, ...]) -> str | None:  # fmt: skip
+    """ "stop" on a stop/EOS token, "length" when ``produced`` tokens reach max_tokens."""
+    if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_ids):
+        return "stop"
+    if produced >= sampling.max_tokens:
+        return "length"
+    return None
