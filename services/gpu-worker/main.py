@@ -22,12 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-budget-bytes", type=int, default=None)
     parser.add_argument("--host-kv-bytes", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch CPU threads (default: half the cores, leaving room for the other services)",
+    )
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     """Build the engine, connect, serve until ``stop``; then drain (finish the current turn)."""
+    import torch
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
     from aegaeon.gpu_worker.worker import WorkerService
+
+    torch.set_num_threads(args.threads)
 
     options = {
         "device": args.device,

@@ -144,7 +144,7 @@ class WorkerService:
         await self._commands.put(command)
 
     async def _command_loop(self) -> None:
-        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+        handlers = {
             AssignRequest: self._assign,
             RunTurn: self._run_turn,
             AbortRequest: self._abort,
