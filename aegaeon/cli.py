@@ -24,6 +24,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("models", "list"): ("aegaeon.model_store.cli", "list registered models"),
     ("bench", "engine"): ("aegaeon.gpu_worker.bench", "benchmark switching, decode and KV swap"),
     ("bench", "stack"): ("aegaeon.bench.stack", "benchmark the gateway + NATS path"),
+    ("bench", "load"): (
+        "aegaeon.bench.load",
+        "many concurrent streaming clients: none may be lost",
+    ),
     ("bench", "serve"): ("aegaeon.bench.serve", "replay a trace against the stack, per policy"),
     ("sim",): ("aegaeon.sim.cli", "simulate a trace: GPUs needed per policy"),
     ("profile",): ("aegaeon.scheduler.profile", "measure the engine and fit step-time models"),
