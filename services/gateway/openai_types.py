@@ -63,6 +63,9 @@ class _Sampling(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Extensions that vLLM also accepts (the openai client sends them through ``extra_body``).
+    top_k: int | None = Field(default=None, ge=0, le=1 << 20)
+    ignore_eos: bool | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

@@ -128,7 +128,11 @@ def sampling_params(
         seed=None if body.seed is None else body.seed % (1 << 63),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        stop_token_ids=list(tok.eos_token_ids),
+        top_k=body.top_k or 0,
+        # The engine stops at the model's own EOS unless told otherwise; the tokenizer's EOS
+        # ids are added here because a chat template may end turns with another token.
+        stop_token_ids=[] if body.ignore_eos else list(tok.eos_token_ids),
+        ignore_eos=bool(body.ignore_eos),
         logprobs=top_logprobs(body),
     )
 

@@ -130,6 +130,16 @@ async def test_sampling_fields_reach_the_scheduler(stack):
     assert sampling.max_tokens == 3
 
 
+async def test_vllm_extensions_top_k_and_ignore_eos_reach_the_scheduler(stack):
+    await client(stack).completions.create(
+        model="tiny", prompt="x", max_tokens=3, extra_body={"top_k": 5, "ignore_eos": True}
+    )
+    sampling = stack.backend.submitted[-1].sampling
+    assert sampling.top_k == 5
+    assert sampling.ignore_eos is True
+    assert sampling.stop_token_ids == []  # EOS no longer ends the request
+
+
 async def test_request_is_recorded_in_redis_with_a_ttl_and_final_state(stack):
     await client(stack).completions.create(model="tiny", prompt="x", max_tokens=3)
     await stack.settle()
