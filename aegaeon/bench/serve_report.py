@@ -1,0 +1,127 @@
+"""Results of ``bench serve``: goodput and its ratios, simulator agreement, the summary table and
+the plot (attainment against rate, one line per policy; TTFT and TBT CDFs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from aegaeon.slo_metrics import RequestRecord, goodput, latencies
+
+
+def policy_goodput(points: list[dict], key: str = "attainment") -> float:
+    """Highest per-model rate of a policy's sweep with ≥ 90% attainment (0 when none)."""
+    return goodput((p["rate_per_model"], p[key]) for p in points)
+
+
+def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float | None, float | None]:  # fmt: skip
+    """(ratio, lower bound). When the baseline meets the target at no rate its goodput is below
+    the lowest rate tried, so only a lower bound ``ours / lowest_rate`` is known."""
+    if theirs > 0:
+        return ours / theirs, None
+    if ours > 0:
+        return None, ours / lowest_rate
+    return None, None
+
+
+def sim_differences(policies: dict[str, dict]) -> dict[str, float]:
+    """Per policy: the largest |simulated − measured| attainment over its rates, in points."""
+    diffs = {}
+    for name, result in policies.items():
+        gaps = [abs(p["sim"]["attainment"] - p["attainment"]) * 100
+                for p in result["points"] if "sim" in p]  # fmt: skip
+        if gaps:
+            diffs[name] = max(gaps)
+    return diffs
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
+def print_summary(result: dict, console: Console | None = None) -> None:
+    """One row per (policy, rate): attainment in both views, latencies, simulator's prediction."""
+    console = console or Console()
+    slo = result["slo"]
+    table = Table(
+        title=f"bench serve — SLO TTFT {slo['ttft_s']:.2f} s, TBT {slo['tbt_s'] * 1e3:.0f} ms "
+        f"(×{slo['scale']['ttft']} / ×{slo['scale']['tbt']} isolated {result['largest_model']}); "
+        f"device weight budget "
+        f"{result['device']['weight_budget_bytes'] / 2**20:.0f} MiB "
+        f"({result['device']['budget_fraction_of_weights']:.0%} of all weights)"
+    )
+    for col in ("policy", "λ/model", "reqs", "done", "attain", "time-frac", "sim", "TTFT p50",
+                "TTFT p99", "TBT p50 ms", "TBT p99 ms", "TPOT p50 ms", "errors"):  # fmt: skip
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for name, res in result["policies"].items():
+        for p in res["points"]:
+            sim = p.get("sim", {}).get("attainment")
+            table.add_row(
+                name, f"{p['rate_per_model']:g}", str(p["requests"]), str(p["finished"]),
+                f"{p['attainment']:.0%}", f"{p['time_fraction_attainment']:.0%}",
+                "—" if sim is None else f"{sim:.0%}",
+                _fmt(p["ttft_s"]["p50"]), _fmt(p["ttft_s"]["p99"]),
+                _fmt(p["tbt_s"]["p50"], 1e3, 0), _fmt(p["tbt_s"]["p99"], 1e3, 0),
+                _fmt(p["tpot_s"]["p50"], 1e3, 0),
+                ", ".join(f"{k}×{v}" for k, v in p["errors"].items()) or "",
+            )  # fmt: skip
+    console.print(table)
+    for name, res in result["policies"].items():
+        console.print(f"goodput {name}: λ/model {res.get('goodput_rate_per_model')}")
+    for key in ("goodput_ratio_vs_request_level", "goodput_ratio_vs_request_level_at_least",
+                "goodput_ratio_vs_static_mux", "goodput_ratio_vs_static_mux_at_least",
+                "sim_vs_measured_max_abs_diff"):  # fmt: skip
+        if key in result:
+            console.print(f"{key}: {result[key]}")
+
+
+def cdf(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted values and their cumulative fractions."""
+    xs = np.sort(np.asarray(values, dtype=float))
+    return xs, np.arange(1, xs.size + 1) / max(1, xs.size)
+
+
+def write_plot(result: dict, records: dict[str, list[RequestRecord]], path: Path) -> None:
+    """Attainment vs rate (measured solid, simulated dashed) and TTFT / TBT CDFs at the highest
+    rate, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, (name, res) in enumerate(result["policies"].items()):
+        color = f"C{i}"
+        rates = [p["rate_per_model"] for p in res["points"]]
+        axes[0].plot(rates, [p["attainment"] * 100 for p in res["points"]], "o-", color=color,
+                     label=name)  # fmt: skip
+        sims = [p["sim"]["attainment"] * 100 for p in res["points"] if "sim" in p]
+        if len(sims) == len(rates):
+            axes[0].plot(rates, sims, "x--", color=color, alpha=0.6, label=f"{name} (sim)")
+        ttfts, tbts = [], []
+        for record in records.get(name, []):
+            ttft, _, _, gaps = latencies(record)
+            if ttft is not None:
+                ttfts.append(ttft)
+            tbts.extend(gaps)
+        for ax, values in ((axes[1], ttfts), (axes[2], tbts)):
+            if values:
+                ax.step(*cdf(values), where="post", color=color, label=name)
+    slo = result["slo"]
+    axes[0].axhline(90, color="grey", lw=0.8, ls=":")
+    axes[0].set(xlabel="arrival rate per model (req/s)", ylabel="SLO attainment (%)",
+                title="attainment vs rate", ylim=(-2, 102))  # fmt: skip
+    axes[1].axvline(slo["ttft_s"], color="grey", lw=0.8, ls=":")
+    axes[1].set(xlabel="TTFT (s)", ylabel="fraction", title="TTFT CDF (highest rate)")
+    axes[2].axvline(slo["tbt_s"], color="grey", lw=0.8, ls=":")
+    axes[2].set(xlabel="TBT (s)", ylabel="fraction", title="TBT CDF (highest rate)",
+                xscale="log")  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

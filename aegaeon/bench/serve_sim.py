@@ -1,0 +1,149 @@
+"""The simulator beside the measurement: fit a CPU cost model, run the same policy classes on the
+same trace, and compare attainment with what the real stack measured.
+
+The cost model is the in-process engine's own step and switch times on this CPU (fitted with the
+scheduler's estimator formulas), plus the per-step overhead of the real path (NATS, gateway, SSE)
+measured as isolated stack latency minus the engine's time for the same request. The policy
+inside the simulation uses the estimator the real scheduler used (no profile: roofline defaults)
+and the scheduler's SLO, so it makes the same decisions; attainment is scored against the
+benchmark's SLO.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from aegaeon.protocol import SamplingParams
+from aegaeon.scheduler.estimators import (
+    Estimator,
+    ModelProfile,
+    fit_decode,
+    fit_prefill,
+    fit_switch,
+    load_estimator,
+)
+from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
+from aegaeon.sim.engine import simulate
+from aegaeon.sim.run import POLICIES
+from aegaeon.workload import TraceRequest
+
+PREFILL_BATCHES = ([24], [64], [128], [224], [64, 64], [128, 96, 32])
+DECODE_BATCH_SIZES = (1, 2, 4)
+DECODE_STEPS = 6
+WORKER_THREADS = max(1, (os.cpu_count() or 2) // 2)  # the gpu-worker's default on a CPU
+
+
+def profile_engine(models_dir: Path, specs: dict[str, ModelSpec], arena_bytes: int) -> Estimator:
+    """Measure prefill, decode and switch times of every model on an in-process CPU engine."""
+    import torch
+
+    from aegaeon.gpu_worker.engine import Engine, EngineConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)  # time the engine as the worker runs it
+    engine = Engine(EngineConfig(device="cpu", arena_bytes=arena_bytes))
+    try:
+        for name in specs:
+            engine.register_model(name, models_dir / name)
+        switches = [_switch_sample(engine, name) for name in [*specs, *specs]]
+        return Estimator(
+            {name: _profile_model(engine, spec, switches) for name, spec in specs.items()}, "cpu"
+        )
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+
+
+def _switch_sample(engine: Any, name: str) -> tuple[int, float]:
+    stats = engine.switch_to(name)
+    return stats.bytes, stats.seconds
+
+
+def _profile_model(engine: Any, spec: ModelSpec, switches: list[tuple[int, float]]) -> ModelProfile:
+    engine.switch_to(spec.name)
+    _prefill(engine, spec.name, [16], "warm")
+    prefill = [(lens, _prefill(engine, spec.name, lens, "p")) for lens in PREFILL_BATCHES]
+    decode = []
+    for size in DECODE_BATCH_SIZES:
+        decode.extend(_decode(engine, spec.name, [48 + 40 * i for i in range(size)]))
+    copied = [s for s in switches if s[0] > 0]
+    fixed, bandwidth = fit_switch(copied) if len(copied) >= 2 else (0.0, 5e9)
+    return ModelProfile(fit_prefill(prefill), fit_decode(decode), fixed, bandwidth,
+                        spec.weight_bytes, spec.kv_bytes_per_token)  # fmt: skip
+
+
+def _add(engine: Any, model: str, lens: Sequence[int], tag: str, max_tokens: int) -> list[str]:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"{tag}-{model}-{i}-{n}" for i, n in enumerate(lens)]
+    for rid, n in zip(ids, lens, strict=True):
+        engine.add_request(rid, model, [16 + (7 * j) % 1000 for j in range(n)], sampling)
+    return ids
+
+
+def _prefill(engine: Any, model: str, lens: Sequence[int], tag: str) -> float:
+    ids = _add(engine, model, lens, tag, 2)
+    t0 = time.perf_counter()
+    engine.step(ids)
+    elapsed = time.perf_counter() - t0
+    for rid in ids:
+        engine.abort(rid)
+    return elapsed
+
+
+def _decode(
+    engine: Any, model: str, lens: list[int], tag: str = "d"
+) -> list[tuple[list[int], float]]:
+    ids = _add(engine, model, lens, tag, DECODE_STEPS + 2)
+    engine.step(ids)  # prefill
+    samples = []
+    for k in range(DECODE_STEPS):
+        t0 = time.perf_counter()
+        engine.step(ids)
+        samples.append(([n + 1 + k for n in lens], time.perf_counter() - t0))
+    for rid in ids:
+        engine.abort(rid)
+    return samples
+
+
+def add_path_overhead(cost: Estimator, prefill_s: float, decode_s: float) -> Estimator:
+    """The same cost model with the real path's fixed cost added per prefill and per step."""
+    profiles = {
+        name: replace(
+            p,
+            prefill=(p.prefill[0] + max(0.0, prefill_s), *p.prefill[1:]),
+            decode=(p.decode[0] + max(0.0, decode_s), *p.decode[1:]),
+        )
+        for name, p in cost.profiles.items()
+    }
+    return Estimator(profiles, cost.device)  # type: ignore[arg-type]
+
+
+def path_overhead(
+    cost: Estimator, model: str, prompt_len: int, output_len: int, ttft_s: float, tbt_s: float
+) -> tuple[float, float]:
+    """(per-prefill, per-step) time the stack adds over the engine for an isolated request."""
+    engine_ttft = cost.prefill_time(model, [prompt_len])
+    mid = prompt_len + output_len // 2
+    return ttft_s - engine_ttft, tbt_s - cost.decode_time(model, [mid])
+
+
+def simulate_measured(
+    trace: Sequence[TraceRequest], policy_name: str, models: dict[str, ModelSpec],
+    instances: Sequence[InstanceView], cost: Estimator, scheduler_slo: Slo, bench_slo: Slo,
+) -> dict:  # fmt: skip
+    """Attainment the simulator predicts for one policy on the run's trace and instances."""
+    policy_estimator = load_estimator(None, dict(models))
+    policy = POLICIES[policy_name](dict(models), scheduler_slo, policy_estimator)
+    views = [replace(v) for v in instances]
+    result = simulate(trace, policy, views, cost, bench_slo)
+    return {
+        "attainment": result.metrics["attainment"],
+        "time_fraction_attainment": result.metrics["time_fraction_attainment"],
+        "switches": result.switches,
+        "rejected": result.rejected,
+    }
