@@ -36,7 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="demo model to measure (default: largest)")
     parser.add_argument("--models-dir", default=None, help="demo models folder (default: temp)")
     parser.add_argument("--large", action="store_true", help="create the 7B-shaped model too")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, the same for both sides (default on the CPU: 1, since extra "
+        "OpenMP threads spin-wait on a shared machine; on CUDA: torch's default)",
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -189,8 +195,9 @@ def _bench_config(device: str, model_dir: Path) -> EngineConfig:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
-    if args.threads:
-        torch.set_num_threads(args.threads)  # on a shared CPU, spinning extra threads costs more
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)  # on a shared CPU, spinning extra threads costs more
     models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="aegaeon-bench-"))
     try:
         return _run_in(models_dir, args)
@@ -211,7 +218,8 @@ def _run_in(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         engine.register_model(model, models_dir / model)
         dtype = str(engine.dtype).removeprefix("torch.")
-        result: dict[str, Any] = {"device": engine.stats().device, "model": model, "dtype": dtype}
+        result: dict[str, Any] = {"device": engine.stats().device, "model": model, "dtype": dtype,
+                                  "threads": torch.get_num_threads()}  # fmt: skip
         result.update(measure_switch(engine, model))
         result["naive_reload_s"] = measure_naive_reload(models_dir / model, args.device, dtype)
         result["naive_over_switch"] = result["naive_reload_s"] / result["switch_s"]

@@ -544,7 +544,8 @@ class Engine:
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[TokenOutput]:
         greedy = [i for i, r in enumerate(batch) if is_plain_greedy(r.sampling)]
-        picks = dict(zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True)) if greedy else {}
+        rows = logits if len(greedy) == len(batch) else logits[greedy]  # list indexing is slow
+        picks = dict(zip(greedy, rows.argmax(-1).tolist(), strict=True)) if greedy else {}
         outputs = []
         eos = {r.model: self.specs[r.model].eos_token_ids for r in batch}
         for i, request in enumerate(batch):

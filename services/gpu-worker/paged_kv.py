@@ -10,8 +10,29 @@ any element; writes use ``index_put_`` on the flat view (the window overlaps its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from aegaeon.gpu_worker.weights_loader import KVShape
+
+
+@dataclass
+class StepIndex:
+    """Where one decode step writes and reads every layer's K/V rows, computed once per step.
+
+    Indices are rows of ``source`` (the row-tiled region when every block is row-aligned, else
+    the sliding window, whose rows start at any element): ``write[l]`` are the new tokens' K rows
+    then V rows ([2, B]); ``read[l]`` every token's K rows then V rows, flattened from
+    [2, B, longest]. ``write_elems`` (unaligned only) are the element indices for ``index_put_``.
+    """
+
+    source: torch.Tensor
+    write: torch.Tensor
+    read: torch.Tensor
+    write_elems: torch.Tensor | None
+    valid: torch.Tensor  # [B, longest] bool: position < the request's length
+    batch: int
+    longest: int
 
 
 class PagedKV:
@@ -28,9 +49,11 @@ class PagedKV:
         self._cols = torch.arange(self.row, device=region.device)
         # When every block starts at a multiple of the row size (slabs sized so), rows tile the
         # region: plain 2-D row indexing, cheaper than the sliding window and element scatter.
-        self.rows: torch.Tensor | None = None
-        if aligned:
-            self.rows = region[: region.numel() // self.row * self.row].view(-1, self.row)
+        self.tiles = region[: region.numel() // self.row * self.row].view(-1, self.row)
+        self.rows: torch.Tensor | None = self.tiles if aligned else None
+        # Per layer: element offset of its K rows and of its V rows from layer 0's K row.
+        steps = torch.arange(shape.layers, device=region.device)[:, None] * self.layer_stride
+        self._layer_offsets = steps + torch.tensor([0, block_size * self.row], device=region.device)
 
     def token_bases(self, tables: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
         """Element offset of layer 0's K row for each (request, position); same nesting, flattened."""
@@ -52,6 +75,51 @@ class PagedKV:
         lens = torch.tensor(lengths, device=self.region.device)[:, None]
         pos = torch.where(pos < lens, pos, 0)
         return table.gather(1, pos // self.block_size) + (pos % self.block_size) * self.row
+
+    def step_index(self, tables: list[list[int]], lengths: list[int]) -> StepIndex:
+        """Rows every layer touches in a decode step (the new token is at position length-1).
+
+        Positions past a request's length read its token 0: real, finite memory (a block's
+        unwritten rows may hold anything, NaN included), masked by the caller.
+        """
+        device, bs, row = self.region.device, self.block_size, self.row
+        longest = max(lengths)
+        width = -(-longest // bs)
+        aligned = all(o % row == 0 for table in tables for o in table)
+        unit = row if aligned else 1  # indices count rows of the tiles, or elements
+        padded = [t[:width] + [t[0]] * (width - len(t[:width])) for t in tables]
+        blocks = torch.tensor(padded, dtype=torch.int64, device=device)
+        if aligned:
+            blocks = blocks // row
+        step = torch.arange(0, bs * row // unit, row // unit, device=device)
+        per_pos = (blocks[:, :, None] + step).view(len(tables), -1)[:, :longest]
+        valid = torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]
+        per_pos = torch.where(valid, per_pos, per_pos[:, :1])
+        layer = self._layer_offsets[:, :, None] // unit  # [layers, 2, 1]
+        read = (per_pos.view(1, 1, -1) + layer).view(self.shape.layers, -1)
+        new = [t[(n - 1) // bs] // unit + (n - 1) % bs * row // unit for t, n in zip(tables, lengths, strict=True)]  # fmt: skip
+        write = torch.tensor(new, dtype=torch.int64, device=device) + layer
+        if aligned:
+            return StepIndex(self.tiles, write, read, None, valid, len(tables), longest)
+        elems = (write[..., None] + self._cols).view(self.shape.layers, -1)
+        return StepIndex(self.window, write, read, elems, valid, len(tables), longest)
+
+    def write_step(self, layer: int, index: StepIndex, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new K and V rows ([B, kv_heads * head_dim]) of ``layer``."""
+        if index.write_elems is None:
+            rows = index.write[layer]
+            index.source.index_copy_(0, rows[0], k)
+            index.source.index_copy_(0, rows[1], v)
+            return
+        self.region.index_put_((index.write_elems[layer],), torch.cat((k, v)).view(-1))
+
+    def read_step(self, layer: int, index: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``layer`` for every (request, position) as [B, kv_heads, longest, head_dim]
+        (strided views of one gathered tensor: the layout attention reads)."""
+        kv = index.source.index_select(0, index.read[layer]).view(
+            2, index.batch, index.longest, self.shape.kv_heads, self.shape.head_dim
+        )
+        return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
     def write(self, layer: int, bases: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K and V rows ([N, kv_heads * head_dim]) of ``layer`` at token ``bases``."""
