@@ -23,10 +23,10 @@ from aegaeon.subjects import Subjects
 log = logging.getLogger(__name__)
 
 
-def trace_headers() -> dict[str, str] | None:
-    """The current trace context as NATS headers (None when there is no active span)."""
+def trace_headers(context: otel_context.Context | None = None) -> dict[str, str] | None:
+    """A trace context (default: the current one) as NATS headers (None when it has no span)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return carrier or None
 
 
@@ -70,9 +70,12 @@ class Bus:
         )
         return cls(nc, config)
 
-    async def publish(self, subject: str, message: Any) -> None:
-        """Publish one typed message (fire and forget)."""
-        await self.nc.publish(subject, encode(message), headers=trace_headers())
+    async def publish(
+        self, subject: str, message: Any, context: otel_context.Context | None = None
+    ) -> None:
+        """Publish one typed message (fire and forget) with ``context`` (default: the current
+        one) as its trace context: a service acting for one request among many names it."""
+        await self.nc.publish(subject, encode(message), headers=trace_headers(context))
 
     async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):
         """Request/reply with a typed answer."""

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from aegaeon.children import Child, die_with_parent, remove_stale_shm, wait_until
 from aegaeon.config import default_state_dir, shm_dir
-from aegaeon.servers import ServerProcess, start_nats, start_redis
+from aegaeon.metrics import scrape_targets
+from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis
 from aegaeon.supervisor import RestartPlanner
 
 STOP_ORDER = ("gateway", "worker", "scheduler", "model-store")
@@ -48,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's bind address")
     parser.add_argument("--policy", default="aegaeon", help="scheduling policy")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="step-time profile for the scheduler (default: <home>/profiles/<device>.json "
+                             "when `aegaeon profile` wrote one; else roofline estimates)")  # fmt: skip
+    parser.add_argument(
+        "--slo-ttft", type=float, default=None, help="TTFT SLO the scheduler plans for, s"
+    )
+    parser.add_argument(
+        "--slo-tbt", type=float, default=None, help="TBT SLO the scheduler plans for, s"
+    )
+    parser.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to the scheduler's policy (repeatable)")  # fmt: skip
     parser.add_argument("--home", type=Path, default=None, help="state dir (default $AEGAEON_HOME)")
     parser.add_argument("--arena-bytes", type=int, default=None, help="each worker's memory arena")
     parser.add_argument("--cache-bytes", type=int, default=None, help="host model cache capacity")
@@ -60,14 +72,31 @@ def service_argv(kind: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "aegaeon.cli", "serve", kind, *args]
 
 
-def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_bytes: int) -> list[Child]:  # fmt: skip
+def profile_path(args: argparse.Namespace, home: Path) -> Path | None:
+    """The scheduler's profile: ``--profile``, else ``<home>/profiles/<device>.json`` if present."""
+    if args.profile is not None:
+        path = Path(args.profile).expanduser().resolve()
+        if not path.is_file():
+            raise SystemExit(f"aegaeon up: --profile {path} is not a file")
+        return path
+    found = home / "profiles" / f"{args.device.split(':', 1)[0]}.json"
+    return found if found.is_file() else None
+
+
+def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_bytes: int, profile: Path | None = None) -> list[Child]:  # fmt: skip
     """The services of the stack, in start order."""
+    scheduler = ["--policy", args.policy, *(["--profile", str(profile)] if profile else [])]
+    if getattr(args, "slo_ttft", None) is not None:
+        scheduler += ["--slo-ttft", str(args.slo_ttft)]
+    if getattr(args, "slo_tbt", None) is not None:
+        scheduler += ["--slo-tbt", str(args.slo_tbt)]
+    for option in getattr(args, "policy_option", []):
+        scheduler += ["--policy-option", option]
     children = [
         Child("model-store", "model-store", service_argv(
             "model-store", "--models-dir", str(models_dir), "--cache-bytes", str(cache_bytes),
             "--store-id", "local"), logs / "model-store.log"),
-        Child("scheduler", "scheduler", service_argv("scheduler", "--policy", args.policy),
-              logs / "scheduler.log"),
+        Child("scheduler", "scheduler", service_argv("scheduler", *scheduler), logs / "scheduler.log"),
     ]  # fmt: skip
     for i in range(args.workers):
         device = f"cuda:{i}" if args.device == "cuda" else args.device
@@ -113,12 +142,28 @@ class Stack:
         self.start_servers()
         self.env |= {"AEGAEON_SHM_DIR": str(self.shm), "PYTHONUNBUFFERED": "1"}
         cache_bytes = self.args.cache_bytes or _default_cache_bytes()
-        self.children = plan_children(self.args, models_dir, self.logs, cache_bytes)
+        profile = profile_path(self.args, self.home)
+        self.say(f"  profile      {profile or 'none (roofline estimates; see aegaeon profile)'}")
+        self.children = plan_children(self.args, models_dir, self.logs, cache_bytes, profile)
+        self.expose_metrics()
         for child in self.children:
             child.start(self.env)
             self.planner.started(child.name, time.monotonic())
             self.say(f"  {child.name:<12} started (pid {child.pid}, log {child.log_path})")
         return self.wait_ready(models_dir)
+
+    def expose_metrics(self) -> None:
+        """A free /metrics port for every service but the gateway (it serves /metrics on its
+        HTTP port); printed, and written as Prometheus file-SD targets for a local Prometheus."""
+        ports = {"gateway": self.args.port}
+        for child in self.children:
+            if child.kind != "gateway":
+                ports[child.name] = free_port()
+                child.argv += ["--metrics-port", str(ports[child.name])]
+        targets = self.home / "prometheus-targets.json"
+        targets.write_text(json.dumps(scrape_targets(ports), indent=2))
+        listing = ", ".join(f"{name} :{port}" for name, port in ports.items())
+        self.say(f"  metrics      /metrics of {listing} (targets in {targets})")
 
     def resolve_models_dir(self) -> Path | None:
         """The models to serve; on a first run with no ``--models-dir``, write the demo models."""

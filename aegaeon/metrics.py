@@ -8,6 +8,7 @@ others through ``serve_metrics(port)``).
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -46,6 +47,13 @@ TURN_QUOTA = Histogram(
     buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
 ROUND_ALPHA = Gauge("aegaeon:round_alpha", "α of the last weighted round-robin round.")
+REQUEST_QUEUE_TIME = Histogram(
+    "aegaeon:request_queue_time_seconds", "Submit to first dispatch to a worker.", ["model_name"],
+    buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+TURNS_DISPATCHED = Counter(
+    "aegaeon:turns_dispatched", "RunTurn commands sent to workers.", ["model_name"]
+)
 
 # ---- worker: engine, memory and switching
 KV_CACHE_USAGE = Gauge("aegaeon:kv_cache_usage_perc", "Device KV blocks in use (0..1).", ["worker"])
@@ -57,7 +65,10 @@ MODEL_SWITCH_LATENCY = Histogram(
     "aegaeon:model_switch_latency_seconds", "Time to make a model resident.", ["model_name"],
     buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
-RESIDENT_MODELS = Gauge("aegaeon:resident_models", "Models resident on a worker.", ["worker"])
+RESIDENT_MODELS = Gauge(
+    "aegaeon:resident_models", "1 while the model is resident on the worker, else 0.",
+    ["worker", "model_name"],
+)  # fmt: skip
 KV_SWAP_BYTES = Counter("aegaeon:kv_swap_bytes", "KV bytes moved.", ["direction"])
 ENGINE_STEP = Histogram(
     "aegaeon:engine_step_seconds", "One engine step.", ["model_name"], buckets=_LATENCY_BUCKETS
@@ -69,6 +80,29 @@ GPU_MEMORY_USED = Gauge("aegaeon:gpu_memory_used_bytes", "GPU memory used (NVML)
 HOST_CACHE_HITS = Counter("aegaeon:host_cache_hits", "Ensure-cached requests already cached.")
 HOST_CACHE_MISSES = Counter("aegaeon:host_cache_misses", "Ensure-cached requests that loaded.")
 HOST_CACHE_BYTES = Gauge("aegaeon:host_cache_bytes", "Bytes of weights in the host cache.")
+HOST_CACHE_ENSURE = Histogram(
+    "aegaeon:host_cache_ensure_seconds", "Time to answer an ensure-cached request.",
+    ["model_name", "result"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+REGISTERED_MODELS = Gauge("aegaeon:registered_models", "Models in the model-store's registry.")
+
+
+_SERIES_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+
+
+def series_names() -> set[str]:
+    """Every series name this module exports (a counter as ``<name>_total``, a histogram as
+    ``<name>_bucket|_sum|_count``…): what a dashboard or an alert may query."""
+    names: set[str] = set()
+    for value in globals().values():
+        if isinstance(value, MetricWrapperBase):
+            kind, name = str(value._type), str(value._name)  # type: ignore[attr-defined]
+            names |= {name + suffix for suffix in _SERIES_SUFFIXES[kind]}
+    return names
 
 
 def serve_metrics(port: int) -> None:
@@ -77,15 +111,44 @@ def serve_metrics(port: int) -> None:
         start_http_server(port, addr="0.0.0.0")
 
 
-def sample_gpus() -> None:
-    """Refresh the NVML gauges; silently nothing on a machine without an NVIDIA GPU."""
-    try:
-        import pynvml
+_nvml_state: dict[str, bool] = {}
 
-        pynvml.nvmlInit()
-    except Exception:
+
+def _nvml_ready() -> bool:
+    """Initialise NVML once per process (False for good when there is no NVIDIA driver)."""
+    if "ok" not in _nvml_state:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml_state["ok"] = True
+        except Exception:
+            _nvml_state["ok"] = False
+    return _nvml_state["ok"]
+
+
+def sample_gpus(indices: list[int] | None = None) -> None:
+    """Refresh the NVML gauges (of ``indices``, default every GPU); silently nothing on a
+    machine without an NVIDIA GPU. Utilization is a percentage (0..100), as NVML reports it."""
+    if not _nvml_ready():
         return
-    for index in range(pynvml.nvmlDeviceGetCount()):
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        GPU_UTILIZATION.labels(str(index)).set(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        GPU_MEMORY_USED.labels(str(index)).set(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    import pynvml
+
+    try:
+        wanted = indices if indices is not None else range(pynvml.nvmlDeviceGetCount())
+        for index in wanted:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            GPU_UTILIZATION.labels(str(index)).set(rates.gpu)
+            GPU_MEMORY_USED.labels(str(index)).set(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except pynvml.NVMLError:
+        pass  # a GPU fell off the bus or is in a reset: the next sample tries again
+
+
+def scrape_targets(ports: dict[str, int], host: str = "127.0.0.1") -> list[dict]:
+    """Prometheus file-based service discovery entries (``file_sd_configs``), one per service,
+    labelled ``service``: what ``aegaeon up`` writes so a local Prometheus finds every /metrics."""
+    return [
+        {"targets": [f"{host}:{port}"], "labels": {"service": name}}
+        for name, port in sorted(ports.items())
+    ]

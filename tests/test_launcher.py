@@ -207,3 +207,20 @@ def test_up_serves_every_model_and_stops_cleanly_on_sigterm(demo_models_dir: Pat
         if launcher.poll() is None:
             launcher.kill()
         shm.rmdir() if shm.exists() and not any(shm.iterdir()) else None
+
+
+def test_up_passes_slos_and_policy_options_to_the_scheduler(tmp_path):
+    import argparse
+
+    from aegaeon.launcher import add_arguments, plan_children
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--slo-ttft", "2.5", "--slo-tbt", "0.05", "--policy-option", "quota_s=1"]
+    )
+    children = plan_children(args, tmp_path, tmp_path, cache_bytes=1 << 20)
+    scheduler = next(c for c in children if c.kind == "scheduler").argv
+    joined = " ".join(scheduler)
+    assert "--slo-ttft 2.5" in joined and "--slo-tbt 0.05" in joined
+    assert "--policy-option quota_s=1" in joined

@@ -30,7 +30,7 @@ from aegaeon.bench.serve_trace import CpuScale
 from aegaeon.scheduler.policies.base import Slo
 
 ALL_POLICIES = "aegaeon,request-level,static-mux,dedicated"
-QUICK = {"models": 5, "rates": "0.1,0.3,0.8", "duration": 15.0, "drain": 20.0,
+QUICK = {"models": 5, "rates": "0.1,0.3,0.8,1.6,3.0", "duration": 15.0, "drain": 20.0,
          "policies": ALL_POLICIES, "workers": 1}  # fmt: skip
 DEFAULTS = {"models": 5, "rates": "0.05,0.1,0.2", "duration": 30.0, "drain": 60.0,
             "policies": ALL_POLICIES, "workers": 1}  # fmt: skip

@@ -184,6 +184,11 @@ def run_policy(plan: BenchPlan, name: str, console: Console) -> tuple[dict, list
         return result, _highest_rate_records(result)
     home = plan.tmp / f"home-{name}"
     extra = ["--arena-bytes", str(plan.arena_bytes)]
+    if plan.slo is not None:
+        # The scheduler plans its quotas for the SLO the run is judged by (the first stack,
+        # run before the SLO is measured, is request-level, which does not use it).
+        extra += ["--slo-ttft", str(plan.slo.ttft_s), "--slo-tbt", str(plan.slo.tbt_s)]
+    scheduler_slo = plan.slo or SCHEDULER_DEFAULT_SLO
     try:
         with StackProcess(home, models_dir=plan.models_dir, workers=plan.args.workers,
                           policy=name, extra_args=extra) as stack:  # fmt: skip
@@ -191,6 +196,7 @@ def run_policy(plan: BenchPlan, name: str, console: Console) -> tuple[dict, list
     except (RuntimeError, TimeoutError) as exc:
         result = {"points": [], "error": str(exc)}
     result["stack_errors"] = stack_errors(home / "logs")
+    result["scheduler_slo"] = {"ttft_s": scheduler_slo.ttft_s, "tbt_s": scheduler_slo.tbt_s}
     return result, _highest_rate_records(result)
 
 
@@ -280,8 +286,10 @@ def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -
             continue
         for point in res["points"]:
             trace = realized_trace(plan.traces[point["rate_per_model"]], point["records"])
+            planned = res.get("scheduler_slo")
+            scheduler_slo = Slo(**planned) if planned else plan.scheduler_slo
             point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), cost,
-                                             plan.scheduler_slo, plan.slo)  # fmt: skip
+                                             scheduler_slo, plan.slo)  # fmt: skip
 
 
 def strip_records(policies: dict[str, dict]) -> None:

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aegaeon import metrics
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -71,6 +73,8 @@ class APIError(Exception):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
     def response(self) -> JSONResponse:
+        # Every error answer passes here (handlers, the body limit), so it is counted here.
+        metrics.REQUEST_ERRORS.labels(str(self.status)).inc()
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 

@@ -28,6 +28,7 @@ from aegaeon.state import REQUEST_TTL_S, Keys
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .errors import APIError
+from .observe import RequestObserver
 from .prepare import Prepared
 from .streams import StreamRouter
 
@@ -96,6 +97,7 @@ class Generation:
         self.failed = False  # the engine reported an error
         self.closed = False
         self.stream = services.router.open(prepared.request_id)
+        self.observer: RequestObserver | None = None  # set once submitted (routes._serve)
 
     @property
     def request_id(self) -> str:
@@ -195,6 +197,8 @@ class Generation:
             log.exception("%s: cleanup failed", self.request_id)
         finally:
             self.s.on_close(self)
+            if self.observer is not None:
+                self.observer.finished(self)
 
     async def _cancel(self, reason: str) -> None:
         bus = self.s.bus

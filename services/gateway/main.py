@@ -8,6 +8,7 @@ import logging
 
 from aegaeon.config import BusConfig
 from aegaeon.runtime import run_process
+from aegaeon.telemetry import setup_tracing, shutdown_tracing
 
 from .settings import GatewaySettings
 
@@ -33,6 +34,7 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
 
     from .app import create_app
 
+    setup_tracing("gateway")
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, access_log=False, log_config=None
     )
@@ -43,6 +45,7 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
     server.should_exit = True
     stopping.cancel()
     await serving
+    shutdown_tracing()
 
 
 def run_gateway_process(settings: GatewaySettings, host: str, port: int) -> int:

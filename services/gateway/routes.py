@@ -6,12 +6,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aegaeon.protocol import ModelInfo
 
 from .auth import ApiKey
+from .errors import APIError
+from .observe import RequestObserver
 from .openai_types import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -68,7 +71,17 @@ def caller(
 async def _serve(
     request: Request, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
 ):
-    generation = await gateway(request).open(kind, body, key)
+    observer = RequestObserver.start(request, kind, body)
+    try:
+        with observer.current():  # the submit's NATS headers carry this span
+            generation = await gateway(request).open(kind, body, key)
+    except APIError as exc:
+        observer.refused(exc.status, exc.message)
+        raise
+    except BaseException as exc:
+        observer.refused(500, type(exc).__name__)
+        raise
+    generation.observer = observer  # ends the span and records latencies on close()
     if generation.p.stream:
         return stream(generation)
     return await complete(request, generation)
@@ -134,6 +147,12 @@ async def get_model(model: str, request: Request, key: ApiKey = Depends(caller))
     gw = gateway(request)
     info = await gw.resolve(model, key)
     return JSONResponse(_card(info, gw.cluster.residency()))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition of this process's metrics (aegaeon.metrics)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(

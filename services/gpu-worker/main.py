@@ -11,7 +11,9 @@ import redis.asyncio as aioredis
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
+from aegaeon.metrics import serve_metrics
 from aegaeon.runtime import run_process
+from aegaeon.telemetry import setup_tracing, shutdown_tracing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-budget-bytes", type=int, default=None)
     parser.add_argument("--host-kv-bytes", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
     parser.add_argument(
         "--threads",
         type=int,
@@ -46,6 +49,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     }
     if args.host_kv_bytes is not None:
         options["host_kv_bytes"] = args.host_kv_bytes
+    setup_tracing("gpu-worker")
+    serve_metrics(args.metrics_port)
     engine = Engine(EngineConfig(**options))
     config = BusConfig()
     bus = await Bus.connect(config, name=f"worker-{args.worker_id}")
@@ -61,6 +66,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     await bus.close()
     await redis.aclose()
     engine.close()
+    shutdown_tracing()
 
 
 def main(args: argparse.Namespace) -> int:

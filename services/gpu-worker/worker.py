@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
+from opentelemetry.context import Context
 
-from aegaeon.bus import Bus
+from aegaeon import metrics
+from aegaeon.bus import Bus, context_from
 from aegaeon.protocol import (
     AbortRequest,
     AssignRequest,
@@ -45,8 +48,10 @@ from aegaeon.protocol import (
     WorkerRole,
 )
 from aegaeon.state import REQUEST_TTL_S, Keys
+from aegaeon.telemetry import RequestTrace, link_to, record_span, tracer
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
 ENSURE_TIMEOUT_S = 120.0
@@ -60,6 +65,9 @@ class HeldRequest:
     model: str
     gateway_id: str
     produced: int  # tokens of the output so far (incl. any sent before a recovery)
+    trace: RequestTrace | None = None  # its gateway's trace: the request's spans go there
+    prefilled: bool = False  # its KV exists here (on the device or in the host pool)
+    swapped: bool = False  # its KV is in the host pool: the next step brings it back
 
 
 @dataclass
@@ -69,6 +77,11 @@ class TurnState:
     command: RunTurn
     preempted: bool = False
     started: float = field(default_factory=time.monotonic)
+    span: trace.Span = trace.INVALID_SPAN  # ``aegaeon.turn``
+    first_step_ns: int = 0  # wall clock of the first step (after the switch), for spans
+    last_step_ns: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)  # request id → tokens this turn
+    traces: dict[str, RequestTrace] = field(default_factory=dict)  # outlive a finished request
 
 
 class WorkerService:
@@ -135,26 +148,27 @@ class WorkerService:
             await asyncio.sleep(0.02)
         self.stop()
 
-    async def _on_command(self, command: Any, _msg: Any) -> None:
+    async def _on_command(self, command: Any, msg: Any) -> None:
         # Preempt must not wait behind a running turn: it only raises a flag.
         if isinstance(command, Preempt):
             if self.turn and (command.turn_id in (None, self.turn.command.turn_id)):
                 self.turn.preempted = True
             return
-        await self._commands.put(command)
+        await self._commands.put((command, context_from(msg)))
 
     async def _command_loop(self) -> None:
-        handlers = {
+        # Each handler gets the trace context its message carried.
+        handlers: dict[type, Callable[[Any, Context], Awaitable[None]]] = {
             AssignRequest: self._assign,
             RunTurn: self._run_turn,
-            AbortRequest: self._abort,
-            PrefetchModel: self._prefetch,
-            Drain: lambda _c: self.drain(),
+            AbortRequest: lambda c, _ctx: self._abort(c),
+            PrefetchModel: lambda c, _ctx: self._prefetch(c),
+            Drain: lambda _c, _ctx: self.drain(),
         }
         while True:
-            command = await self._commands.get()
+            command, context = await self._commands.get()
             try:
-                await handlers[type(command)](command)
+                await handlers[type(command)](command, context)
             except Exception as exc:
                 log.exception("command %s failed", type(command).__name__)
                 await self._report_error(command, exc)
@@ -170,6 +184,7 @@ class WorkerService:
         # Reads plain counters from the engine without its thread: a long switch must not
         # delay the heartbeat, or the scheduler would think this worker dead.
         stats = self.engine.stats()
+        self._sample_gauges(stats)
         beat = Heartbeat(
             worker_id=self.worker_id,
             device=str(stats.device),
@@ -193,6 +208,18 @@ class WorkerService:
 
     # ------------------------------------------------------------------ commands
 
+    def _sample_gauges(self, stats: Any) -> None:
+        """KV use, the resident model and (on CUDA) NVML's view of this worker's GPU."""
+        total = stats.kv_blocks_total
+        usage = 1.0 - stats.kv_blocks_free / total if total > 0 else 0.0
+        metrics.KV_CACHE_USAGE.labels(self.worker_id).set(usage)
+        resident = self.engine.resident_model
+        for model in {*self.registered, *([resident] if resident else [])}:
+            metrics.RESIDENT_MODELS.labels(self.worker_id, model).set(int(model == resident))
+        if str(stats.device).startswith("cuda"):
+            index = str(stats.device).split()[0].partition(":")[2] or "0"
+            metrics.sample_gpus([int(index)])
+
     async def _ensure_model(self, model: str) -> None:
         """Make sure the model is in the host cache and registered with the engine."""
         reply = await self.bus.request(
@@ -209,7 +236,7 @@ class WorkerService:
             )
             self.registered[model] = reply.model.cache_path
 
-    async def _assign(self, command: AssignRequest) -> None:
+    async def _assign(self, command: AssignRequest, context: Context | None = None) -> None:
         if command.request_id in self.held:
             return  # a repeated assign (scheduler retry) changes nothing
         if command.model not in self.registered:
@@ -223,7 +250,11 @@ class WorkerService:
             list(command.output_token_ids),
         )
         self.held[command.request_id] = HeldRequest(
-            command.request_id, command.model, command.gateway_id, len(command.output_token_ids)
+            command.request_id,
+            command.model,
+            command.gateway_id,
+            len(command.output_token_ids),
+            RequestTrace(context) if context is not None else None,
         )
 
     async def _abort(self, command: AbortRequest) -> None:
@@ -245,28 +276,82 @@ class WorkerService:
         if self.engine.resident_model == model and model in self.registered:
             return 0.0
         await self._ensure_model(model)
-        stats = await self._on_engine(self.engine.switch_to, model)
+        with _tracer.start_as_current_span("aegaeon.switch") as span:
+            stats = await self._on_engine(self.engine.switch_to, model)
+            span.set_attributes(
+                {
+                    "aegaeon.switch.from": stats.from_model or "",
+                    "aegaeon.switch.to": model,
+                    "aegaeon.switch.bytes": int(stats.bytes),
+                    "aegaeon.switch.ms": stats.seconds * 1000.0,
+                }
+            )
         if stats.seconds > 0:
+            metrics.MODEL_SWITCHES.labels(model).inc()
+            metrics.MODEL_SWITCH_LATENCY.labels(model).observe(stats.seconds)
             await self.bus.publish(
                 self.subjects.worker_events(self.worker_id),
                 SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes),
             )
         return float(stats.seconds)
 
-    async def _run_turn(self, command: RunTurn) -> None:
+    async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
         done = TurnDone(self.worker_id, command.turn_id, command.model, steps=0, elapsed_s=0.0)
-        try:
-            done.switch_s = await self._switch(command.model)
-            await self._step_until_turn_ends(turn, done)
-            if command.swap_out_after:
-                await self._swap_out(command.model, done)
-        finally:
-            done.elapsed_s = time.monotonic() - turn.started
-            done.progress = {rid: h.produced for rid, h in self.held.items()}
-            self.turn = None
-            await self._flush_redis()
-            await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+        with _tracer.start_as_current_span(
+            "aegaeon.turn", context=context, links=self._turn_links(command, context),
+            attributes={"aegaeon.turn_id": command.turn_id, "aegaeon.worker_id": self.worker_id,
+                        "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s},
+        ) as turn.span:  # fmt: skip
+            try:
+                done.switch_s = await self._switch(command.model)
+                await self._step_until_turn_ends(turn, done)
+                if command.swap_out_after:
+                    await self._swap_out(turn, done)
+            finally:
+                done.elapsed_s = time.monotonic() - turn.started
+                done.progress = {rid: h.produced for rid, h in self.held.items()}
+                self.turn = None
+                self._end_turn_spans(turn, done)
+                await self._flush_redis()
+                await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+
+    def _turn_links(self, command: RunTurn, lead: Context | None) -> list[trace.Link]:
+        """Links from the turn to the traces of the batch's other requests (the span itself
+        lies in the lead request's trace)."""
+        lead_id = trace.get_current_span(lead).get_span_context().trace_id if lead else 0
+        links: list[trace.Link] = []
+        for rid in command.request_ids:
+            held = self.held.get(rid)
+            if held is not None and held.trace is not None:
+                links += [
+                    link for link in link_to(held.trace.context) if link.context.trace_id != lead_id
+                ]
+        return links
+
+    def _end_turn_spans(self, turn: TurnState, done: TurnDone) -> None:
+        """The turn's totals on its span; each request's share of it in the request's trace."""
+        command = turn.command
+        turn.span.set_attributes(
+            {"aegaeon.steps": done.steps, "aegaeon.batch_size": done.batch_size,
+             "aegaeon.switch_s": done.switch_s, "aegaeon.preempted": turn.preempted}
+        )  # fmt: skip
+        if not turn.first_step_ns:
+            return
+        links = link_to(trace.set_span_in_context(turn.span))
+        for rid, tokens in turn.tokens.items():
+            traced = turn.traces.get(rid)
+            if traced is None:
+                continue
+            record_span(
+                "aegaeon.request.decode_turn", traced.context, turn.first_step_ns,
+                turn.last_step_ns,
+                {"aegaeon.request_id": rid, "aegaeon.turn_id": command.turn_id,
+                 "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s,
+                 "aegaeon.steps": tokens, "aegaeon.batch_size": done.batch_size,
+                 "aegaeon.switch_s": done.switch_s},
+                links,
+            )  # fmt: skip
 
     async def _step_until_turn_ends(self, turn: TurnState, done: TurnDone) -> None:
         command = turn.command
@@ -278,9 +363,11 @@ class WorkerService:
                 break
             if first_step_at and time.monotonic() - first_step_at >= command.quota_s:
                 break
-            t0 = time.monotonic()
+            t0, t0_ns = time.monotonic(), time.time_ns()
+            host_free = self.engine.stats().host_kv_bytes_free
             outputs = await self._on_engine(self.engine.step, batch)
             elapsed = time.monotonic() - t0
+            self._observe_step(turn, batch, outputs, t0_ns, elapsed, host_free)
             if first_step_at is None:
                 first_step_at = t0  # the quota runs from the first step, after the switch
                 done.prefill_s += elapsed
@@ -293,13 +380,79 @@ class WorkerService:
             if command.prefill_only:
                 break
 
-    async def _swap_out(self, model: str, done: TurnDone) -> None:
+    def _observe_step(
+        self, turn: TurnState, batch: list[str], outputs: Sequence[Any], t0_ns: int,
+        elapsed: float, host_free_before: int,
+    ) -> None:  # fmt: skip
+        """Metrics and per-request spans of one engine step: the prefill of requests new here,
+        the swap-in of requests whose KV came back from the host pool."""
+        end_ns = time.time_ns()
+        turn.first_step_ns = turn.first_step_ns or t0_ns
+        turn.last_step_ns = end_ns
+        model = turn.command.model
+        metrics.ENGINE_STEP.labels(model).observe(elapsed)
+        for rid in batch:  # kept for the turn's spans: a request that finished is gone from held
+            held = self.held.get(rid)
+            if held is not None and held.trace is not None:
+                turn.traces[rid] = held.trace
+        swapped_in = [rid for rid in batch if rid in self.held and self.held[rid].swapped]
+        freed = self.engine.stats().host_kv_bytes_free - host_free_before
+        if swapped_in and freed > 0:
+            metrics.KV_SWAP_BYTES.labels("in").inc(freed)
+        for rid in swapped_in:
+            self.held[rid].swapped = False
+            self._request_span(turn, "aegaeon.kv_swap", rid, t0_ns, end_ns,
+                               {"aegaeon.kv_swap.direction": "in", "aegaeon.kv_swap.bytes": freed,
+                                "aegaeon.kv_swap.requests": len(swapped_in)})  # fmt: skip
+        for out in outputs:
+            turn.tokens[out.request_id] = turn.tokens.get(out.request_id, 0) + 1
+            held = self.held.get(out.request_id)
+            if held is not None and not held.prefilled:
+                held.prefilled = True
+                self._request_span(turn, "aegaeon.request.prefill", out.request_id, t0_ns,
+                                   end_ns, {"aegaeon.model": model, "aegaeon.batch_size": len(batch)})  # fmt: skip
+        for rid in self.engine.last_step_preempted:  # no KV room: it left the device
+            metrics.NUM_PREEMPTIONS.labels(model).inc()
+            if rid in self.held:
+                self.held[rid].swapped = True
+
+    def _request_span(
+        self, turn: TurnState, name: str, request_id: str, start_ns: int, end_ns: int,
+        attributes: dict[str, Any],
+    ) -> None:  # fmt: skip
+        held = self.held.get(request_id)
+        traced = turn.traces.get(request_id) or (held.trace if held is not None else None)
+        if traced is not None:
+            attributes = {"aegaeon.request_id": request_id, **attributes}
+            record_span(name, traced.context, start_ns, end_ns, attributes)
+
+    async def _swap_out(self, turn: TurnState, done: TurnDone) -> None:
+        model = turn.command.model
         still_here = [rid for rid, h in self.held.items() if h.model == model]
         if not still_here:
             return
-        dropped = await self._on_engine(self.engine.swap_out, still_here)
+        host_free = self.engine.stats().host_kv_bytes_free
+        start_ns = time.time_ns()
+        with _tracer.start_as_current_span("aegaeon.kv_swap") as span:
+            dropped = await self._on_engine(self.engine.swap_out, still_here)
+            moved = max(0, host_free - self.engine.stats().host_kv_bytes_free)
+            span.set_attributes(
+                {"aegaeon.kv_swap.direction": "out", "aegaeon.kv_swap.bytes": moved,
+                 "aegaeon.kv_swap.request_ids": still_here, "aegaeon.kv_swap.dropped": len(dropped)}
+            )  # fmt: skip
         done.swapped_out = [rid for rid in still_here if rid not in dropped]
         done.recomputed = list(dropped)
+        metrics.KV_SWAP_BYTES.labels("out").inc(moved)
+        metrics.NUM_PREEMPTIONS.labels(model).inc(len(still_here))
+        end_ns = time.time_ns()
+        for rid in still_here:
+            held = self.held[rid]
+            # Dropped KV is recomputed: the request's next step here is a prefill again.
+            held.swapped = held.prefilled = rid not in dropped
+            self._request_span(turn, "aegaeon.kv_swap", rid, start_ns, end_ns,
+                               {"aegaeon.kv_swap.direction": "out" if held.swapped else "drop",
+                                "aegaeon.kv_swap.bytes": moved,
+                                "aegaeon.kv_swap.requests": len(still_here)})  # fmt: skip
 
     # ------------------------------------------------------------------ output
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
-from aegaeon.bus import Bus
+from aegaeon import metrics
+from aegaeon.bus import Bus, context_from
 from aegaeon.protocol import (
     DescribeModel,
     EnsureCached,
@@ -32,11 +34,13 @@ from aegaeon.protocol import (
     decode,
     encode,
 )
+from aegaeon.telemetry import tracer
 
 from .host_cache import CacheError, HostCache
 from .registry import Registry, RegistryScanner
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 MAX_CHUNK = 512 * 1024
 """Largest FetchFile chunk: well under NATS's 1 MiB payload limit."""
@@ -87,6 +91,7 @@ class ModelStoreService:
         self._subscriptions.append(
             await self.bus.subscribe(self.bus.subjects.heartbeat, Heartbeat, self.on_heartbeat)
         )
+        await self.bus.nc.flush()  # the server knows every subscription before start() returns
         await self.refresh(force=True)
 
     async def stop(self) -> None:
@@ -101,18 +106,23 @@ class ModelStoreService:
         """Decode, run ``handler``, reply. Bad input gets an error reply, never silence."""
 
         async def on_message(msg: Msg) -> None:
+            # A child of the asker's span: a worker's switch shows the cache load it waited for.
+            name = f"model-store.{msg.subject.rsplit('.', 1)[-1]}"
+            with _tracer.start_as_current_span(name, context=context_from(msg)):
+                reply = await answer(msg)
+            if msg.reply and reply is not None:
+                await msg.respond(encode(reply))
+
+        async def answer(msg: Msg) -> Any:
             try:
                 request = decode(msg.data, message_type)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                reply: Any = ModelReply(error=f"malformed {message_type.__name__}: {exc}")
-            else:
-                try:
-                    reply = await handler(request)
-                except Exception as exc:  # a bug must not take the store down
-                    log.exception("models handler failed on %s", msg.subject)
-                    reply = ModelReply(error=f"model-store error: {exc}")
-            if msg.reply and reply is not None:
-                await msg.respond(encode(reply))
+                return ModelReply(error=f"malformed {message_type.__name__}: {exc}")
+            try:
+                return await handler(request)
+            except Exception as exc:  # a bug must not take the store down
+                log.exception("models handler failed on %s", msg.subject)
+                return ModelReply(error=f"model-store error: {exc}")
 
         return on_message
 
@@ -124,6 +134,7 @@ class ModelStoreService:
             if force or time.monotonic() - self._scanned_at >= RESCAN_INTERVAL_S:
                 self._registry = await asyncio.to_thread(self.scanner.scan)
                 self._scanned_at = time.monotonic()
+                metrics.REGISTERED_MODELS.set(len(self._registry.models))
             return self._registry
 
     async def lookup(self, name: str) -> ModelInfo | None:
@@ -165,10 +176,17 @@ class ModelStoreService:
         too_large = self.check_fits_workers(info)
         if too_large:
             return ModelReply(error=too_large)
+        result = "hit" if self.cache.cached_path(info.name) is not None else "miss"
+        start = time.monotonic()
         try:
             path = await asyncio.to_thread(self.cache.ensure, info)
         except CacheError as exc:
             return ModelReply(error=str(exc))
+        elapsed = time.monotonic() - start
+        metrics.HOST_CACHE_ENSURE.labels(info.name, result).observe(elapsed)
+        trace.get_current_span().set_attributes(
+            {"aegaeon.model": info.name, "aegaeon.host_cache.result": result}
+        )
         return ModelReply(model=msgspec.structs.replace(info, cached=True, cache_path=str(path)))
 
     async def on_prefetch(self, request: PrefetchHint) -> ModelReply | None:

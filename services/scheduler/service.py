@@ -34,6 +34,7 @@ from aegaeon.scheduler.books import (
 from aegaeon.scheduler.policies import make_policy
 from aegaeon.scheduler.policies.base import ModelSpec, Policy, Slo, TurnPlan, TurnResult
 from aegaeon.scheduler.store import RequestStore
+from opentelemetry import trace
 
 from aegaeon import metrics
 from aegaeon.bus import Bus, context_from
@@ -56,7 +57,7 @@ from aegaeon.protocol import (
     WorkerError,
     WorkerEvent,
 )
-from aegaeon.telemetry import tracer
+from aegaeon.telemetry import NO_TRACE, RequestTrace, record_span, tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -108,6 +109,9 @@ class SchedulerService:
         self.requests: dict[str, TrackedRequest] = {}
         self.workers: dict[str, WorkerBook] = {}
         self._deferred_cancel: set[str] = set()  # ended mid-turn: tell the policy after turn_done
+        # request id → the gateway's trace context: spans and commands for one request name it,
+        # not whichever request's handler happened to trigger the dispatch.
+        self._traces: dict[str, RequestTrace] = {}
         self._turn_ids = itertools.count(time.time_ns() // 1000)  # unique across restarts
         self._tasks: set[asyncio.Task] = set()
         self.ready = asyncio.Event()  # set once the queue left by a previous run is re-admitted
@@ -204,6 +208,8 @@ class SchedulerService:
             rejection = self._admit(TrackedRequest(request))
             if rejection is not None:
                 await self.store.forget_queued(request.request_id)
+            else:
+                self._traces[request.request_id] = RequestTrace(context_from(msg))
         await self.bus.reply(msg, rejection or SubmitReply(accepted=True))
         await self._dispatch()
 
@@ -292,6 +298,7 @@ class SchedulerService:
         if worker is None:
             return  # died while we planned
         subject = self.subjects.worker_cmd(worker.worker_id)
+        started_ns = time.time_ns()
         for request_id in plan.request_ids:
             tracked = self.requests.get(request_id)
             if tracked is not None and request_id not in worker.holds:
@@ -306,12 +313,67 @@ class SchedulerService:
             max_steps=plan.max_steps,
             prefill_only=plan.prefill_only,
         )
-        await self.bus.publish(subject, command)
-        metrics.TURN_QUOTA.labels(plan.model).observe(plan.quota_s)
+        spans = self._dispatch_spans(plan, turn_id, worker.worker_id, started_ns)
+        # The worker's turn span goes under the batch's first request (the others link to it).
+        lead = trace.set_span_in_context(spans[0]) if spans else NO_TRACE
+        await self.bus.publish(subject, command, context=lead)
+        for span in spans:
+            span.end()
+        self._count_turn(plan)
         if plan.prefetch_model:
             await self.bus.publish(
-                self.subjects.models("prefetch"), PrefetchHint(plan.prefetch_model)
+                self.subjects.models("prefetch"), PrefetchHint(plan.prefetch_model), context=lead
             )
+
+    def _dispatch_spans(
+        self, plan: TurnPlan, turn_id: int, worker_id: str, started_ns: int
+    ) -> list[trace.Span]:
+        """One ``aegaeon.dispatch`` span per traced request of the turn, still open."""
+        attributes: dict[str, str | int | float | bool] = {
+            "aegaeon.turn_id": turn_id,
+            "aegaeon.worker_id": worker_id,
+            "aegaeon.model": plan.model,
+            "aegaeon.quota_s": plan.quota_s,
+            "aegaeon.batch_size": len(plan.request_ids),
+            "aegaeon.prefill_only": plan.prefill_only,
+            "aegaeon.swap_out_after": plan.swap_out_after,
+        }
+        spans = []
+        for request_id in plan.request_ids:
+            traced = self._traces.get(request_id)
+            if traced is not None:
+                spans.append(
+                    _tracer.start_span(
+                        "aegaeon.dispatch",
+                        context=traced.context,
+                        start_time=started_ns,
+                        attributes={**attributes, "aegaeon.request_id": request_id},
+                    )
+                )
+        return spans
+
+    def _count_turn(self, plan: TurnPlan) -> None:
+        metrics.TURN_QUOTA.labels(plan.model).observe(plan.quota_s)
+        metrics.TURNS_DISPATCHED.labels(plan.model).inc()
+        alpha = getattr(self.policy, "last_alpha", None)
+        if alpha is not None:
+            metrics.ROUND_ALPHA.set(float(alpha))
+
+    def _end_queue_wait(self, tracked: TrackedRequest, worker_id: str) -> None:
+        """The request reached a worker for the first time: its queue wait is over."""
+        traced = self._traces.get(tracked.request_id)
+        if traced is None or not traced.open:
+            return
+        traced.open = False
+        now = time.time_ns()
+        metrics.REQUEST_QUEUE_TIME.labels(tracked.submit.model).observe(
+            (now - traced.since_ns) / 1e9
+        )
+        record_span(
+            "aegaeon.queue_wait", traced.context, traced.since_ns, now,
+            {"aegaeon.request_id": tracked.request_id, "aegaeon.model": tracked.submit.model,
+             "aegaeon.worker_id": worker_id},
+        )  # fmt: skip
 
     async def _assign(self, worker: WorkerBook, tracked: TrackedRequest) -> None:
         """Send a worker a request; a recovered one continues after the tokens already sent."""
@@ -340,12 +402,16 @@ class SchedulerService:
                 self.subjects.worker_cmd(previous), AbortRequest(tracked.request_id)
             )
         s = tracked.submit
+        self._end_queue_wait(tracked, worker.worker_id)
+        traced = self._traces.get(s.request_id)
+        # The worker keeps this context for the request's own spans (prefill, decode turns).
         await self.bus.publish(
             self.subjects.worker_cmd(worker.worker_id),
             AssignRequest(
                 s.request_id, s.model, s.prompt_token_ids, s.sampling, s.gateway_id,
                 s.arrival_time, outputs,
             ),
+            context=traced.context if traced is not None else NO_TRACE,
         )  # fmt: skip
         self._spawn(self.store.mark_running(tracked.request_id, worker.worker_id))
 
@@ -513,6 +579,7 @@ class SchedulerService:
     def _forget(self, tracked: TrackedRequest) -> None:
         """Drop a request from the books and the policy (after the turn that holds it)."""
         self.requests.pop(tracked.request_id, None)
+        self._traces.pop(tracked.request_id, None)
         for worker in self.workers.values():
             worker.holds.discard(tracked.request_id)
         if any(w.in_turn(tracked.request_id) for w in self.workers.values()):
