@@ -103,6 +103,24 @@ class Generation:
     def request_id(self) -> str:
         return self.p.request_id
 
+    async def _request_admission(self, request: SubmitRequest) -> SubmitReply:
+        """Ask the scheduler. While none answers (one restarting takes a second or two), keep
+        asking until the submit timeout, so a scheduler restart is invisible to new requests."""
+        bus = self.s.bus
+        deadline = time.monotonic() + self.s.submit_timeout_s
+        pause = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await bus.request(
+                    bus.subjects.submit, request, SubmitReply, max(remaining, 0.1)
+                )
+            except NoRespondersError:
+                if remaining <= pause:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
     async def submit(self) -> None:
         """Record in Redis and hand to the scheduler. Raises APIError (nothing left behind)."""
         try:
@@ -118,10 +136,8 @@ class Generation:
             arrival_time=self.timings.arrival,
             api_key_id=self.api_key,
         )
-        bus = self.s.bus
         try:
-            subject = bus.subjects.submit
-            reply = await bus.request(subject, request, SubmitReply, self.s.submit_timeout_s)
+            reply = await self._request_admission(request)
         except NoRespondersError as exc:
             raise APIError(503, "No scheduler is running; try again.", retry_after=1.0) from exc
         except (NatsTimeoutError, TimeoutError) as exc:

@@ -3,6 +3,8 @@ and nothing at the scheduler."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -196,7 +198,8 @@ async def test_unknown_route_and_wrong_method_are_openai_errors(stack):
 
 async def test_no_scheduler_answering_is_503_with_retry_after(stack):
     await stack.backend.stop()  # nobody answers requests.submit any more
-    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+    # The gateway keeps asking for the whole submit timeout (a restarting scheduler comes back).
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:
         response = await http.post(COMPLETIONS, json={"model": "tiny", "prompt": "x"})
     # The model directory still knows "tiny" from its cache only if fetched before; either way
     # the answer is a 503 with Retry-After and nothing left behind.
@@ -204,6 +207,22 @@ async def test_no_scheduler_answering_is_503_with_retry_after(stack):
     assert "retry-after" in response.headers
     await stack.settle()
     assert await stack.request_keys() == []
+
+
+async def test_a_scheduler_that_comes_back_within_the_submit_timeout_serves_the_request(stack):
+    await stack.backend.stop()  # a scheduler restarting: nobody answers for a moment
+
+    async def come_back() -> None:
+        await asyncio.sleep(0.5)
+        await stack.backend.start()
+
+    returning = asyncio.create_task(come_back())
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as http:
+        response = await http.post(
+            COMPLETIONS, json={"model": "tiny", "prompt": "x", "max_tokens": 2}
+        )
+    await returning
+    assert response.status_code == 200, response.text
 
 
 async def test_empty_prompt_is_400(stack):
