@@ -42,6 +42,9 @@ class Bus:
         self.nc = nc
         self.config = config
         self.subjects = Subjects(config.prefix)
+        # Called after each reconnect: core NATS is at-most-once, so whatever was published
+        # while this or another client was away may be lost and needs checking.
+        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
@@ -50,8 +53,15 @@ class Bus:
         async def on_disconnect() -> None:
             log.warning("%s: disconnected from NATS", name)
 
+        holder: list[Bus] = []
+
         async def on_reconnect() -> None:
             log.warning("%s: reconnected to NATS", name)
+            for listener in holder[0].reconnect_listeners if holder else []:
+                try:
+                    await listener()
+                except Exception:
+                    log.exception("reconnect listener failed")
 
         async def on_error(exc: Exception) -> None:
             log.debug("%s: NATS error: %s", name, exc)
@@ -68,7 +78,9 @@ class Bus:
             error_cb=on_error,
             **options,
         )
-        return cls(nc, config)
+        bus = cls(nc, config)
+        holder.append(bus)
+        return bus
 
     async def publish(
         self, subject: str, message: Any, context: otel_context.Context | None = None

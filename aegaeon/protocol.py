@@ -213,6 +213,9 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     host_kv_bytes_free: int = 0
     num_requests: int = 0
     draining: bool = False
+    # The turn being executed (None: idle). A scheduler that believes a turn is running while
+    # the worker says it is idle lost the TurnDone (e.g. in a NATS restart) and moves on.
+    turn_id: int | None = None
 
 
 class WorkerState(msgspec.Struct, omit_defaults=True):

@@ -65,6 +65,7 @@ class Gateway:
         self._bus = await Bus.connect(s.bus, name=f"gateway-{s.gateway_id}")
         self._redis = aioredis.from_url(s.bus.redis_url)
         await self.router.start(self._bus, s.gateway_id)
+        self._bus.reconnect_listeners.append(self.router.on_reconnect)
         await self.cluster.start(self._bus)
         self._models = ModelDirectory(self._bus, ttl_s=s.models_ttl_s)
         self._tokenizers = TokenizerCache(self._bus, s.tokenizer_cache_dir)

@@ -200,6 +200,7 @@ class WorkerService:
             host_kv_bytes_free=stats.host_kv_bytes_free,
             num_requests=len(self.held),
             draining=draining,
+            turn_id=self.turn.command.turn_id if self.turn else None,
         )
         try:
             await self.bus.publish(self.subjects.heartbeat, beat)

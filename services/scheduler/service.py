@@ -60,6 +60,10 @@ from aegaeon.protocol import (
 from aegaeon.telemetry import NO_TRACE, RequestTrace, record_span, tracer
 
 log = logging.getLogger(__name__)
+
+LOST_TURN_GRACE_S = 3.0
+"""How long after sending a turn a worker may still report no turn before it counts as lost
+(the RunTurn may wait behind other commands)."""
 _tracer = tracer(__name__)
 
 EstimatorFactory = Callable[[dict[str, ModelSpec]], Any]
@@ -434,6 +438,10 @@ class SchedulerService:
         view = self._policy.instances.get(beat.worker_id)
         if view is not None:
             refresh_view(view, beat)
+        if self._turn_lost(worker, beat):
+            log.warning("worker %s is idle but turn %s never reported: its TurnDone was lost",
+                        worker.worker_id, worker.turn_id)  # fmt: skip
+            self._end_turn(worker, TurnResult(steps=0, elapsed_s=0.0))
         if beat.draining and not worker.draining:
             worker.draining = True
             log.info("worker %s is draining", beat.worker_id)
@@ -454,6 +462,12 @@ class SchedulerService:
                 )
                 self._end_turn(worker, TurnResult(steps=0, elapsed_s=0.0))
         await self._dispatch()
+
+    def _turn_lost(self, worker: WorkerBook, beat: Heartbeat) -> bool:
+        """The worker reports no turn (or another one) well after ours was sent."""
+        if worker.turn is None or beat.turn_id == worker.turn_id:
+            return False
+        return time.monotonic() - worker.turn_sent_at > LOST_TURN_GRACE_S
 
     def _turn_overdue(self, worker: WorkerBook, now: float) -> bool:
         if worker.turn is None:
@@ -516,10 +530,30 @@ class SchedulerService:
             step_times_s=step_times(event),
         )
         plan = self._end_turn(worker, result)
+        await self._rerun_vanished(worker, plan, event)
         await self._hand_off(worker, plan)
         if worker.draining:
             await self._retire(worker.worker_id, "drained")
         await self._dispatch()
+
+    async def _rerun_vanished(self, worker: WorkerBook, plan: TurnPlan, event: TurnDone) -> None:
+        """Requests of the turn the worker no longer holds, yet never reported finished (their
+        RequestDone was lost): re-run them from the tokens in Redis (or just finish them)."""
+        for request_id in plan.request_ids:
+            tracked = self.requests.get(request_id)
+            if tracked is None or tracked.worker != worker.worker_id:
+                continue
+            if request_id in event.progress or request_id in event.finished:
+                continue
+            log.warning("request %s vanished from %s: re-running it", request_id, worker.worker_id)
+            worker.holds.discard(request_id)
+            self.requests.pop(request_id)
+            if request_id in self._policy.requests:
+                self._policy.cancel(request_id)
+            tracked.worker, tracked.recovered = None, True
+            rejection = self._check_resumable(tracked) or self._admit(tracked)
+            if rejection is not None:
+                await self._fail(tracked, f"request lost on {worker.worker_id}; {rejection.reason}")
 
     def _end_turn(self, worker: WorkerBook, result: TurnResult) -> TurnPlan:
         """The worker is idle again: tell the policy, then the cancels that waited for it."""

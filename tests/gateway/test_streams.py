@@ -43,3 +43,31 @@ async def test_router_fans_a_batch_out_and_ignores_closed_requests():
     await router.on_batch(batch, None)  # type: ignore[arg-type]
     assert [e.token_ids for e in drain(a)] == [[7]]
     assert drain(b) == []
+
+
+def test_a_gap_in_token_indices_ends_the_stream_with_an_explicit_error():
+    from aegaeon.gateway.streams import RequestStream
+
+    stream = RequestStream("r")
+    stream.put(TokenEvent("r", 0, [1, 2]))
+    stream.put(TokenEvent("r", 5, [9]))  # tokens 2..4 were lost in transit
+    stream.put(TokenEvent("r", 6, [10]))  # nothing after the error reaches the client
+    events = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+    assert [e.token_ids for e in events] == [[1, 2], []]
+    assert events[-1].finish_reason == "error" and "lost" in events[-1].error
+
+
+async def test_a_stream_silent_after_a_bus_reconnect_ends_with_an_error(monkeypatch):
+    import asyncio
+
+    from aegaeon.gateway import streams
+
+    monkeypatch.setattr(streams, "LOST_EVENTS_GRACE_S", 0.05)
+    router = streams.StreamRouter()
+    silent, lively = router.open("silent"), router.open("lively")
+    await router.on_reconnect()
+    lively.put(TokenEvent("lively", 0, [3]))
+    await asyncio.sleep(0.2)
+    assert silent.queue.get_nowait().finish_reason == "error"
+    assert lively.queue.get_nowait().token_ids == [3]
+    assert lively.queue.empty()
