@@ -85,6 +85,7 @@ class FakeWorker:
         self.draining = False
         self.crash_on_last_token = False
         self.role = role
+        self.weight_budget_bytes = 0  # 0: not reported
         self.alive = True
         self._tasks: list[asyncio.Task] = []
 
@@ -99,6 +100,7 @@ class FakeWorker:
             beat = Heartbeat(
                 self.worker_id, "cpu", self.role, time.time(), kv_blocks_total=64,  # type: ignore[arg-type]
                 kv_blocks_free=64, num_requests=len(self.held), draining=self.draining,
+                weight_budget_bytes=self.weight_budget_bytes,
             )  # fmt: skip
             await self.bus.publish(self.bus.subjects.heartbeat, beat)
             await asyncio.sleep(0.1)
@@ -324,6 +326,16 @@ async def test_unknown_model_is_rejected_with_404(harness):
     await harness.scheduler()
     reply = await harness.submit("r1", model="nope")
     assert (reply.accepted, reply.status) == (False, 404)
+
+
+async def test_a_model_larger_than_every_workers_weight_budget_is_refused_clearly(harness):
+    worker = await harness.worker("w1")
+    worker.weight_budget_bytes = 1 << 19  # the test models have 1 MiB of weights
+    await asyncio.sleep(0.3)  # a heartbeat with the budget
+    await harness.scheduler()
+    reply = await harness.submit("r1")
+    assert (reply.accepted, reply.status) == (False, 400)
+    assert "no worker can serve it" in reply.reason
 
 
 async def test_prompt_longer_than_the_context_is_rejected_with_413(harness):
