@@ -101,8 +101,15 @@ def engine_step_times(
     models_dir: Path, model: str, prompts: list[list[int]], max_tokens: int
 ) -> list[list[float]]:
     """Per-token step times of the same requests on an in-process engine (batch 1)."""
+    import os
+
+    import torch
+
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
 
+    # The same thread count the stack's worker uses (`serve worker --threads` default), so the
+    # difference measured is the path, not the engine's configuration.
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     engine = Engine(EngineConfig(device="cpu"))
     try:
         engine.register_model(model, models_dir / model)
