@@ -126,6 +126,7 @@ class Generation:
         try:
             await self._record_arrival()
         except RedisError as exc:
+            log.warning("%s: Redis unavailable at arrival: %s", self.request_id, exc)
             raise APIError(503, "Request metadata store unavailable.", retry_after=1.0) from exc
         request = SubmitRequest(
             request_id=self.request_id,

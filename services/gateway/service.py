@@ -63,7 +63,12 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self._bus = await Bus.connect(s.bus, name=f"gateway-{s.gateway_id}")
-        self._redis = aioredis.from_url(s.bus.redis_url)
+        # A bounded, blocking pool: a burst of hundreds of new streams waits briefly for a
+        # connection instead of opening hundreds of sockets at once (a connect storm fails some).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.bus.redis_url, max_connections=64, timeout=10
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         await self.router.start(self._bus, s.gateway_id)
         self._bus.reconnect_listeners.append(self.router.on_reconnect)
         await self.cluster.start(self._bus)
