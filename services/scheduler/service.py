@@ -206,6 +206,7 @@ class SchedulerService:
     async def _submit(self, request: SubmitRequest, msg: Any) -> None:
         if request.model not in self.models:
             await self._load_models()  # it may have been registered a moment ago
+        await self._wait_for_a_worker()
         rejection = self._check_admission(request)
         if rejection is None and request.request_id not in self.requests:
             await self.store.persist(request)
@@ -216,6 +217,13 @@ class SchedulerService:
                 self._traces[request.request_id] = RequestTrace(context_from(msg))
         await self.bus.reply(msg, rejection or SubmitReply(accepted=True))
         await self._dispatch()
+
+    async def _wait_for_a_worker(self) -> None:
+        """Just after a (re)start the workers' heartbeats have not arrived yet: wait one
+        heartbeat timeout for a worker before answering "no worker available"."""
+        deadline = time.monotonic() + self.config.heartbeat_timeout_s
+        while not self._live_workers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _check_admission(self, request: SubmitRequest) -> SubmitReply | None:
         """Reasons to refuse before the policy is asked (None: go ahead)."""
