@@ -90,11 +90,10 @@ def find_service(stack: StackProcess, *words: str) -> psutil.Process:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Iterator[dict[str, ServerProcess]]:
     base = tmp_path_factory.mktemp("fault-servers")
-    nats_server = start_nats(base / "nats")
-    redis_server = start_redis(base / "redis")
-    yield {"nats": nats_server, "redis": redis_server}
-    nats_server.stop()
-    redis_server.stop()
+    servers = {"nats": start_nats(base / "nats"), "redis": start_redis(base / "redis")}
+    yield servers
+    for server in servers.values():  # the restarted ones, not only the first
+        server.stop()
 
 
 @pytest.fixture(scope="module")
