@@ -217,6 +217,7 @@ def test_aegaeon_policy_keeps_tokens_exact_when_kv_is_swapped_and_weights_switch
             watcher = asyncio.create_task(watch_events(servers[0].url, subject, events, ready, stop))  # fmt: skip
             await ready.wait()
             results = await asyncio.to_thread(send_all, running.url, trace)
+            await asyncio.sleep(1.0)  # the last TurnDone follows the last token: let it arrive
             stop.set()
             await watcher
             return results

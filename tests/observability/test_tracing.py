@@ -44,7 +44,10 @@ def only(spans: list[SpanRecord], name: str) -> SpanRecord:
 def test_one_trace_holds_the_gateway_scheduler_and_worker_spans_of_a_request(observed):
     model = cold_models(observed.stack.url)[0]  # cold: its turn must switch it in
     trace_id, client_span = traced_request(observed, model, max_tokens=6)
-    spans = observed.receiver.wait_for(trace_id, {*REQUEST_TREE, f"chat {model}"})
+    # Each service exports on its own schedule: wait for the model-store's span too.
+    spans = observed.receiver.wait_for(
+        trace_id, {*REQUEST_TREE, f"chat {model}", "model-store.ensure"}
+    )
     names = {s.name for s in spans}
     assert names >= REQUEST_TREE, REQUEST_TREE - names
 
