@@ -113,3 +113,20 @@ def model_weight_files(model_dir: str | Path) -> list[Path]:
             )
         return [model_dir / f for f in files]
     raise WeightsError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """A model's KV cache per token: per layer a key and a value of kv_heads x head_dim.
+    The engine sizes its blocks from it; the model-store reports bytes per token."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def block_elems(self, block_size: int) -> int:
+        """Elements of one KV block of ``block_size`` tokens."""
+        return self.layers * 2 * block_size * self.kv_heads * self.head_dim
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes

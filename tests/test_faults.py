@@ -135,18 +135,6 @@ def assert_exact_or_explicit_error(results: list[dict], references: list[str]) -
             assert expected.startswith("".join(result["pieces"]))
 
 
-def wait_healthy(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("stack not healthy again")
-
-
 def test_killing_a_worker_mid_stream_loses_no_token(stack, references):
     def kill_busy_worker() -> None:
         find_service(stack, "worker", "--worker-id", "worker-0").send_signal(signal.SIGKILL)
@@ -154,7 +142,7 @@ def test_killing_a_worker_mid_stream_loses_no_token(stack, references):
     results = run_with_fault(stack.url, kill_busy_worker)
     assert all(r.get("done") for r in results), results
     assert_exact_or_explicit_error(results, references)
-    wait_healthy(stack.url)
+    stack.wait_ready()
 
 
 def test_sigterm_drains_a_worker_without_losing_tokens(stack, references):
@@ -164,7 +152,7 @@ def test_sigterm_drains_a_worker_without_losing_tokens(stack, references):
     results = run_with_fault(stack.url, drain_worker)
     assert all(r.get("done") for r in results), results
     assert_exact_or_explicit_error(results, references)
-    wait_healthy(stack.url)
+    stack.wait_ready()
 
 
 def test_scheduler_restart_keeps_requests_going(stack, references):
@@ -173,7 +161,7 @@ def test_scheduler_restart_keeps_requests_going(stack, references):
 
     results = run_with_fault(stack.url, kill_scheduler)
     assert_exact_or_explicit_error(results, references)
-    wait_healthy(stack.url)
+    stack.wait_ready()
     # Served again after the restart.
     after = asyncio.run(stream_tokens(stack.url, PROMPTS[0]))
     assert after.get("done") and "".join(after["pieces"]) == references[0]
@@ -189,7 +177,7 @@ def test_nats_restart_ends_requests_cleanly_and_service_resumes(stack, servers, 
 
     results = run_with_fault(stack.url, restart_nats)
     assert_exact_or_explicit_error(results, references)
-    wait_healthy(stack.url)
+    stack.wait_ready()
     after = asyncio.run(stream_tokens(stack.url, PROMPTS[1]))
     assert after.get("done") and "".join(after["pieces"]) == references[1]
 
@@ -205,6 +193,6 @@ def test_redis_restart_ends_requests_cleanly_and_service_resumes(stack, servers,
 
     results = run_with_fault(stack.url, restart_redis)
     assert_exact_or_explicit_error(results, references)
-    wait_healthy(stack.url)
+    stack.wait_ready()
     after = asyncio.run(stream_tokens(stack.url, PROMPTS[2]))
     assert after.get("done") and "".join(after["pieces"]) == references[2]

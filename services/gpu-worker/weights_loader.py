@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aegaeon.weights import SafetensorsIndex, WeightsError, read_index
+from aegaeon.weights import KVShape, SafetensorsIndex, WeightsError, read_index
 
 NATIVE_TYPES = {"llama", "qwen2", "mistral"}
 """model_type values the native paged-KV runner serves (the Llama family)."""
@@ -27,18 +27,6 @@ TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 class ModelError(ValueError):
     """A model folder or weights file cannot be served. The message names the file."""
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """The shape of one KV block of a model: layers x 2 (K, V) x block_size x kv_heads x head_dim."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    def block_elems(self, block_size: int) -> int:
-        return self.layers * 2 * block_size * self.kv_heads * self.head_dim
 
 
 @dataclass

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from aegaeon.protocol import ModelInfo
-from aegaeon.weights import SAFETENSORS_DTYPES, WeightsError, model_weight_files, read_index
+from aegaeon.weights import (
+    SAFETENSORS_DTYPES,
+    KVShape,
+    WeightsError,
+    model_weight_files,
+    read_index,
+)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """A model name is a file name and a NATS subject token: no dots, slashes, spaces or wildcards."""
@@ -79,18 +85,6 @@ def _require_int(config: dict[str, Any], key: str, path: Path) -> int:
     if not isinstance(value, int) or value <= 0:
         raise ModelError(f"{path}/config.json: '{key}' must be a positive integer, got {value!r}")
     return value
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """What one token of KV cache holds: per layer, a key and a value of kv_heads x head_dim."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    def bytes_per_token(self, dtype_bytes: int) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes
 
 
 def kv_shape(config: dict[str, Any], path: Path) -> KVShape:
