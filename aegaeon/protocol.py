@@ -83,6 +83,27 @@ class CancelRequest(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- scheduler → worker
 
 
+class KVHandle(msgspec.Struct, frozen=True):
+    """Where an exported request's KV lies in a host KV pool on this node (prefill → decode).
+
+    The bytes are ``num_blocks`` whole blocks of shape [layers, 2, block_size, kv_heads, head_dim]
+    in ``dtype``, holding the KV of the first ``num_tokens`` tokens of prompt + outputs.
+    Produced by ``Engine.export_kv``, sent in ``TurnDone.exported``, carried in
+    ``AssignRequest.kv``, consumed by ``Engine.import_kv``.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+    num_tokens: int
+    num_blocks: int
+    block_size: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
 class AssignRequest(msgspec.Struct, tag="assign", omit_defaults=True):
     """scheduler → worker: take ownership of a request (it waits for prefill in a turn)."""
 
@@ -93,6 +114,11 @@ class AssignRequest(msgspec.Struct, tag="assign", omit_defaults=True):
     gateway_id: str
     arrival_time: float
     output_token_ids: list[int] = []
+    # Prefill → decode hand-off on one node: the request's KV lies in ``kv_source``'s host KV pool;
+    # the worker copies it into its own pool and decodes without a re-prefill (then reports
+    # KVImported, after which the scheduler lets the source free it).
+    kv: KVHandle | None = None
+    kv_source: str | None = None
 
 
 class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
@@ -103,6 +129,8 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     or a Preempt arrives. With ``swap_out_after`` it moves the batch's KV to the host pool at
     the end so the next model has room. ``prefetch_model`` is staged while the turn runs.
     ``prefill_only``: stop after the prefill step (prefill instances, grouped prefill).
+    ``export_kv``: request ids whose KV the worker leaves in its host KV pool after the turn for
+    a decode worker on the same node (their handles come back in ``TurnDone.exported``).
     """
 
     turn_id: int
@@ -113,6 +141,7 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     swap_out_after: bool = False
     max_steps: int | None = None
     prefill_only: bool = False
+    export_kv: list[str] = []
 
 
 class Preempt(msgspec.Struct, tag="preempt", omit_defaults=True):
@@ -144,7 +173,13 @@ WorkerCommand = AssignRequest | RunTurn | Preempt | AbortRequest | PrefetchModel
 
 
 class TurnDone(msgspec.Struct, tag="turn_done", omit_defaults=True):
-    """worker → scheduler: a RunTurn ended. Timings feed the estimators."""
+    """worker → scheduler: a RunTurn ended. Timings feed the estimators.
+
+    ``switch_s`` is the time the turn waited for its model's weights (what prefetching did not
+    hide); ``switch_bytes`` were copied while the turn waited, ``prefetched_bytes`` in the
+    background while an earlier turn decoded. ``exported``: handles of the KV left in this
+    worker's host pool for ``RunTurn.export_kv``.
+    """
 
     worker_id: str
     turn_id: int
@@ -160,6 +195,9 @@ class TurnDone(msgspec.Struct, tag="turn_done", omit_defaults=True):
     recomputed: list[str] = []
     # Requests still held on the worker with their generated length, for the scheduler's books.
     progress: dict[str, int] = {}
+    switch_bytes: int = 0
+    prefetched_bytes: int = 0
+    exported: dict[str, KVHandle] = {}
 
 
 class RequestDone(msgspec.Struct, tag="request_done", omit_defaults=True):
@@ -173,13 +211,30 @@ class RequestDone(msgspec.Struct, tag="request_done", omit_defaults=True):
 
 
 class SwitchDone(msgspec.Struct, tag="switch_done", omit_defaults=True):
-    """worker → scheduler: the resident model changed."""
+    """worker → scheduler: the resident model changed. ``seconds``: how long the turn waited
+    for the weights; ``bytes``: copied while it waited; ``prefetched_bytes``: copied in the
+    background (prefetch) before the switch began."""
 
     worker_id: str
     from_model: str | None
     to_model: str
     seconds: float
     bytes: int
+    prefetched_bytes: int = 0
+
+
+class KVImported(msgspec.Struct, tag="kv_imported", omit_defaults=True):
+    """worker → scheduler: the KV handed over from ``source_worker`` is now in this worker's
+    host pool (``ok``), so the source may free its copy; or the import failed (``message``) and
+    the request will be re-prefilled here from prompt + tokens."""
+
+    worker_id: str
+    request_id: str
+    source_worker: str
+    ok: bool
+    seconds: float = 0.0
+    bytes: int = 0
+    message: str = ""
 
 
 class WorkerError(msgspec.Struct, tag="error", omit_defaults=True):
@@ -191,7 +246,7 @@ class WorkerError(msgspec.Struct, tag="error", omit_defaults=True):
     turn_id: int | None = None
 
 
-WorkerEvent = TurnDone | RequestDone | SwitchDone | WorkerError
+WorkerEvent = TurnDone | RequestDone | SwitchDone | KVImported | WorkerError
 
 
 class Heartbeat(msgspec.Struct, omit_defaults=True):
@@ -204,6 +259,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     # New for every process: a worker restarted under the same id (faster than the heartbeat
     # timeout) holds none of its predecessor's requests, and the scheduler must notice.
     incarnation: str = ""
+    node: str = ""  # the host (shared memory) this worker runs on: KV hand-off needs the same node
     resident_model: str | None = None
     arena_bytes: int = 0
     weight_budget_bytes: int = 0

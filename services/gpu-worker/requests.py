@@ -5,28 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
+from aegaeon.protocol import KVHandle as KVHandle  # defined once, on the wire
 from aegaeon.protocol import SamplingParams
-
-
-class KVHandle(msgspec.Struct, frozen=True):
-    """Where an exported request's KV lies in a host pool on this node (prefill → decode worker).
-
-    The bytes are ``num_blocks`` whole blocks of shape [layers, 2, block_size, kv_heads, head_dim]
-    in ``dtype``, holding the KV of the first ``num_tokens`` tokens of prompt + outputs.
-    """
-
-    path: str
-    offset: int
-    nbytes: int
-    num_tokens: int
-    num_blocks: int
-    block_size: int
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
 
 
 @dataclass
