@@ -121,11 +121,24 @@ async def test_models_lists_every_registered_model_even_when_nothing_is_loaded(s
     assert all(c["owned_by"] == "aegaeon" for c in cards.values())
 
 
+async def poll(check, timeout: float = 30.0):
+    """Call ``check()`` until it returns something truthy (the gateway hears heartbeats on its
+    own subscription: wait for the effect, not for a fixed time); returns the last result."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await check()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    return result
+
+
 async def test_models_shows_where_a_model_is_resident(stack):
     await stack.backend.beat("w7", resident="tiny")
-    await asyncio.sleep(0.05)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        cards = {c["id"]: c for c in (await http.get("/v1/models")).json()["data"]}
+
+        async def cards_once_resident():
+            cards = {c["id"]: c for c in (await http.get("/v1/models")).json()["data"]}
+            return cards if cards["tiny"]["resident_on"] else None
+
+        cards = await poll(cards_once_resident)
     assert cards["tiny"]["state"] == "resident" and cards["tiny"]["resident_on"] == ["w7"]
     assert cards["cold-one"]["state"] == "cold"
 
@@ -134,8 +147,12 @@ async def test_health_is_503_until_a_scheduler_and_a_worker_are_seen(stack):
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         before = await http.get("/health")
         await stack.backend.beat("w1")
-        await asyncio.sleep(0.05)
-        after = await http.get("/health")
+
+        async def healthy():
+            response = await http.get("/health")
+            return response if response.status_code == 200 else None
+
+        after = await poll(healthy) or await http.get("/health")
     assert before.status_code == 503
     assert set(before.json()["missing"]) == {"scheduler", "worker"}
     assert before.json()["nats"] and before.json()["redis"]
@@ -147,11 +164,15 @@ async def test_health_goes_503_when_heartbeats_stop(stack, monkeypatch):
     from aegaeon.gateway import cluster
 
     await stack.backend.beat("w1")
-    await asyncio.sleep(0.05)
-    monkeypatch.setattr(cluster, "FRESH_S", 0.01)
-    await asyncio.sleep(0.05)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        response = await http.get("/health")
+
+        async def health_is(status: int):
+            response = await http.get("/health")
+            return response if response.status_code == status else None
+
+        assert await poll(lambda: health_is(200))  # the heartbeat was heard
+        monkeypatch.setattr(cluster, "FRESH_S", 0.01)
+        response = await poll(lambda: health_is(503)) or await http.get("/health")
     assert response.status_code == 503
     assert set(response.json()["missing"]) == {"scheduler", "worker"}
 

@@ -4,7 +4,7 @@ real OTLP/HTTP receiver run by the test."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -39,19 +39,29 @@ def observed(
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
         }
-        with StackProcess(home, models_dir=demo_models_dir, env=env) as stack:
+        # A tight SLO keeps turns short, so requests of two models on the one worker take turns.
+        slo = ["--slo-ttft", "1.0", "--slo-tbt", "0.02"]
+        with StackProcess(home, models_dir=demo_models_dir, env=env, extra_args=slo) as stack:
             targets = json.loads((home / "prometheus-targets.json").read_text())
             urls = {t["labels"]["service"]: f"http://{t['targets'][0]}/metrics" for t in targets}
             yield ObservedStack(stack, receiver, urls)
 
 
-def stream_chat(base_url: str, model: str, max_tokens: int, headers: dict[str, str]) -> list[str]:
-    """One streamed chat completion; returns its SSE data lines (the last is ``[DONE]``)."""
+def stream_chat(
+    base_url: str,
+    model: str,
+    max_tokens: int,
+    headers: dict[str, str],
+    on_first_token: Callable[[], None] | None = None,
+) -> list[str]:
+    """One streamed chat completion of exactly ``max_tokens`` tokens; returns its SSE data lines
+    (the last is ``[DONE]``). ``on_first_token`` is called when the first token arrives."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "Say something about the sea."}],
         "max_tokens": max_tokens,
         "temperature": 0,
+        "ignore_eos": True,
         "stream": True,
     }
     lines = []
@@ -62,6 +72,8 @@ def stream_chat(base_url: str, model: str, max_tokens: int, headers: dict[str, s
         for line in response.iter_lines():
             if line.startswith("data: "):
                 lines.append(line.removeprefix("data: "))
+                if on_first_token is not None and len(lines) == 2:  # role chunk, then a token
+                    on_first_token()
     return lines
 
 

@@ -7,6 +7,7 @@ import gzip
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -115,12 +116,20 @@ class OtlpReceiver:
         with self._lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout: float = 20.0) -> list[SpanRecord]:
+    def wait_for(self, trace_id: str, names: set[str], timeout: float = 60.0) -> list[SpanRecord]:
         """The trace's spans once every name in ``names`` arrived (or what came by the timeout)."""
+        return self.wait_until(trace_id, lambda spans: names <= {s.name for s in spans}, timeout)
+
+    def wait_until(
+        self, trace_id: str, complete: Callable[[list[SpanRecord]], bool], timeout: float = 60.0
+    ) -> list[SpanRecord]:
+        """The trace's spans once ``complete(spans)`` holds (or what came by the timeout): each
+        service exports on its own schedule, so a span named once may still have siblings on
+        the way."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             spans = self.trace(trace_id)
-            if names <= {s.name for s in spans}:
+            if complete(spans):
                 return spans
             time.sleep(0.1)
         return self.trace(trace_id)

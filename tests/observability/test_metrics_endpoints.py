@@ -35,7 +35,7 @@ def has(series: dict, name: str, **labels: str) -> bool:
     return any(labels.items() <= got.items() for got, _ in series.get(name, []))
 
 
-def scrape_until(url: str, ready, timeout: float = 10.0) -> dict:
+def scrape_until(url: str, ready, timeout: float = 60.0) -> dict:
     """Scrape until ``ready(series)`` (gauges are refreshed about once a second)."""
     deadline = time.monotonic() + timeout
     series = scrape(url)
@@ -98,7 +98,8 @@ def test_scheduler_metrics_show_queues_quotas_and_queue_time_per_model(served):
 
 def test_worker_metrics_show_switches_steps_kv_use_and_the_resident_model(served):
     url = served.metrics_urls["worker-0"]
-    s = scrape_until(url, lambda s: "aegaeon:resident_models" in s)
+    # The resident gauge is sampled with each heartbeat: wait for the one after the switch.
+    s = scrape_until(url, lambda s: value(s, "aegaeon:resident_models", model_name=MODEL) == 1)
     assert value(s, "aegaeon:engine_step_seconds_count", model_name=MODEL) >= 5
     assert value(s, "aegaeon:model_switches_total", model_name=MODEL) >= 1
     assert value(s, "aegaeon:model_switch_latency_seconds_count", model_name=MODEL) >= 1

@@ -4,6 +4,8 @@ OTLP/HTTP receiver that the stack's exporters send to."""
 from __future__ import annotations
 
 import secrets
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,13 +28,28 @@ REQUEST_TREE = {
 }
 
 
-def traced_request(observed: ObservedStack, model: str, max_tokens: int) -> tuple[str, str]:
+def traced_request(
+    observed: ObservedStack,
+    model: str,
+    max_tokens: int,
+    on_first_token: Callable[[], None] | None = None,
+) -> tuple[str, str]:
     """Stream one request under a client span of our own; returns (trace id, client span id)."""
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     headers = {"traceparent": f"00-{trace_id}-{span_id}-01"}
-    lines = stream_chat(observed.stack.url, model, max_tokens, headers)
+    lines = stream_chat(observed.stack.url, model, max_tokens, headers, on_first_token)
     assert lines[-1] == "[DONE]"
     return trace_id, span_id
+
+
+def decode_steps(spans: list[SpanRecord]) -> int:
+    return sum(
+        s.attributes["aegaeon.steps"] for s in spans if s.name == "aegaeon.request.decode_turn"
+    )
+
+
+def swap_directions(spans: list[SpanRecord]) -> set[str]:
+    return {s.attributes["aegaeon.kv_swap.direction"] for s in spans if s.name == "aegaeon.kv_swap"}
 
 
 def only(spans: list[SpanRecord], name: str) -> SpanRecord:
@@ -44,9 +61,18 @@ def only(spans: list[SpanRecord], name: str) -> SpanRecord:
 def test_one_trace_holds_the_gateway_scheduler_and_worker_spans_of_a_request(observed):
     model = cold_models(observed.stack.url)[0]  # cold: its turn must switch it in
     trace_id, client_span = traced_request(observed, model, max_tokens=6)
-    # Each service exports on its own schedule: wait for the model-store's span too.
-    spans = observed.receiver.wait_for(
-        trace_id, {*REQUEST_TREE, f"chat {model}", "model-store.ensure"}
+    # Each service exports on its own schedule: wait for the model-store's span and for the
+    # spans of every turn (all 6 tokens' decode-turn spans, a decode turn's dispatch).
+    names = {*REQUEST_TREE, f"chat {model}", "model-store.ensure"}
+    spans = observed.receiver.wait_until(
+        trace_id,
+        lambda spans: (
+            names <= {s.name for s in spans}
+            and decode_steps(spans) >= 6
+            and any(
+                s.name == "aegaeon.dispatch" and s.attributes["aegaeon.quota_s"] > 0 for s in spans
+            )
+        ),
     )
     names = {s.name for s in spans}
     assert names >= REQUEST_TREE, REQUEST_TREE - names
@@ -99,15 +125,27 @@ def test_one_trace_holds_the_gateway_scheduler_and_worker_spans_of_a_request(obs
 
 def test_requests_that_share_a_worker_each_trace_their_switches_and_kv_swaps(observed):
     first, second = cold_models(observed.stack.url)[:2]
+    # Force the interleaving: the second request arrives while the first is decoding, and each
+    # has far more tokens than one turn's quota holds (the stack's SLO makes quotas short), so
+    # the two models must take turns on the one worker, swapping their KV out and back in.
+    first_is_decoding = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(traced_request, observed, m, 24) for m in (first, second)]
+        jobs = [pool.submit(traced_request, observed, first, 400, first_is_decoding.set)]
+        assert first_is_decoding.wait(120)
+        jobs.append(pool.submit(traced_request, observed, second, 400))
         traces = [job.result()[0] for job in jobs]
     for trace_id in traces:
         spans = observed.receiver.wait_for(trace_id, REQUEST_TREE)
         assert {s.name for s in spans} >= REQUEST_TREE
-    swaps = [s for t in traces for s in observed.receiver.trace(t) if s.name == "aegaeon.kv_swap"]
+    receiver = observed.receiver
+    receiver.wait_until(
+        traces[1],
+        lambda _: (
+            {"out", "in"} <= swap_directions(receiver.trace(traces[0]) + receiver.trace(traces[1]))
+        ),
+    )
+    swaps = [s for t in traces for s in receiver.trace(t) if s.name == "aegaeon.kv_swap"]
     directions = {s.attributes["aegaeon.kv_swap.direction"] for s in swaps}
-    # Two models on one worker take turns: KV leaves the device between turns and comes back.
     assert {"out", "in"} <= directions, directions
     for swap in swaps:
         assert swap.service == "gpu-worker"
