@@ -305,7 +305,10 @@ def ready_banner(url: str, models: list[str]) -> str:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """No one listens on the port. Address reuse, as the gateway's own bind uses: connections of
+    a stack stopped a moment ago linger in TIME_WAIT and must not block a restart."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from aegaeon.children import Child, remove_stale_shm
-from aegaeon.launcher import Stack, ready_banner
+from aegaeon.launcher import Stack, _port_free, ready_banner
 from aegaeon.servers import free_port
 from aegaeon.supervisor import Backoff, RestartPlanner
 
@@ -224,3 +224,22 @@ def test_up_passes_slos_and_policy_options_to_the_scheduler(tmp_path):
     joined = " ".join(scheduler)
     assert "--slo-ttft 2.5" in joined and "--slo-tbt 0.05" in joined
     assert "--policy-option quota_s=1" in joined
+
+
+def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> None:
+    # A stack stopped a moment ago leaves its gateway's connections in TIME_WAIT; `aegaeon up`
+    # started again must not refuse the port (uvicorn binds with address reuse too).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+    client.recv(1)
+    client.close()
+    listener.close()
+    assert _port_free("127.0.0.1", port)
+
+
+def test_a_port_someone_listens_on_is_not_free() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert not _port_free("127.0.0.1", listener.getsockname()[1])
