@@ -15,6 +15,14 @@ from aegaeon.protocol import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over 63 bits
 
+MIN_TEMPERATURE = 1e-5
+"""Below this a temperature samples greedily: ``logits / temperature`` would overflow float32
+(a tiny positive temperature such as 1e-300 is 0 in float32) and the softmax is one-hot anyway."""
+
+
+def is_greedy(sampling: SamplingParams) -> bool:
+    return sampling.temperature < MIN_TEMPERATURE
+
 
 @dataclass
 class Choice:
@@ -28,7 +36,7 @@ class Choice:
 def is_plain_greedy(sampling: SamplingParams) -> bool:
     """Greedy with nothing that needs per-row work (lets a batch take one argmax)."""
     return (
-        sampling.temperature == 0.0
+        is_greedy(sampling)
         and sampling.presence_penalty == 0.0
         and sampling.frequency_penalty == 0.0
         and sampling.logprobs is None
@@ -68,12 +76,7 @@ def _filtered(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
 def choose(logits: torch.Tensor, sampling: SamplingParams, outputs: list[int], seed: int) -> Choice:
     """Pick token number ``len(outputs)`` from one row of float32 logits."""
     adjusted = apply_penalties(logits, sampling, outputs)
-    if sampling.temperature == 0.0:
-        token = int(torch.argmax(adjusted))
-    else:
-        probs = _filtered(adjusted, sampling).softmax(-1)
-        generator = torch.Generator(device=probs.device).manual_seed(token_seed(seed, len(outputs)))
-        token = int(torch.multinomial(probs, 1, generator=generator))
+    token = _sample(adjusted, sampling, token_seed(seed, len(outputs)))
     if sampling.logprobs is None:
         return Choice(token, None, [])
     logprobs = torch.log_softmax(logits.float(), -1)
@@ -82,6 +85,20 @@ def choose(logits: torch.Tensor, sampling: SamplingParams, outputs: list[int], s
         values, ids = torch.topk(logprobs, min(sampling.logprobs, logprobs.numel()))
         top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
     return Choice(token, float(logprobs[token]), top)
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingParams, seed: int) -> int:
+    """Greedy below MIN_TEMPERATURE; else a seeded draw from probabilities cleaned of NaN and
+    infinities (a row with nothing left to draw from falls back to its argmax), so no request's
+    values can make the draw raise."""
+    if is_greedy(sampling):
+        return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
+    probs = _filtered(logits.float(), sampling).softmax(-1)
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    if not bool(probs.sum() > 0):
+        return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
+    generator = torch.Generator(device=probs.device).manual_seed(seed)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def finish_reason(token: int, produced: int, sampling: SamplingParams, eos_ids: tuple[int, ...]) -> str | None:  # fmt: skip
