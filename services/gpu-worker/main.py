@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
+import time
 
 import redis.asyncio as aioredis
+from aegaeon.gpu_worker.sizing import CPU_RAM_SHARE, CUDA_FREE_SHARE, plan_memory
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
 from aegaeon.metrics import serve_metrics
+from aegaeon.protocol import ListModels, ModelInfo, ModelList
 from aegaeon.runtime import run_process
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +39,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MODELS_WAIT_S = 10.0  # at start, how long to wait for the model-store's list
+
+
+async def registered_models(bus: Bus, wait_s: float = MODELS_WAIT_S) -> list[ModelInfo]:
+    """The registry, to size the weight slots (empty if no model-store answers in time)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            reply = await bus.request(bus.subjects.models("list"), ListModels(), ModelList, 2.0)
+            return list(reply.models)
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                log.warning("no model list from the model-store (%s): default slot sizes", exc)
+                return []
+            await asyncio.sleep(0.2)
+
+
+def device_bytes(device: str) -> int:
+    """What the device may give the arena: most of free CUDA memory, or a share of RAM."""
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * CUDA_FREE_SHARE)
+    return int(psutil.virtual_memory().total * CPU_RAM_SHARE)
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     """Build the engine, connect, serve until ``stop``; then drain (finish the current turn)."""
     import torch
@@ -40,20 +74,26 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     from aegaeon.gpu_worker.worker import WorkerService
 
     torch.set_num_threads(args.threads)
-
-    options = {
-        "device": args.device,
-        "arena_bytes": args.arena_bytes,
-        "weight_budget_bytes": args.weight_budget_bytes,
-        "block_size": args.block_size,
-    }
-    if args.host_kv_bytes is not None:
-        options["host_kv_bytes"] = args.host_kv_bytes
     setup_tracing("gpu-worker")
     serve_metrics(args.metrics_port)
-    engine = Engine(EngineConfig(**options))
     config = BusConfig()
     bus = await Bus.connect(config, name=f"worker-{args.worker_id}")
+    engine_config = EngineConfig(device=args.device, block_size=args.block_size)
+    if args.host_kv_bytes is not None:
+        engine_config.host_kv_bytes = args.host_kv_bytes
+    plan = plan_memory(
+        await registered_models(bus),
+        engine_dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        slots=engine_config.weight_slots,
+        device_bytes=device_bytes(args.device),
+        arena_bytes=args.arena_bytes,
+        weight_budget_bytes=args.weight_budget_bytes,
+    )
+    for reason in plan.refused.values():
+        log.error("%s", reason)  # its requests are refused with this size check at the scheduler
+    engine_config.arena_bytes = plan.arena_bytes
+    engine_config.weight_budget_bytes = plan.weight_budget_bytes
+    engine = Engine(engine_config)
     redis = aioredis.Redis.from_url(config.redis_url)
     worker = WorkerService(args.worker_id, args.role, engine, bus, redis)
     runner = asyncio.create_task(worker.run())
