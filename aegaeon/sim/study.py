@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies.base import ModelSpec, Slo
 from aegaeon.sim.hardware import DeviceSpec, paper_models, roofline_profile
-from aegaeon.sim.run import Deployment, Metric, fewest_gpus, run_deployment
+from aegaeon.sim.run import POLICIES, Deployment, Metric, fewest_gpus, run_deployment
 from aegaeon.workload import TraceRequest, generate_trace
 
-ALL_POLICIES = ("aegaeon", "request-level", "static-mux", "dedicated")
-GUESS_SHARE = {"aegaeon": 0.2, "request-level": 0.45, "static-mux": 0.3}  # of the model count
+PAPER_POLICIES = ("aegaeon", "request-level", "sllm-plus", "static-mux", "dedicated")
+ALL_POLICIES = tuple(p for p in PAPER_POLICIES if p in POLICIES)  # those registered
+GUESS_SHARE = {"aegaeon": 0.2, "request-level": 0.45, "sllm-plus": 0.45, "static-mux": 0.3}
+VIEWS = ("attainment", "time_fraction_attainment", "artifact_qos")
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,9 @@ def summary(gpus: int | None, deployment: Deployment, metrics: dict, models: int
     """What a study reports for one policy at one setting."""
     return {
         "gpus": gpus,
-        "layout": {"gpus": deployment.gpus, "prefill_instances": deployment.prefill},
+        "layout": deployment.to_json(),
         "models_per_gpu": round(models / gpus, 3) if gpus else None,
-        "attainment": round(metrics["attainment"], 4),
-        "time_fraction_attainment": round(metrics["time_fraction_attainment"], 4),
+        **{view: round(metrics[view], 4) for view in VIEWS},
         "ttft_p90_s": metrics["ttft_s"]["p90"],
         "tbt_p99_s": metrics["tbt_s"]["p99"],
     }
