@@ -12,8 +12,9 @@ from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo, TurnPl
 from aegaeon.sim.engine import simulate
 from aegaeon.sim.hardware import DEVICES, paper_models
 from aegaeon.sim.instance import SimInstance, SimRequest
-from aegaeon.sim.run import POLICIES, Deployment, fewest_gpus, run_deployment
-from aegaeon.sim.study import Setting, gpus_needed, roofline_estimator
+from aegaeon.sim.layout import instance_views
+from aegaeon.sim.run import POLICIES, Deployment, best_at, fewest_gpus, run_deployment
+from aegaeon.sim.study import ALL_POLICIES, Setting, gpus_needed, roofline_estimator
 from aegaeon.workload import TraceRequest, generate_trace
 
 SLO = Slo(10.0, 0.1)
@@ -187,7 +188,7 @@ def test_the_simulator_reports_each_switch_to_the_policys_estimator():
     assert cost.seen[2] == ("A", pytest.approx(0.05), 0, 0)  # still in the other slot
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", sorted(ALL_POLICIES))
 def test_every_policy_serves_a_light_trace_within_slo(policy):
     models = paper_models(4)
     trace = generate_trace(list(models), 0.05, 120, seed=3)
@@ -265,6 +266,9 @@ def test_sim_command_writes_json_for_a_fixed_gpu_count(tmp_path):
     out = json.loads(path.read_text())
     assert set(out["policies"]) == {"aegaeon", "static-mux"}
     assert out["policies"]["aegaeon"]["metrics"]["requests"] == out["setting"]["requests"]
+    # The pinned layout where the policy has roles; all-both where it has none.
+    assert out["policies"]["aegaeon"]["layout"]["name"] == "1 prefill + 1 decode"
+    assert out["policies"]["static-mux"]["layout"]["name"] == "2 both"
 
 
 def test_simulate_policy_runs_on_instances_the_caller_describes():
@@ -284,14 +288,63 @@ def test_simulate_policy_runs_on_instances_the_caller_describes():
     assert result.switches >= 2  # one model resident at a time
 
 
-def test_headline_reports_the_issue_goals():
-    from aegaeon.sim.study import headline
+def test_every_policy_is_offered_the_same_layouts_including_three_prefill_to_five_decode():
+    from aegaeon.sim.layout import candidates, has_roles, layouts_for
 
-    point = {
-        "models": 80, "rate_per_model": 0.1, "slo_scale": 1.0, "metric": "attainment",
-        "policies": {"aegaeon": {"gpus": 10}, "request-level": {"gpus": 25},
-                     "dedicated": {"gpus": 80}},
-    }  # fmt: skip
-    out = headline(point)
-    assert out["gpus_vs_dedicated"] == 0.125
-    assert out["models_per_gpu_vs_request_level"] == 2.5
+    offered = candidates(16)
+    assert Deployment(16) in offered and Deployment(16, 6) in offered  # 3 : 5 on each node
+    views = instance_views(Deployment(16, 6), DEVICES["H800"], paper_models(16), "aegaeon")
+    roles = [v.role for v in views]
+    assert roles[:8].count("prefill") == 3 and roles[8:].count("prefill") == 3
+    for policy in POLICIES:
+        runs = layouts_for(policy, 16)
+        # A policy with roles runs every candidate; one without runs each as all-both.
+        assert runs == (offered if has_roles(policy) else [Deployment(16)])
+
+
+def test_the_gpu_search_tries_every_offered_layout_at_each_count():
+    from aegaeon.sim.layout import candidates
+
+    tried = []
+
+    class Fake:
+        def __init__(self):
+            self.metrics = {"attainment": 0.5}
+
+    def run(deployment):
+        tried.append(deployment)
+        return Fake()
+
+    best_at(16, "aegaeon", run, "attainment")
+    assert tried == candidates(16)
+
+
+def test_the_gpu_search_reports_the_layout_and_the_three_views():
+    models = paper_models(6)
+    setting = Setting(6, 0.05, SLO, DEVICES["H800"], duration=60, seed=1)
+    trace = generate_trace(list(models), setting.rate, setting.duration, seed=1)
+    cost = roofline_estimator(models, setting.device)
+    out = gpus_needed(trace, models, cost, setting, ("aegaeon", "request-level"))
+    for row in out.values():
+        assert row["layout"]["gpus"] == row["gpus"] and row["layout"]["name"]
+        assert {"attainment", "time_fraction_attainment", "artifact_qos"} <= set(row)
+
+
+def test_paper_study_writes_the_figures_with_three_views_and_a_layout_per_result():
+    from aegaeon.sim.paper import PaperGrid, paper_study
+
+    grid = PaperGrid(gpus=2, counts={0.1: (2, 4)}, slo_scales=(1.0,),
+                     duration_s={0.1: 60.0}, headline_models=4)  # fmt: skip
+    out = paper_study(DEVICES["H800"], grid, ("aegaeon", "request-level", "static-mux",
+                                              "dedicated"))  # fmt: skip
+    assert len(out["points"]) == 2
+    for point in out["points"]:
+        for row in point["policies"].values():
+            for view in ("attainment", "time_fraction_attainment", "artifact_qos"):
+                assert 0.0 <= row[view]["value"] <= 1.0 and row[view]["layout"]
+    assert {"models_at_90_vs_static_mux", "models_at_90_vs_static_mux_strict",
+            "models_at_90_vs_sllm_plus", "gpus_vs_dedicated"} <= set(out)  # fmt: skip
+    assert out["models_at_90"]["aegaeon"]["artifact_qos"] == 4  # light load: both counts pass
+    head = out["gpus_needed_at_80"]["policies"]
+    assert head["dedicated"]["gpus"] == 4 and head["aegaeon"]["layout"]["name"]
+    assert out["gpus_vs_dedicated"] == head["aegaeon"]["gpus"] / 4

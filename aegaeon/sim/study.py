@@ -1,7 +1,7 @@
 """The operator's question, per policy: how many GPUs does this trace need at these SLOs?
 
-:func:`gpus_needed` answers it for one setting (one trace, every policy); :func:`paper_study`
-sweeps the paper's settings (DESIGN.md §7) and picks out the headline point.
+:func:`gpus_needed` answers it for one setting (one trace, every policy), every layout offered
+at each GPU count; :mod:`aegaeon.sim.paper` runs the paper's study.
 """
 
 from __future__ import annotations
@@ -90,64 +90,3 @@ def paper_setting_trace(setting: Setting) -> tuple[dict[str, ModelSpec], list[Tr
 def roofline_estimator(models: dict[str, ModelSpec], device: DeviceSpec) -> Estimator:
     """A cost model of ``models`` on ``device`` from its peak numbers."""
     return Estimator({m: roofline_profile(s, device) for m, s in models.items()}, device.name)
-
-
-def run_setting(
-    setting: Setting,
-    policies: Sequence[str] = ALL_POLICIES,
-    metric: Metric = "attainment",
-    on_run: Callable[[], None] | None = None,
-) -> dict:
-    """One point of the paper study."""
-    models, trace = paper_setting_trace(setting)
-    cost = roofline_estimator(models, setting.device)
-    return {
-        "models": setting.models,
-        "rate_per_model": setting.rate,
-        "slo_scale": setting.slo_scale,
-        "slo": {"ttft_s": setting.slo.ttft_s, "tbt_s": setting.slo.tbt_s},
-        "requests": len(trace),
-        "duration_s": setting.duration,
-        "metric": metric,
-        "policies": gpus_needed(trace, models, cost, setting, policies, metric, on_run),
-    }
-
-
-def headline(point: dict) -> dict:
-    """The issue's goals at one point: GPUs of aegaeon over dedicated (≤ 0.18) and aegaeon's
-    models per GPU over request-level's (≥ 2)."""
-    pol = point["policies"]
-    aeg = pol.get("aegaeon", {}).get("gpus")
-    ded = pol.get("dedicated", {}).get("gpus") or point["models"]
-    ratio = aeg / ded if aeg else None
-    req_gpus = pol.get("request-level", {}).get("gpus")
-    mpg = (req_gpus / aeg) if aeg and req_gpus else None
-    return {
-        "models": point["models"],
-        "rate_per_model": point["rate_per_model"],
-        "slo_scale": point["slo_scale"],
-        "metric": point["metric"],
-        "gpus": {p: v["gpus"] for p, v in pol.items()},
-        "gpus_vs_dedicated": round(ratio, 4) if ratio else None,
-        "gpus_vs_dedicated_goal": 0.18,
-        "models_per_gpu_vs_request_level": round(mpg, 3) if mpg else None,
-        "models_per_gpu_vs_request_level_goal": 2.0,
-    }
-
-
-def paper_settings(
-    device: DeviceSpec,
-    model_counts: Sequence[int] = (16, 32, 48, 64, 80),
-    rates: Sequence[float] = (0.1, 0.5),
-    slo_scales: Sequence[float] = (1.0, 0.5, 0.3),
-    duration_for: Callable[[float], float] = lambda rate: 300.0 if rate <= 0.1 else 120.0,
-    base: Slo = Slo(10.0, 0.1),
-) -> list[Setting]:
-    """The paper's grid; shorter traces at the higher rate keep the request count similar."""
-    return [
-        Setting(n, rate, Slo(base.ttft_s * k, base.tbt_s * k), device, duration_for(rate),
-                slo_scale=k)
-        for k in slo_scales
-        for rate in rates
-        for n in model_counts
-    ]  # fmt: skip
