@@ -348,3 +348,13 @@ def test_paper_study_writes_the_figures_with_three_views_and_a_layout_per_result
     head = out["gpus_needed_at_80"]["policies"]
     assert head["dedicated"]["gpus"] == 4 and head["aegaeon"]["layout"]["name"]
     assert out["gpus_vs_dedicated"] == head["aegaeon"]["gpus"] / 4
+
+
+def test_what_a_policy_learns_in_one_run_stays_in_that_run():
+    cost = ObservingEstimator(copy_cost().profiles)
+    models = {m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"}
+    trace = [TraceRequest("r0", "A", 0.0, 10, 3), TraceRequest("r1", "B", 0.0, 10, 3)]
+    from aegaeon.sim.run import simulate_policy
+
+    simulate_policy(trace, "request-level", [InstanceView("g0")], models, cost, SLO)
+    assert cost.seen == []  # the policy observed its own copy

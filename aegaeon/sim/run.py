@@ -4,6 +4,7 @@ each count (:mod:`aegaeon.sim.layout`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,12 @@ class _Registry(Mapping[str, type[Policy]]):
 POLICIES: Mapping[str, type[Policy]] = _Registry()
 
 
+def fresh(cost: Estimator) -> Estimator:
+    """The policy's own copy of the cost model: what it learns online (``observe_switch``)
+    stays within one run and never changes the simulated truth, which is ``cost``."""
+    return copy.deepcopy(cost)
+
+
 def run_deployment(
     trace: Sequence[TraceRequest],
     policy_name: str,
@@ -53,7 +60,7 @@ def run_deployment(
 ) -> SimResult:
     """One simulated run at paper scale: the policy's instances hold what its original system
     would (:func:`aegaeon.sim.layout.residency`)."""
-    policy = POLICIES[policy_name](dict(models), slo, cost)
+    policy = POLICIES[policy_name](dict(models), slo, fresh(cost))
     views = instance_views(deployment, device, models, policy_name)
     return simulate(trace, policy, views, cost, slo, slots=residency(policy_name))
 
@@ -70,7 +77,7 @@ def simulate_policy(
     its real workers' weight budget and KV capacity) priced by ``cost`` (e.g. the fitted CPU
     profile). Every live worker has the engine's 2 weight slots, whatever the policy, so
     residency is by those slots here."""
-    policy = POLICIES[policy_name](dict(models), slo, cost)
+    policy = POLICIES[policy_name](dict(models), slo, fresh(cost))
     views = [InstanceView(v.instance_id, v.role, v.kv_capacity_tokens, v.weight_budget_bytes)
              for v in instances]  # fmt: skip
     return simulate(trace, policy, views, cost, slo, slots=ENGINE_WEIGHT_SLOTS)
