@@ -7,13 +7,14 @@ from argparse import Namespace
 
 import pytest
 from aegaeon.scheduler.estimators import Estimator, ModelProfile
-from aegaeon.scheduler.policies.base import InstanceView, Slo, TurnPlan
+from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo, TurnPlan
 
 from aegaeon.sim.engine import simulate
 from aegaeon.sim.hardware import DEVICES, paper_models
 from aegaeon.sim.instance import SimInstance, SimRequest
-from aegaeon.sim.run import POLICIES, Deployment, fewest_gpus, run_deployment
-from aegaeon.sim.study import Setting, gpus_needed, roofline_estimator
+from aegaeon.sim.layout import instance_views
+from aegaeon.sim.run import POLICIES, Deployment, best_at, fewest_gpus, run_deployment
+from aegaeon.sim.study import ALL_POLICIES, Setting, gpus_needed, roofline_estimator
 from aegaeon.workload import TraceRequest, generate_trace
 
 SLO = Slo(10.0, 0.1)
@@ -36,8 +37,27 @@ def sim_requests(*specs: tuple[str, str, int]) -> dict[str, SimRequest]:
     return {rid: SimRequest(TraceRequest(rid, model, 0.0, 10, out)) for rid, model, out in specs}
 
 
+def copy_cost() -> Estimator:
+    """Switch = 0.05 s rebind + 1 s copy (1 GiB at 1 GiB/s); KV moves 1 s per 1024 tokens."""
+    profile = ModelProfile(
+        prefill=(0.05, 0.0, 0.0),
+        decode=(0.01, 0.0, 0.0),
+        switch_fixed_s=0.05,
+        link_bytes_per_s=float(1 << 30),
+        weight_bytes=1 << 30,
+        kv_bytes_per_token=1 << 20,
+    )
+    return Estimator({"A": profile, "B": profile, "C": profile})
+
+
+def instance(cost=None, budget=1 << 40, **options) -> SimInstance:
+    options.setdefault("control_s", 0.0)
+    return SimInstance(InstanceView("g0", weight_budget_bytes=budget), cost or flat_cost(),
+                       **options)  # fmt: skip
+
+
 def test_a_turn_pays_the_switch_then_prefills_then_decodes():
-    inst = SimInstance(InstanceView("g0"), flat_cost())
+    inst = instance()
     reqs = sim_requests(("r", "A", 5))
     end, result = inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0), reqs, now=0.0)
     assert result.switch_s == 1.0
@@ -45,8 +65,17 @@ def test_a_turn_pays_the_switch_then_prefills_then_decodes():
     assert result.finished == ["r"] and end == pytest.approx(1.09)
 
 
-def test_a_resident_model_switches_for_free():
-    inst = SimInstance(InstanceView("g0"), flat_cost())
+def test_every_turn_pays_one_control_round_trip_before_it_starts():
+    inst = instance(control_s=0.02)
+    reqs = sim_requests(("r", "A", 2), ("s", "A", 2))
+    inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0), reqs, now=0.0)
+    end, result = inst.execute(TurnPlan("g0", "A", ["s"], quota_s=10.0), reqs, now=5.0)
+    assert list(reqs["s"].times) == pytest.approx([5.07, 5.08])  # 0.02 + prefill 0.05
+    assert end == pytest.approx(5.08) and result.elapsed_s == pytest.approx(0.06)
+
+
+def test_the_current_model_switches_for_free():
+    inst = instance()
     reqs = sim_requests(("r", "A", 3), ("s", "A", 3))
     inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0), reqs, 0.0)
     _, result = inst.execute(TurnPlan("g0", "A", ["s"], quota_s=10.0), reqs, 5.0)
@@ -54,32 +83,112 @@ def test_a_resident_model_switches_for_free():
 
 
 def test_decode_stops_when_the_quota_is_spent():
-    inst = SimInstance(InstanceView("g0"), flat_cost())
+    inst = instance()
     reqs = sim_requests(("r", "A", 1000))
     _, result = inst.execute(TurnPlan("g0", "A", ["r"], quota_s=0.1), reqs, 0.0)
     # 0.1 s of 10 ms steps after the switch and prefill: 10 decode steps + the prefill token
     assert result.steps == 10 and reqs["r"].generated == 11
 
 
-def test_a_prefetched_model_switches_in_less_time():
-    inst = SimInstance(InstanceView("g0", weight_budget_bytes=1 << 30), flat_cost())
-    reqs = sim_requests(("r", "A", 1000), ("s", "B", 5))
-    plan = TurnPlan("g0", "A", ["r"], quota_s=0.6, prefetch_model="B")
+def run_models(inst, models, start=0.0):
+    """One short turn per model in order; the switch time of each."""
+    reqs = sim_requests(*((f"r{i}", m, 1) for i, m in enumerate(models)))
+    out = []
+    for i, model in enumerate(models):
+        _, result = inst.execute(TurnPlan("g0", model, [f"r{i}"], 1.0), reqs, start + 10.0 * i)
+        out.append(result.switch_s)
+    return out
+
+
+def test_the_engine_holds_two_models_in_its_slots_however_small_they_are():
+    # A byte budget would hold all three; the engine's two slots hold A and B, and C's copy
+    # overwrites the slot the running model B does not use (A's).
+    inst = instance(copy_cost(), budget=1 << 40)
+    switches = run_models(inst, ["A", "B", "C", "B", "A"])
+    assert switches == pytest.approx([1.05, 1.05, 1.05, 0.05, 1.05])
+    assert list(inst.residency.models) == ["B", "A"]
+
+
+def test_a_byte_budget_keeps_every_model_that_fits():
+    inst = instance(copy_cost(), budget=3 << 30, slots=None)
+    assert run_models(inst, ["A", "B", "C", "A"]) == pytest.approx([1.05, 1.05, 1.05, 0.05])
+
+
+def test_a_one_slot_instance_copies_every_switch_and_never_prefetches():
+    inst = instance(copy_cost(), slots=1)
+    reqs = sim_requests(("r", "A", 1000), ("s", "B", 1), ("t", "A", 1))
+    end, _ = inst.execute(TurnPlan("g0", "A", ["r"], 5.0, prefetch_model="B"), reqs, 0.0)
+    _, result = inst.execute(TurnPlan("g0", "B", ["s"], 1.0), reqs, end)
+    assert result.switch_s == pytest.approx(1.05)
+    _, result = inst.execute(TurnPlan("g0", "A", ["t"], 1.0), reqs, end + 10)
+    assert result.switch_s == pytest.approx(1.05)
+
+
+def test_a_prefetched_model_waits_only_for_the_rest_of_its_copy():
+    inst = instance(copy_cost())
+    reqs = sim_requests(("r", "A", 1000), ("s", "B", 5), ("t", "C", 1000), ("u", "A", 1))
+    # A's turn: switch 1.05 s, then B copies in the background from 1.05 while A decodes.
+    end, _ = inst.execute(TurnPlan("g0", "A", ["r"], 0.6, prefetch_model="B"), reqs, 0.0)
+    _, result = inst.execute(TurnPlan("g0", "B", ["s"], 1.0), reqs, end)
+    assert result.switch_s == pytest.approx(0.05 + (2.05 - end), abs=1e-9)
+    assert inst.last_switch.copied_bytes + inst.last_switch.prefetched_bytes == 1 << 30
+    assert inst.last_switch.prefetched_bytes > 0.5 * (1 << 30)
+    # A copy that has finished costs only the rebind.
+    inst.execute(TurnPlan("g0", "C", ["t"], 3.0, prefetch_model="A"), reqs, 10.0)
+    _, result = inst.execute(TurnPlan("g0", "A", ["u"], 1.0), reqs, 20.0)
+    assert result.switch_s == pytest.approx(0.05)
+    assert (inst.last_switch.copied_bytes, inst.last_switch.prefetched_bytes) == (0, 1 << 30)
+
+
+def swap_in_with_prefetch(contention: bool) -> tuple[float, float]:
+    """A turn whose swap-in (1 s alone) runs while B is prefetched (1 s alone): (the swap-in's
+    duration, the switch time B's turn then waits at t = 1.2 s after A's switch)."""
+    inst = instance(copy_cost(), contention=contention)
+    reqs = sim_requests(("r", "A", 2000), ("s", "B", 1))
+    inst.residency.admit("A", 1 << 30)
+    inst.current = "A"
+    reqs["r"].generated, reqs["r"].kv_on = 1014, None  # 10 + 1014 tokens on the host: 1 s
+    plan = TurnPlan("g0", "A", ["r"], quota_s=0.0, max_steps=1, prefetch_model="B")
     end, _ = inst.execute(plan, reqs, 0.0)
-    _, result = inst.execute(TurnPlan("g0", "B", ["s"], quota_s=1.0), reqs, end)
-    assert result.switch_s == pytest.approx(1.0 - (end - 1.0), abs=0.02)
+    swap_in = end - 0.01  # one 10 ms decode step after it
+    _, result = inst.execute(TurnPlan("g0", "B", ["s"], 1.0), reqs, 1.2)
+    return swap_in, result.switch_s
 
 
-def test_the_weight_budget_evicts_the_least_recently_used_model():
-    inst = SimInstance(InstanceView("g0", weight_budget_bytes=1 << 30), flat_cost())
-    reqs = sim_requests(("r", "A", 2), ("s", "B", 2), ("t", "A", 2))
-    inst.execute(TurnPlan("g0", "A", ["r"], 1.0), reqs, 0.0)
-    inst.execute(TurnPlan("g0", "B", ["s"], 1.0), reqs, 5.0)
-    _, result = inst.execute(TurnPlan("g0", "A", ["t"], 1.0), reqs, 10.0)
-    assert result.switch_s == 1.0  # A was evicted to make room for B
+def test_a_kv_swap_and_a_prefetch_share_the_host_link_and_slow_each_other():
+    alone_swap, alone_switch = swap_in_with_prefetch(contention=False)
+    assert alone_swap == pytest.approx(1.0)
+    assert alone_switch == pytest.approx(0.05)  # the copy ended at 1.0
+    shared_swap, shared_switch = swap_in_with_prefetch(contention=True)
+    # Both at half speed for 2 s: the swap takes 2 s, the copy ends at 2.0, not 1.0.
+    assert shared_swap == pytest.approx(2.0)
+    assert shared_switch == pytest.approx(0.05 + 0.8)
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+class ObservingEstimator(Estimator):
+    """A cost model that records what the simulator tells it after each switching turn."""
+
+    def __init__(self, profiles):
+        super().__init__(profiles)
+        self.seen = []
+
+    def observe_switch(self, model, exposed_s, copied_bytes, prefetched_bytes):
+        self.seen.append((model, exposed_s, copied_bytes, prefetched_bytes))
+
+
+def test_the_simulator_reports_each_switch_to_the_policys_estimator():
+    cost = ObservingEstimator(copy_cost().profiles)
+    trace = [TraceRequest("r0", "A", 0.0, 10, 3), TraceRequest("r1", "B", 0.0, 10, 3),
+             TraceRequest("r2", "A", 30.0, 10, 3)]  # fmt: skip
+    policy = POLICIES["request-level"]({m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"},
+                                       SLO, cost)  # fmt: skip
+    result = simulate(trace, policy, [InstanceView("g0")], cost, SLO, control_s=0.0)
+    assert [m for m, *_ in cost.seen] == ["A", "B", "A"] and result.switches == 3
+    assert cost.seen[0] == ("A", pytest.approx(1.05), 1 << 30, 0)
+    assert cost.seen[2] == ("A", pytest.approx(0.05), 0, 0)  # still in the other slot
+
+
+@pytest.mark.parametrize("policy", sorted(ALL_POLICIES))
 def test_every_policy_serves_a_light_trace_within_slo(policy):
     models = paper_models(4)
     trace = generate_trace(list(models), 0.05, 120, seed=3)
@@ -157,6 +266,9 @@ def test_sim_command_writes_json_for_a_fixed_gpu_count(tmp_path):
     out = json.loads(path.read_text())
     assert set(out["policies"]) == {"aegaeon", "static-mux"}
     assert out["policies"]["aegaeon"]["metrics"]["requests"] == out["setting"]["requests"]
+    # The pinned layout where the policy has roles; all-both where it has none.
+    assert out["policies"]["aegaeon"]["layout"]["name"] == "1 prefill + 1 decode"
+    assert out["policies"]["static-mux"]["layout"]["name"] == "2 both"
 
 
 def test_simulate_policy_runs_on_instances_the_caller_describes():
@@ -176,14 +288,73 @@ def test_simulate_policy_runs_on_instances_the_caller_describes():
     assert result.switches >= 2  # one model resident at a time
 
 
-def test_headline_reports_the_issue_goals():
-    from aegaeon.sim.study import headline
+def test_every_policy_is_offered_the_same_layouts_including_three_prefill_to_five_decode():
+    from aegaeon.sim.layout import candidates, has_roles, layouts_for
 
-    point = {
-        "models": 80, "rate_per_model": 0.1, "slo_scale": 1.0, "metric": "attainment",
-        "policies": {"aegaeon": {"gpus": 10}, "request-level": {"gpus": 25},
-                     "dedicated": {"gpus": 80}},
-    }  # fmt: skip
-    out = headline(point)
-    assert out["gpus_vs_dedicated"] == 0.125
-    assert out["models_per_gpu_vs_request_level"] == 2.5
+    offered = candidates(16)
+    assert Deployment(16) in offered and Deployment(16, 6) in offered  # 3 : 5 on each node
+    views = instance_views(Deployment(16, 6), DEVICES["H800"], paper_models(16), "aegaeon")
+    roles = [v.role for v in views]
+    assert roles[:8].count("prefill") == 3 and roles[8:].count("prefill") == 3
+    for policy in POLICIES:
+        runs = layouts_for(policy, 16)
+        # A policy with roles runs every candidate; one without runs each as all-both.
+        assert runs == (offered if has_roles(policy) else [Deployment(16)])
+
+
+def test_the_gpu_search_tries_every_offered_layout_at_each_count():
+    from aegaeon.sim.layout import candidates
+
+    tried = []
+
+    class Fake:
+        def __init__(self):
+            self.metrics = {"attainment": 0.5}
+
+    def run(deployment):
+        tried.append(deployment)
+        return Fake()
+
+    best_at(16, "aegaeon", run, "attainment")
+    assert tried == candidates(16)
+
+
+def test_the_gpu_search_reports_the_layout_and_the_three_views():
+    models = paper_models(6)
+    setting = Setting(6, 0.05, SLO, DEVICES["H800"], duration=60, seed=1)
+    trace = generate_trace(list(models), setting.rate, setting.duration, seed=1)
+    cost = roofline_estimator(models, setting.device)
+    out = gpus_needed(trace, models, cost, setting, ("aegaeon", "request-level"))
+    for row in out.values():
+        assert row["layout"]["gpus"] == row["gpus"] and row["layout"]["name"]
+        assert {"attainment", "time_fraction_attainment", "artifact_qos"} <= set(row)
+
+
+def test_paper_study_writes_the_figures_with_three_views_and_a_layout_per_result():
+    from aegaeon.sim.paper import PaperGrid, paper_study
+
+    grid = PaperGrid(gpus=2, counts={0.1: (2, 4)}, slo_scales=(1.0,),
+                     duration_s={0.1: 60.0}, headline_models=4)  # fmt: skip
+    out = paper_study(DEVICES["H800"], grid, ("aegaeon", "request-level", "static-mux",
+                                              "dedicated"))  # fmt: skip
+    assert len(out["points"]) == 2
+    for point in out["points"]:
+        for row in point["policies"].values():
+            for view in ("attainment", "time_fraction_attainment", "artifact_qos"):
+                assert 0.0 <= row[view]["value"] <= 1.0 and row[view]["layout"]
+    assert {"models_at_90_vs_static_mux", "models_at_90_vs_static_mux_strict",
+            "models_at_90_vs_sllm_plus", "gpus_vs_dedicated"} <= set(out)  # fmt: skip
+    assert out["models_at_90"]["aegaeon"]["artifact_qos"] == 4  # light load: both counts pass
+    head = out["gpus_needed_at_80"]["policies"]
+    assert head["dedicated"]["gpus"] == 4 and head["aegaeon"]["layout"]["name"]
+    assert out["gpus_vs_dedicated"] == head["aegaeon"]["gpus"] / 4
+
+
+def test_what_a_policy_learns_in_one_run_stays_in_that_run():
+    cost = ObservingEstimator(copy_cost().profiles)
+    models = {m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"}
+    trace = [TraceRequest("r0", "A", 0.0, 10, 3), TraceRequest("r1", "B", 0.0, 10, 3)]
+    from aegaeon.sim.run import simulate_policy
+
+    simulate_policy(trace, "request-level", [InstanceView("g0")], models, cost, SLO)
+    assert cost.seen == []  # the policy observed its own copy

@@ -7,6 +7,7 @@ from aegaeon.scheduler.policies.base import Slo
 
 from aegaeon.slo_metrics import (
     RequestRecord,
+    artifact_qos_score,
     goodput,
     latencies,
     meets_slo,
@@ -55,11 +56,40 @@ def test_latencies_follow_vllm_definitions():
     assert gaps == pytest.approx([0.2, 0.4])
 
 
-def test_summary_reports_both_attainment_views():
+def test_artifact_qos_reproduces_the_artifacts_own_worked_example():
+    # plot_e2e.py compute_slo: arrival 0, tokens (3, 6, 7, 8), SLO (3, 2) → QoS 5/8.
+    # token 3: on time, credit 3, target 5; token 6: late (6 > 5), bank 3, segment starts at 6,
+    # target 7; token 7: 1 ≤ 7, credit 7, target 9; token 8: 2 ≤ 9, target 11;
+    # end: 3 + min(11, 8 − 6) = 5 over a span of 8.
+    assert artifact_qos_score(record([3.0, 6.0, 7.0, 8.0]), Slo(3.0, 2.0)) == 5 / 8
+
+
+def test_artifact_qos_banks_the_cumulative_target_not_the_time_on_schedule():
+    # tokens (1, 2, 30), SLO (3, 2): credit 3 then 5 (target 7); token 30 is late: bank 5,
+    # new segment at 30, target 9; end adds min(9, 0) = 0 → 5/30.
+    rec = record([1.0, 2.0, 30.0])
+    assert artifact_qos_score(rec, Slo(3.0, 2.0)) == pytest.approx(5 / 30)
+    # Our time-fraction view differs: late from token 3's deadline 7 to 30 → 1 − 23/30.
+    assert time_fraction_score(rec, Slo(3.0, 2.0)) == pytest.approx(7 / 30)
+
+
+def test_artifact_qos_is_one_when_every_token_is_on_time():
+    # target 2 → 4 → 6 → 8 with tokens at 1, 3, 5: end adds min(8, 5) = 5 over 5.
+    assert artifact_qos_score(record([1.0, 3.0, 5.0]), Slo(2.0, 2.0)) == 1.0
+
+
+def test_artifact_qos_of_an_unfinished_request_is_zero():
+    assert artifact_qos_score(record([0.1, 0.2], finished=False), SLO) == 0.0
+
+
+def test_summary_reports_the_three_attainment_views():
     recs = [record([0.5, 0.6]), record([3.0, 3.1])]
     out = summarize(recs, SLO)
     assert out["attainment"] == 0.5
     assert 0.5 < out["time_fraction_attainment"] < 1.0
+    # second request: token 3.0 late (bank 0, start 3.0, target 1.1), token 3.1 on time
+    # (credit 1.1, target 1.2); end 0 + min(1.2, 0.1) = 0.1 over 3.1 → mean (1 + 0.1/3.1)/2
+    assert out["artifact_qos"] == pytest.approx((1 + 0.1 / 3.1) / 2)
     assert out["ttft_s"]["p50"] == pytest.approx(1.75)
 
 

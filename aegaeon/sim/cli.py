@@ -2,7 +2,11 @@
 
     aegaeon sim --gpu H800 --models 40 --rate 0.1 --json out.json
     aegaeon sim --gpus 8 --policy aegaeon          # attainment at a fixed GPU count
-    aegaeon sim --paper --json paper.json          # the paper's grid (DESIGN.md §7)
+    aegaeon sim --paper --json paper.json          # the paper's end-to-end study (sim/paper.py)
+    aegaeon sim --paper --quick --json q.json      # the same, SLO ×1 and 3 model counts a rate
+
+Every policy is offered the same layouts at each GPU count (``--prefill`` pins one); the layout
+behind each result is printed and written with it.
 
 The cost model is a roofline of ``--gpu`` or, with ``--profile``, the fitted profiles that
 ``aegaeon profile`` wrote. The trace is Poisson (or Gamma with ``--cv``) per model with
@@ -16,19 +20,14 @@ import json
 import time
 from pathlib import Path
 
-from aegaeon.scheduler.estimators import load_estimator
-from aegaeon.scheduler.policies.base import Slo
-from aegaeon.sim.hardware import DEVICES, device_spec, paper_models
-from aegaeon.sim.run import Deployment, run_deployment
-from aegaeon.sim.study import (
-    ALL_POLICIES,
-    Setting,
-    gpus_needed,
-    headline,
-    paper_settings,
-    run_setting,
-)
-from aegaeon.workload import SHAREGPT, generate_trace, load_sharegpt
+from aegaeon.scheduler.estimators import Estimator, load_estimator
+from aegaeon.scheduler.policies.base import ModelSpec, Slo
+from aegaeon.sim.engine import SimResult
+from aegaeon.sim.hardware import DEVICES, DeviceSpec, device_spec, paper_models
+from aegaeon.sim.layout import has_roles
+from aegaeon.sim.run import POLICIES, Deployment, best_at, run_deployment
+from aegaeon.sim.study import ALL_POLICIES, VIEWS, Setting, gpus_needed
+from aegaeon.workload import SHAREGPT, TraceRequest, generate_trace, load_sharegpt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,20 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="fitted profile JSON (aegaeon profile) instead")
     parser.add_argument("--models", type=int, default=40, help="number of models (paper mix)")
     parser.add_argument("--rate", type=float, default=0.1, help="requests/s per model")
-    parser.add_argument("--policy", action="append", choices=ALL_POLICIES, help="repeatable")
+    parser.add_argument("--policy", action="append", choices=sorted(POLICIES), help="repeatable")
     parser.add_argument("--slo-ttft", type=float, default=10.0, help="seconds")
     parser.add_argument("--slo-tbt", type=float, default=0.1, help="seconds")
     parser.add_argument("--duration", type=float, default=300.0, help="simulated trace seconds")
     parser.add_argument("--gpus", type=int, help="simulate this many GPUs instead of searching")
-    parser.add_argument("--prefill", type=int, default=0, help="aegaeon prefill instances (--gpus)")
+    parser.add_argument("--prefill", type=int, help="pin prefill instances (--gpus; policies "
+                        "with roles), else every offered layout is tried")  # fmt: skip
     parser.add_argument("--popularity", choices=("uniform", "zipf"), default="uniform")
     parser.add_argument("--cv", type=float, default=1.0, help="arrival CV (>1: bursty Gamma)")
     parser.add_argument("--sharegpt", help="ShareGPT JSON to sample lengths from")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metric", default="attainment",
-                        choices=("attainment", "time_fraction_attainment"))  # fmt: skip
-    parser.add_argument("--paper", action="store_true", help="the paper's grid")
-    parser.add_argument("--quick", action="store_true", help="--paper: paper SLOs only, shorter")
+    parser.add_argument("--metric", default="attainment", choices=VIEWS)
+    parser.add_argument("--paper", action="store_true", help="the paper's end-to-end study")
+    parser.add_argument("--quick", action="store_true", help="--paper: SLO ×1, 3 counts a rate")
     parser.add_argument("--json", help="write the results here")
 
 
@@ -84,10 +83,10 @@ def single(args: argparse.Namespace) -> dict:
     if args.gpus:
         results = {}
         for policy in policies:
-            layout = Deployment(args.gpus, args.prefill if policy == "aegaeon" else 0)
-            res = run_deployment(trace, policy, layout, models, device, cost, slo)
+            res, layout = _at_gpus(args, trace, policy, models, device, cost, slo)
             results[policy] = {"gpus": args.gpus, "models_per_gpu": args.models / args.gpus,
-                               "metrics": res.metrics, "switches": res.switches}  # fmt: skip
+                               "layout": layout.to_json(), "metrics": res.metrics,
+                               "switches": res.switches}  # fmt: skip
     else:
         results = gpus_needed(trace, models, cost, setting, policies, args.metric)
     out = {
@@ -101,45 +100,33 @@ def single(args: argparse.Namespace) -> dict:
     return out
 
 
+def _at_gpus(
+    args: argparse.Namespace, trace: list[TraceRequest], policy: str,
+    models: dict[str, ModelSpec], device: DeviceSpec, cost: Estimator, slo: Slo,
+) -> tuple[SimResult, Deployment]:  # fmt: skip
+    """The run at ``--gpus``: the pinned layout, or the best of those offered."""
+    if args.prefill is not None:
+        layout = Deployment(args.gpus, args.prefill if has_roles(policy) else 0)
+        return run_deployment(trace, policy, layout, models, device, cost, slo), layout
+
+    def run(deployment: Deployment) -> SimResult:
+        return run_deployment(trace, policy, deployment, models, device, cost, slo)
+
+    layout, res = best_at(args.gpus, policy, run, args.metric)
+    return res, layout
+
+
 def paper(args: argparse.Namespace) -> dict:
-    """The paper's grid, with the headline point (80 models, λ = 0.1, paper SLOs)."""
+    """The paper's end-to-end study (:mod:`aegaeon.sim.paper`)."""
     from tqdm import tqdm
 
+    from aegaeon.sim.paper import FULL, QUICK, paper_study
     from aegaeon.sim.report import print_paper
 
     device = device_spec(args.gpu)
-    scales = (1.0,) if args.quick else (1.0, 0.5, 0.3)
-    settings = paper_settings(device, slo_scales=scales)
-    if args.quick:
-        settings = [Setting(s.models, s.rate, s.slo, s.device, s.duration / 2, s.seed,
-                            s.slo_scale) for s in settings]  # fmt: skip
-    points = []
-    with tqdm(total=len(settings), desc="sim --paper", unit="point") as bar:
-        for setting in settings:
-            bar.set_postfix(models=setting.models, rate=setting.rate, slo=setting.slo_scale)
-            points.append(run_setting(setting, args.policy or ALL_POLICIES))
-            bar.update()
-    top = next(p for p in points
-               if p["models"] == 80 and p["rate_per_model"] == 0.1 and p["slo_scale"] == 1.0)  # fmt: skip
-    head = headline(top)
-    # The paper scores attainment by the time-fraction view; report that view's answer too.
-    tf_point = run_setting(
-        Setting(80, 0.1, Slo(10.0, 0.1), device, top["duration_s"]),
-        ("aegaeon", "request-level", "dedicated"), metric="time_fraction_attainment",
-    )  # fmt: skip
-    out = {
-        "setting": {"device": device.name, "cost_model": f"roofline {device.name}",
-                    "model_mix": "60% 7B / 20% 9B / 20% 13B", "arrivals": "Poisson per model",
-                    "lengths": "ShareGPT-like lognormal", "attainment_target": 0.9},
-        "gpus_vs_dedicated": head["gpus_vs_dedicated"],
-        "models_per_gpu_vs_request_level": head["models_per_gpu_vs_request_level"],
-        "headline": head,
-        "headline_time_fraction_view": headline(tf_point),
-        "max_models_per_gpu": max(
-            (v["models_per_gpu"] or 0) for p in points for k, v in p["policies"].items()
-            if k == "aegaeon"
-        ),
-        "points": points,
-    }  # fmt: skip
+    grid = QUICK if args.quick else FULL
+    policies = [p for p in (args.policy or ALL_POLICIES) if p in POLICIES]
+    with tqdm(desc="sim --paper", unit="run") as bar:
+        out = paper_study(device, grid, policies, on_run=bar.update)
     print_paper(out)
     return out

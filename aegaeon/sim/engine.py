@@ -5,6 +5,11 @@ asked for its next turn, exactly as the scheduler service does with real workers
 executed at once, in closed form, by :mod:`aegaeon.sim.instance` (switch, KV swap-in, prefill,
 decode steps until the quota, KV swap-out), which also stamps each token's time; the turn's end
 is then queued as an event. Token times feed :mod:`aegaeon.slo_metrics`.
+
+After a turn that switched models, the policy's estimator is told what the switch cost, through
+``observe_switch(model, exposed_s, copied_bytes, prefetched_bytes)`` when it has that method —
+the scheduler service does the same with each ``TurnDone``, so quotas learn the same measured
+exposed switch time in simulation as live.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from dataclasses import dataclass, field
 
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies.base import InstanceView, Policy, RequestView, Slo
-from aegaeon.sim.instance import SimInstance, SimRequest
+from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS
+from aegaeon.sim.instance import CONTROL_OVERHEAD_S, SimInstance, SimRequest
 from aegaeon.slo_metrics import RequestRecord, summarize
 from aegaeon.workload import TraceRequest
 
@@ -34,6 +40,7 @@ class SimResult:
     busy_s: dict[str, float] = field(default_factory=dict)
     switch_s: float = 0.0  # total over instances
     kv_move_s: float = 0.0
+    contended_s: float = 0.0  # KV moves' delay from sharing the link with a prefetch
 
 
 def simulate(
@@ -44,13 +51,24 @@ def simulate(
     slo: Slo,
     *,
     drain_s: float = 120.0,
+    slots: int | None = ENGINE_WEIGHT_SLOTS,
+    control_s: float = CONTROL_OVERHEAD_S,
+    contention: bool = True,
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` on simulated ``instances`` priced by ``cost``.
 
     The run stops when every request is done or ``drain_s`` after the last arrival; requests
-    still open then count as unfinished.
+    still open then count as unfinished. ``slots``: weight slots per instance (the engine's 2,
+    the default); None holds models by each instance's weight byte budget. ``control_s``: the
+    scheduler↔worker round trip paid per turn; ``contention``: a prefetch copy and a KV move
+    share the host link.
     """
-    sims = {v.instance_id: SimInstance(v, cost) for v in instances}
+    sims = {
+        v.instance_id: SimInstance(v, cost, slots=slots, control_s=control_s,
+                                   contention=contention)
+        for v in instances
+    }  # fmt: skip
+    observe = getattr(policy.estimator, "observe_switch", None)
     for view in instances:
         policy.add_instance(view)
     requests = {r.request_id: SimRequest(r) for r in trace}
@@ -68,8 +86,9 @@ def simulate(
             plan = policy.next_turn(instance_id, now)
             if plan is None:
                 continue
-            end, result = sims[instance_id].execute(plan, requests, now)
-            pending_plans[instance_id] = (plan, result)
+            sim = sims[instance_id]
+            end, result = sim.execute(plan, requests, now)
+            pending_plans[instance_id] = (plan, result, sim.last_switch)
             idle.discard(instance_id)
             order += 1
             turns += 1
@@ -88,7 +107,10 @@ def simulate(
             now, _, instance_id = heapq.heappop(events)
             if now > horizon:
                 break
-            plan, result = pending_plans.pop(instance_id)
+            plan, result, switched = pending_plans.pop(instance_id)
+            if observe is not None and switched is not None:  # reported with the turn's end
+                observe(switched.model, switched.exposed_s, switched.copied_bytes,
+                        switched.prefetched_bytes)  # fmt: skip
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)
@@ -104,4 +126,5 @@ def simulate(
         busy_s={i: s.busy_s for i, s in sims.items()},
         switch_s=sum(s.switch_s for s in sims.values()),
         kv_move_s=sum(s.kv_move_s for s in sims.values()),
+        contended_s=sum(s.link.contended_s for s in sims.values()),
     )

@@ -15,46 +15,52 @@ def _fmt(value: object) -> str:
 
 
 def print_setting(out: dict) -> None:
-    """One setting: a row per policy."""
+    """One setting: a row per policy, with the layout behind it."""
     s = out["setting"]
     table = Table(
         title=f"{s['models']} models · λ={s['rate_per_model']}/s each · {s['cost_model']} · "
         f"SLO TTFT {s['slo']['ttft_s']}s TBT {s['slo']['tbt_s']}s · {s['requests']} requests"
     )
-    for col in ("policy", "GPUs", "models/GPU", "attainment", "time-fraction", "TTFT p90 s",
-                "TBT p99 s"):  # fmt: skip
+    for col in ("policy", "GPUs", "layout", "models/GPU", "strict", "time-fraction",
+                "artifact QoS", "TTFT p90 s", "TBT p99 s"):  # fmt: skip
         table.add_column(col)
     for policy, row in out["policies"].items():
         m = row.get("metrics", row)
         ttft = m.get("ttft_p90_s", m.get("ttft_s", {}).get("p90") if "ttft_s" in m else None)
         tbt = m.get("tbt_p99_s", m.get("tbt_s", {}).get("p99") if "tbt_s" in m else None)
-        table.add_row(policy, _fmt(row["gpus"]), _fmt(row.get("models_per_gpu")),
-                      _fmt(m["attainment"]), _fmt(m["time_fraction_attainment"]), _fmt(ttft),
+        table.add_row(policy, _fmt(row["gpus"]), row["layout"]["name"],
+                      _fmt(row.get("models_per_gpu")), _fmt(m["attainment"]),
+                      _fmt(m["time_fraction_attainment"]), _fmt(m["artifact_qos"]), _fmt(ttft),
                       _fmt(tbt))  # fmt: skip
     Console().print(table)
 
 
 def print_paper(out: dict) -> None:
-    """The paper grid: GPUs needed and models per GPU, a row per point."""
-    table = Table(title=f"GPUs needed for ≥90% SLO attainment ({out['setting']['cost_model']})")
-    policies = list(out["points"][0]["policies"])
-    for col in ("SLO ×", "λ", "models", *policies, "aegaeon models/GPU"):
+    """The paper study: attainment on 16 GPUs per point (artifact QoS / strict, and the layout
+    that gave the artifact QoS), then the figures."""
+    s = out["setting"]
+    table = Table(title=f"SLO attainment on {s['gpus']} GPUs ({s['cost_model']}): "
+                  "artifact QoS / strict [layout]")  # fmt: skip
+    policies = s["policies"]
+    for col in ("SLO ×", "λ", "models", *policies):
         table.add_column(col)
     for p in out["points"]:
-        pol = p["policies"]
-        table.add_row(_fmt(p["slo_scale"]), _fmt(p["rate_per_model"]), _fmt(p["models"]),
-                      *(_fmt(pol[k]["gpus"]) for k in policies),
-                      _fmt(pol.get("aegaeon", {}).get("models_per_gpu")))  # fmt: skip
+        cells = []
+        for policy in policies:
+            row = p["policies"][policy]
+            qos, strict = row["artifact_qos"], row["attainment"]
+            cells.append(f"{qos['value']:.2f} / {strict['value']:.2f} [{qos['layout']}]")
+        table.add_row(_fmt(p["slo_scale"]), _fmt(p["rate_per_model"]), _fmt(p["models"]), *cells)
     console = Console()
     console.print(table)
-    head = out["headline"]
-    console.print(
-        f"80 models, λ=0.1, paper SLOs: aegaeon/dedicated GPUs = {_fmt(head['gpus_vs_dedicated'])}"
-        f" (goal ≤ 0.18); models/GPU vs request-level = "
-        f"{_fmt(head['models_per_gpu_vs_request_level'])} (goal ≥ 2)"
-    )
-    tf = out["headline_time_fraction_view"]
-    console.print(
-        f"time-fraction view: aegaeon/dedicated = {_fmt(tf['gpus_vs_dedicated'])}, "
-        f"vs request-level = {_fmt(tf['models_per_gpu_vs_request_level'])}"
-    )
+    at90 = out["models_at_90"]
+    console.print("models served at ≥90% on 16 GPUs, λ 0.1, SLO ×1 (artifact QoS / strict): "
+                  + ", ".join(f"{p} {v['artifact_qos']} / {v['attainment']}"
+                              for p, v in at90.items()))  # fmt: skip
+    for key in ("sllm_plus", "static_mux", "request_level"):
+        console.print(f"models_at_90_vs_{key} = {_fmt(out[f'models_at_90_vs_{key}'])} "
+                      f"(strict {_fmt(out[f'models_at_90_vs_{key}_strict'])})")  # fmt: skip
+    head = out["gpus_needed_at_80"]["policies"]
+    console.print("GPUs needed at 80 models (strict): " + ", ".join(
+        f"{p} {_fmt(v['gpus'])} [{v['layout']['name']}]" for p, v in head.items()))  # fmt: skip
+    console.print(f"gpus_vs_dedicated = {_fmt(out['gpus_vs_dedicated'])} (goal ≤ 0.18)")

@@ -1,76 +1,52 @@
-"""Simulated deployments: build instances for a policy on N GPUs, run a trace, and search for the
-fewest GPUs that keep ≥ 90% SLO attainment (bisection; attainment grows with GPUs)."""
+"""One simulated run of a policy on a deployment, and the search for the fewest GPUs that keep
+≥ 90% SLO attainment (bisection; attainment grows with GPUs), every layout candidate tried at
+each count (:mod:`aegaeon.sim.layout`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aegaeon.scheduler.estimators import Estimator
-from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
-from aegaeon.scheduler.policies.base import InstanceRole, InstanceView, ModelSpec, Policy, Slo
-from aegaeon.scheduler.policies.dedicated import DedicatedPolicy
-from aegaeon.scheduler.policies.request_level import RequestLevelPolicy
-from aegaeon.scheduler.policies.static_mux import StaticMuxPolicy
+from aegaeon.scheduler.policies import POLICIES as REGISTRY
+from aegaeon.scheduler.policies import policy_class
+from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Policy, Slo
+from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS
 from aegaeon.sim.engine import SimResult, simulate
 from aegaeon.sim.hardware import DeviceSpec
+from aegaeon.sim.layout import Deployment, instance_views, layouts_for, residency
 from aegaeon.slo_metrics import ATTAINMENT_TARGET
 from aegaeon.workload import TraceRequest
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (AegaeonPolicy, RequestLevelPolicy, StaticMuxPolicy, DedicatedPolicy)
-}
-PREFILL_SHARES = (0.12, 0.18, 0.25)  # of the GPUs, tried as aegaeon's prefill instances
-KV_RESERVE_FRACTION = 0.2  # of device memory kept for KV; the rest may hold weights
-USABLE_MEMORY = 0.9
-AEGAEON_SLOTS: int | None = 2
+__all__ = ["POLICIES", "Deployment", "best_at", "fewest_gpus", "run_deployment",
+           "simulate_policy"]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """How many GPUs, and for aegaeon how many of them are prefill instances (0: all "both")."""
+class _Registry(Mapping[str, type[Policy]]):
+    """The scheduler's policy registry as name → class, each imported when first asked for
+    (a policy added to ``aegaeon.scheduler.policies.POLICIES`` is simulated without changes
+    here)."""
 
-    gpus: int
-    prefill: int = 0
+    def __getitem__(self, name: str) -> type[Policy]:
+        if name not in REGISTRY:
+            raise KeyError(name)
+        return policy_class(name)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
 
-def weight_budget(policy_name: str, device: DeviceSpec, models: dict[str, ModelSpec]) -> int:
-    """Device memory a policy gives to weights (the rest holds KV).
-
-    static-mux keeps as many models resident as fit beside a KV reserve (that is MuxServe's
-    idea); aegaeon's worker holds the resident model and the one being prefetched
-    (DESIGN.md §5); request-level and dedicated hold one model.
-    """
-    usable = device.memory_bytes * USABLE_MEMORY
-    biggest = max(m.weight_bytes for m in models.values())
-    slots = {"aegaeon": AEGAEON_SLOTS, "request-level": 1, "dedicated": 1}.get(policy_name)
-    if slots is None:
-        return int(usable * (1 - KV_RESERVE_FRACTION))
-    return min(int(usable * (1 - KV_RESERVE_FRACTION)), slots * biggest)
+    def __len__(self) -> int:
+        return len(REGISTRY)
 
 
-def instance_views(
-    deployment: Deployment, device: DeviceSpec, models: dict[str, ModelSpec],
-    policy_name: str = "static-mux",
-) -> list[InstanceView]:  # fmt: skip
-    """The instances of a deployment; every GPU gets the same memory split."""
-    usable = device.memory_bytes * USABLE_MEMORY
-    weights = weight_budget(policy_name, device, models)
-    biggest_kv = max(m.kv_bytes_per_token for m in models.values())
-    views = []
-    for i in range(deployment.gpus):
-        role: InstanceRole = "both"
-        if deployment.prefill:
-            role = "prefill" if i < deployment.prefill else "decode"
-        views.append(
-            InstanceView(
-                f"g{i:03d}",
-                role=role,
-                kv_capacity_tokens=int((usable - weights) // biggest_kv),
-                weight_budget_bytes=weights,
-            )
-        )
-    return views
+POLICIES: Mapping[str, type[Policy]] = _Registry()
+
+
+def fresh(cost: Estimator) -> Estimator:
+    """The policy's own copy of the cost model: what it learns online (``observe_switch``)
+    stays within one run and never changes the simulated truth, which is ``cost``."""
+    return copy.deepcopy(cost)
 
 
 def run_deployment(
@@ -82,10 +58,11 @@ def run_deployment(
     cost: Estimator,
     slo: Slo,
 ) -> SimResult:
-    """One simulated run."""
-    policy = POLICIES[policy_name](dict(models), slo, cost)
+    """One simulated run at paper scale: the policy's instances hold what its original system
+    would (:func:`aegaeon.sim.layout.residency`)."""
+    policy = POLICIES[policy_name](dict(models), slo, fresh(cost))
     views = instance_views(deployment, device, models, policy_name)
-    return simulate(trace, policy, views, cost, slo)
+    return simulate(trace, policy, views, cost, slo, slots=residency(policy_name))
 
 
 def simulate_policy(
@@ -96,21 +73,14 @@ def simulate_policy(
     cost: Estimator,
     slo: Slo,
 ) -> SimResult:
-    """One run on instances the caller describes (``bench serve`` mirrors its real workers:
-    their weight budget and KV capacity) priced by ``cost`` (e.g. the fitted CPU profile)."""
-    policy = POLICIES[policy_name](dict(models), slo, cost)
+    """One run mirroring the live system on instances the caller describes (``bench serve``:
+    its real workers' weight budget and KV capacity) priced by ``cost`` (e.g. the fitted CPU
+    profile). Every live worker has the engine's 2 weight slots, whatever the policy, so
+    residency is by those slots here."""
+    policy = POLICIES[policy_name](dict(models), slo, fresh(cost))
     views = [InstanceView(v.instance_id, v.role, v.kv_capacity_tokens, v.weight_budget_bytes)
              for v in instances]  # fmt: skip
-    return simulate(trace, policy, views, cost, slo)
-
-
-def deployments_for(policy_name: str, gpus: int) -> list[Deployment]:
-    """The layouts tried at a GPU count. Aegaeon disaggregates: a few prefill instances (their
-    work is mostly switching in each group's model), the rest decode; or every GPU doing both."""
-    if policy_name != "aegaeon" or gpus < 2:
-        return [Deployment(gpus)]
-    shares = sorted({max(1, min(gpus - 1, round(gpus * f))) for f in PREFILL_SHARES})
-    return [Deployment(gpus), *(Deployment(gpus, p) for p in shares)]
+    return simulate(trace, policy, views, cost, slo, slots=ENGINE_WEIGHT_SLOTS)
 
 
 Metric = str  # "attainment" (per request) or "time_fraction_attainment"
@@ -119,9 +89,10 @@ Metric = str  # "attainment" (per request) or "time_fraction_attainment"
 def best_at(
     gpus: int, policy_name: str, run: Callable[[Deployment], SimResult], metric: Metric
 ) -> tuple[Deployment, SimResult]:
-    """The best layout at ``gpus``; stops at the first that reaches the target."""
+    """The best of the layouts offered at ``gpus`` (as the policy runs them); stops at the
+    first that reaches the target."""
     best: tuple[Deployment, SimResult] | None = None
-    for deployment in deployments_for(policy_name, gpus):
+    for deployment in layouts_for(policy_name, gpus):
         result = run(deployment)
         if best is None or result.metrics[metric] > best[1].metrics[metric]:
             best = (deployment, result)

@@ -1,7 +1,7 @@
 """The operator's question, per policy: how many GPUs does this trace need at these SLOs?
 
-:func:`gpus_needed` answers it for one setting (one trace, every policy); :func:`paper_study`
-sweeps the paper's settings (DESIGN.md §7) and picks out the headline point.
+:func:`gpus_needed` answers it for one setting (one trace, every policy), every layout offered
+at each GPU count; :mod:`aegaeon.sim.paper` runs the paper's study.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies.base import ModelSpec, Slo
 from aegaeon.sim.hardware import DeviceSpec, paper_models, roofline_profile
-from aegaeon.sim.run import Deployment, Metric, fewest_gpus, run_deployment
+from aegaeon.sim.run import POLICIES, Deployment, Metric, fewest_gpus, run_deployment
 from aegaeon.workload import TraceRequest, generate_trace
 
-ALL_POLICIES = ("aegaeon", "request-level", "static-mux", "dedicated")
-GUESS_SHARE = {"aegaeon": 0.2, "request-level": 0.45, "static-mux": 0.3}  # of the model count
+PAPER_POLICIES = ("aegaeon", "request-level", "sllm-plus", "static-mux", "dedicated")
+ALL_POLICIES = tuple(p for p in PAPER_POLICIES if p in POLICIES)  # those registered
+GUESS_SHARE = {"aegaeon": 0.2, "request-level": 0.45, "sllm-plus": 0.45, "static-mux": 0.3}
+VIEWS = ("attainment", "time_fraction_attainment", "artifact_qos")
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,9 @@ def summary(gpus: int | None, deployment: Deployment, metrics: dict, models: int
     """What a study reports for one policy at one setting."""
     return {
         "gpus": gpus,
-        "layout": {"gpus": deployment.gpus, "prefill_instances": deployment.prefill},
+        "layout": deployment.to_json(),
         "models_per_gpu": round(models / gpus, 3) if gpus else None,
-        "attainment": round(metrics["attainment"], 4),
-        "time_fraction_attainment": round(metrics["time_fraction_attainment"], 4),
+        **{view: round(metrics[view], 4) for view in VIEWS},
         "ttft_p90_s": metrics["ttft_s"]["p90"],
         "tbt_p99_s": metrics["tbt_s"]["p99"],
     }
@@ -89,64 +90,3 @@ def paper_setting_trace(setting: Setting) -> tuple[dict[str, ModelSpec], list[Tr
 def roofline_estimator(models: dict[str, ModelSpec], device: DeviceSpec) -> Estimator:
     """A cost model of ``models`` on ``device`` from its peak numbers."""
     return Estimator({m: roofline_profile(s, device) for m, s in models.items()}, device.name)
-
-
-def run_setting(
-    setting: Setting,
-    policies: Sequence[str] = ALL_POLICIES,
-    metric: Metric = "attainment",
-    on_run: Callable[[], None] | None = None,
-) -> dict:
-    """One point of the paper study."""
-    models, trace = paper_setting_trace(setting)
-    cost = roofline_estimator(models, setting.device)
-    return {
-        "models": setting.models,
-        "rate_per_model": setting.rate,
-        "slo_scale": setting.slo_scale,
-        "slo": {"ttft_s": setting.slo.ttft_s, "tbt_s": setting.slo.tbt_s},
-        "requests": len(trace),
-        "duration_s": setting.duration,
-        "metric": metric,
-        "policies": gpus_needed(trace, models, cost, setting, policies, metric, on_run),
-    }
-
-
-def headline(point: dict) -> dict:
-    """The issue's goals at one point: GPUs of aegaeon over dedicated (≤ 0.18) and aegaeon's
-    models per GPU over request-level's (≥ 2)."""
-    pol = point["policies"]
-    aeg = pol.get("aegaeon", {}).get("gpus")
-    ded = pol.get("dedicated", {}).get("gpus") or point["models"]
-    ratio = aeg / ded if aeg else None
-    req_gpus = pol.get("request-level", {}).get("gpus")
-    mpg = (req_gpus / aeg) if aeg and req_gpus else None
-    return {
-        "models": point["models"],
-        "rate_per_model": point["rate_per_model"],
-        "slo_scale": point["slo_scale"],
-        "metric": point["metric"],
-        "gpus": {p: v["gpus"] for p, v in pol.items()},
-        "gpus_vs_dedicated": round(ratio, 4) if ratio else None,
-        "gpus_vs_dedicated_goal": 0.18,
-        "models_per_gpu_vs_request_level": round(mpg, 3) if mpg else None,
-        "models_per_gpu_vs_request_level_goal": 2.0,
-    }
-
-
-def paper_settings(
-    device: DeviceSpec,
-    model_counts: Sequence[int] = (16, 32, 48, 64, 80),
-    rates: Sequence[float] = (0.1, 0.5),
-    slo_scales: Sequence[float] = (1.0, 0.5, 0.3),
-    duration_for: Callable[[float], float] = lambda rate: 300.0 if rate <= 0.1 else 120.0,
-    base: Slo = Slo(10.0, 0.1),
-) -> list[Setting]:
-    """The paper's grid; shorter traces at the higher rate keep the request count similar."""
-    return [
-        Setting(n, rate, Slo(base.ttft_s * k, base.tbt_s * k), device, duration_for(rate),
-                slo_scale=k)
-        for k in slo_scales
-        for rate in rates
-        for n in model_counts
-    ]  # fmt: skip
