@@ -43,6 +43,8 @@ from aegaeon.protocol import (
     AssignRequest,
     CancelRequest,
     Heartbeat,
+    KVHandle,
+    KVImported,
     ListModels,
     ModelList,
     PrefetchHint,
@@ -110,6 +112,7 @@ class SchedulerService:
         self.estimator_factory = estimator_factory
         self.models: dict[str, ModelSpec] = {}
         self.policy: Policy | None = None
+        self.estimator: Any = None  # the policy's step-time estimator (None: its default)
         self.requests: dict[str, TrackedRequest] = {}
         self.workers: dict[str, WorkerBook] = {}
         self._deferred_cancel: set[str] = set()  # ended mid-turn: tell the policy after turn_done
@@ -130,6 +133,7 @@ class SchedulerService:
             self.config.policy, dict(self.models), self.config.slo, estimator,
             **self.config.policy_options,
         )  # fmt: skip
+        self.estimator = estimator if estimator is not None else getattr(self.policy, "est", None)
         subs = [
             await self.bus.subscribe(self.subjects.heartbeat, Heartbeat, self._on_heartbeat),
             await self.bus.subscribe(self.subjects.all_worker_events, WorkerEvent, self._on_event),
@@ -332,6 +336,7 @@ class SchedulerService:
             swap_out_after=plan.swap_out_after,
             max_steps=plan.max_steps,
             prefill_only=plan.prefill_only,
+            export_kv=self._exports(plan, worker.worker_id),
         )
         spans = self._dispatch_spans(plan, turn_id, worker.worker_id, started_ns)
         # The worker's turn span goes under the batch's first request (the others link to it).
@@ -344,6 +349,22 @@ class SchedulerService:
             await self.bus.publish(
                 self.subjects.models("prefetch"), PrefetchHint(plan.prefetch_model), context=lead
             )
+
+    def _exports(self, plan: TurnPlan, worker_id: str) -> list[str]:
+        """Requests whose KV the prefill worker leaves in its host pool for their decode worker:
+        those whose target is on the same node (elsewhere the target re-prefills)."""
+        return [
+            request_id
+            for request_id, target in plan.handoff.items()
+            if target != worker_id and self._same_node(worker_id, target)
+        ]
+
+    def _same_node(self, a: str, b: str) -> bool:
+        """Both workers heartbeat the same (named) node: they share its memory."""
+        first, second = self.workers.get(a), self.workers.get(b)
+        if first is None or second is None:
+            return False
+        return bool(first.heartbeat.node) and first.heartbeat.node == second.heartbeat.node
 
     def _dispatch_spans(
         self, plan: TurnPlan, turn_id: int, worker_id: str, started_ns: int
@@ -421,6 +442,9 @@ class SchedulerService:
             await self.bus.publish(
                 self.subjects.worker_cmd(previous), AbortRequest(tracked.request_id)
             )
+        kv, source = self._importable_kv(tracked, worker, len(outputs))
+        if source is None:
+            await self._free_kv(self._take_kv(tracked), tracked.request_id)
         s = tracked.submit
         self._end_queue_wait(tracked, worker.worker_id)
         traced = self._traces.get(s.request_id)
@@ -429,11 +453,39 @@ class SchedulerService:
             self.subjects.worker_cmd(worker.worker_id),
             AssignRequest(
                 s.request_id, s.model, s.prompt_token_ids, s.sampling, s.gateway_id,
-                s.arrival_time, outputs,
+                s.arrival_time, outputs, kv, source,
             ),
             context=traced.context if traced is not None else NO_TRACE,
         )  # fmt: skip
         self._spawn(self.store.mark_running(tracked.request_id, worker.worker_id))
+
+    def _importable_kv(
+        self, tracked: TrackedRequest, worker: WorkerBook, outputs: int
+    ) -> tuple[KVHandle | None, str | None]:
+        """The exported KV the assignee can import (same node as its live source, covering
+        prompt + outputs - 1 tokens), or (None, None): the worker re-prefills (or, when it is
+        the source itself, still holds the KV)."""
+        kv, source = tracked.kv, tracked.kv_source
+        usable = (
+            kv is not None
+            and source is not None
+            and source != worker.worker_id
+            and self._same_node(source, worker.worker_id)
+            and kv.num_tokens == len(tracked.submit.prompt_token_ids) + outputs - 1
+        )
+        return (kv, source) if usable else (None, None)  # the source frees it on KVImported
+
+    def _take_kv(self, tracked: TrackedRequest) -> str | None:
+        """Forget the request's exported KV; returns the worker that must free it (None: none,
+        or the request's holder is that worker again and keeps it)."""
+        source, tracked.kv, tracked.kv_source = tracked.kv_source, None, None
+        return source if source != tracked.worker else None
+
+    async def _free_kv(self, source: str | None, request_id: str) -> None:
+        """Tell the prefill worker that kept a request's KV for a hand-off to free it (before
+        any later command for the request, so an abort never overtakes a new assignment)."""
+        if source is not None:
+            await self.bus.publish(self.subjects.worker_cmd(source), AbortRequest(request_id))
 
     # ================================================================== workers
 
@@ -501,7 +553,10 @@ class SchedulerService:
             rid for rid, t in self.requests.items() if t.worker == worker_id
         }
         log.warning("worker %s %s: %d requests to re-run", worker_id, why, len(lost_ids))
-        failed = []
+        for tracked in self.requests.values():
+            if tracked.kv_source == worker_id and tracked.worker is None:
+                tracked.kv, tracked.kv_source = None, None  # its KV died with it: re-prefill
+        failed, freed = [], []
         for request_id in lost_ids:
             tracked = self.requests.pop(request_id, None)
             if tracked is None:
@@ -510,9 +565,12 @@ class SchedulerService:
                 self._policy.cancel(request_id)  # in case the policy kept it elsewhere
             tracked.worker, tracked.recovered = None, True
             tracked.previous_worker = worker_id if why == "drained" else None
+            freed.append((self._take_kv(tracked), request_id))  # re-run from Redis tokens
             rejection = self._check_resumable(tracked) or self._admit(tracked)
             if rejection is not None:
                 failed.append((tracked, rejection.reason))
+        for source, request_id in freed:
+            await self._free_kv(source, request_id)
         for tracked, reason in failed:
             await self._fail(tracked, f"worker {worker_id} lost; {reason}")
         await self._dispatch()
@@ -524,6 +582,8 @@ class SchedulerService:
             await self._on_turn_done(event)
         elif isinstance(event, RequestDone):
             await self._on_request_done(event)
+        elif isinstance(event, KVImported):
+            await self._on_kv_imported(event)
         elif isinstance(event, WorkerError):
             await self._on_worker_error(event)
         # SwitchDone: observers (``aegaeon top``) read it; the policy learns via TurnDone.
@@ -545,9 +605,10 @@ class SchedulerService:
             generated={r: n for r, n in event.progress.items() if r in self.requests},
             step_times_s=step_times(event),
         )
+        self._observe_switch(event)
         plan = self._end_turn(worker, result)
         await self._rerun_vanished(worker, plan, event)
-        await self._hand_off(worker, plan)
+        await self._hand_off(worker, plan, event)
         if worker.draining:
             await self._retire(worker.worker_id, "drained")
         await self._dispatch()
@@ -567,6 +628,7 @@ class SchedulerService:
             if request_id in self._policy.requests:
                 self._policy.cancel(request_id)
             tracked.worker, tracked.recovered = None, True
+            await self._free_kv(self._take_kv(tracked), request_id)
             rejection = self._check_resumable(tracked) or self._admit(tracked)
             if rejection is not None:
                 await self._fail(tracked, f"request lost on {worker.worker_id}; {rejection.reason}")
@@ -588,26 +650,52 @@ class SchedulerService:
                 if request_id in self._policy.requests:
                     self._policy.cancel(request_id)
 
-    async def _hand_off(self, worker: WorkerBook, plan: TurnPlan) -> None:
+    def _observe_switch(self, event: TurnDone) -> None:
+        """Feed the estimator the switch time the turn really waited (what prefetch left)."""
+        observe = getattr(self.estimator, "observe_switch", None)
+        if observe is not None and event.switch_bytes + event.prefetched_bytes > 0:
+            observe(event.model, exposed_s=event.switch_s, copied_bytes=event.switch_bytes,
+                    prefetched_bytes=event.prefetched_bytes)  # fmt: skip
+
+    async def _hand_off(self, worker: WorkerBook, plan: TurnPlan, event: TurnDone) -> None:
         """Prefill → decode: the request leaves this worker and is assigned to the target anew,
-        continuing from the tokens in Redis (the KV is rebuilt there from prompt + tokens)."""
+        continuing from the tokens in Redis. With an exported KV handle (same node) the target
+        imports the KV and this worker keeps its copy until KVImported; without one this
+        worker frees it now and the target re-prefills from prompt + tokens."""
         for request_id, target in plan.handoff.items():
             tracked = self.requests.get(request_id)
             if tracked is None or tracked.worker != worker.worker_id or target == worker.worker_id:
                 continue
             worker.holds.discard(request_id)
             tracked.worker, tracked.recovered = None, True
+            handle = event.exported.get(request_id)
+            if handle is not None:
+                tracked.kv, tracked.kv_source = handle, worker.worker_id
+                continue
             await self.bus.publish(
                 self.subjects.worker_cmd(worker.worker_id), AbortRequest(request_id)
             )
+
+    async def _on_kv_imported(self, event: KVImported) -> None:
+        """The decode worker copied the KV (or gave up and re-prefills): the source frees it."""
+        tracked = self.requests.get(event.request_id)
+        if tracked is not None and tracked.kv_source == event.source_worker:
+            await self._free_kv(self._take_kv(tracked), event.request_id)
+        elif tracked is None or tracked.worker != event.source_worker:
+            await self._free_kv(event.source_worker, event.request_id)  # already forgotten
+        if not event.ok:
+            log.warning("KV of %s from %s not imported on %s (re-prefilled): %s",
+                        event.request_id, event.source_worker, event.worker_id, event.message)  # fmt: skip
 
     async def _on_request_done(self, event: RequestDone) -> None:
         tracked = self.requests.get(event.request_id)
         if tracked is None:
             return
         holder = tracked.worker or tracked.previous_worker
-        if event.worker_id != holder:
-            return  # an old holder confirming our abort after a hand-off or a restart
+        if event.worker_id != holder or event.finish_reason == "abort":
+            # An old holder confirming our abort (after a hand-off, a restart, a lost decode
+            # worker): the request lives on elsewhere, possibly on that same worker again.
+            return
         self._forget(tracked)
         await self.store.finish(event.request_id, event.finish_reason, event.num_output_tokens)
 
@@ -630,6 +718,9 @@ class SchedulerService:
         """Drop a request from the books and the policy (after the turn that holds it)."""
         self.requests.pop(tracked.request_id, None)
         self._traces.pop(tracked.request_id, None)
+        source = self._take_kv(tracked)
+        if source is not None:  # it ended before the decode worker imported its KV
+            self._spawn(self._free_kv(source, tracked.request_id))
         for worker in self.workers.values():
             worker.holds.discard(tracked.request_id)
         if any(w.in_turn(tracked.request_id) for w in self.workers.values()):
