@@ -110,6 +110,9 @@ class WorkerService:
         self.held: dict[str, HeldRequest] = {}
         self.registered: dict[str, str] = {}  # model → host-cache path registered with the engine
         self.turn: TurnState | None = None
+        # A RunTurn received but still queued (behind an assign that loads a model): heartbeats
+        # name it, so the scheduler does not take the worker for idle and the turn for lost.
+        self._queued_turn: int | None = None
         self.draining = False
         self._commands: asyncio.Queue[Any] = asyncio.Queue()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -158,6 +161,8 @@ class WorkerService:
             if self.turn and (command.turn_id in (None, self.turn.command.turn_id)):
                 self.turn.preempted = True
             return
+        if isinstance(command, RunTurn):
+            self._queued_turn = command.turn_id
         await self._commands.put((command, context_from(msg)))
 
     async def _command_loop(self) -> None:
@@ -205,7 +210,7 @@ class WorkerService:
             host_kv_bytes_free=stats.host_kv_bytes_free,
             num_requests=len(self.held),
             draining=draining,
-            turn_id=self.turn.command.turn_id if self.turn else None,
+            turn_id=self.turn.command.turn_id if self.turn else self._queued_turn,
         )
         try:
             await self.bus.publish(self.subjects.heartbeat, beat)
@@ -338,6 +343,8 @@ class WorkerService:
 
     async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
+        if self._queued_turn == command.turn_id:
+            self._queued_turn = None
         done = TurnDone(self.worker_id, command.turn_id, command.model, steps=0, elapsed_s=0.0)
         with _tracer.start_as_current_span(
             "aegaeon.turn", context=context, links=self._turn_links(command, context),

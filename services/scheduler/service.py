@@ -592,6 +592,10 @@ class SchedulerService:
         worker = self.workers.get(event.worker_id)
         if worker is None or worker.turn_id != event.turn_id:
             log.debug("stale TurnDone %d from %s", event.turn_id, event.worker_id)
+            for request_id in event.exported:  # a hand-off we gave up on: free its KV there
+                tracked = self.requests.get(request_id)
+                if tracked is None or tracked.worker != event.worker_id:
+                    await self._free_kv(event.worker_id, request_id)
             return
         for request_id, produced in event.progress.items():
             tracked = self.requests.get(request_id)
