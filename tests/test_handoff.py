@@ -76,3 +76,72 @@ def test_prefilled_kv_is_imported_by_the_decode_worker_on_the_same_node_without_
     print("\nKV hand-off (import on the decode worker), per request:")
     for e in imports:
         print(f"  {e.request_id}: {e.seconds * 1000:.2f} ms, {e.bytes} bytes")
+
+
+# ------------------------------------------------------------------ the decode worker's import
+
+
+@pytest.mark.parametrize("source_alive", [True, False], ids=["source-alive", "source-gone"])
+async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_gone_with_identical_tokens(source_alive, demo_models_dir, nats_server, redis_server):  # fmt: skip
+    """The worker shell around a real engine: an AssignRequest carrying a KV handle is imported
+    (no prefill in the next turn), or, when the prefill worker that exported it is gone, the
+    request is re-prefilled from prompt + tokens; either way the tokens are the engine's own."""
+    import redis.asyncio as aioredis
+    from aegaeon.gpu_worker.engine import Engine, EngineConfig
+    from aegaeon.gpu_worker.worker import WorkerService
+    from test_policies_e2e import MiB, engine_greedy, full_length_prompt
+
+    from aegaeon.bus import Bus
+    from aegaeon.config import BusConfig
+    from aegaeon.protocol import AssignRequest, RunTurn, SamplingParams, TokenBatch, WorkerEvent
+
+    model, max_tokens = "demo-qwen2", 6
+    prompt = full_length_prompt(demo_models_dir, model, 3, 14, max_tokens)
+    expected = list(engine_greedy(demo_models_dir, model, tuple(prompt), max_tokens))
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+
+    def make_engine() -> Engine:
+        engine = Engine(EngineConfig(device="cpu", arena_bytes=512 * MiB, host_kv_bytes=8 * MiB))
+        engine.register_model(model, demo_models_dir / model)
+        engine.switch_to(model)
+        return engine
+
+    source = make_engine()
+    source.add_request("r", model, prompt, greedy)
+    first = source.step(["r"])[0].token_id
+    handle = source.export_kv("r")
+    if not source_alive:
+        source.close()  # its host pool (the shared-memory file) is gone with it
+
+    config = BusConfig(nats_url=nats_server.url, redis_url=redis_server.url, prefix=f"kvimp{int(source_alive)}")  # fmt: skip
+    bus = await Bus.connect(config, "test")
+    redis = aioredis.Redis.from_url(config.redis_url)
+    engine = make_engine()
+    worker = WorkerService("d", "decode", engine, bus, redis)
+    worker.registered[model] = "registered by the test"  # no model-store here
+    events: list = []
+    tokens: list[int] = []
+
+    async def on_event(event, _msg) -> None:
+        events.append(event)
+
+    async def on_tokens(batch, _msg) -> None:
+        tokens.extend(t for e in batch.events for t in e.token_ids)
+
+    await bus.subscribe(bus.subjects.worker_events("d"), WorkerEvent, on_event)
+    await bus.subscribe(bus.subjects.tokens("gw"), TokenBatch, on_tokens)
+    try:
+        await worker._assign(AssignRequest("r", model, prompt, greedy, "gw", 0.0, [first], handle, "p"))  # fmt: skip
+        await worker._run_turn(RunTurn(1, model, ["r"], quota_s=60.0))
+        await wait_until(lambda: any(isinstance(e, TurnDone) for e in events), "the turn's TurnDone", events)  # fmt: skip
+    finally:
+        await bus.close()
+        await redis.aclose()
+        engine.close()
+        if source_alive:
+            source.close()
+    (imported,) = [e for e in events if isinstance(e, KVImported)]
+    (done,) = [e for e in events if isinstance(e, TurnDone)]
+    assert (imported.ok, imported.source_worker) == (source_alive, "p"), imported
+    assert done.prefilled == ([] if source_alive else ["r"])
+    assert [first, *tokens] == expected
