@@ -90,6 +90,7 @@ class FakeWorker:
         self.node = node  # same non-empty node: prefill exports KV, decode imports it
         self.import_ok = True  # what a KVImported this worker sends says
         self.reports_imports = True  # False: the test sends KVImported itself (or never)
+        self.turn_done_extras: dict[str, Any] = {}  # more TurnDone fields (switch bytes…)
         self.weight_budget_bytes = 0  # 0: not reported
         self.alive = True
         self._tasks: list[asyncio.Task] = []
@@ -153,7 +154,8 @@ class FakeWorker:
                     for rid in turn.export_kv if rid in self.held}  # fmt: skip
         await self._event(
             TurnDone(self.worker_id, turn.turn_id, turn.model, steps=self.tokens_per_turn,
-                     elapsed_s=0.01, finished=finished, progress=progress, exported=exported)
+                     elapsed_s=0.01, finished=finished, progress=progress, exported=exported,
+                     **self.turn_done_extras)
         )  # fmt: skip
         self.die_after_turns = None if self.die_after_turns is None else self.die_after_turns - 1
         if self.die_after_turns == 0:
@@ -242,7 +244,8 @@ class Harness:
         settings.update(options)
         bus = await Bus.connect(self.config, "scheduler")
         store = RequestStore(aioredis.Redis.from_url(self.config.redis_url), self.config.prefix)
-        service = SchedulerService(SchedulerConfig(**settings), bus, store)
+        factory = settings.pop("estimator_factory", None)
+        service = SchedulerService(SchedulerConfig(**settings), bus, store, factory)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         self._schedulers.append((stop, task, bus))
