@@ -6,6 +6,7 @@ Every setting has an embedded default so ``aegaeon up`` works with no configurat
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,3 +47,9 @@ class BusConfig:
             raise ValueError(f"AEGAEON_REDIS_URL must be a redis:// URL, got {self.redis_url!r}")
         if not self.prefix.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"AEGAEON_PREFIX must be one subject token, got {self.prefix!r}")
+
+
+def node_name() -> str:
+    """This host's identity (``AEGAEON_NODE``, default the host name). Workers on the same node
+    share memory, so a prefill worker's exported KV can be imported by a decode worker there."""
+    return _env("AEGAEON_NODE", "") or socket.gethostname()

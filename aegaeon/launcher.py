@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="models in HF layout (default: <home>/models, demo models on first run)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="gpu-worker processes")
+    parser.add_argument("--roles", default="", metavar="ROLE,ROLE,…",
+                        help="each worker's role (prefill, decode, both), in order; default both")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu or cuda (workers use cuda:0..N-1)")
     parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's bind address")
@@ -101,7 +103,9 @@ def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_
     for i in range(args.workers):
         device = f"cuda:{i}" if args.device == "cuda" else args.device
         extra = ["--arena-bytes", str(args.arena_bytes)] if args.arena_bytes else []
-        argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", "both", *extra)  # fmt: skip
+        roles = [r for r in getattr(args, "roles", "").split(",") if r]
+        role = roles[i] if i < len(roles) else "both"
+        argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", role, *extra)  # fmt: skip
         children.append(Child(f"worker-{i}", "worker", argv, logs / f"worker-{i}.log"))
     gateway = service_argv("gateway", "--host", args.host, "--port", str(args.port), "--gateway-id", "gw-0")  # fmt: skip
     children.append(Child("gateway", "gateway", gateway, logs / "gateway.log"))

@@ -70,6 +70,11 @@ RESIDENT_MODELS = Gauge(
     ["worker", "model_name"],
 )  # fmt: skip
 KV_SWAP_BYTES = Counter("aegaeon:kv_swap_bytes", "KV bytes moved.", ["direction"])
+KV_HANDOFF = Histogram(
+    "aegaeon:kv_handoff_seconds",
+    "Prefill → decode KV hand-off on one node: time to import the exported KV (decode worker).",
+    ["model_name"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
 ENGINE_STEP = Histogram(
     "aegaeon:engine_step_seconds", "One engine step.", ["model_name"], buckets=_LATENCY_BUCKETS
 )

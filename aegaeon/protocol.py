@@ -198,6 +198,8 @@ class TurnDone(msgspec.Struct, tag="turn_done", omit_defaults=True):
     switch_bytes: int = 0
     prefetched_bytes: int = 0
     exported: dict[str, KVHandle] = {}
+    # Requests whose prefill ran in this turn (a handed-over KV was imported: not among them).
+    prefilled: list[str] = []
 
 
 class RequestDone(msgspec.Struct, tag="request_done", omit_defaults=True):

@@ -28,12 +28,14 @@ from opentelemetry.context import Context
 
 from aegaeon import metrics
 from aegaeon.bus import Bus, context_from
+from aegaeon.config import node_name
 from aegaeon.protocol import (
     AbortRequest,
     AssignRequest,
     Drain,
     EnsureCached,
     Heartbeat,
+    KVImported,
     ModelReply,
     Preempt,
     PrefetchModel,
@@ -82,6 +84,7 @@ class TurnState:
     last_step_ns: int = 0
     tokens: dict[str, int] = field(default_factory=dict)  # request id → tokens this turn
     traces: dict[str, RequestTrace] = field(default_factory=dict)  # outlive a finished request
+    prefilled: list[str] = field(default_factory=list)  # requests whose prefill ran this turn
 
 
 class WorkerService:
@@ -97,6 +100,7 @@ class WorkerService:
     ) -> None:
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex
+        self.node = node_name()
         self.role = role
         self.engine = engine
         self.bus = bus
@@ -106,6 +110,9 @@ class WorkerService:
         self.held: dict[str, HeldRequest] = {}
         self.registered: dict[str, str] = {}  # model → host-cache path registered with the engine
         self.turn: TurnState | None = None
+        # A RunTurn received but still queued (behind an assign that loads a model): heartbeats
+        # name it, so the scheduler does not take the worker for idle and the turn for lost.
+        self._queued_turn: int | None = None
         self.draining = False
         self._commands: asyncio.Queue[Any] = asyncio.Queue()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -154,6 +161,8 @@ class WorkerService:
             if self.turn and (command.turn_id in (None, self.turn.command.turn_id)):
                 self.turn.preempted = True
             return
+        if isinstance(command, RunTurn):
+            self._queued_turn = command.turn_id
         await self._commands.put((command, context_from(msg)))
 
     async def _command_loop(self) -> None:
@@ -191,6 +200,7 @@ class WorkerService:
             role=self.role,
             time=time.time(),
             incarnation=self.incarnation,
+            node=self.node,
             resident_model=self.engine.resident_model,
             arena_bytes=stats.arena_bytes,
             weight_budget_bytes=stats.weight_budget_bytes,
@@ -200,7 +210,7 @@ class WorkerService:
             host_kv_bytes_free=stats.host_kv_bytes_free,
             num_requests=len(self.held),
             draining=draining,
-            turn_id=self.turn.command.turn_id if self.turn else None,
+            turn_id=self.turn.command.turn_id if self.turn else self._queued_turn,
         )
         try:
             await self.bus.publish(self.subjects.heartbeat, beat)
@@ -242,21 +252,56 @@ class WorkerService:
             return  # a repeated assign (scheduler retry) changes nothing
         if command.model not in self.registered:
             await self._ensure_model(command.model)
-        await self._on_engine(
-            self.engine.add_request,
+        args = (
             command.request_id,
             command.model,
             list(command.prompt_token_ids),
             command.sampling,
             list(command.output_token_ids),
         )
+        traced = RequestTrace(context) if context is not None else None
+        imported = command.kv is not None and await self._import_kv(command, args, traced)
+        if not imported:
+            await self._on_engine(self.engine.add_request, *args)
         self.held[command.request_id] = HeldRequest(
             command.request_id,
             command.model,
             command.gateway_id,
             len(command.output_token_ids),
-            RequestTrace(context) if context is not None else None,
+            traced,
+            # An imported KV lies in the host pool: the next step swaps it in, no prefill.
+            prefilled=imported,
+            swapped=imported,
         )
+
+    async def _import_kv(
+        self, command: AssignRequest, args: tuple[Any, ...], traced: RequestTrace | None
+    ) -> bool:
+        """Prefill → decode hand-off: copy the KV another worker on this node exported into
+        this engine's host pool. Reports KVImported either way (the source may then free its
+        copy); False: the request is re-prefilled here from prompt + tokens instead."""
+        assert command.kv is not None
+        rid, source = command.request_id, command.kv_source or ""
+        start, start_ns = time.monotonic(), time.time_ns()
+        try:
+            await self._on_engine(self.engine.import_kv, *args, command.kv)
+        except Exception as exc:  # the source died, its pool is full or gone: re-prefill
+            log.warning("KV of %s from %s not imported: %s", rid, source, exc)
+            if rid in self.engine.request_ids():
+                await self._on_engine(self.engine.abort, rid)
+            event = KVImported(self.worker_id, rid, source, ok=False,
+                               message=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        else:
+            seconds = time.monotonic() - start
+            metrics.KV_HANDOFF.labels(command.model).observe(seconds)
+            event = KVImported(self.worker_id, rid, source, ok=True, seconds=seconds,
+                               bytes=command.kv.nbytes)  # fmt: skip
+            if traced is not None:
+                record_span("aegaeon.kv_handoff", traced.context, start_ns, time.time_ns(),
+                            {"aegaeon.request_id": rid, "aegaeon.kv_handoff.source": source,
+                             "aegaeon.kv_handoff.bytes": command.kv.nbytes})  # fmt: skip
+        await self.bus.publish(self.subjects.worker_events(self.worker_id), event)
+        return event.ok
 
     async def _abort(self, command: AbortRequest) -> None:
         held = self.held.pop(command.request_id, None)
@@ -298,6 +343,8 @@ class WorkerService:
 
     async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
+        if self._queued_turn == command.turn_id:
+            self._queued_turn = None
         done = TurnDone(self.worker_id, command.turn_id, command.model, steps=0, elapsed_s=0.0)
         with _tracer.start_as_current_span(
             "aegaeon.turn", context=context, links=self._turn_links(command, context),
@@ -309,13 +356,29 @@ class WorkerService:
                 await self._step_until_turn_ends(turn, done)
                 if command.swap_out_after:
                     await self._swap_out(turn, done)
+                if command.export_kv:
+                    await self._export_kv(command, done)
             finally:
                 done.elapsed_s = time.monotonic() - turn.started
                 done.progress = {rid: h.produced for rid, h in self.held.items()}
+                done.prefilled = turn.prefilled
                 self.turn = None
                 self._end_turn_spans(turn, done)
                 await self._flush_redis()
                 await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+
+    async def _export_kv(self, command: RunTurn, done: TurnDone) -> None:
+        """Leave the KV of the requests handed to a decode worker on this node in the host pool;
+        they stay held (the pool keeps their bytes) until the scheduler's AbortRequest."""
+        for rid in command.export_kv:
+            if rid not in self.held:
+                continue  # finished in this turn
+            try:
+                done.exported[rid] = await self._on_engine(self.engine.export_kv, rid)
+            except Exception as exc:  # fallback-runner model, full pool: the target re-prefills
+                log.info("KV of %s not exported: %s", rid, exc)
+                continue
+            self.held[rid].swapped = True
 
     def _turn_links(self, command: RunTurn, lead: Context | None) -> list[trace.Link]:
         """Links from the turn to the traces of the batch's other requests (the span itself
@@ -410,6 +473,7 @@ class WorkerService:
             held = self.held.get(out.request_id)
             if held is not None and not held.prefilled:
                 held.prefilled = True
+                turn.prefilled.append(out.request_id)
                 self._request_span(turn, "aegaeon.request.prefill", out.request_id, t0_ns,
                                    end_ns, {"aegaeon.model": model, "aegaeon.batch_size": len(batch)})  # fmt: skip
         for rid in self.engine.last_step_preempted:  # no KV room: it left the device

@@ -4,6 +4,7 @@ holds it, which turn each worker runs. Pure data, no I/O.
 The policy decides *what* runs; these books know *where the bytes are*::
 
     TrackedRequest  r7: submit (prompt, gateway…), worker "w1" holds it, 12 tokens so far
+                    (after a prefill on "p0": its KV handle in p0's host pool, until imported)
     WorkerBook      w1: last heartbeat, turn 1042 in flight (its plan), holds {r7, r9}
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, TurnPlan
 
-from aegaeon.protocol import Heartbeat, ModelInfo, SubmitRequest, TurnDone, WorkerState
+from aegaeon.protocol import Heartbeat, KVHandle, ModelInfo, SubmitRequest, TurnDone, WorkerState
 
 
 @dataclass
@@ -27,6 +28,10 @@ class TrackedRequest:
     # is assigned again, so the new worker continues after what the client already has.
     recovered: bool = False
     previous_worker: str | None = None  # may still hold it (scheduler restart): abort there
+    # Prefill → decode on one node: the prefill worker ``kv_source`` left the request's KV in
+    # its host pool (``kv``); the decode worker imports it, then the source is told to free it.
+    kv: KVHandle | None = None
+    kv_source: str | None = None
 
     def __post_init__(self) -> None:
         self.generated = max(self.generated, len(self.submit.output_token_ids))

@@ -36,6 +36,8 @@ from aegaeon.protocol import (
     AssignRequest,
     CancelRequest,
     Heartbeat,
+    KVHandle,
+    KVImported,
     ListModels,
     ModelInfo,
     ModelList,
@@ -72,7 +74,7 @@ class FakeWorker:
 
     def __init__(
         self, bus: Bus, redis: aioredis.Redis, worker_id: str, tokens_per_turn: int = 1,
-        role: str = "both",
+        role: str = "both", node: str = "",
     ) -> None:  # fmt: skip
         self.bus, self.redis, self.worker_id = bus, redis, worker_id
         self.keys = Keys(bus.config.prefix)
@@ -85,6 +87,10 @@ class FakeWorker:
         self.draining = False
         self.crash_on_last_token = False
         self.role = role
+        self.node = node  # same non-empty node: prefill exports KV, decode imports it
+        self.import_ok = True  # what a KVImported this worker sends says
+        self.reports_imports = True  # False: the test sends KVImported itself (or never)
+        self.turn_done_extras: dict[str, Any] = {}  # more TurnDone fields (switch bytes…)
         self.weight_budget_bytes = 0  # 0: not reported
         self.alive = True
         self._tasks: list[asyncio.Task] = []
@@ -100,7 +106,7 @@ class FakeWorker:
             beat = Heartbeat(
                 self.worker_id, "cpu", self.role, time.time(), kv_blocks_total=64,  # type: ignore[arg-type]
                 kv_blocks_free=64, num_requests=len(self.held), draining=self.draining,
-                weight_budget_bytes=self.weight_budget_bytes,
+                weight_budget_bytes=self.weight_budget_bytes, node=self.node,
             )  # fmt: skip
             await self.bus.publish(self.bus.subjects.heartbeat, beat)
             await asyncio.sleep(0.1)
@@ -125,6 +131,10 @@ class FakeWorker:
         if isinstance(command, AssignRequest) and command.request_id not in self.held:
             self.held[command.request_id] = command  # a repeated assign changes nothing
             self.produced[command.request_id] = len(command.output_token_ids)
+            if command.kv is not None and command.kv_source is not None and self.reports_imports:
+                imported = KVImported(self.worker_id, command.request_id, command.kv_source,
+                                      ok=self.import_ok, bytes=command.kv.nbytes)  # fmt: skip
+                await self._event(imported)
         elif isinstance(command, AbortRequest) and command.request_id in self.held:
             del self.held[command.request_id]
             await self._event(RequestDone(self.worker_id, command.request_id, "abort", 0))
@@ -140,9 +150,12 @@ class FakeWorker:
         if not self.alive:
             return
         progress = {rid: self.produced[rid] for rid in self.held}
+        exported = {rid: kv_handle(self.worker_id, self.held[rid], self.produced[rid])
+                    for rid in turn.export_kv if rid in self.held}  # fmt: skip
         await self._event(
             TurnDone(self.worker_id, turn.turn_id, turn.model, steps=self.tokens_per_turn,
-                     elapsed_s=0.01, finished=finished, progress=progress)
+                     elapsed_s=0.01, finished=finished, progress=progress, exported=exported,
+                     **self.turn_done_extras)
         )  # fmt: skip
         self.die_after_turns = None if self.die_after_turns is None else self.die_after_turns - 1
         if self.die_after_turns == 0:
@@ -168,6 +181,12 @@ class FakeWorker:
 
     async def _event(self, event: Any) -> None:
         await self.bus.publish(self.bus.subjects.worker_events(self.worker_id), event)
+
+
+def kv_handle(worker_id: str, request: AssignRequest, produced: int) -> KVHandle:
+    """A handle to KV that only the fake workers pretend exists (prompt + outputs - 1 tokens)."""
+    tokens = len(request.prompt_token_ids) + produced - 1
+    return KVHandle(f"/dev/shm/fake-{worker_id}", 0, 4096, tokens, 1, 16, 2, 2, 8, "float32")
 
 
 class Harness:
@@ -225,7 +244,8 @@ class Harness:
         settings.update(options)
         bus = await Bus.connect(self.config, "scheduler")
         store = RequestStore(aioredis.Redis.from_url(self.config.redis_url), self.config.prefix)
-        service = SchedulerService(SchedulerConfig(**settings), bus, store)
+        factory = settings.pop("estimator_factory", None)
+        service = SchedulerService(SchedulerConfig(**settings), bus, store, factory)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         self._schedulers.append((stop, task, bus))
@@ -547,6 +567,13 @@ class HandoffScript(Policy):
                 self.queues[instance_id].remove(rid)
                 self.queues[target].append(rid)
                 self.requests[rid].instance_id = target
+
+    def remove_instance(self, instance_id: str) -> list[RequestView]:
+        self.busy.discard(instance_id)  # its turn died with it
+        lost = super().remove_instance(instance_id)
+        for request in lost:
+            self.cancel(request.request_id)
+        return lost
 
     def cancel(self, request_id: str) -> None:
         self.requests.pop(request_id, None)

@@ -1,0 +1,142 @@
+"""Admission and resume: a submitted request is checked, persisted in Redis and handed to the
+policy; at start the queue a previous scheduler left in Redis is re-admitted; a cancel ends a
+request wherever it is."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aegaeon.scheduler.books import TrackedRequest, model_spec
+from aegaeon.scheduler.core import ServiceCore
+
+from aegaeon.bus import context_from
+from aegaeon.protocol import (
+    AbortRequest,
+    CancelRequest,
+    ListModels,
+    ModelList,
+    SubmitReply,
+    SubmitRequest,
+)
+from aegaeon.telemetry import RequestTrace, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+
+class Admission(ServiceCore):
+    """Requests in: the model registry, admission checks, the Redis queue of a previous run,
+    cancels."""
+
+    async def _load_models(self, wait_s: float = 0.0) -> None:
+        """Ask the model-store for the registry; new models are told to the policy."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                reply = await self.bus.request(
+                    self.subjects.models("list"), ListModels(), ModelList, timeout=2.0
+                )
+                break
+            except Exception as exc:  # no model-store (yet): try again later
+                if time.monotonic() >= deadline:
+                    log.debug("model list unavailable: %s", exc)
+                    return
+                await asyncio.sleep(0.2)
+        for info in reply.models:
+            spec = model_spec(info)
+            if self.models.get(info.name) != spec:
+                self.models[info.name] = spec
+                if self.policy is not None:
+                    self.policy.add_model(spec)
+
+    async def _on_submit(self, request: SubmitRequest, msg: Any) -> None:
+        # A child of the gateway's span: the request's trace shows its admission here.
+        with _tracer.start_as_current_span("scheduler.submit", context=context_from(msg)) as span:
+            span.set_attribute("aegaeon.request_id", request.request_id)
+            span.set_attribute("aegaeon.model", request.model)
+            await self._submit(request, msg)
+
+    async def _submit(self, request: SubmitRequest, msg: Any) -> None:
+        if request.model not in self.models:
+            await self._load_models()  # it may have been registered a moment ago
+        await self._wait_for_a_worker()
+        rejection = self._check_admission(request)
+        if rejection is None and request.request_id not in self.requests:
+            await self.store.persist(request)
+            rejection = self._admit(TrackedRequest(request))
+            if rejection is not None:
+                await self.store.forget_queued(request.request_id)
+            else:
+                self._traces[request.request_id] = RequestTrace(context_from(msg))
+        await self.bus.reply(msg, rejection or SubmitReply(accepted=True))
+        await self._dispatch()
+
+    async def _wait_for_a_worker(self) -> None:
+        """Just after a (re)start the workers' heartbeats have not arrived yet: wait one
+        heartbeat timeout for a worker before answering "no worker available"."""
+        deadline = time.monotonic() + self.config.heartbeat_timeout_s
+        while not self._live_workers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _check_admission(self, request: SubmitRequest) -> SubmitReply | None:
+        """Reasons to refuse before the policy is asked (None: go ahead)."""
+        spec = self.models.get(request.model)
+        if spec is None:
+            return SubmitReply(False, f"model {request.model!r} does not exist", 404)
+        if not request.prompt_token_ids or request.sampling.max_tokens < 1:
+            return SubmitReply(False, "empty prompt or max_tokens < 1", 400)
+        used = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if used >= spec.context_length:
+            return SubmitReply(
+                False, f"{used} tokens do not fit the context of {spec.context_length}", 413
+            )
+        if len(request.prompt_token_ids) + request.sampling.max_tokens > spec.context_length:
+            return SubmitReply(False, "prompt + max_tokens exceed the model's context", 400)
+        if not self._live_workers():
+            return SubmitReply(False, "no worker available", 503, self.config.retry_after_s)
+        largest = max(w.heartbeat.weight_budget_bytes for w in self._live_workers())
+        if largest and spec.weight_bytes > largest:
+            return SubmitReply(
+                False,
+                f"model {request.model!r} has {spec.weight_bytes} bytes of weights; the largest "
+                f"worker holds {largest} bytes of weights, so no worker can serve it",
+                400,
+            )
+        waiting = sum(1 for r in self.requests.values() if not r.started)
+        if waiting >= self.config.max_queue:
+            return SubmitReply(False, "scheduler queue is full", 503, self.config.retry_after_s)
+        return None
+
+    async def _resume(self) -> None:
+        """Re-admit what a previous scheduler accepted and did not finish (its Redis queue)."""
+        deadline = time.monotonic() + self.config.heartbeat_timeout_s
+        while not self._live_workers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # workers heartbeat every second: give them one round
+        for submit, worker, produced in await self.store.queued():
+            if submit.request_id in self.requests:
+                continue
+            tracked = TrackedRequest(submit, generated=produced, recovered=True)
+            tracked.previous_worker = worker
+            rejection = self._check_resumable(tracked) or self._admit(tracked)
+            if rejection is not None:
+                await self._fail(tracked, f"not resumed: {rejection.reason}")
+        log.info("resumed %d requests from Redis", len(self.requests))
+        self.ready.set()
+        await self._dispatch()
+
+    async def _on_cancel(self, cancel: CancelRequest, _msg: Any) -> None:
+        tracked = self.requests.get(cancel.request_id)
+        if tracked is None:
+            return
+        holders = {tracked.worker, tracked.previous_worker} - {None}
+        self._forget(tracked)
+        for worker_id in holders:
+            assert worker_id is not None
+            await self.bus.publish(
+                self.subjects.worker_cmd(worker_id), AbortRequest(cancel.request_id)
+            )
+        await self.store.finish(cancel.request_id, "abort", tracked.generated)
+        await self._dispatch()
