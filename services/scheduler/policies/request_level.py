@@ -107,7 +107,7 @@ class RequestLevelPolicy(ServingPolicy):
             return None
         period = self.period.get(view.instance_id)
         admitted = self.admissible(view.instance_id, period) if period else []
-        if not admitted:
+        if period is None or not admitted:
             model = self.requests[queue[0]].model
             waited = max(self.requests[r].arrival for r in queue if self.requests[r].model == model)
             period = (model, waited)
