@@ -17,16 +17,18 @@ SLO = Slo(ttft_s=10.0, tbt_s=0.1)
 
 
 class MeasuredCosts:
-    """Decode 10 ms/step, prefill 100 ms, switch 1 s in full, and what workers reported."""
+    """Decode 10 ms/step (or ``step_s``), prefill 100 ms, switch 1 s in full, and what
+    workers reported."""
 
-    def __init__(self, exposed: dict[str, float] | None = None) -> None:
+    def __init__(self, exposed: dict[str, float] | None = None, step_s: float = 0.01) -> None:
         self.exposed = exposed or {}
+        self.step_s = step_s
 
     def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
         return 0.1
 
     def decode_time(self, model: str, context_lens: list[int]) -> float:
-        return 0.01
+        return self.step_s
 
     def switch_time(self, model: str) -> float:
         return 1.0
@@ -87,22 +89,28 @@ def test_a_slower_measured_switch_lengthens_the_quota():
 
 def test_a_decode_round_with_many_batches_stays_within_the_cap():
     names = [f"m{i}" for i in range(10)]
-    exposed = dict.fromkeys(names, 0.1)
-    policy = decoding(names, MeasuredCosts(exposed))
-    # Uncapped, ten batches of 10 ms steps (S = 1) would each get QMAX: a 41 s round.
-    _, uncapped = round_quotas([0.01] * 10, round_switch_s=1.0, tbt_s=0.1)
+    policy = decoding(names, MeasuredCosts(dict.fromkeys(names, 0.1), step_s=0.005))
+    # Uncapped, ten batches of 5 ms steps (S = 0.5, c = 1 s) would each get QMAX: a 41 s round.
+    _, uncapped = round_quotas([0.005] * 10, round_switch_s=1.0, tbt_s=0.1)
     assert uncapped == pytest.approx([QMAX_S] * 10)
     quotas = one_round(policy, 10)
-    assert 1.0 + sum(quotas) <= ROUND_SHARE * SLO.ttft_s + 1e-9
+    assert 1.0 + sum(quotas) == pytest.approx(ROUND_SHARE * SLO.ttft_s)
     assert quotas == pytest.approx([quotas[0]] * 10)  # scaled together
-    assert policy.last_alpha > 1  # the cap costs tokens: α says the lane is overloaded
+    assert policy.last_alpha <= 1  # … and every batch still gets the tokens its TBT asks for
 
 
-def test_the_cap_keeps_at_least_one_step_per_batch():
-    quotas, alpha = capped_round([4.0, 4.0], [0.01, 0.02], round_switch_s=6.0, tbt_s=0.1,
+def test_the_cap_never_shortens_a_round_below_what_keeps_the_token_schedule():
+    # Quotas in the formula's ratio (∝ step time); S = 0.3, c = 6 s: below c / (1 − S) ≈ 8.6 s a round would leave every batch behind.
+    quotas, alpha = capped_round([2.0, 4.0], [0.01, 0.02], round_switch_s=6.0, tbt_s=0.1,
                                  cap_s=5.0)  # fmt: skip
-    assert quotas == [0.01, 0.02]
-    assert alpha is not None and alpha > 1
+    assert 6.0 + sum(quotas) == pytest.approx(6.0 / (1 - 0.3))
+    assert alpha is not None and alpha == pytest.approx(1.0)
+
+
+def test_a_saturated_lane_keeps_algorithm_2s_quotas():
+    quotas, alpha = capped_round([4.0, 4.0], [0.05, 0.05], round_switch_s=1.0, tbt_s=0.1,
+                                 cap_s=5.0)  # fmt: skip
+    assert (quotas, alpha) == ([4.0, 4.0], None)  # S = 1: shorter rounds only lose tokens
 
 
 def test_a_round_within_the_cap_is_left_alone():

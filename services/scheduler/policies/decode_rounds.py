@@ -24,16 +24,17 @@ from aegaeon.scheduler.policies.quota import (
     prefetched_round_quotas,
 )
 
-PACK_ALPHA = 1.0  # join an instance already decoding the model while its α stays ≤ this
-
 
 class DecodeRounds(AegaeonBase):
     """Algorithm 2: where a request decodes, and the quota of each decode turn."""
 
     def _choose_decode_instance(self, request: RequestView) -> str | None:
-        """Where the request's KV goes for decoding. An instance already decoding its model
-        takes it while that keeps its α ≤ 1 (no extra switch); otherwise the instance whose
-        rotation load (α before its 0.5 floor) stays lowest, which balances TBT headroom."""
+        """Where the request's KV goes for decoding. An instance with a batch of its model
+        that has room takes it, whatever its load (as the paper's artifact dispatches): a
+        member costs a batch little, a new batch costs its lane a whole step and a switch per
+        round, so spreading a model over lanes under load would only add to every lane's α.
+        Among several, and otherwise, the instance whose rotation load (α before its 0.5
+        floor) stays lowest with it, which balances TBT headroom."""
         best, best_key = None, (2, float("inf"))
         context = request.context_len + 1
         for instance_id, view in self.instances.items():
@@ -42,15 +43,20 @@ class DecodeRounds(AegaeonBase):
             batches = self.lanes[instance_id].batches
             models = [b.model for b in batches]
             steps = [self._step_time(b) for b in batches]
-            has_model = request.model in models
-            if has_model:
-                i = models.index(request.model)
-                steps[i] = self.est.decode_time(request.model, [*self._lens(batches[i]), context])
+            room = next(
+                (i for i, b in enumerate(batches)
+                 if b.model == request.model and self._fits(b, request, view.kv_capacity_tokens)),
+                None,
+            )  # fmt: skip
+            if room is not None:
+                steps[room] = self.est.decode_time(
+                    request.model, [*self._lens(batches[room]), context]
+                )
             else:
                 models.append(request.model)
                 steps.append(self.est.decode_time(request.model, [context]))
             alpha = self._raw_alpha(models, steps)
-            key = (0 if has_model and alpha <= PACK_ALPHA else 1, alpha)
+            key = (0 if room is not None else 1, alpha)
             if key < best_key:
                 best, best_key = instance_id, key
         return best

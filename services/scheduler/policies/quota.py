@@ -114,22 +114,32 @@ def capped_round(
     cap_s: float,
 ) -> tuple[list[float], float | None]:
     """Quotas scaled down together (keeping their ratios) so that a round, ``c + Σ q``, lasts
-    at most ``cap_s``; never below one step of each batch. Returns the quotas and, when the
-    cap bound, the α it leaves: the largest ratio, over batches, of the tokens the round's
-    length asks of a batch (``round / TBT``) to the tokens its quota gives (``q / t``).
+    at most ``cap_s`` — but never shorter than ``c / (1 − S)``, the shortest round in which
+    every batch still gets the tokens its TBT asks for (α = 1). Returns the quotas and, when
+    they were scaled, the α they leave: the largest ratio, over batches, of the tokens the
+    round's length asks of a batch (``round / TBT``) to the tokens its quota gives (``q / t``).
 
-    Why a cap at all: a batch waits the rest of the round between two of its turns. α ≤ 1 makes
-    each turn bank enough slack for the next wait, but a request reaching a decode instance
-    brings only what is left of its TTFT budget, and on a "both" instance a round also delays
-    the first tokens of the groups waiting there. So with many batches (a round of N · QMAX)
-    the first wait breaks the token schedule whatever α says. ROUND_SHARE of the TTFT target
-    bounds it, assuming the prefill took at most the other half.
+    Why a cap: a batch waits the rest of the round between two of its turns. α ≤ 1 makes each
+    turn bank enough slack for the next wait, but a request reaching a decode instance brings
+    only what is left of its TTFT budget, and on a "both" instance a round also delays the
+    first tokens of the groups waiting there. Near saturation (α − S small) Algorithm 2's
+    round, ``c·α / (α − S)``, grows to N · QMAX, and that first wait breaks the token schedule
+    whatever α says. ROUND_SHARE of the TTFT target bounds it, assuming the prefill took at
+    most the other half. Why the floor: a shorter round spends a larger share on switching,
+    and below ``c / (1 − S)`` every batch would fall behind its schedule on every round; a lane
+    at S ≥ 1 (or α > 1) is overloaded and keeps Algorithm 2's quotas.
     """
     total = sum(quotas)
     if not quotas or round_switch_s + total <= cap_s:
         return list(quotas), None
-    scale = max(cap_s - round_switch_s, 0.0) / total
-    capped = [max(q * scale, t) for q, t in zip(quotas, step_times, strict=True)]
+    s = sum(t / tbt_s for t in step_times)
+    if s >= 1:
+        return list(quotas), None
+    shortest = round_switch_s / (1 - s)
+    room = max(cap_s, shortest) - round_switch_s
+    if room >= total:
+        return list(quotas), None
+    capped = [max(q * room / total, t) for q, t in zip(quotas, step_times, strict=True)]
     length = round_switch_s + sum(capped)
     alpha = max(length * t / (tbt_s * q) for q, t in zip(capped, step_times, strict=True))
     return capped, alpha
