@@ -100,7 +100,8 @@ def test_a_decode_round_with_many_batches_stays_within_the_cap():
 
 
 def test_the_cap_never_shortens_a_round_below_what_keeps_the_token_schedule():
-    # Quotas in the formula's ratio (∝ step time); S = 0.3, c = 6 s: below c / (1 − S) ≈ 8.6 s a round would leave every batch behind.
+    # Quotas in the formula's ratio (∝ step time); S = 0.3, c = 6 s: below c / (1 − S)
+    # ≈ 8.6 s a round would leave every batch behind.
     quotas, alpha = capped_round([2.0, 4.0], [0.01, 0.02], round_switch_s=6.0, tbt_s=0.1,
                                  cap_s=5.0)  # fmt: skip
     assert 6.0 + sum(quotas) == pytest.approx(6.0 / (1 - 0.3))
