@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, Slo, TurnResult
-from aegaeon.scheduler.policies.static_mux import REPLACE_FROM, StaticMuxPolicy, place
+from aegaeon.scheduler.policies.static_mux import REPLACE_PER_MODEL, StaticMuxPolicy, place
 
 SLO = Slo(10.0, 0.1)
 GB = 1 << 30
@@ -45,10 +45,10 @@ def test_placement_weighs_rate_by_size():
     assert owner["C"] == owner["A"] != owner["B"]
 
 
-def test_a_model_that_fits_nowhere_goes_to_the_least_loaded_instance():
-    owner = place({"A": 5, "B": 4, "C": 1}, dict.fromkeys("ABC", 2), ["i0", "i1"],
+def test_a_model_that_fits_nowhere_goes_where_it_overflows_least():
+    owner = place({"A": 5, "B": 4, "C": 1}, {"A": 2, "B": 1, "C": 2}, ["i0", "i1"],
                   {"i0": 2, "i1": 2})  # fmt: skip
-    assert owner["C"] == owner["B"]  # over budget there: it switches within its set
+    assert owner["C"] == owner["B"]  # 1 GB over there, 2 GB beside A: it switches within its set
 
 
 def test_static_mux_uses_the_rates_it_is_given():
@@ -95,7 +95,7 @@ def test_static_mux_learns_rates_from_arrivals_and_moves_only_drained_models():
     first = dict(policy.owner)
     busy = next(m for m in "ABCD" if first[m] == first["A"] and m != "A")  # A's neighbour
     policy.submit(request("keep", busy), 0.0)  # outstanding: must not move
-    for k in range(REPLACE_FROM):
+    for k in range(REPLACE_PER_MODEL * 4):
         policy.submit(request(f"a{k}", "A"), 0.0)
         policy.cancel(f"a{k}")  # done: A has nothing outstanding
     assert policy.requests["keep"].instance_id == first[busy]

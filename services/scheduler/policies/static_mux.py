@@ -9,15 +9,15 @@ Models are placed on instances up front by rate and size, and never served anywh
 
 An instance time-slices among the models of its own set that have work, round-robin, one short
 turn each (continuous batching within a turn). The one departure: a model that fits no
-instance's remaining budget goes to the least-loaded instance anyway, whose set then exceeds its
-budget; that instance switches weights in and out among its own members (never outside its
-set), paying the switch each time, as ``request-level`` would.
+instance's remaining budget goes where it overflows the budget least, and that instance's set
+then exceeds its budget: it switches weights in and out among its own members (never outside
+its set), paying the switch each time, as ``request-level`` would.
 
 Rates: the ``rates`` option (requests/s per model) when the driver knows them; else learned
-online from arrival counts (all equal before the first arrival, so the first placement goes by
-size). The placement is recomputed when the arrival count reaches 8, 16, 32, …; a model moves to
-its new instance only when it has no request queued or running anywhere, so no running work is
-stranded, and until then it stays where it was.
+online from arrival counts (equal at first, so the first placement goes by size). The
+placement is recomputed when the arrivals reach REPLACE_PER_MODEL per model, then at each
+doubling; a model moves to its new instance only when it has no request queued or running
+anywhere, so no running work is stranded; until then it stays where it was.
 
 Kept from MuxServe: rate- and size-aware placement of several models per device, co-residence,
 time-slicing among the co-resident set, no switching outside it. Dropped: its spatial sharing of
@@ -40,7 +40,9 @@ from aegaeon.scheduler.policies.base import (
 )
 from aegaeon.scheduler.policies.serving import ServingPolicy
 
-REPLACE_FROM = 8  # arrivals before the first re-placement from learned rates (then doubling)
+REPLACE_PER_MODEL = 16
+"""Arrivals per model before the first re-placement from learned rates (then at each doubling):
+fewer, and counting noise would scatter the models more than their rates differ."""
 
 
 def place(
@@ -50,15 +52,18 @@ def place(
     budgets: dict[str, int],
 ) -> dict[str, str]:
     """model → instance: busiest first (rate × size) onto the least-loaded instance that still
-    has weight budget for it; one that fits nowhere goes to the least-loaded instance."""
+    has weight budget for it; one that fits nowhere goes where it overflows the budget least."""
     left = dict(budgets)
     load = dict.fromkeys(instances, 0.0)
     count = dict.fromkeys(instances, 0)
     owner: dict[str, str] = {}
     work = {m: rates.get(m, 0.0) * sizes[m] for m in sizes}
     for model in sorted(sizes, key=lambda m: (-work[m], -sizes[m], m)):
-        fitting = [i for i in instances if left[i] >= sizes[model]] or instances
-        target = min(fitting, key=lambda i: (load[i], count[i], -left[i], i))
+        fitting = [i for i in instances if left[i] >= sizes[model]]
+        if fitting:
+            target = min(fitting, key=lambda i: (load[i], count[i], -left[i], i))
+        else:  # over budget wherever it goes: where it overflows least
+            target = min(instances, key=lambda i: (-left[i], load[i], i))
         owner[model] = target
         left[target] -= sizes[model]
         load[target] += work[model]
@@ -85,7 +90,7 @@ class StaticMuxPolicy(ServingPolicy):
         self.owner: dict[str, str] = {}  # where each model is served now
         self.target: dict[str, str] = {}  # where the latest placement wants it
         self.cursor: dict[str, int] = {}
-        self.next_replace = REPLACE_FROM
+        self.next_replace = REPLACE_PER_MODEL * max(1, len(models))
 
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
