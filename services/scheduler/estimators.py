@@ -5,6 +5,8 @@
 - one decode step over context lengths l_j:   ``a + b·Σ l_j + c·batch``
 - switch:                                      ``weight_bytes / link bandwidth + fixed``
 - KV move (swap, prefill → decode handoff):    ``tokens · kv_bytes_per_token / link bandwidth``
+- exposed switch (what a turn really waits for once prefetch has copied what it could): measured
+  online, an EWMA per model of the seconds workers report (:meth:`Estimator.observe_switch`)
 
 Profiles come from ``aegaeon profile`` (a JSON file, fitted here by :func:`fit_linear` etc. from
 the samples it measured) or, where none exists, from the roofline model of
@@ -37,12 +39,19 @@ class ModelProfile:
     kv_bytes_per_token: int
 
 
+SWITCH_EWMA_WEIGHT = 0.2
+"""Weight of the newest exposed-switch sample: about the last five switches of a model count."""
+
+
 class Estimator:
     """Predicted engine times for every model on one device (implements StepTimeEstimator)."""
 
     def __init__(self, profiles: dict[str, ModelProfile], device: str = "cpu") -> None:
         self.profiles = profiles
         self.device = device
+        self.exposed_s: dict[str, float] = {}  # model → EWMA of measured exposed switch seconds
+        self.copied_bytes = 0  # over all observed switches: copied while a turn waited
+        self.prefetched_bytes = 0  # … and copied in the background before
 
     def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
         a, b, c = self.profiles[model].prefill
@@ -59,6 +68,36 @@ class Estimator:
     def switch_time(self, model: str) -> float:
         p = self.profiles[model]
         return p.switch_fixed_s + p.weight_bytes / p.link_bytes_per_s
+
+    def observe_switch(
+        self, model: str, exposed_s: float, copied_bytes: int, prefetched_bytes: int
+    ) -> None:
+        """A switch to ``model`` made the turn wait ``exposed_s``; ``copied_bytes`` were copied
+        while it waited, ``prefetched_bytes`` in the background before. Drivers report every
+        switch to a model that was not the bound one, including those that found it fully
+        prefetched (≈ 0 s): those are what prefetching buys. The estimate is per model, not
+        per byte, since what stays exposed depends on how long the turn before it ran, not
+        only on the model's size; the bytes feed :meth:`prefetch_hidden_fraction`."""
+        exposed_s = max(0.0, exposed_s)
+        self.copied_bytes += max(0, copied_bytes)
+        self.prefetched_bytes += max(0, prefetched_bytes)
+        previous = self.exposed_s.get(model)
+        self.exposed_s[model] = (
+            exposed_s
+            if previous is None
+            else (1 - SWITCH_EWMA_WEIGHT) * previous + SWITCH_EWMA_WEIGHT * exposed_s
+        )
+
+    def exposed_switch_time(self, model: str) -> float | None:
+        """Measured exposed switch time of ``model`` (seconds), or None before any switch to it
+        was observed: the policy then keeps its prefetch model of the switch
+        (:func:`aegaeon.scheduler.policies.quota.prefetched_round_quotas`)."""
+        return self.exposed_s.get(model)
+
+    def prefetch_hidden_fraction(self) -> float | None:
+        """Share of observed switch bytes copied in the background (None before any)."""
+        total = self.copied_bytes + self.prefetched_bytes
+        return self.prefetched_bytes / total if total else None
 
     def kv_move_time(self, model: str, tokens: int) -> float:
         p = self.profiles[model]

@@ -1,4 +1,4 @@
-"""The three baselines without a device: routing, switching and partition decisions."""
+"""The baselines without a device: routing, FCFS and SRTF order, scale-out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aegaeon.scheduler.policies.base import (
 from aegaeon.scheduler.policies.dedicated import DedicatedPolicy
 from aegaeon.scheduler.policies.request_level import RequestLevelPolicy
 from aegaeon.scheduler.policies.serving import ServingPolicy
-from aegaeon.scheduler.policies.static_mux import StaticMuxPolicy, partition
+from aegaeon.scheduler.policies.sllm_plus import SllmPlusPolicy
 
 SLO = Slo(10.0, 0.1)
 GB = 1 << 30
@@ -23,8 +23,8 @@ def models(**sizes_gb: float) -> dict[str, ModelSpec]:
     return {n: ModelSpec(n, int(s * GB), kv_bytes_per_token=1024) for n, s in sizes_gb.items()}
 
 
-def request(rid: str, model: str, arrival: float = 0.0) -> RequestView:
-    return RequestView(rid, model, prompt_len=10, max_tokens=20, arrival=arrival)
+def request(rid: str, model: str, arrival: float = 0.0, max_tokens: int = 20) -> RequestView:
+    return RequestView(rid, model, prompt_len=10, max_tokens=max_tokens, arrival=arrival)
 
 
 def with_instances(policy: ServingPolicy, count: int, budget_gb: float = 100) -> ServingPolicy:
@@ -75,15 +75,45 @@ def test_dedicated_rejects_a_model_without_an_instance_of_its_own():
 # ---------------------------------------------------------------- request-level
 
 
-def test_request_level_keeps_the_model_until_its_work_is_done():
+def test_request_level_serves_an_older_request_of_another_model_before_newer_arrivals():
     policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 1)
-    policy.submit(request("a0", "A"), 0.0)
-    policy.submit(request("b0", "B"), 0.1)
-    assert run_turn(policy, "i0", 0.2).model == "A"
-    policy.submit(request("a1", "A"), 0.3)  # joins the running model, ahead of b0
+    policy.submit(request("a0", "A", arrival=0.0), 0.0)
+    assert run_turn(policy, "i0", 0.1).model == "A"
+    policy.submit(request("b0", "B", arrival=0.2), 0.2)
+    policy.submit(request("a1", "A", arrival=0.3), 0.3)  # resident model, but b0 is older
+    assert run_turn(policy, "i0", 0.4).request_ids == ["a0"]
+    assert run_turn(policy, "i0", 0.5, finished=["a0"]).request_ids == ["a0"]
+    assert run_turn(policy, "i0", 0.6).request_ids == ["b0"]
+    assert run_turn(policy, "i0", 0.7, finished=["b0"]).model == "B"
+    assert run_turn(policy, "i0", 0.8).request_ids == ["a1"]
+
+
+def test_request_level_lets_new_arrivals_join_the_running_batch_while_nothing_older_waits():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 1)
+    policy.submit(request("a0", "A", arrival=0.0), 0.0)
+    run_turn(policy, "i0", 0.1)
+    policy.submit(request("a1", "A", arrival=0.2), 0.2)
+    assert run_turn(policy, "i0", 0.3).request_ids == ["a0", "a1"]
+
+
+def test_request_level_batches_every_waiting_request_of_the_model_it_switches_to():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 1)
+    policy.submit(request("a0", "A", arrival=0.0), 0.0)
+    run_turn(policy, "i0", 0.1)
+    for rid, model, t in (("b0", "B", 0.2), ("a1", "A", 0.3), ("b1", "B", 0.4)):
+        policy.submit(request(rid, model, arrival=t), t)
+    run_turn(policy, "i0", 0.5, finished=["a0"])
+    assert run_turn(policy, "i0", 0.6).request_ids == ["b0", "b1"]
+
+
+def test_request_level_never_preempts_a_started_request():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 1)
+    policy.submit(request("a0", "A", arrival=0.0), 0.0)
+    policy.submit(request("a1", "A", arrival=0.1), 0.1)
+    run_turn(policy, "i0", 0.2)  # both started
+    policy.submit(request("b0", "B", arrival=0.3), 0.3)
     assert run_turn(policy, "i0", 0.4, finished=["a0"]).request_ids == ["a0", "a1"]
-    assert run_turn(policy, "i0", 0.5, finished=["a1"]).model == "A"
-    assert run_turn(policy, "i0", 0.6).model == "B"  # only now does it switch
+    assert run_turn(policy, "i0", 0.5).request_ids == ["a1"]  # a1 finishes before B runs
 
 
 def test_request_level_routes_to_the_instance_where_the_model_is_warm():
@@ -93,42 +123,75 @@ def test_request_level_routes_to_the_instance_where_the_model_is_warm():
     assert policy.requests["a0"].instance_id == "i1"
 
 
-def test_request_level_queues_fcfs_behind_the_least_loaded_instance_when_all_are_busy():
+def test_request_level_scales_out_to_an_idle_instance_rather_than_queue():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 2)
+    policy.submit(request("a0", "A"), 0.0)
+    run_turn(policy, policy.requests["a0"].instance_id, 0.1)
+    policy.submit(request("b0", "B", arrival=0.2), 0.2)
+    assert policy.requests["b0"].instance_id != policy.requests["a0"].instance_id
+
+
+def test_request_level_cold_starts_on_the_least_recently_used_idle_instance():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1, C=1), SLO), 2)
+    policy.submit(request("a0", "A"), 0.0)
+    run_turn(policy, "i0", 1.0, finished=["a0"])
+    policy.submit(request("b0", "B", arrival=2.0), 2.0)
+    run_turn(policy, "i1", 3.0, finished=["b0"])
+    policy.submit(request("c0", "C", arrival=4.0), 4.0)
+    assert policy.requests["c0"].instance_id == "i0"  # used last at 1.0, i1 at 3.0
+
+
+def test_request_level_queues_where_its_model_already_waits_when_no_instance_is_free():
     policy = with_instances(RequestLevelPolicy(models(A=1, B=1, C=1), SLO), 2)
     policy.submit(request("a0", "A"), 0.0)
     policy.submit(request("b0", "B"), 0.0)
-    policy.submit(request("b1", "B"), 0.0)
-    policy.submit(request("c0", "C"), 0.0)
-    assert policy.requests["c0"].instance_id == policy.requests["a0"].instance_id
+    policy.submit(request("c0", "C", arrival=0.1), 0.1)  # no instance free: queues
+    policy.submit(request("c1", "C", arrival=0.2), 0.2)
+    assert policy.requests["c1"].instance_id == policy.requests["c0"].instance_id
 
 
-# ---------------------------------------------------------------- static-mux
+# ---------------------------------------------------------------- sllm-plus
 
 
-def test_partition_balances_weight_bytes_over_instances():
-    owner = partition({"A": 4, "B": 3, "C": 2, "D": 1}, ["i0", "i1"], {"i0": 5, "i1": 5})
-    loads = {i: sum(s for m, s in {"A": 4, "B": 3, "C": 2, "D": 1}.items() if owner[m] == i)
-             for i in ("i0", "i1")}  # fmt: skip
-    assert loads == {"i0": 5, "i1": 5}
+class StepCosts:
+    """Decode 10 ms/step, prefill 50 ms, switch 1 s."""
+
+    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
+        return 0.05
+
+    def decode_time(self, model: str, context_lens: list[int]) -> float:
+        return 0.01
+
+    def switch_time(self, model: str) -> float:
+        return 1.0
 
 
-def test_static_mux_serves_a_model_only_on_its_partition():
-    policy = with_instances(StaticMuxPolicy(models(A=2, B=2, C=2, D=2), SLO), 2)
-    for k, model in enumerate("ABCD" * 2):
-        policy.submit(request(f"r{k}", model), 0.0)
-        assert policy.requests[f"r{k}"].instance_id == policy.owner[model]
+def test_sllm_plus_runs_the_shortest_remaining_request_first_whatever_its_arrival():
+    policy = with_instances(SllmPlusPolicy(models(A=1, B=1), SLO, StepCosts()), 1)
+    policy.submit(request("a0", "A", arrival=0.0, max_tokens=500), 0.0)
+    policy.submit(request("b0", "B", arrival=0.1, max_tokens=10), 0.1)
+    assert run_turn(policy, "i0", 0.2).request_ids == ["b0"]
 
 
-def test_static_mux_time_slices_among_the_models_of_its_set():
-    policy = with_instances(StaticMuxPolicy(models(A=1, B=1), SLO), 1)
-    policy.submit(request("a0", "A"), 0.0)
-    policy.submit(request("b0", "B"), 0.0)
-    seen = [run_turn(policy, "i0", float(k)).model for k in range(4)]
-    assert seen == ["A", "B", "A", "B"]
+def test_sllm_plus_counts_the_switch_a_non_resident_model_would_pay():
+    policy = with_instances(SllmPlusPolicy(models(A=1, B=1), SLO, StepCosts()), 1)
+    policy.instances["i0"].resident_model = "A"
+    policy.submit(request("a0", "A", arrival=0.0, max_tokens=60), 0.0)  # 0.65 s
+    policy.submit(request("b0", "B", arrival=0.1, max_tokens=10), 0.1)  # 0.15 s + 1 s switch
+    assert run_turn(policy, "i0", 0.2).model == "A"
 
 
-def test_cancel_removes_a_request_from_its_instance_queue():
-    policy = with_instances(StaticMuxPolicy(models(A=1), SLO), 1)
-    policy.submit(request("a0", "A"), 0.0)
-    policy.cancel("a0")
-    assert policy.next_turn("i0", 0.0) is None
+def test_sllm_plus_orders_a_models_batch_shortest_remaining_first():
+    policy = with_instances(SllmPlusPolicy(models(A=1), SLO, StepCosts()), 1)
+    policy.submit(request("long", "A", arrival=0.0, max_tokens=300), 0.0)
+    policy.submit(request("short", "A", arrival=0.1, max_tokens=5), 0.1)
+    assert run_turn(policy, "i0", 0.2).request_ids == ["short", "long"]
+
+
+def test_sllm_plus_remaining_time_comes_from_max_tokens_less_generated():
+    policy = SllmPlusPolicy(models(A=1), SLO, StepCosts())
+    fresh = request("r", "A", max_tokens=100)
+    half = RequestView("s", "A", prompt_len=10, max_tokens=100, arrival=0.0, generated=50,
+                       prefilled=True)  # fmt: skip
+    assert policy.remaining_time(fresh) == 0.05 + 100 * 0.01
+    assert policy.remaining_time(half) == 50 * 0.01

@@ -77,3 +77,25 @@ def test_roofline_prefill_is_bound_by_flops():
     # The H20 has more bandwidth but far fewer FLOPs: slower prefill, faster decode.
     assert h20.prefill_time("m", [2000]) > 3 * h800.prefill_time("m", [2000])
     assert h20.decode_time("m", [2000]) < h800.decode_time("m", [2000])
+
+
+def test_exposed_switch_time_is_unknown_until_a_switch_is_observed():
+    est = load_estimator(None, {"a": ModelSpec("a", 1 << 30, 1024)})
+    assert est.exposed_switch_time("a") is None
+    est.observe_switch("a", 0.2, copied_bytes=100, prefetched_bytes=900)
+    assert est.exposed_switch_time("a") == pytest.approx(0.2)
+
+
+def test_exposed_switch_time_follows_recent_switches():
+    est = load_estimator(None, {"a": ModelSpec("a", 1 << 30, 1024)})
+    est.observe_switch("a", 1.0, copied_bytes=1000, prefetched_bytes=0)
+    for _ in range(30):
+        est.observe_switch("a", 0.1, copied_bytes=0, prefetched_bytes=1000)
+    assert est.exposed_switch_time("a") == pytest.approx(0.1, abs=0.01)
+
+
+def test_prefetch_hidden_fraction_counts_bytes_copied_in_the_background():
+    est = load_estimator(None, {"a": ModelSpec("a", 1 << 30, 1024)})
+    assert est.prefetch_hidden_fraction() is None
+    est.observe_switch("a", 0.3, copied_bytes=200, prefetched_bytes=800)
+    assert est.prefetch_hidden_fraction() == pytest.approx(0.8)

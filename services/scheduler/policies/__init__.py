@@ -14,6 +14,7 @@ from aegaeon.scheduler.policies.base import ModelSpec, Policy, Slo, StepTimeEsti
 POLICIES: dict[str, str] = {
     "aegaeon": "aegaeon.scheduler.policies.aegaeon:AegaeonPolicy",
     "request-level": "aegaeon.scheduler.policies.request_level:RequestLevelPolicy",
+    "sllm-plus": "aegaeon.scheduler.policies.sllm_plus:SllmPlusPolicy",
     "static-mux": "aegaeon.scheduler.policies.static_mux:StaticMuxPolicy",
     "dedicated": "aegaeon.scheduler.policies.dedicated:DedicatedPolicy",
     "round-robin": "aegaeon.scheduler.policies.round_robin:RoundRobinPolicy",

@@ -1,51 +1,137 @@
-"""The ``request-level`` baseline (ServerlessLLM-like): a model is switched in per request and
-stays until its work on that instance is done.
+"""The ``request-level`` baseline: ServerlessLLM, as the best honest version of it.
 
 Routing on arrival, in order of preference:
-1. an instance where the model is resident or already queued (keep-alive: a warm model serves
-   its next requests without a switch);
-2. an idle instance with nothing queued (a cold start there);
-3. the instance with the fewest requests, FCFS behind them.
 
-An instance runs its current model while any request of it remains, then switches to the model
-of its oldest waiting request: one long request holds every other model on that instance.
+1. an instance where the model is warm and that can take the request now: it is serving that
+   model, nothing of another model waits there, and the batch has room (keep-alive: a warm
+   model serves its next requests without a switch);
+2. an idle instance (nothing queued, no turn running): scale-out, a cold start there; one that
+   holds no model, else the least recently used;
+3. else it queues: on an instance where its model already waits (it will share that batch),
+   else on the one with the fewest requests.
+
+Each instance serves its queue **FCFS by arrival**. When the model it serves has no admissible
+request left, it switches to the model of the oldest request waiting on it, whatever its model,
+and a *period* of that model begins. A period admits, by continuous batching: every request of
+the model that waited when the period began, and a later arrival of the model only while no
+request of another model has been waiting since before it arrived. So an older request of model
+B goes before newer arrivals of the resident model A, while A's arrivals still join its running
+batch as long as nothing older waits::
+
+    w0 serving A:  a0(run)  b0  a1        a1 arrived after b0: it waits
+    a0 ends:       B period: b0 (+ every B waiting now)   then A: a1
+
+A model stays resident until another is needed (keep-alive), and a request is never preempted
+once started: ServerlessLLM runs each request to completion on its instance. Requests whose KV
+the engine has to evict are recomputed by the worker at their next step (prefill of prompt +
+tokens so far); ServerlessLLM has no KV swap, so this policy never asks for one.
+
+Kept from ServerlessLLM: warm routing, scale-out onto idle instances with a cold start,
+per-request FCFS queues, keep-alive, recompute on eviction. Dropped: its multi-tier checkpoint
+loading and live migration (switches here cost what the engine's switch costs for every policy),
+and its per-model instance concurrency limit (a batch takes what fits the KV capacity).
 """
 
 from __future__ import annotations
 
-from aegaeon.scheduler.policies.base import Rejection, RequestView
+from aegaeon.scheduler.policies.base import (
+    InstanceView,
+    ModelSpec,
+    Rejection,
+    RequestView,
+    Slo,
+    StepTimeEstimator,
+)
 from aegaeon.scheduler.policies.serving import ServingPolicy
 
 
 class RequestLevelPolicy(ServingPolicy):
-    """Switch only when the current model's work is done (``--policy request-level``)."""
+    """ServerlessLLM: warm routing, scale-out, FCFS by arrival per instance
+    (``--policy request-level``)."""
 
     name = "request-level"
+
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        slo: Slo,
+        estimator: StepTimeEstimator | None = None,
+    ) -> None:
+        super().__init__(models, slo, estimator)
+        # instance → (model served, arrival of the newest request of it waiting when its
+        # period began). Arrival stamps, not ``now``: drivers may keep them on another clock.
+        self.period: dict[str, tuple[str, float]] = {}
+
+    def remove_instance(self, instance_id: str) -> list[RequestView]:
+        self.period.pop(instance_id, None)
+        return super().remove_instance(instance_id)
+
+    # ------------------------------------------------------------ routing
 
     def route(self, request: RequestView, now: float) -> str | Rejection:
         if not self.instances:
             return Rejection("no instance is available", status=503, retry_after=1.0)
-        for instance_id, view in self.instances.items():
-            if view.resident_model == request.model and self._serving(instance_id, request.model):
-                return instance_id
-        for instance_id in self.instances:
-            if request.model in self.models_waiting(instance_id):
-                return instance_id
+        warm = [i for i, v in self.instances.items() if self.can_take(v, request)]
+        if warm:
+            return min(warm, key=self.load)
         idle = [i for i, v in self.instances.items() if not self.queues[i] and not v.busy]
         if idle:
-            warm = [i for i in idle if self.instances[i].resident_model == request.model]
-            return (warm or idle)[0]
-        return min(self.instances, key=self.load)
+            return min(idle, key=self._eviction_order)
+        waiting = [i for i in self.instances if request.model in self.models_waiting(i)]
+        return min(waiting or self.instances, key=self.load)
 
-    def _serving(self, instance_id: str, model: str) -> bool:
-        """The model is resident there and that instance has no other model waiting first,
-        or nothing at all (keep-alive)."""
-        waiting = self.models_waiting(instance_id)
-        return not waiting or waiting == [model] or waiting[0] == model
+    def serving(self, view: InstanceView) -> str | None:
+        """The model the instance serves now (its period's, else the resident one)."""
+        period = self.period.get(view.instance_id)
+        return period[0] if period else view.resident_model
 
-    def pick_model(self, instance_id: str) -> str | None:
-        waiting = self.models_waiting(instance_id)
-        if not waiting:
+    def can_take(self, view: InstanceView, request: RequestView) -> bool:
+        """Warm for the request's model, nothing else waits there, and the batch has room."""
+        queue = self.queues[view.instance_id]
+        return (
+            self.serving(view) == request.model
+            and all(self.requests[r].model == request.model for r in queue)
+            and self.kv_room(view, request)
+        )
+
+    def _eviction_order(self, instance_id: str) -> tuple[bool, float]:
+        """Cold start on an empty instance first, else on the least recently used one."""
+        view = self.instances[instance_id]
+        return view.resident_model is not None, self.last_used.get(instance_id, float("-inf"))
+
+    # ------------------------------------------------------------ FCFS by arrival
+
+    def plan_batch(self, view: InstanceView, now: float) -> tuple[str, list[str]] | None:
+        queue = self.queues[view.instance_id]
+        if not queue:
             return None
-        resident = self.instances[instance_id].resident_model
-        return resident if resident in waiting else waiting[0]
+        period = self.period.get(view.instance_id)
+        admitted = self.admissible(view.instance_id, period) if period else []
+        if period is None or not admitted:
+            model = self.requests[queue[0]].model
+            waited = max(self.requests[r].arrival for r in queue if self.requests[r].model == model)
+            period = (model, waited)
+            self.period[view.instance_id] = period
+            admitted = self.admissible(view.instance_id, period)
+        started = [r for r in admitted if self.requests[r].prefilled]
+        fresh = [r for r in admitted if not self.requests[r].prefilled]
+        return period[0], self.fit(view, started + fresh)
+
+    def admissible(self, instance_id: str, period: tuple[str, float]) -> list[str]:
+        """The period model's requests on the instance that may run now, in arrival order:
+        started ones, those waiting when the period began, and later ones that arrived
+        before the oldest request of another model still waiting."""
+        model, waited = period
+        queue = self.queues[instance_id]
+        other = min(
+            (self.requests[r].arrival for r in queue if self.requests[r].model != model),
+            default=float("inf"),
+        )
+        out = []
+        for request_id in queue:
+            request = self.requests[request_id]
+            if request.model == model and (
+                request.prefilled or request.arrival <= waited or request.arrival < other
+            ):
+                out.append(request_id)
+        return out

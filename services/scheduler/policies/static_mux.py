@@ -1,57 +1,137 @@
-"""The ``static-mux`` baseline (MuxServe-like): models are partitioned over instances up front,
-several resident per instance as its weight budget allows, and never move.
+"""The ``static-mux`` baseline: MuxServe, as the best honest version of it in this system.
 
-The partition balances weight bytes (largest model first, onto the instance with the least
-assigned). An instance time-slices among the models of its own set that have work, round-robin,
-one short turn each; a set larger than the weight budget switches among its own members only.
+Models are placed on instances up front by rate and size, and never served anywhere else::
+
+    load(m) = rate(m) × weight_bytes(m)           (work per second ∝ requests × parameters)
+    busiest first: onto the instance with the least load placed so far among those whose
+    weight budget still holds m; the busiest models land on different instances, and the
+    rest fill in beside them, co-resident as memory allows
+
+An instance time-slices among the models of its own set that have work, round-robin, one short
+turn each (continuous batching within a turn). The one departure: a model that fits no
+instance's remaining budget goes where it overflows the budget least, and that instance's set
+then exceeds its budget: it switches weights in and out among its own members (never outside
+its set), paying the switch each time, as ``request-level`` would.
+
+Rates: the ``rates`` option (requests/s per model) when the driver knows them; else learned
+online from arrival counts (equal at first, so the first placement goes by size). The
+placement is recomputed when the arrivals reach REPLACE_PER_MODEL per model, then at each
+doubling; a model moves to its new instance only when it has no request queued or running
+anywhere, so no running work is stranded; until then it stays where it was.
+
+Kept from MuxServe: rate- and size-aware placement of several models per device, co-residence,
+time-slicing among the co-resident set, no switching outside it. Dropped: its spatial sharing of
+one device by concurrent kernels (prefill and decode of different models at once, SM
+partitioning), its search over GPU meshes and tensor parallelism; every instance here is one
+device running one batch at a time.
 """
 
 from __future__ import annotations
 
-from aegaeon.scheduler.policies.base import InstanceView, Rejection, RequestView
+from collections import Counter
+
+from aegaeon.scheduler.policies.base import (
+    InstanceView,
+    ModelSpec,
+    Rejection,
+    RequestView,
+    Slo,
+    StepTimeEstimator,
+)
 from aegaeon.scheduler.policies.serving import ServingPolicy
 
+REPLACE_PER_MODEL = 16
+"""Arrivals per model before the first re-placement from learned rates (then at each doubling):
+fewer, and counting noise would scatter the models more than their rates differ."""
 
-def partition(
-    models: dict[str, int], instances: list[str], budgets: dict[str, int]
+
+def place(
+    rates: dict[str, float],
+    sizes: dict[str, int],
+    instances: list[str],
+    budgets: dict[str, int],
 ) -> dict[str, str]:
-    """model → instance. Largest first onto the instance with the most weight budget left
-    (ties: fewest models), so each set fits its budget where the budgets allow."""
+    """model → instance: busiest first (rate × size) onto the least-loaded instance that still
+    has weight budget for it; one that fits nowhere goes where it overflows the budget least."""
     left = dict(budgets)
+    load = dict.fromkeys(instances, 0.0)
     count = dict.fromkeys(instances, 0)
     owner: dict[str, str] = {}
-    for model in sorted(models, key=lambda m: (-models[m], m)):
-        target = max(instances, key=lambda i: (left[i], -count[i]))
+    work = {m: rates.get(m, 0.0) * sizes[m] for m in sizes}
+    for model in sorted(sizes, key=lambda m: (-work[m], -sizes[m], m)):
+        fitting = [i for i in instances if left[i] >= sizes[model]]
+        if fitting:
+            target = min(fitting, key=lambda i: (load[i], count[i], -left[i], i))
+        else:  # over budget wherever it goes: where it overflows least
+            target = min(instances, key=lambda i: (-left[i], load[i], i))
         owner[model] = target
-        left[target] -= models[model]
+        left[target] -= sizes[model]
+        load[target] += work[model]
         count[target] += 1
     return owner
 
 
 class StaticMuxPolicy(ServingPolicy):
-    """Fixed model sets per instance, time-sliced within the set (``--policy static-mux``)."""
+    """Rate-aware fixed model sets per instance, time-sliced within the set
+    (``--policy static-mux``)."""
 
     name = "static-mux"
 
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        slo: Slo,
+        estimator: StepTimeEstimator | None = None,
+        rates: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(models, slo, estimator)
+        self.given_rates = dict(rates) if rates else None
+        self.arrivals: Counter[str] = Counter()
+        self.owner: dict[str, str] = {}  # where each model is served now
+        self.target: dict[str, str] = {}  # where the latest placement wants it
+        self.cursor: dict[str, int] = {}
+        self.next_replace = REPLACE_PER_MODEL * max(1, len(models))
+
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
-        self._repartition()
+        self.cursor.setdefault(instance.instance_id, 0)
+        self._replace(force=True)
 
     def remove_instance(self, instance_id: str) -> list[RequestView]:
         lost = super().remove_instance(instance_id)
-        self._repartition()
+        self.cursor.pop(instance_id, None)
+        self._replace(force=True)
         return lost
 
-    def _repartition(self) -> None:
+    def rates(self) -> dict[str, float]:
+        """The rates placement uses: given, else arrivals so far (+1 each, equal at start)."""
+        if self.given_rates is not None:
+            return {m: self.given_rates.get(m, 0.0) for m in self.models}
+        return {m: 1.0 + self.arrivals[m] for m in self.models}
+
+    def _replace(self, force: bool = False) -> None:
+        """Recompute the placement; models without outstanding requests (or whose instance
+        is gone, when ``force``) move now, the others when they drain."""
         ids = list(self.instances)
         sizes = {m: spec.weight_bytes for m, spec in self.models.items()}
         budgets = {i: self.instances[i].weight_budget_bytes for i in ids}
-        self.owner = partition(sizes, ids, budgets) if ids else {}
-        self.cursor = dict.fromkeys(ids, 0)
+        self.target = place(self.rates(), sizes, ids, budgets) if ids else {}
+        busy = {r.model for r in self.requests.values()}
+        for model, instance_id in self.target.items():
+            gone = self.owner.get(model) not in self.instances
+            if model not in busy or (force and gone):
+                self.owner[model] = instance_id
 
     def route(self, request: RequestView, now: float) -> str | Rejection:
-        if request.model not in self.owner:
-            self._repartition()  # a model registered after start
+        self.arrivals[request.model] += 1
+        due = self.given_rates is None and sum(self.arrivals.values()) >= self.next_replace
+        if due:
+            self.next_replace *= 2
+        if due or request.model not in self.target:
+            self._replace()
+        outstanding = any(r.model == request.model for r in self.requests.values())
+        if not outstanding and request.model in self.target:
+            self.owner[request.model] = self.target[request.model]  # drained: it may move now
         instance_id = self.owner.get(request.model)
         if instance_id is None:
             return Rejection("no instance is available", status=503, retry_after=1.0)

@@ -1,0 +1,138 @@
+"""What the three parts of the aegaeon policy share: its books per instance (groups waiting
+for prefill, batches in the decode rotation) and the small readings of them every part makes.
+Pure.
+
+The parts: :mod:`.grouped_prefill` (Algorithm 1), :mod:`.decode_rounds` (Algorithm 2),
+:mod:`.prefetch` (which model to stage next); :mod:`.aegaeon` puts them together.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+
+from aegaeon.scheduler.policies.base import (
+    ModelSpec,
+    Policy,
+    RequestView,
+    Slo,
+    StepTimeEstimator,
+    TurnPlan,
+)
+from aegaeon.scheduler.policies.default_costs import DefaultEstimator
+from aegaeon.scheduler.policies.quota import QMAX_S
+
+GROUP_CAP = 8
+MAX_DECODE_BATCH = 256
+KV_LOOKAHEAD_TOKENS = 48  # a few 16-token blocks of growth room per request
+
+
+@dataclass
+class PrefillGroup:
+    """Requests of one model prefilled together after one switch."""
+
+    model: str
+    request_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecodeBatch:
+    """Requests of one model decoded together; one entry of the round-robin rotation."""
+
+    model: str
+    request_ids: list[str] = field(default_factory=list)
+    visited: bool = False  # already had its turn in the current round
+
+
+@dataclass
+class Lane:
+    """The policy's books for one instance."""
+
+    groups: deque[PrefillGroup] = field(default_factory=deque)
+    batches: list[DecodeBatch] = field(default_factory=list)
+    busy_until: float = 0.0  # estimated end of the running turn
+
+
+class AegaeonBase(Policy):
+    """State and shared readings of the aegaeon policy; the parts subclass it."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        slo: Slo,
+        estimator: StepTimeEstimator | None = None,
+    ) -> None:
+        super().__init__(models, slo, estimator)
+        self.est: StepTimeEstimator = estimator or DefaultEstimator()
+        self.lanes: dict[str, Lane] = {}
+        self.last_alpha: float = 0.0
+        self.alone_quota_s = min(QMAX_S, max(slo.ttft_s / 8, 10 * slo.tbt_s))
+
+    # ------------------------------------------------------------ one part asks another
+
+    @abstractmethod
+    def _choose_decode_instance(self, request: RequestView) -> str | None: ...
+
+    @abstractmethod
+    def _round_time(self, lane: Lane) -> float: ...
+
+    @abstractmethod
+    def _next_model_after_prefill(self, instance_id: str, model: str) -> str | None: ...
+
+    @abstractmethod
+    def _peek_next_model(self, instance_id: str, order: list[int]) -> str | None: ...
+
+    # ------------------------------------------------------------ readings
+
+    def _lens(self, batch: DecodeBatch) -> list[int]:
+        return [self.requests[r].context_len for r in batch.request_ids if r in self.requests]
+
+    def _step_time(self, batch: DecodeBatch) -> float:
+        return self.est.decode_time(batch.model, self._lens(batch) or [1])
+
+    def _switch_times(self, models: list[str]) -> dict[str, float]:
+        return {m: self.est.switch_time(m) for m in set(models)}
+
+    def _measured_switches(self, models: list[str]) -> dict[str, float]:
+        """Exposed switch times workers measured, for the models the estimator has seen."""
+        exposed = getattr(self.est, "exposed_switch_time", None)
+        if exposed is None:
+            return {}
+        seen = {m: exposed(m) for m in set(models)}
+        return {m: s for m, s in seen.items() if s is not None}
+
+    def _fits(self, batch: DecodeBatch, request: RequestView, capacity: int) -> bool:
+        if len(batch.request_ids) >= MAX_DECODE_BATCH:
+            return False
+        used = sum(n + KV_LOOKAHEAD_TOKENS for n in self._lens(batch))
+        return used + request.context_len + KV_LOOKAHEAD_TOKENS <= capacity
+
+    def _deadline(self, batch: DecodeBatch) -> float:
+        """When the batch's most urgent request is due its next token."""
+        return min(
+            (self.requests[r].arrival + self.slo.ttft_s + self.requests[r].generated * self.slo.tbt_s
+             for r in batch.request_ids if r in self.requests),
+            default=float("inf"),
+        )  # fmt: skip
+
+    def _round_order(self, lane: Lane) -> list[int]:
+        """Batches still to visit this round, most urgent first (ties: rotation order).
+        When every batch has had its turn, a new round starts."""
+        pending = [i for i, b in enumerate(lane.batches) if not b.visited]
+        if not pending:
+            for batch in lane.batches:
+                batch.visited = False
+            pending = list(range(len(lane.batches)))
+        return sorted(pending, key=lambda i: (self._deadline(lane.batches[i]), i))
+
+    def _drop_empty_batches(self, lane: Lane) -> None:
+        for batch in lane.batches:
+            batch.request_ids = [r for r in batch.request_ids if r in self.requests]
+        lane.batches = [b for b in lane.batches if b.request_ids]
+
+    def _start(self, instance_id: str, plan: TurnPlan, now: float, work_s: float) -> None:
+        view = self.instances[instance_id]
+        switch = self.est.switch_time(plan.model) if plan.model != view.resident_model else 0.0
+        self.lanes[instance_id].busy_until = now + switch + work_s
+        view.busy = True

@@ -1,0 +1,138 @@
+"""Aegaeon's batched decode with weighted round-robin (DESIGN.md §6, Algorithm 2). Pure.
+
+Decode instances hold *batches* (one model each, packed first-fit by KV) visited in rotation::
+
+    decode d0:   [A: r1 r4] (q_A) → [C: r3 r5] (q_C) → [B: r2] (q_B) → [A …]
+                  each batch steps for its quota q_i after its switch, swaps its KV out when
+                  others wait, and the next batch's model is prefetched meanwhile
+
+Within a round batches go most urgent first (earliest next-token deadline), so a newcomer
+does not wait for the round to come back to it. Quotas come from :mod:`.quota` with ``c`` the
+switch time a round really pays (measured where workers reported it), and a round is capped at
+ROUND_SHARE of the TTFT target on every instance (:func:`.quota.capped_round` says why).
+"""
+
+from __future__ import annotations
+
+from aegaeon.scheduler.policies.aegaeon_lanes import AegaeonBase, DecodeBatch, Lane
+from aegaeon.scheduler.policies.base import RequestView, TurnPlan
+from aegaeon.scheduler.policies.quota import (
+    QMAX_S,
+    ROUND_SHARE,
+    capped_round,
+    cyclic_switch_costs,
+    prefetched_round_quotas,
+)
+
+
+class DecodeRounds(AegaeonBase):
+    """Algorithm 2: where a request decodes, and the quota of each decode turn."""
+
+    def _choose_decode_instance(self, request: RequestView) -> str | None:
+        """Where the request's KV goes for decoding. An instance with a batch of its model
+        that has room takes it, whatever its load (as the paper's artifact dispatches): a
+        member costs a batch little, a new batch costs its lane a whole step and a switch per
+        round, so spreading a model over lanes under load would only add to every lane's α.
+        Among several, and otherwise, the instance whose rotation load (α before its 0.5
+        floor) stays lowest with it, which balances TBT headroom."""
+        best, best_key = None, (2, float("inf"))
+        context = request.context_len + 1
+        for instance_id, view in self.instances.items():
+            if view.role not in ("decode", "both"):
+                continue
+            batches = self.lanes[instance_id].batches
+            models = [b.model for b in batches]
+            steps = [self._step_time(b) for b in batches]
+            room = next(
+                (i for i, b in enumerate(batches)
+                 if b.model == request.model and self._fits(b, request, view.kv_capacity_tokens)),
+                None,
+            )  # fmt: skip
+            if room is not None:
+                steps[room] = self.est.decode_time(
+                    request.model, [*self._lens(batches[room]), context]
+                )
+            else:
+                models.append(request.model)
+                steps.append(self.est.decode_time(request.model, [context]))
+            alpha = self._raw_alpha(models, steps)
+            key = (0 if room is not None else 1, alpha)
+            if key < best_key:
+                best, best_key = instance_id, key
+        return best
+
+    def _raw_alpha(self, models: list[str], steps: list[float]) -> float:
+        c = sum(cyclic_switch_costs(models, self._switch_times(models)))
+        n_min = min(self.slo.tbt_s / t for t in steps)
+        return c / (n_min * QMAX_S) + sum(t / self.slo.tbt_s for t in steps)
+
+    def _place_for_decode(self, request: RequestView, instance_id: str) -> None:
+        """First fit by KV tokens (with look-ahead) among this model's batches, else a new
+        batch. Either way the batch is due a turn in the current round: a newcomer's slack
+        is its TTFT budget, too short to wait for the next round."""
+        lane, view = self.lanes[instance_id], self.instances[instance_id]
+        request.instance_id = instance_id
+        for batch in lane.batches:
+            if batch.model == request.model and self._fits(batch, request, view.kv_capacity_tokens):
+                batch.request_ids.append(request.request_id)
+                batch.visited = False
+                return
+        lane.batches.append(DecodeBatch(request.model, [request.request_id]))
+
+    def _decode_turn(self, instance_id: str, now: float) -> TurnPlan | None:
+        lane = self.lanes[instance_id]
+        self._drop_empty_batches(lane)
+        if not lane.batches:
+            return None
+        order = self._round_order(lane)
+        index = order[0]
+        batch = lane.batches[index]
+        quotas, _ = self._round_quotas(lane)
+        batch.visited = True
+        others_wait = len(lane.batches) > 1 or bool(lane.groups)
+        nxt = self._peek_next_model(instance_id, order)
+        plan = TurnPlan(
+            instance_id,
+            batch.model,
+            list(batch.request_ids),
+            quota_s=quotas[index],
+            swap_out_after=others_wait,
+            prefetch_model=nxt if nxt != batch.model else None,
+        )
+        self._start(instance_id, plan, now, quotas[index])
+        return plan
+
+    def _round_quotas(self, lane: Lane) -> tuple[list[float], float]:
+        """(quota of each batch, c) for a round of this lane; sets ``last_alpha``.
+
+        Algorithm 2's quotas, or the alone quota each when the round pays no switch, then
+        capped so that the round lasts at most ROUND_SHARE of the TTFT target (on decode and
+        "both" instances alike), keeping the quotas' ratios.
+        """
+        models = [b.model for b in lane.batches]
+        steps = [self._step_time(b) for b in lane.batches]
+        switch = self._switch_times(models)
+        kv = sum(self._kv_move_time(b) for b in lane.batches) if len(lane.batches) > 1 else 0.0
+        alpha, quotas, c = prefetched_round_quotas(
+            models, steps, switch, self.slo.tbt_s, kv, self._measured_switches(models)
+        )
+        if c <= 0:
+            quotas = [self.alone_quota_s] * len(models)
+        cap = ROUND_SHARE * self.slo.ttft_s
+        quotas, capped_alpha = capped_round(quotas, steps, c, self.slo.tbt_s, cap)
+        self.last_alpha = max(alpha, capped_alpha or 0.0)
+        return quotas, c
+
+    def _round_time(self, lane: Lane) -> float:
+        """Estimated length of one round of this lane's decode rotation."""
+        if not lane.batches:
+            return 0.0
+        alpha = self.last_alpha  # an estimate for placement: leave the reported α alone
+        quotas, c = self._round_quotas(lane)
+        self.last_alpha = alpha
+        return c + sum(quotas)
+
+    def _kv_move_time(self, batch: DecodeBatch) -> float:
+        """A batch's KV in and out once per round (estimators that know the link say how long)."""
+        move = getattr(self.est, "kv_move_time", None)
+        return 2 * move(batch.model, sum(self._lens(batch))) if move else 0.0
