@@ -1,7 +1,8 @@
 """``aegaeon bench engine --json OUT``: switch cost, decode speed and KV swap bandwidth.
 
 Every figure sits beside its physical or practical reference measured in the same run:
-switch vs a plain copy of the same bytes, switch vs a naive reload (fresh process + transformers),
+switch vs a plain copy of the same bytes, switch vs a naive reload (fresh process + transformers;
+and in a warm process: ``from_pretrained`` + move + first token, the median of several),
 decode vs transformers ``generate`` at the same batch, KV swap vs copy bandwidth.
 """
 
@@ -92,6 +93,28 @@ def measure_naive_reload(model_dir: Path, device: str, dtype: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
+
+
+def measure_inprocess_reload(model_dir: Path, device: str, dtype: str, repeats: int = 3) -> float:
+    """Reload in a warm process (transformers imported, one load done): ``from_pretrained`` +
+    move to the device + the first token; the median of ``repeats``. The fresh-process figure
+    adds interpreter and import start-up; this one is what a serving process pays per reload."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the table
+    torch_dtype = getattr(torch, dtype)
+    dev = torch.device(device)
+    prompt = torch.tensor([[1, 2, 3]], device=dev)
+
+    def reload() -> None:
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        model = model.to(dev).eval()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=1, do_sample=False)
+        del model
+
+    reload()  # warm: imports, first kernels, the file in the page cache
+    return _median_time(reload, dev, repeats=repeats)
 
 
 def _engine_decode(engine: Engine, model: str, batch: int) -> float:
@@ -223,6 +246,8 @@ def _run_in(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         result.update(measure_switch(engine, model))
         result["naive_reload_s"] = measure_naive_reload(models_dir / model, args.device, dtype)
         result["naive_over_switch"] = result["naive_reload_s"] / result["switch_s"]
+        result["inprocess_reload_s"] = measure_inprocess_reload(models_dir / model, args.device, dtype)  # fmt: skip
+        result["inprocess_reload_over_switch"] = result["inprocess_reload_s"] / result["switch_s"]
         result.update(measure_decode(engine, model))
         bandwidth = measure_device_bandwidth(device)
         result["device_copy_gb_s"] = bandwidth / 1e9
