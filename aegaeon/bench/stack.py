@@ -21,15 +21,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
-import nats
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from rich.console import Console
 from rich.table import Table
 
 from aegaeon.bench.client import StreamTiming, percentile, stream_completion
 from aegaeon.bench.stack_process import StackProcess
-from aegaeon.protocol import TokenBatch, decode
+from aegaeon.bench.watch import Watcher
+from aegaeon.protocol import TokenBatch
 from aegaeon.subjects import Subjects
 
 Stamps = dict[tuple[str, int], float]
@@ -44,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--models-dir", type=Path, help="models (default: demo models)")
     parser.add_argument("--model", help="model to use (default: the smallest)")
-    parser.add_argument("--requests", type=int, default=8, help="sequential latency requests")
+    parser.add_argument("--requests", type=int, default=16, help="sequential latency requests")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--streams", type=int, default=500, help="concurrent SSE streams")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -81,28 +79,9 @@ def pair_added_latency(
     return added, left_out
 
 
-class StampWatcher:
-    """A second subscriber to the gateways' token subjects, collecting worker stamps."""
-
-    def __init__(self, nats_url: str, subjects: Subjects) -> None:
-        self.nats_url = nats_url
-        self.subject = subjects.tokens("*")
-        self.stamps: Stamps = {}
-        self.nc: Client | None = None
-
-    async def __aenter__(self) -> StampWatcher:
-        self.nc = await nats.connect(self.nats_url)
-
-        async def on_message(msg: Msg) -> None:
-            record_stamps(decode(msg.data, TokenBatch), self.stamps)
-
-        await self.nc.subscribe(self.subject, cb=on_message)
-        await self.nc.flush()  # subscribed on the server before the first request goes out
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.nc is not None:
-            await self.nc.drain()
+def stamp_watcher(nats_url: str, subjects: Subjects, stamps: Stamps) -> Watcher:
+    """A second subscriber to every gateway's token subject, collecting worker stamps."""
+    return Watcher(nats_url, subjects.tokens("*"), TokenBatch, lambda b: record_stamps(b, stamps))
 
 
 async def concurrent_streams(url: str, model: str, prompt: list[int], count: int) -> dict:
@@ -141,11 +120,12 @@ async def _measure(
                           for p in prompts]  # fmt: skip
             result["added_latency"] = "not measured: give --nats-url to read the worker stamps"
         else:
-            async with StampWatcher(nats_url, subjects) as watcher:
+            stamps: Stamps = {}
+            async with stamp_watcher(nats_url, subjects, stamps):
                 stack_runs = [await stream_completion(client, url, model, p, args.max_tokens)
                               for p in prompts]  # fmt: skip
                 await asyncio.sleep(0.2)  # the last batch has reached this subscriber too
-            added, left_out = pair_added_latency(stack_runs, watcher.stamps, args.max_tokens)
+            added, left_out = pair_added_latency(stack_runs, stamps, args.max_tokens)
             result |= {
                 "added_ms_per_token_p50": percentile(added, 0.5) * 1e3,
                 "added_ms_per_token_p99": percentile(added, 0.99) * 1e3,
