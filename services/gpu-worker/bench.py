@@ -117,6 +117,15 @@ def measure_inprocess_reload(model_dir: Path, device: str, dtype: str, repeats: 
     return _median_time(reload, dev, repeats=repeats)
 
 
+def reload_figures(model_dir: Path, device: str, dtype: str, switch_s: float) -> dict[str, float]:
+    """Reloading the model without a switch, in a fresh process and in a warm one, each beside
+    the switch it would replace."""
+    naive = measure_naive_reload(model_dir, device, dtype)
+    warm = measure_inprocess_reload(model_dir, device, dtype)
+    return {"naive_reload_s": naive, "naive_over_switch": naive / switch_s,
+            "inprocess_reload_s": warm, "inprocess_reload_over_switch": warm / switch_s}  # fmt: skip
+
+
 def _engine_decode(engine: Engine, model: str, batch: int) -> float:
     sampling = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
     ids = [f"bench-{batch}-{i}" for i in range(batch)]
@@ -244,10 +253,7 @@ def _run_in(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {"device": engine.stats().device, "model": model, "dtype": dtype,
                                   "threads": torch.get_num_threads()}  # fmt: skip
         result.update(measure_switch(engine, model))
-        result["naive_reload_s"] = measure_naive_reload(models_dir / model, args.device, dtype)
-        result["naive_over_switch"] = result["naive_reload_s"] / result["switch_s"]
-        result["inprocess_reload_s"] = measure_inprocess_reload(models_dir / model, args.device, dtype)  # fmt: skip
-        result["inprocess_reload_over_switch"] = result["inprocess_reload_s"] / result["switch_s"]
+        result.update(reload_figures(models_dir / model, args.device, dtype, result["switch_s"]))
         result.update(measure_decode(engine, model))
         bandwidth = measure_device_bandwidth(device)
         result["device_copy_gb_s"] = bandwidth / 1e9
