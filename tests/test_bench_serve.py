@@ -233,6 +233,7 @@ def test_the_json_carries_every_headline_figure_and_repeats_report_their_spread(
     assert both["goodput_ratio_vs_static_mux"] == pytest.approx(2.0)  # the pessimistic run
     assert both["goodput_ratio_spread"] == pytest.approx(1.0)
     assert len(both["runs"]) == 2
+    assert "goodput_ratio_vs_sllm_plus" not in both  # a baseline no run compared against
     json.loads(json.dumps(both))  # plain JSON
 
 

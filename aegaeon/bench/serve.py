@@ -213,8 +213,8 @@ def measured_min_requests(policies: dict[str, dict]) -> int | None:
     return min(counts) if counts else None
 
 
-HEADLINE = [*RATIO_KEYS, "sim_vs_measured_max_abs_diff", "prefetch_hidden_fraction",
-            "min_requests_per_point"]  # fmt: skip
+HEADLINE = [*RATIO_KEYS, *(f"{k}_at_least" for k in RATIO_KEYS), "sim_vs_measured_max_abs_diff",
+            "prefetch_hidden_fraction", "min_requests_per_point"]  # fmt: skip
 
 
 def combine(runs: list[dict]) -> dict:
@@ -228,6 +228,8 @@ def combine(runs: list[dict]) -> dict:
                                           "largest_model", "rates_per_model", "trace", "notes")}  # fmt: skip
     result["repeat"] = len(runs)
     for key in HEADLINE:
+        if not any(key in r for r in runs):
+            continue
         values = [r.get(key) for r in runs]
         result[f"{key}_runs"] = values
         known = [v for v in values if v is not None]
