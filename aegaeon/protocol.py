@@ -316,9 +316,12 @@ class TokenEvent(msgspec.Struct, array_like=True, omit_defaults=True):
 
 
 class TokenBatch(msgspec.Struct, array_like=True):
-    """worker → gateway (``tokens.<gateway-id>``): every owned request's tokens from one step."""
+    """worker → gateway (``tokens.<gateway-id>``): every owned request's tokens from one step.
+    ``sent_at``: the worker's wall clock (``time.time()``) at publish, so a client on the same
+    host can measure what the path after the worker adds (``aegaeon bench stack``)."""
 
     events: list[TokenEvent]
+    sent_at: float = 0.0
 
 
 # ---------------------------------------------------------------- anyone ↔ model-store

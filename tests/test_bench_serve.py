@@ -1,5 +1,6 @@
 """``aegaeon bench serve``: the pure parts (trace scaling, records from client timestamps, goodput
-ratios, simulator agreement, device budget) and one short real replay against the stack."""
+and its ratios, run-to-run spread, prefetch share, simulator agreement, device budget, the JSON
+written) and one short real replay against the stack."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import json
 from pathlib import Path
 
 import pytest
+from aegaeon.scheduler.policies import POLICIES
+from aegaeon.scheduler.policies.base import Slo
 
 from aegaeon.bench import serve
+from aegaeon.bench.client import StreamTiming
 from aegaeon.bench.serve_models import bench_specs, budget_fraction, device_budget
 from aegaeon.bench.serve_replay import error_kind
-from aegaeon.bench.serve_report import goodput_ratio, policy_goodput, sim_differences
-from aegaeon.bench.serve_trace import (
-    CpuScale,
-    clamp_lengths,
-    prompt_ids,
-    realized_trace,
-    scaled_slo,
-    to_record,
+from aegaeon.bench.serve_report import (
+    goodput_ratio,
+    policy_goodput,
+    prefetch_hidden_fraction,
+    ratio_spread,
+    sim_differences,
 )
-from aegaeon.bench.stack import StreamTiming
-from aegaeon.slo_metrics import RequestRecord
+from aegaeon.bench.serve_run import BenchPlan, switch_summary
+from aegaeon.bench.serve_trace import CpuScale, clamp_lengths, prompt_ids, scaled_slo, to_record
+from aegaeon.protocol import SwitchDone
 from aegaeon.workload import TraceRequest, generate_trace
 
 MiB = 1 << 20
@@ -63,29 +66,55 @@ def test_to_record_puts_client_timestamps_on_the_trace_clock() -> None:
     assert record.finished and record.output_len == 20
 
 
-def test_realized_trace_takes_the_produced_length_of_finished_requests_only() -> None:
-    trace = [_req("a", output=20), _req("b", output=20)]
-    records = [
-        RequestRecord("a", "m", 1.0, 20, [2.0, 2.1, 2.2], finished=True),
-        RequestRecord("b", "m", 1.0, 20, [2.0], finished=False),
-    ]
-    assert [r.output_len for r in realized_trace(trace, records)] == [3, 20]
-
-
 def test_scaled_slo_multiplies_each_isolated_latency_by_its_own_scale() -> None:
     slo = scaled_slo(0.1, 0.05, tbt_scale=5, ttft_scale=20)
     assert (slo.ttft_s, slo.tbt_s) == pytest.approx((2.0, 0.25))
 
 
-def test_goodput_is_the_highest_rate_reaching_ninety_percent() -> None:
-    points = [{"rate_per_model": r, "attainment": a} for r, a in ((0.1, 1.0), (0.2, 0.9), (0.4, 0.5))]  # fmt: skip
-    assert policy_goodput(points) == 0.2
+def _points(*pairs: tuple[float, float]) -> list[dict]:
+    return [{"rate_per_model": r, "attainment": a} for r, a in pairs]
+
+
+def test_goodput_is_the_highest_rate_at_and_below_which_every_rate_passes() -> None:
+    assert policy_goodput(_points((0.1, 1.0), (0.2, 0.9), (0.4, 0.5))) == 0.2
+    # A pass above a miss does not count: the miss at 0.2 settles goodput at 0.1.
+    assert policy_goodput(_points((0.1, 0.95), (0.2, 0.8), (0.4, 0.92))) == 0.1
+    assert policy_goodput(_points((0.4, 0.92), (0.1, 0.95), (0.2, 0.8))) == 0.1  # any order
+    assert policy_goodput(_points((0.1, 0.89), (0.2, 1.0))) == 0.0
+    assert policy_goodput([]) == 0.0
 
 
 def test_goodput_ratio_divides_and_gives_a_lower_bound_when_the_baseline_never_passes() -> None:
     assert goodput_ratio(0.4, 0.1, 0.05) == (pytest.approx(4.0), None)
     assert goodput_ratio(0.4, 0.0, 0.05) == (None, pytest.approx(8.0))
     assert goodput_ratio(0.0, 0.0, 0.05) == (None, None)
+
+
+def test_ratio_spread_is_the_largest_relative_difference_between_runs() -> None:
+    runs = [
+        {"goodput_ratio_vs_request_level": 2.0, "goodput_ratio_vs_static_mux": 1.5},
+        {"goodput_ratio_vs_request_level": 2.4, "goodput_ratio_vs_static_mux": 1.5},
+    ]
+    keys = ["goodput_ratio_vs_request_level", "goodput_ratio_vs_static_mux", "goodput_ratio_vs_x"]
+    spread, by_key = ratio_spread(runs, keys)
+    assert spread == pytest.approx(0.2)
+    assert by_key == {"goodput_ratio_vs_request_level": pytest.approx(0.2),
+                      "goodput_ratio_vs_static_mux": 0.0}  # fmt: skip
+    # A ratio that one run could not give (its baseline passed nowhere) has no finite spread.
+    runs[1]["goodput_ratio_vs_static_mux"] = None
+    spread, by_key = ratio_spread(runs, keys)
+    assert spread is None and by_key["goodput_ratio_vs_static_mux"] is None
+
+
+def test_prefetch_hidden_fraction_is_the_share_of_switch_bytes_copied_in_the_background() -> None:
+    events = [SwitchDone("w", "a", "b", 0.001, 10, prefetched_bytes=90),
+              SwitchDone("w", "b", "c", 0.01, 100, prefetched_bytes=0),
+              SwitchDone("w", "c", "a", 0.0, 0, prefetched_bytes=0)]  # fmt: skip
+    summary = switch_summary(events)
+    assert summary == {"count": 3, "bytes": 110, "prefetched_bytes": 90,
+                       "wait_s": pytest.approx(0.011)}  # fmt: skip
+    assert prefetch_hidden_fraction([summary]) == pytest.approx(90 / 200)
+    assert prefetch_hidden_fraction([switch_summary([])]) is None
 
 
 def test_sim_differences_report_the_worst_rate_in_points() -> None:
@@ -111,7 +140,7 @@ def test_error_kind_buckets_refusals_breaks_and_abandoned_requests() -> None:
     assert error_kind(None) == "abandoned at drain"
 
 
-# ---------------------------------------------------------------- one real replay
+# ---------------------------------------------------------------- the plan and the JSON
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +150,94 @@ def bench_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench-models")
     write_bench_models(out, 2)
     return out
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return serve.resolve(parser.parse_args(list(argv)))
+
+
+def test_quick_compares_every_registered_baseline_and_leaves_dedicated_out() -> None:
+    quick = serve.default_policies(quick=True).split(",")
+    assert quick[:2] == ["aegaeon", "request-level"] and "static-mux" in quick
+    assert "dedicated" not in quick
+    assert ("sllm-plus" in quick) == ("sllm-plus" in POLICIES)
+    assert "dedicated" in serve.default_policies(quick=False).split(",")
+
+
+def test_every_rate_gets_the_same_trace_with_at_least_the_minimum_requests(
+    bench_models: Path, tmp_path: Path
+) -> None:
+    args = _args("--models-dir", str(bench_models), "--models", "2", "--rates", "0.5,0.05",
+                 "--duration", "4", "--min-requests", "20")  # fmt: skip
+    plan = BenchPlan.build(args, tmp_path)
+    again = BenchPlan.build(args, tmp_path)
+    assert plan.rates == [0.05, 0.5]
+    assert [len(plan.traces[r]) for r in plan.rates] == [20, 20]  # the low rate: exactly 20
+    assert plan.min_requests_per_point == 20
+    assert plan.traces == again.traces  # every policy and every repeat replays the same trace
+
+
+def test_every_policy_stack_is_started_with_the_one_calibrated_slo(
+    bench_models: Path, tmp_path: Path
+) -> None:
+    plan = BenchPlan.build(_args("--models-dir", str(bench_models), "--models", "2"), tmp_path)
+    assert "--slo-ttft" not in plan.stack_args()  # not calibrated yet
+    plan.slo = Slo(0.375, 0.0126)
+    extra = plan.stack_args()
+    assert extra[extra.index("--slo-ttft") + 1] == "0.375"
+    assert extra[extra.index("--slo-tbt") + 1] == "0.0126"
+
+
+def _point(rate: float, attained: float, sim: float | None = None, switches: dict | None = None) -> dict:  # fmt: skip
+    point = {"rate_per_model": rate, "attainment": attained, "time_fraction_attainment": attained,
+             "requests": 20, "finished": 20}  # fmt: skip
+    if sim is not None:
+        point["sim"] = {"attainment": sim}
+    if switches is not None:
+        point["switches"] = switches
+    return point
+
+
+def test_the_json_carries_every_headline_figure_and_repeats_report_their_spread(
+    bench_models: Path, tmp_path: Path
+) -> None:
+    plan = BenchPlan.build(_args("--models-dir", str(bench_models), "--models", "2",
+                                 "--rates", "0.1,0.2,0.4"), tmp_path)  # fmt: skip
+    plan.slo = Slo(0.4, 0.013)
+
+    def policies(static_mux_at_02: float) -> dict:
+        moved = {"count": 4, "bytes": 20, "prefetched_bytes": 80, "wait_s": 0.01}
+        return {
+            "aegaeon": {"points": [_point(0.1, 1.0, 0.97, moved), _point(0.2, 0.95, 0.9, moved),
+                                   _point(0.4, 0.91, 0.85, moved)]},
+            "request-level": {"points": [_point(0.1, 0.95, 0.9), _point(0.2, 0.5, 0.55)]},
+            "static-mux": {"points": [_point(0.1, 0.95), _point(0.2, static_mux_at_02),
+                                      _point(0.4, 0.2)]},
+        }  # fmt: skip
+
+    first = serve.assemble(plan, policies(0.93))
+    assert first["goodput_ratio_vs_request_level"] == pytest.approx(4.0)
+    assert first["goodput_ratio_vs_static_mux"] == pytest.approx(2.0)
+    assert first["prefetch_hidden_fraction"] == pytest.approx(0.8)
+    assert first["sim_vs_measured_max_abs_diff"] == pytest.approx(6.0)
+    assert first["min_requests_per_point"] == 20
+    assert first["device"]["weight_budget_within_half"] is (
+        first["device"]["budget_fraction_of_weights"] <= 0.5
+    )
+    assert first["slo"]["passed_to_every_policy"] is True
+    second = serve.assemble(plan, policies(0.5))  # static-mux now misses at 0.2
+    both = serve.combine([first, second])
+    assert both["goodput_ratio_vs_static_mux_runs"] == [pytest.approx(2.0), pytest.approx(4.0)]
+    assert both["goodput_ratio_vs_static_mux"] == pytest.approx(2.0)  # the pessimistic run
+    assert both["goodput_ratio_spread"] == pytest.approx(1.0)
+    assert len(both["runs"]) == 2
+    assert "goodput_ratio_vs_sllm_plus" not in both  # a baseline no run compared against
+    json.loads(json.dumps(both))  # plain JSON
+
+
+# ---------------------------------------------------------------- one real replay
 
 
 def test_replay_against_a_running_gateway_writes_every_metric(
@@ -133,8 +250,9 @@ def test_replay_against_a_running_gateway_writes_every_metric(
     out = tmp_path / "serve.json"
     with StackProcess(tmp_path / "home", models_dir=bench_models, policy="aegaeon") as stack:
         args = parser.parse_args([
-            "--url", stack.url, "--models-dir", str(bench_models), "--policies", "aegaeon",
-            "--models", "2", "--rates", "0.4", "--duration", "5", "--drain", "30",
+            "--url", stack.url, "--nats-url", stack.nats_url, "--models-dir", str(bench_models),
+            "--policies", "aegaeon", "--models", "2", "--rates", "1.0", "--duration", "4",
+            "--min-requests", "6", "--drain", "30",
             "--json", str(out), "--plot", str(tmp_path / "serve.png"),
         ])  # fmt: skip
         assert serve.main(args) == 0
@@ -146,4 +264,7 @@ def test_replay_against_a_running_gateway_writes_every_metric(
     assert point["ttft_s"]["p50"] > 0 and "attainment" in point["sim"]
     assert result["slo"]["tbt_s"] == pytest.approx(5 * result["isolated"]["tbt_s"])
     assert "sim_vs_measured_max_abs_diff" in result
+    assert result["min_requests_per_point"] == point["requests"] >= 6
+    # The workers' switches were watched on NATS during the point (2 models: at least one).
+    assert point["switches"]["count"] >= 1 and "prefetch_hidden_fraction" in result
     assert (tmp_path / "serve.png").stat().st_size > 0

@@ -1,8 +1,9 @@
 """``aegaeon bench load``: many concurrent streaming clients for a fixed time.
 
-Every request ends in exactly one bucket: finished (``[DONE]`` after a finish reason), refused
-explicitly (429 / 503 with Retry-After, or an error event), or lost (anything else: a stream that
-broke off or hung past the client timeout). Lost must be 0.
+Every request ends in exactly one bucket (``aegaeon.bench.client.classify``): finished (a finish
+reason, then ``[DONE]``), refused explicitly (HTTP 429 / 503, or an error event in the stream),
+or lost (anything else: a transport error, a stream that broke off or hung past the client
+timeout, a stream without a finish reason). Lost must be 0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from aegaeon.bench.stack import StreamTiming, percentile, stream_completion
+from aegaeon.bench.client import StreamTiming, classify, percentile, stream_completion
 from aegaeon.bench.stack_process import StackProcess
 
 
@@ -32,17 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--client-timeout", type=float, default=120.0)
     parser.add_argument("--json", type=Path, help="write the results here")
-
-
-def classify(result: StreamTiming) -> str:
-    """finished | refused | lost, as defined in the module docstring."""
-    if result.ok:
-        return "finished"
-    if result.status in (429, 503):
-        return "refused"
-    if result.status == 200 and result.error and "without [DONE]" not in result.error:
-        return "refused"  # an explicit error event in the stream
-    return "lost"
 
 
 async def client_loop(

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import httpx
 from tqdm import tqdm
 
+from aegaeon.bench.client import StreamTiming, stream_completion
 from aegaeon.bench.serve_trace import prompt_ids, to_record
-from aegaeon.bench.stack import StreamTiming, stream_completion
 from aegaeon.slo_metrics import RequestRecord
 from aegaeon.workload import TraceRequest
 

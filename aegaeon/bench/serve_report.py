@@ -9,12 +9,18 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from aegaeon.slo_metrics import RequestRecord, goodput, latencies
+from aegaeon.slo_metrics import ATTAINMENT_TARGET, RequestRecord, latencies
 
 
 def policy_goodput(points: list[dict], key: str = "attainment") -> float:
-    """Highest per-model rate of a policy's sweep with ≥ 90% attainment (0 when none)."""
-    return goodput((p["rate_per_model"], p[key]) for p in points)
+    """The highest per-model rate at and below which every measured rate reaches ≥ 90%
+    attainment (0 when the lowest rate misses): a pass above a miss does not count."""
+    good = 0.0
+    for point in sorted(points, key=lambda p: p["rate_per_model"]):
+        if point[key] < ATTAINMENT_TARGET:
+            break
+        good = point["rate_per_model"]
+    return good
 
 
 def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float | None, float | None]:  # fmt: skip
@@ -25,6 +31,33 @@ def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float
     if ours > 0:
         return None, ours / lowest_rate
     return None, None
+
+
+def ratio_spread(runs: list[dict], keys: list[str]) -> tuple[float | None, dict[str, float | None]]:
+    """Per ratio key: (max − min) / min over the runs; overall: the largest. A key missing from
+    some run but present in another (a baseline that passed nowhere once) has no finite spread:
+    None, and the overall spread is None too."""
+    by_key: dict[str, float | None] = {}
+    for key in keys:
+        values = [run.get(key) for run in runs]
+        if all(v is None for v in values):
+            continue
+        if any(v is None or v <= 0 for v in values):
+            by_key[key] = None
+            continue
+        low, high = min(values), max(values)  # type: ignore[type-var]
+        by_key[key] = (high - low) / low  # type: ignore[operator]
+    if any(v is None for v in by_key.values()):
+        return None, by_key
+    return max((v for v in by_key.values() if v is not None), default=None), by_key
+
+
+def prefetch_hidden_fraction(switches: list[dict]) -> float | None:
+    """Share of the bytes switched in that were copied in the background (prefetch) rather
+    than while a turn waited: Σ prefetched / Σ (prefetched + waited-for); None with no copies."""
+    prefetched = sum(s["prefetched_bytes"] for s in switches)
+    total = prefetched + sum(s["bytes"] for s in switches)
+    return prefetched / total if total else None
 
 
 def sim_differences(policies: dict[str, dict]) -> dict[str, float]:
@@ -42,40 +75,64 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
+HEADLINE_KEYS = (
+    "goodput_ratio_vs_request_level", "goodput_ratio_vs_request_level_at_least",
+    "goodput_ratio_vs_sllm_plus", "goodput_ratio_vs_sllm_plus_at_least",
+    "goodput_ratio_vs_static_mux", "goodput_ratio_vs_static_mux_at_least",
+    "goodput_ratio_spread", "sim_vs_measured_max_abs_diff", "prefetch_hidden_fraction",
+    "min_requests_per_point",
+)  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def print_summary(result: dict, console: Console | None = None) -> None:
-    """One row per (policy, rate): attainment in both views, latencies, simulator's prediction."""
+    """Each run's table, then the headline figures (of the most pessimistic run)."""
     console = console or Console()
+    for run in result.get("runs", [result]):
+        print_run(run, console)
+    for key in HEADLINE_KEYS:
+        if key in result:
+            runs = result.get(f"{key}_runs")
+            console.print(f"{key}: {result[key]}" + (f"  (runs: {runs})" if runs else ""))
+
+
+def print_run(result: dict, console: Console) -> None:
+    """One row per (policy, rate): every attainment view, latencies, simulator's prediction."""
     slo = result["slo"]
+    if slo["ttft_s"] is None:
+        console.print("bench serve: no SLO (the calibration failed)")
+        return
     table = Table(
-        title=f"bench serve — SLO TTFT {slo['ttft_s']:.2f} s, TBT {slo['tbt_s'] * 1e3:.0f} ms "
-        f"(×{slo['scale']['ttft']} / ×{slo['scale']['tbt']} isolated {result['largest_model']}); "
-        f"device weight budget "
+        title=f"bench serve — SLO TTFT {slo['ttft_s']:.3f} s, TBT {slo['tbt_s'] * 1e3:.1f} ms "
+        f"(×{slo['scale']['ttft']} / ×{slo['scale']['tbt']} isolated {result['largest_model']}), "
+        f"the same for every policy; device weight budget "
         f"{result['device']['weight_budget_bytes'] / 2**20:.0f} MiB "
-        f"({result['device']['budget_fraction_of_weights']:.0%} of all weights)"
+        f"({_pct(result['device']['budget_fraction_of_weights'])} of all weights)"
     )
-    for col in ("policy", "λ/model", "reqs", "done", "attain", "time-frac", "sim", "TTFT p50",
-                "TTFT p99", "TBT p50 ms", "TBT p99 ms", "TPOT p50 ms", "errors"):  # fmt: skip
+    for col in ("policy", "λ/model", "reqs", "done", "strict", "time-frac", "qos", "sim",
+                "TTFT p50", "TTFT p99", "TBT p50 ms", "TBT p99 ms", "switches", "prefetched",
+                "errors"):  # fmt: skip
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, res in result["policies"].items():
         for p in res["points"]:
-            sim = p.get("sim", {}).get("attainment")
+            sw = p.get("switches")
+            hidden = prefetch_hidden_fraction([sw]) if sw else None
             table.add_row(
                 name, f"{p['rate_per_model']:g}", str(p["requests"]), str(p["finished"]),
-                f"{p['attainment']:.0%}", f"{p['time_fraction_attainment']:.0%}",
-                "—" if sim is None else f"{sim:.0%}",
+                _pct(p["attainment"]), _pct(p.get("time_fraction_attainment")),
+                _pct(p.get("artifact_qos")), _pct(p.get("sim", {}).get("attainment")),
                 _fmt(p["ttft_s"]["p50"]), _fmt(p["ttft_s"]["p99"]),
                 _fmt(p["tbt_s"]["p50"], 1e3, 0), _fmt(p["tbt_s"]["p99"], 1e3, 0),
-                _fmt(p["tpot_s"]["p50"], 1e3, 0),
+                str(sw["count"]) if sw else "—", _pct(hidden),
                 ", ".join(f"{k}×{v}" for k, v in p["errors"].items()) or "",
             )  # fmt: skip
     console.print(table)
     for name, res in result["policies"].items():
-        console.print(f"goodput {name}: λ/model {res.get('goodput_rate_per_model')}")
-    for key in ("goodput_ratio_vs_request_level", "goodput_ratio_vs_request_level_at_least",
-                "goodput_ratio_vs_static_mux", "goodput_ratio_vs_static_mux_at_least",
-                "sim_vs_measured_max_abs_diff"):  # fmt: skip
-        if key in result:
-            console.print(f"{key}: {result[key]}")
+        console.print(f"goodput {name}: λ/model {res.get('goodput_rate_per_model')}"
+                      + (f"  ({res['error']})" if res.get("error") else ""))  # fmt: skip
 
 
 def cdf(values: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
-"""The run of ``bench serve``: its plan (models, device budget, traces, SLO), one policy's sweep
-against the real stack, and the simulator over the same traces."""
+"""The run of ``bench serve``: its plan (models, device budget, traces), the SLO calibrated once on
+a stack of its own, one policy's sweep against the real stack (every policy's scheduler planning
+for that same SLO), and the simulator over the same traces."""
 
 from __future__ import annotations
 
@@ -8,34 +9,41 @@ import asyncio
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from aegaeon.bench.serve_models import device_budget, model_specs, write_bench_models
-from aegaeon.bench.serve_replay import isolated_latency, replay, warm_up
+from aegaeon.bench.serve_replay import Replay, isolated_latency, replay, warm_up
 from aegaeon.bench.serve_sim import (
     add_path_overhead,
     path_overhead,
     profile_engine,
     simulate_measured,
 )
-from aegaeon.bench.serve_trace import CpuScale, clamp_lengths, realized_trace, scaled_slo
+from aegaeon.bench.serve_trace import CpuScale, clamp_lengths, scaled_slo
 from aegaeon.bench.stack_process import StackProcess
+from aegaeon.bench.watch import Watcher
+from aegaeon.protocol import SwitchDone, WorkerEvent
 from aegaeon.scheduler.estimators import Estimator
+from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
-from aegaeon.sim.run import POLICIES
-from aegaeon.slo_metrics import RequestRecord, summarize
+from aegaeon.slo_metrics import ATTAINMENT_TARGET, RequestRecord, summarize
+from aegaeon.subjects import Subjects
 from aegaeon.workload import TraceRequest, generate_trace, load_sharegpt
 
-SCHEDULER_DEFAULT_SLO = Slo()  # `aegaeon up` starts the scheduler with its defaults (10 s, 0.1 s)
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
+CALIBRATION_POLICY = "request-level"  # a lone request runs uninterrupted under it
+CALIBRATION_REPEATS = 5  # the SLO is the median of these isolated requests (one warm-up first)
 
 
 @dataclass
 class BenchPlan:
-    """Everything fixed before the first request: models, budget, traces per rate, SLO."""
+    """Everything fixed before the first request: models, budget, traces per rate; the SLO once
+    calibrated (or given)."""
 
     args: argparse.Namespace
     tmp: Path
@@ -51,9 +59,9 @@ class BenchPlan:
     url: str | None = None
     slo: Slo | None = None
     isolated: dict = field(default_factory=dict)
-    scheduler_slo: Slo = SCHEDULER_DEFAULT_SLO
     notes: list[str] = field(default_factory=list)
-    cost: Estimator | None = None
+    engine_cost: Estimator | None = None  # the in-process engine's times, fitted once
+    run_index: int = 0  # which of --repeat's runs is in progress
 
     @classmethod
     def build(cls, args: argparse.Namespace, tmp: Path) -> BenchPlan:
@@ -62,16 +70,16 @@ class BenchPlan:
         arena, weights = device_budget([s.weight_bytes for s in specs.values()] or [0])
         if args.arena_bytes:
             arena, weights = args.arena_bytes, args.arena_bytes // 2
-        rates = [float(r) for r in str(args.rates).split(",") if r]
+        rates = sorted(float(r) for r in str(args.rates).split(",") if r)
         scale = CpuScale(factor=args.length_factor)
         pairs = load_sharegpt(args.sharegpt) if args.sharegpt else None
         traces = {rate: _trace(args, names, rate, scale, pairs) for rate in rates}
         policies = [p.strip() for p in str(args.policies).split(",") if p.strip()]
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown and not args.url:
+            raise SystemExit(f"bench serve: unknown policies {unknown}; known: {sorted(POLICIES)}")
         if args.url:  # one running stack, one policy: the name is only a label
             policies = policies[:1] if len(policies) == 1 else ["remote"]
-        # The SLO comes from the first policy's isolated run: request-level serves a lone
-        # request uninterrupted, so it goes first; dedicated may not own the largest model.
-        policies.sort(key=lambda p: (p != "request-level", p == "dedicated"))
         plan = cls(args, tmp, models_dir, specs, _vocab(models_dir, names), arena, weights,
                    rates, traces, scale, policies, url=args.url.rstrip("/") if args.url else None)  # fmt: skip
         if args.slo_ttft and args.slo_tbt:
@@ -86,6 +94,10 @@ class BenchPlan:
     @property
     def run_sim(self) -> bool:
         return not self.args.no_sim and self.models_dir is not None
+
+    @property
+    def min_requests_per_point(self) -> int:
+        return min((len(t) for t in self.traces.values()), default=0)
 
     def slo_scale_note(self) -> dict:
         """The multiples of isolated latency the SLOs are (None where given in seconds)."""
@@ -103,6 +115,8 @@ class BenchPlan:
             "popularity": args.popularity,
             "zipf_s": args.zipf_s,
             "duration_s": args.duration,
+            "min_requests_per_point": args.min_requests,
+            "arrival_span_s": {str(r): t[-1].arrival if t else 0.0 for r, t in self.traces.items()},
             "drain_s": args.drain,
             "seed": args.seed,
             "lengths": lengths,
@@ -117,7 +131,7 @@ class BenchPlan:
             f"bench serve: {len(self.specs)} models ({total / mib:.0f} MiB of weights), "
             f"worker weight budget {self.weight_budget / mib:.0f} MiB "
             f"(arena {self.arena_bytes / mib:.0f} MiB), policies {', '.join(self.policies)}, "
-            f"λ/model {self.rates}, {self.args.duration:g} s each"
+            f"λ/model {self.rates}, ≥ {self.min_requests_per_point} requests per rate"
         )
 
     def instances(self) -> list[InstanceView]:
@@ -126,6 +140,13 @@ class BenchPlan:
         capacity = (self.arena_bytes - self.weight_budget) // max(1, kv)
         return [InstanceView(f"worker-{i}", "both", capacity, self.weight_budget)
                 for i in range(self.args.workers)]  # fmt: skip
+
+    def stack_args(self) -> list[str]:
+        """``aegaeon up`` flags every policy's stack gets: the same arena and the same SLO."""
+        extra = ["--arena-bytes", str(self.arena_bytes)]
+        if self.slo is not None:
+            extra += ["--slo-ttft", repr(self.slo.ttft_s), "--slo-tbt", repr(self.slo.tbt_s)]
+        return extra
 
 
 def _models(args: argparse.Namespace, tmp: Path) -> tuple[Path | None, list[str]]:
@@ -148,22 +169,35 @@ def _vocab(models_dir: Path | None, names: list[str]) -> int:
 
 def _trace(args: argparse.Namespace, names: list[str], rate: float, scale: CpuScale,
            pairs: list[tuple[int, int]] | None) -> list[TraceRequest]:  # fmt: skip
+    """``--duration`` seconds of arrivals, or longer at a low rate: at least ``--min-requests``
+    requests (a point of 4 requests decides nothing)."""
     scaled = [(round(a * scale.factor), round(b * scale.factor)) for a, b in pairs] if pairs else None  # fmt: skip
-    trace = generate_trace(
-        names, rate, args.duration, popularity=args.popularity, zipf_s=args.zipf_s,
-        arrival=args.arrival, cv=args.cv, lengths=scale.lengths(), sharegpt=scaled, seed=args.seed,
-    )  # fmt: skip
+    total_rate = rate * max(1, len(names))
+    duration = max(args.duration, args.min_requests / total_rate)
+    while True:
+        trace = generate_trace(
+            names, rate, duration, popularity=args.popularity, zipf_s=args.zipf_s,
+            arrival=args.arrival, cv=args.cv, lengths=scale.lengths(), sharegpt=scaled,
+            seed=args.seed,
+        )  # fmt: skip
+        if len(trace) >= args.min_requests:
+            break
+        duration *= 1.25  # a sparse draw: longer, then cut back to the minimum below
+    if duration > args.duration:
+        trace = trace[: args.min_requests]
     return clamp_lengths(trace, scale)
 
 
 def _notes(plan: BenchPlan) -> list[str]:
     notes = [
         "rates are per model; total arrival rate = rate × number of models",
-        "SLOs are multiples of the isolated latency of the largest model (see slo.scale)",
-        "the gateway ignores `ignore_eos` (not in its request schema), so a request may end at "
-        "EOS before its traced length; the simulator replays the realized lengths",
-        "`aegaeon up` does not pass SLOs or a profile to the scheduler: it schedules with its "
-        "defaults (TTFT 10 s, TBT 0.1 s) and roofline estimates; the simulator mirrors that",
+        "the SLO is calibrated once, on a separate stack, from the isolated latency of the "
+        "largest model (see slo.scale); every policy's scheduler plans for that same SLO",
+        "every policy replays the same trace per rate; a rate's trace spans --duration seconds "
+        "or, at low rates, as long as --min-requests arrivals take",
+        "goodput = the highest rate at and below which every measured rate reaches ≥ 90% strict "
+        "attainment; a sweep stops after its first miss (higher rates cannot raise goodput) "
+        "unless --sweep-all",
     ]
     if "dedicated" in plan.policies and plan.args.workers < len(plan.specs):
         notes.append(
@@ -174,82 +208,128 @@ def _notes(plan: BenchPlan) -> list[str]:
     return notes
 
 
-# ------------------------------------------------------------------ one policy
+# ------------------------------------------------------------------ the SLO, once
 
 
-def run_policy(plan: BenchPlan, name: str, console: Console) -> tuple[dict, list[RequestRecord]]:
-    """Start the stack with ``name`` (or use --url), warm it, sweep the rates."""
+def calibrate(plan: BenchPlan, console: Console) -> None:
+    """Measure the isolated latency of the largest model on a stack of its own (or on --url)
+    and set the plan's SLO from it (unless given in seconds)."""
     if plan.url:
-        result = asyncio.run(_sweep(plan, name, plan.url, console))
-        return result, _highest_rate_records(result)
-    home = plan.tmp / f"home-{name}"
-    extra = ["--arena-bytes", str(plan.arena_bytes)]
-    if plan.slo is not None:
-        # The scheduler plans its quotas for the SLO the run is judged by (the first stack,
-        # run before the SLO is measured, is request-level, which does not use it).
-        extra += ["--slo-ttft", str(plan.slo.ttft_s), "--slo-tbt", str(plan.slo.tbt_s)]
-    scheduler_slo = plan.slo or SCHEDULER_DEFAULT_SLO
-    try:
-        with StackProcess(home, models_dir=plan.models_dir, workers=plan.args.workers,
-                          policy=name, extra_args=extra) as stack:  # fmt: skip
-            result = asyncio.run(_sweep(plan, name, stack.url, console))
-    except (RuntimeError, TimeoutError) as exc:
-        result = {"points": [], "error": str(exc)}
-    result["stack_errors"] = stack_errors(home / "logs")
-    result["scheduler_slo"] = {"ttft_s": scheduler_slo.ttft_s, "tbt_s": scheduler_slo.tbt_s}
-    return result, _highest_rate_records(result)
-
-
-def _highest_rate_records(result: dict) -> list[RequestRecord]:
-    """Records of the highest rate (for the CDF plot)."""
-    points = result["points"]
-    return list(points[-1]["records"]) if points else []
-
-
-async def _sweep(plan: BenchPlan, name: str, url: str, console: Console) -> dict:
-    failures = await warm_up(url, list(plan.specs), plan.vocab)
-    isolated = await _isolated(plan, url)
-    console.print(f"  {name}: isolated {plan.largest}: {isolated}")
-    if plan.slo is None:
-        _set_slo(plan, isolated, console)
-    if plan.slo is None:
-        return {"points": [], "isolated": isolated, "error": "no SLO: isolated run failed"}
-    points = []
-    for rate in plan.rates:
-        trace = plan.traces[rate]
-        run = await replay(url, trace, vocab=plan.vocab, seed=plan.args.seed,
-                           drain_s=plan.args.drain, label=f"{name} λ={rate:g}")  # fmt: skip
-        point = {"rate_per_model": rate, "total_rate": rate * len(plan.specs),
-                 **summarize(run.records, plan.slo), "errors": dict(run.errors),
-                 "wall_s": run.wall_s, "records": run.records}  # fmt: skip
-        points.append(point)
-        console.print(f"  {name} λ={rate:g}: attainment {point['attainment']:.0%} "
-                      f"({point['finished']}/{point['requests']} finished) {dict(run.errors) or ''}")  # fmt: skip
-    return {"points": points, "warm_up_failures": failures, "isolated": isolated}
+        isolated = asyncio.run(_isolated(plan, plan.url))
+    else:
+        policy = CALIBRATION_POLICY if CALIBRATION_POLICY in POLICIES else plan.policies[0]
+        home = plan.tmp / f"home-{plan.run_index}-calibrate"
+        try:
+            with StackProcess(home, models_dir=plan.models_dir, workers=plan.args.workers,
+                              policy=policy, extra_args=plan.stack_args()) as stack:  # fmt: skip
+                isolated = asyncio.run(_isolated(plan, stack.url)) | {"policy": policy}
+        except (RuntimeError, TimeoutError) as exc:
+            isolated = {"model": plan.largest, "error": str(exc)[:300]}
+    plan.isolated = isolated
+    console.print(f"  calibration: isolated {plan.largest}: {isolated}")
+    if "ttft_s" not in isolated:
+        return
+    slo = scaled_slo(isolated["ttft_s"], isolated["tbt_s"], plan.args.slo_scale,
+                     plan.args.slo_ttft_scale)  # fmt: skip
+    plan.slo = Slo(plan.args.slo_ttft or slo.ttft_s, plan.args.slo_tbt or slo.tbt_s)
+    console.print(f"  SLO TTFT {plan.slo.ttft_s:.3f} s, TBT {plan.slo.tbt_s * 1e3:.1f} ms")
 
 
 async def _isolated(plan: BenchPlan, url: str) -> dict:
-    """Isolated latency of the largest model under this stack's policy (or why it failed)."""
+    """Isolated latency of the largest model (or why it failed)."""
     dist = plan.scale.lengths()
     prompt = int(min(plan.scale.max_input, max(plan.scale.min_input, dist.input_median)))
     output = int(min(plan.scale.max_output, max(plan.scale.min_output, dist.output_median)))
     found: dict = {"model": plan.largest, "prompt_len": prompt, "output_len": output}
     try:
-        ttft, tbt = await isolated_latency(url, plan.largest, prompt, output, plan.vocab)
+        ttft, tbt = await isolated_latency(url, plan.largest, prompt, output, plan.vocab,
+                                           repeats=CALIBRATION_REPEATS)  # fmt: skip
     except RuntimeError as exc:
         return found | {"error": str(exc)[:300]}
     return found | {"ttft_s": ttft, "tbt_s": tbt}
 
 
-def _set_slo(plan: BenchPlan, isolated: dict, console: Console) -> None:
-    """SLO = multiples of the first policy's isolated latency (or the seconds given)."""
-    if "ttft_s" not in isolated:
-        return
-    plan.isolated = dict(isolated)
-    slo = scaled_slo(isolated["ttft_s"], isolated["tbt_s"], plan.args.slo_scale,
-                     plan.args.slo_ttft_scale)  # fmt: skip
-    plan.slo = Slo(plan.args.slo_ttft or slo.ttft_s, plan.args.slo_tbt or slo.tbt_s)
-    console.print(f"  SLO TTFT {plan.slo.ttft_s:.2f} s, TBT {plan.slo.tbt_s * 1e3:.0f} ms")
+# ------------------------------------------------------------------ one policy
+
+
+def run_policy(plan: BenchPlan, name: str, console: Console) -> tuple[dict, list[RequestRecord]]:
+    """Start the stack with ``name`` (or use --url), warm it, sweep the rates."""
+    assert plan.slo is not None, "calibrate first"
+    if plan.url:
+        nats_url = plan.args.nats_url
+        subjects = Subjects(plan.args.prefix)
+        result = asyncio.run(_sweep(plan, name, plan.url, nats_url, subjects, console))
+        return result, _highest_rate_records(result)
+    home = plan.tmp / f"home-{plan.run_index}-{name}"
+    try:
+        with StackProcess(home, models_dir=plan.models_dir, workers=plan.args.workers,
+                          policy=name, extra_args=plan.stack_args()) as stack:  # fmt: skip
+            result = asyncio.run(
+                _sweep(plan, name, stack.url, stack.nats_url, stack.subjects, console)
+            )
+    except (RuntimeError, TimeoutError) as exc:
+        result = {"points": [], "error": str(exc)}
+    result["stack_errors"] = stack_errors(home / "logs")
+    result["scheduler_slo"] = {"ttft_s": plan.slo.ttft_s, "tbt_s": plan.slo.tbt_s}
+    return result, _highest_rate_records(result)
+
+
+def _highest_rate_records(result: dict) -> list[RequestRecord]:
+    """Records of the highest rate measured (for the CDF plot)."""
+    points = result["points"]
+    return list(points[-1]["records"]) if points else []
+
+
+def switch_summary(events: list[SwitchDone]) -> dict:
+    """The workers' switches during one point: how many, bytes waited for, bytes prefetched."""
+    return {
+        "count": len(events),
+        "bytes": sum(e.bytes for e in events),
+        "prefetched_bytes": sum(e.prefetched_bytes for e in events),
+        "wait_s": sum(e.seconds for e in events),
+    }
+
+
+async def _sweep(
+    plan: BenchPlan, name: str, url: str, nats_url: str | None, subjects: Subjects,
+    console: Console,
+) -> dict:  # fmt: skip
+    assert plan.slo is not None
+    failures = await warm_up(url, list(plan.specs), plan.vocab)
+    points = []
+    for rate in plan.rates:
+        switches: list[SwitchDone] = []
+
+        def keep(event: object, into: list[SwitchDone] = switches) -> None:
+            if isinstance(event, SwitchDone):
+                into.append(event)
+
+        run = await _replay_watching(plan, name, url, rate, nats_url, subjects, keep)
+        point = {"rate_per_model": rate, "total_rate": rate * len(plan.specs),
+                 **summarize(run.records, plan.slo), "errors": dict(run.errors),
+                 "wall_s": run.wall_s, "records": run.records}  # fmt: skip
+        if nats_url:
+            point["switches"] = switch_summary(switches)
+        points.append(point)
+        views = "  ".join(f"{key} {point[key]:.0%}" for key in
+                          ("attainment", "time_fraction_attainment", "artifact_qos") if key in point)  # fmt: skip
+        console.print(f"  {name} λ={rate:g}: {views} ({point['finished']}/{point['requests']} "
+                      f"finished) {dict(run.errors) or ''}")  # fmt: skip
+        if point["attainment"] < ATTAINMENT_TARGET and not plan.args.sweep_all:
+            break  # goodput is settled: no higher rate can count
+    return {"points": points, "warm_up_failures": failures}
+
+
+async def _replay_watching(
+    plan: BenchPlan, name: str, url: str, rate: float, nats_url: str | None, subjects: Subjects,
+    keep: Callable[[Any], None],
+) -> Replay:  # fmt: skip
+    replay_args = {"vocab": plan.vocab, "seed": plan.args.seed, "drain_s": plan.args.drain,
+                   "label": f"{name} λ={rate:g}"}  # fmt: skip
+    if not nats_url:
+        return await replay(url, plan.traces[rate], **replay_args)
+    async with Watcher(nats_url, subjects.all_worker_events, WorkerEvent, keep):
+        return await replay(url, plan.traces[rate], **replay_args)
 
 
 def stack_errors(logs: Path, limit: int = 8) -> dict:
@@ -268,28 +348,35 @@ def stack_errors(logs: Path, limit: int = 8) -> dict:
 # ------------------------------------------------------------------ the simulator
 
 
-def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -> None:
-    """Fit the CPU cost model, then predict every measured point; adds ``sim`` to each point."""
+def fit_cost(plan: BenchPlan, console: Console) -> Estimator:
+    """The CPU cost model: the in-process engine's times (fitted once) plus this run's path
+    overhead (isolated stack latency − the engine's time for the same request)."""
     assert plan.models_dir is not None
-    console.print("  profiling the engine in-process for the simulator's cost model …")
-    cost = profile_engine(plan.models_dir, plan.specs, plan.arena_bytes)
+    if plan.engine_cost is None:
+        console.print("  profiling the engine in-process for the simulator's cost model …")
+        plan.engine_cost = profile_engine(plan.models_dir, plan.specs, plan.arena_bytes)
+    cost = plan.engine_cost
     iso = plan.isolated
-    if iso:
+    if "ttft_s" in iso:
         pre, dec = path_overhead(cost, iso["model"], iso["prompt_len"], iso["output_len"],
                                  iso["ttft_s"], iso["tbt_s"])  # fmt: skip
         iso["stack_overhead_prefill_s"], iso["stack_overhead_step_s"] = pre, dec
         cost = add_path_overhead(cost, pre, dec)
-    plan.cost = cost
+    return cost
+
+
+def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -> None:
+    """Predict every measured point on the same trace, with the same SLO and drain; adds
+    ``sim`` to each point."""
     assert plan.slo is not None
+    cost = fit_cost(plan, console)
     for name, res in policies.items():
         if name not in POLICIES:
             continue
         for point in res["points"]:
-            trace = realized_trace(plan.traces[point["rate_per_model"]], point["records"])
-            planned = res.get("scheduler_slo")
-            scheduler_slo = Slo(**planned) if planned else plan.scheduler_slo
+            trace = plan.traces[point["rate_per_model"]]
             point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), cost,
-                                             scheduler_slo, plan.slo)  # fmt: skip
+                                             plan.slo, plan.args.drain)  # fmt: skip
 
 
 def strip_records(policies: dict[str, dict]) -> None:

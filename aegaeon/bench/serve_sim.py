@@ -5,8 +5,7 @@ The cost model is the in-process engine's own step and switch times on this CPU 
 scheduler's estimator formulas), plus the per-step overhead of the real path (NATS, gateway, SSE)
 measured as isolated stack latency minus the engine's time for the same request. The policy
 inside the simulation uses the estimator the real scheduler used (no profile: roofline defaults)
-and the scheduler's SLO, so it makes the same decisions; attainment is scored against the
-benchmark's SLO.
+and the same SLO, so it makes the same decisions.
 """
 
 from __future__ import annotations
@@ -27,14 +26,16 @@ from aegaeon.scheduler.estimators import (
     fit_switch,
     load_estimator,
 )
+from aegaeon.scheduler.policies import policy_class
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
 from aegaeon.sim.engine import simulate
-from aegaeon.sim.run import POLICIES
 from aegaeon.workload import TraceRequest
 
 PREFILL_BATCHES = ([24], [64], [128], [224], [64, 64], [128, 96, 32])
 DECODE_BATCH_SIZES = (1, 2, 4)
 DECODE_STEPS = 6
+ATTAINMENT_VIEWS = ("attainment", "time_fraction_attainment", "artifact_qos")
+"""Strict per request, time fraction, the artifact's QoS score (each where the metrics have it)."""
 WORKER_THREADS = max(1, (os.cpu_count() or 2) // 2)  # the gpu-worker's default on a CPU
 
 
@@ -134,16 +135,17 @@ def path_overhead(
 
 def simulate_measured(
     trace: Sequence[TraceRequest], policy_name: str, models: dict[str, ModelSpec],
-    instances: Sequence[InstanceView], cost: Estimator, scheduler_slo: Slo, bench_slo: Slo,
+    instances: Sequence[InstanceView], cost: Estimator, slo: Slo, drain_s: float,
 ) -> dict:  # fmt: skip
-    """Attainment the simulator predicts for one policy on the run's trace and instances."""
+    """Attainment the simulator predicts for one policy on the run's trace and instances.
+
+    The policy inside plans with the estimator the real scheduler had (no profile: roofline
+    defaults) for the SLO the real scheduler was given; the run is priced by ``cost`` and
+    scored against the same SLO; requests open ``drain_s`` after the last arrival are
+    unfinished, as in the replay."""
     policy_estimator = load_estimator(None, dict(models))
-    policy = POLICIES[policy_name](dict(models), scheduler_slo, policy_estimator)
+    policy = policy_class(policy_name)(dict(models), slo, policy_estimator)
     views = [replace(v) for v in instances]
-    result = simulate(trace, policy, views, cost, bench_slo)
-    return {
-        "attainment": result.metrics["attainment"],
-        "time_fraction_attainment": result.metrics["time_fraction_attainment"],
-        "switches": result.switches,
-        "rejected": result.rejected,
-    }
+    result = simulate(trace, policy, views, cost, slo, drain_s=drain_s)
+    found = {key: result.metrics[key] for key in ATTAINMENT_VIEWS if key in result.metrics}
+    return found | {"switches": result.switches, "rejected": result.rejected}

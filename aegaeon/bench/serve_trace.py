@@ -93,15 +93,3 @@ def to_record(
         token_times=[t - origin for t in token_times],
         finished=ok,
     )
-
-
-def realized_trace(
-    trace: Sequence[TraceRequest], records: Sequence[RequestRecord]
-) -> list[TraceRequest]:
-    """The trace with each finished request's output length set to what it really produced.
-
-    The gateway stops at EOS (it does not take ``ignore_eos``), so a request may end early; greedy
-    decoding makes that length the same under every policy, and the simulator must see it.
-    """
-    produced = {r.request_id: len(r.token_times) for r in records if r.finished}
-    return [replace(t, output_len=max(1, produced.get(t.request_id, t.output_len))) for t in trace]

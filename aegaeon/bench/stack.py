@@ -1,9 +1,12 @@
-"""``aegaeon bench stack``: what the gateway + NATS path adds per token, and how many concurrent
-SSE streams one gateway holds.
+"""``aegaeon bench stack``: what the path after the worker (NATS → gateway → SSE → client) adds
+per token, and how many concurrent SSE streams one gateway holds.
 
-Added latency is measured side by side in one run: the same greedy requests go (1) through the
-real stack over HTTP/SSE and (2) straight into an in-process engine of the same model, and the
-token-by-token gaps are compared (stack gap k − engine step k).
+Added latency per token = the client's receive time − the worker's publish stamp of the same
+token (``TokenBatch.sent_at``, the same host's wall clock). The bench reads the stamps as a
+second subscriber to the gateway's token subject on NATS (it sees the same messages as the
+gateway) and pairs them with the client's chunks by (request id, token index). Only chunks that
+carry text are tokens (the last chunk, empty, only carries the finish reason); a request whose
+text chunks are not exactly ``max_tokens`` cannot be paired by index and is left out, counted.
 """
 
 from __future__ import annotations
@@ -11,134 +14,74 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from aegaeon.bench.client import StreamTiming, percentile, stream_completion
 from aegaeon.bench.stack_process import StackProcess
-from aegaeon.protocol import SamplingParams
+from aegaeon.bench.watch import Watcher
+from aegaeon.protocol import TokenBatch
+from aegaeon.subjects import Subjects
+
+Stamps = dict[tuple[str, int], float]
+"""(request id, token index) → the worker's publish time of that token."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="a running gateway (default: start the embedded stack)")
+    parser.add_argument("--nats-url", help="with --url: the stack's NATS (to read worker stamps)")
+    parser.add_argument(
+        "--prefix", default="aegaeon", help="with --url: the stack's AEGAEON_PREFIX"
+    )
     parser.add_argument("--models-dir", type=Path, help="models (default: demo models)")
     parser.add_argument("--model", help="model to use (default: the smallest)")
-    parser.add_argument("--requests", type=int, default=8, help="sequential latency requests")
+    parser.add_argument("--requests", type=int, default=16, help="sequential latency requests")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--streams", type=int, default=500, help="concurrent SSE streams")
     parser.add_argument("--json", type=Path, help="write the results here")
 
 
-@dataclass
-class StreamTiming:
-    """Client-side arrival times of one streamed request's tokens."""
-
-    token_times: list[float]
-    ok: bool
-    error: str = ""
-    sent_at: float = 0.0
-    status: int = 0  # HTTP status (0: no response)
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] - self.sent_at if self.token_times else None
+def record_stamps(batch: TokenBatch, stamps: Stamps) -> None:
+    """Note the worker's stamp of every token in ``batch`` (the first stamp of a token wins: a
+    recovery re-run may publish an index again)."""
+    for event in batch.events:
+        for offset in range(len(event.token_ids)):
+            stamps.setdefault((event.request_id, event.start + offset), batch.sent_at)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by nearest rank; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-async def stream_completion(
-    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int
-) -> StreamTiming:
-    """One streamed /v1/completions request (token-id prompt, greedy); arrival time per chunk."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    times: list[float] = []
-    sent_at = time.perf_counter()
-    status = 0
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            status = response.status_code
-            if status != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return StreamTiming([], False, f"HTTP {status}: {text[:200]}", sent_at, status)
-            done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return StreamTiming(times, False, str(chunk["error"]), sent_at, status)
-                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                    times.append(time.perf_counter())
-            error = "" if done else "stream ended without [DONE]"
-            return StreamTiming(times, done, error, sent_at, status)
-    except httpx.HTTPError as exc:
-        return StreamTiming(times, False, f"{type(exc).__name__}: {exc}", sent_at, status)
-
-
-def engine_step_times(
-    models_dir: Path, model: str, prompts: list[list[int]], max_tokens: int
-) -> list[list[float]]:
-    """Per-token step times of the same requests on an in-process engine (batch 1)."""
-    import os
-
-    import torch
-
-    from aegaeon.gpu_worker.engine import Engine, EngineConfig
-
-    # The same thread count the stack's worker uses (`serve worker --threads` default), so the
-    # difference measured is the path, not the engine's configuration.
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    engine = Engine(EngineConfig(device="cpu"))
-    try:
-        engine.register_model(model, models_dir / model)
-        engine.switch_to(model)
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        runs = []
-        for i, prompt in enumerate(prompts):
-            rid = f"bench-{i}"
-            engine.add_request(rid, model, prompt, sampling)
-            steps: list[float] = []
-            finished = False
-            while not finished:
-                t0 = time.perf_counter()
-                outputs = engine.step([rid])
-                steps.append(time.perf_counter() - t0)
-                finished = any(o.finish_reason for o in outputs)
-            runs.append(steps)
-        return runs
-    finally:
-        engine.close()
-
-
-def added_latency(stack_runs: list[StreamTiming], engine_runs: list[list[float]]) -> list[float]:
-    """Per decode token: stack inter-token gap − the engine's step time for that token."""
+def pair_added_latency(
+    runs: Iterable[StreamTiming], stamps: Stamps, max_tokens: int
+) -> tuple[list[float], Counter]:
+    """Per token: client receive time − worker stamp of the same (request, index); and why
+    requests or tokens were left out."""
     added: list[float] = []
-    for timing, steps in zip(stack_runs, engine_runs, strict=False):
-        gaps = [b - a for a, b in zip(timing.token_times, timing.token_times[1:], strict=False)]
-        added.extend(gap - step for gap, step in zip(gaps, steps[1:], strict=False))
-    return added
+    left_out: Counter = Counter()
+    for run in runs:
+        if not run.ok:
+            left_out["request not finished"] += 1
+            continue
+        if len(run.wall_times) != max_tokens:
+            left_out["text chunks != max_tokens"] += 1
+            continue
+        for index, received in enumerate(run.wall_times):
+            sent = stamps.get((run.request_id, index))
+            if not sent:  # no stamp seen, or a worker that does not stamp (sent_at 0)
+                left_out["token without a worker stamp"] += 1
+                continue
+            added.append(received - sent)
+    return added, left_out
+
+
+def stamp_watcher(nats_url: str, subjects: Subjects, stamps: Stamps) -> Watcher:
+    """A second subscriber to every gateway's token subject, collecting worker stamps."""
+    return Watcher(nats_url, subjects.tokens("*"), TokenBatch, lambda b: record_stamps(b, stamps))
 
 
 async def concurrent_streams(url: str, model: str, prompt: list[int], count: int) -> dict:
@@ -160,7 +103,10 @@ async def concurrent_streams(url: str, model: str, prompt: list[int], count: int
     }
 
 
-async def _measure(args: argparse.Namespace, url: str, models_dir: Path | None) -> dict:
+async def _measure(
+    args: argparse.Namespace, url: str, models_dir: Path | None, nats_url: str | None,
+    subjects: Subjects,
+) -> dict:  # fmt: skip
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
         listed = (await client.get(f"{url}/v1/models")).json()["data"]
         model = args.model or _smallest(models_dir, [m["id"] for m in listed])
@@ -168,22 +114,29 @@ async def _measure(args: argparse.Namespace, url: str, models_dir: Path | None) 
             [(7 * i + j) % 200 + 10 for j in range(16 + 4 * i)] for i in range(args.requests)
         ]
         await stream_completion(client, url, model, prompts[0], 4)  # warm: model resident
-        stack_runs = [
-            await stream_completion(client, url, model, p, args.max_tokens) for p in prompts
-        ]
-    result: dict = {"model": model, "url": url}
+        result: dict = {"model": model, "url": url, "max_tokens": args.max_tokens}
+        if nats_url is None:
+            stack_runs = [await stream_completion(client, url, model, p, args.max_tokens)
+                          for p in prompts]  # fmt: skip
+            result["added_latency"] = "not measured: give --nats-url to read the worker stamps"
+        else:
+            stamps: Stamps = {}
+            async with stamp_watcher(nats_url, subjects, stamps):
+                stack_runs = [await stream_completion(client, url, model, p, args.max_tokens)
+                              for p in prompts]  # fmt: skip
+                await asyncio.sleep(0.2)  # the last batch has reached this subscriber too
+            added, left_out = pair_added_latency(stack_runs, stamps, args.max_tokens)
+            result |= {
+                "added_ms_per_token_p50": percentile(added, 0.5) * 1e3,
+                "added_ms_per_token_p99": percentile(added, 0.99) * 1e3,
+                "added_ms_per_token_mean": sum(added) / len(added) * 1e3 if added else None,
+                "tokens_paired": len(added),
+                "left_out": dict(left_out),
+                "goal_p50_ms": 1.0,
+            }
     failed = [r.error for r in stack_runs if not r.ok]
     if failed:
         result["latency_errors"] = failed
-    if models_dir is not None:
-        engine_runs = engine_step_times(models_dir, model, prompts, args.max_tokens)
-        added = added_latency(stack_runs, engine_runs)
-        result |= {
-            "added_ms_per_token_p50": percentile(added, 0.5) * 1e3,
-            "added_ms_per_token_p99": percentile(added, 0.99) * 1e3,
-            "engine_step_ms_p50": statistics.median(s for r in engine_runs for s in r[1:]) * 1e3,
-            "goal_p50_ms": 1.0,
-        }
     result["concurrency"] = await concurrent_streams(url, model, prompts[0][:8], args.streams)
     return result
 
@@ -202,9 +155,11 @@ def _print(result: dict) -> None:
     table = Table(title=f"bench stack — model {result['model']}")
     table.add_column("measure")
     table.add_column("value")
-    for key in ("added_ms_per_token_p50", "added_ms_per_token_p99", "engine_step_ms_p50"):
+    for key in ("added_ms_per_token_p50", "added_ms_per_token_p99", "added_ms_per_token_mean",
+                "tokens_paired", "left_out", "added_latency"):  # fmt: skip
         if key in result:
-            table.add_row(key, f"{result[key]:.3f}")
+            value = result[key]
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     conc = result["concurrency"]
     table.add_row("concurrent streams completed", f"{conc['completed']} / {conc['streams']}")
     table.add_row("concurrent streams errors", str(conc["errors"]))
@@ -213,7 +168,8 @@ def _print(result: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.url:
-        result = asyncio.run(_measure(args, args.url.rstrip("/"), args.models_dir))
+        subjects = Subjects(args.prefix)
+        result = asyncio.run(_measure(args, args.url.rstrip("/"), args.models_dir, args.nats_url, subjects))  # fmt: skip
     else:
         with tempfile.TemporaryDirectory(prefix="aegaeon-bench-") as tmp:
             models_dir = args.models_dir
@@ -223,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
                 models_dir = Path(tmp) / "models"
                 create_demo_models(models_dir)
             with StackProcess(Path(tmp) / "home", models_dir=models_dir) as stack:
-                result = asyncio.run(_measure(args, stack.url, models_dir))
+                result = asyncio.run(_measure(args, stack.url, models_dir, stack.nats_url, stack.subjects))  # fmt: skip
     result["device"] = "cpu"
     _print(result)
     if args.json:

@@ -1,5 +1,9 @@
 """Run ``aegaeon up`` as a child process and wait until it serves — for benchmarks and tests
-that must exercise the real stack exactly as a user starts it."""
+that must exercise the real stack exactly as a user starts it.
+
+Unless the environment names one (``AEGAEON_NATS_URL``), the stack gets a NATS server started
+here rather than by ``aegaeon up``, so the caller knows its address and can watch the stack's
+messages beside it (worker events, token batches) as a second subscriber."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from types import TracebackType
 
 import httpx
 
-from aegaeon.servers import free_port
+from aegaeon.servers import ServerProcess, free_port, start_nats
+from aegaeon.subjects import Subjects
 
 
 class StackProcess:
@@ -42,9 +47,23 @@ class StackProcess:
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen | None = None
+        self.nats: ServerProcess | None = None
+
+    @property
+    def nats_url(self) -> str:
+        """The NATS server the stack's services use."""
+        return self.env["AEGAEON_NATS_URL"]
+
+    @property
+    def subjects(self) -> Subjects:
+        """The stack's subjects (under its ``AEGAEON_PREFIX``)."""
+        return Subjects(self.env.get("AEGAEON_PREFIX", "aegaeon"))
 
     def __enter__(self) -> StackProcess:
         self.home.mkdir(parents=True, exist_ok=True)
+        if "AEGAEON_NATS_URL" not in self.env:
+            self.nats = start_nats(self.home / "nats", log_file=self.home / "nats.log")
+            self.env["AEGAEON_NATS_URL"] = self.nats.url
         log = open(self.home / "up.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "aegaeon.cli", "up", *self.args],
@@ -80,7 +99,15 @@ class StackProcess:
         return self.home / "up.log"
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, as a user's Ctrl-C would; SIGKILL the group if it does not end in time."""
+        """SIGTERM, as a user's Ctrl-C would; SIGKILL the group if it does not end in time.
+        Then the NATS server started here, if any."""
+        try:
+            return self._stop_stack(timeout)
+        finally:
+            if self.nats is not None:
+                self.nats.stop()
+
+    def _stop_stack(self, timeout: float) -> int | None:
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)

@@ -1,7 +1,8 @@
 """``aegaeon bench engine --json OUT``: switch cost, decode speed and KV swap bandwidth.
 
 Every figure sits beside its physical or practical reference measured in the same run:
-switch vs a plain copy of the same bytes, switch vs a naive reload (fresh process + transformers),
+switch vs a plain copy of the same bytes, switch vs a naive reload (fresh process + transformers;
+and in a warm process: ``from_pretrained`` + move + first token, the median of several),
 decode vs transformers ``generate`` at the same batch, KV swap vs copy bandwidth.
 """
 
@@ -92,6 +93,37 @@ def measure_naive_reload(model_dir: Path, device: str, dtype: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
+
+
+def measure_inprocess_reload(model_dir: Path, device: str, dtype: str, repeats: int = 3) -> float:
+    """Reload in a warm process (transformers imported, one load done): ``from_pretrained`` +
+    move to the device + the first token; the median of ``repeats``. The fresh-process figure
+    adds interpreter and import start-up; this one is what a serving process pays per reload."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the table
+    torch_dtype = getattr(torch, dtype)
+    dev = torch.device(device)
+    prompt = torch.tensor([[1, 2, 3]], device=dev)
+
+    def reload() -> None:
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        model = model.to(dev).eval()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=1, do_sample=False)
+        del model
+
+    reload()  # warm: imports, first kernels, the file in the page cache
+    return _median_time(reload, dev, repeats=repeats)
+
+
+def reload_figures(model_dir: Path, device: str, dtype: str, switch_s: float) -> dict[str, float]:
+    """Reloading the model without a switch, in a fresh process and in a warm one, each beside
+    the switch it would replace."""
+    naive = measure_naive_reload(model_dir, device, dtype)
+    warm = measure_inprocess_reload(model_dir, device, dtype)
+    return {"naive_reload_s": naive, "naive_over_switch": naive / switch_s,
+            "inprocess_reload_s": warm, "inprocess_reload_over_switch": warm / switch_s}  # fmt: skip
 
 
 def _engine_decode(engine: Engine, model: str, batch: int) -> float:
@@ -221,8 +253,7 @@ def _run_in(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {"device": engine.stats().device, "model": model, "dtype": dtype,
                                   "threads": torch.get_num_threads()}  # fmt: skip
         result.update(measure_switch(engine, model))
-        result["naive_reload_s"] = measure_naive_reload(models_dir / model, args.device, dtype)
-        result["naive_over_switch"] = result["naive_reload_s"] / result["switch_s"]
+        result.update(reload_figures(models_dir / model, args.device, dtype, result["switch_s"]))
         result.update(measure_decode(engine, model))
         bandwidth = measure_device_bandwidth(device)
         result["device_copy_gb_s"] = bandwidth / 1e9

@@ -549,7 +549,8 @@ class WorkerService:
             if out.finish_reason is not None:
                 finished.append(out.request_id)
         for gateway_id, events in per_gateway.items():
-            await self.bus.publish(self.subjects.tokens(gateway_id), TokenBatch(events))
+            batch = TokenBatch(events, sent_at=time.time())
+            await self.bus.publish(self.subjects.tokens(gateway_id), batch)
         await self._append_tokens(redis_tokens)
         for rid in finished:
             held = self.held.pop(rid)
