@@ -188,7 +188,12 @@ def summarize(records: Sequence[RequestRecord], slo: SloLike) -> dict:
 
 
 def goodput(points: Iterable[tuple[float, float]], target: float = ATTAINMENT_TARGET) -> float:
-    """The highest rate (first of each pair) whose attainment (second) is ≥ ``target``;
-    0 when none reaches it."""
-    passing = [rate for rate, attained in points if attained >= target]
-    return max(passing, default=0.0)
+    """The highest rate (first of each pair) at and below which every measured rate's attainment
+    (second) is ≥ ``target``; 0 when the lowest rate misses. A pass above a miss does not count:
+    it is luck, not capacity."""
+    good = 0.0
+    for rate, attained in sorted(points):
+        if attained < target:
+            break
+        good = rate
+    return good

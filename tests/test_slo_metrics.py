@@ -96,3 +96,4 @@ def test_summary_reports_the_three_attainment_views():
 def test_goodput_is_the_highest_rate_with_ninety_percent_attainment():
     assert goodput([(0.5, 1.0), (1.0, 0.95), (2.0, 0.89)]) == 1.0
     assert goodput([(1.0, 0.5)]) == 0.0
+    assert goodput([(0.5, 0.95), (1.0, 0.8), (2.0, 0.92)]) == 0.5  # a pass above a miss is luck

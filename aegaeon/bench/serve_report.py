@@ -9,18 +9,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from aegaeon.slo_metrics import ATTAINMENT_TARGET, RequestRecord, latencies
+from aegaeon.slo_metrics import RequestRecord, goodput, latencies
 
 
 def policy_goodput(points: list[dict], key: str = "attainment") -> float:
-    """The highest per-model rate at and below which every measured rate reaches ≥ 90%
-    attainment (0 when the lowest rate misses): a pass above a miss does not count."""
-    good = 0.0
-    for point in sorted(points, key=lambda p: p["rate_per_model"]):
-        if point[key] < ATTAINMENT_TARGET:
-            break
-        good = point["rate_per_model"]
-    return good
+    """:func:`aegaeon.slo_metrics.goodput` over a sweep's points, in the view ``key``."""
+    return goodput((p["rate_per_model"], p[key]) for p in points)
 
 
 def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float | None, float | None]:  # fmt: skip
