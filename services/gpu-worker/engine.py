@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aegaeon.gpu_worker.arena import (
-    Arena,
-    HostWeights,
-    bind_views,
-    copy_into_slot,
-    map_host_weights,
-    slot_need,
-)
-from aegaeon.gpu_worker.host_kv import HostKVPool, map_file, unpin
+from aegaeon.gpu_worker.arena import Arena, slot_need
+from aegaeon.gpu_worker.host_kv import HostKVPool, map_file
 from aegaeon.gpu_worker.kv_cache import SlabAllocator, blocks_needed
 from aegaeon.gpu_worker.paged_kv import PagedKV
 from aegaeon.gpu_worker.requests import (
@@ -41,6 +34,7 @@ from aegaeon.gpu_worker.runners.fallback import (
 )
 from aegaeon.gpu_worker.runners.llama import LlamaRunner
 from aegaeon.gpu_worker.sampler import choose, finish_reason, is_plain_greedy
+from aegaeon.gpu_worker.slots import WeightSlots
 from aegaeon.gpu_worker.weights_loader import ModelError, ModelSpec, load_spec
 
 from aegaeon.config import shm_dir
@@ -73,6 +67,7 @@ class EngineConfig:
     host_kv_bytes: int = 512 * MiB  # the shared-memory swap target
     host_kv_dir: str | None = None  # default aegaeon.config.shm_dir()
     slab_bytes: int | None = None  # KV slab size; default 2 MiB on CPU, 64 MiB on CUDA
+    copy_chunk_bytes: int = 32 * MiB  # weight copies go in chunks: a prefetch stops between two
 
 
 class Engine:
@@ -95,13 +90,9 @@ class Engine:
             config.host_kv_bytes, directory, pin_memory=self.device.type == "cuda"
         )
         cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.swap_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.slots = WeightSlots(self.arena, self.dtype, config.copy_chunk_bytes)
         self.specs: dict[str, ModelSpec] = {}
-        self._host_weights: dict[str, HostWeights] = {}
-        self._slot_models: list[str | None] = [None] * config.weight_slots
-        self._slot_views: list[dict[str, torch.Tensor]] = [{} for _ in range(config.weight_slots)]
-        self._resident: str | None = None
         self._native: dict[str, LlamaRunner] = {}  # one skeleton per architecture
         self._fallback = FallbackRunner(self.device, self.dtype)
         self._paged: dict[str, PagedKV] = {}
@@ -142,67 +133,48 @@ class Engine:
         self.specs[name] = spec
 
     def _forget_weights(self, name: str) -> None:
-        host = self._host_weights.pop(name, None)
-        if host is not None and host.pinned:
-            unpin(host.tensor)
-        for i, model in enumerate(self._slot_models):
-            if model == name:
-                self._slot_models[i] = None
-        if self._resident == name:
-            self._resident = None
+        self.slots.forget(name)
 
     def invalidate_weights(self) -> None:
         """Forget what the weight slots hold (someone wrote over them); the next switch copies."""
-        self._slot_models = [None] * len(self._slot_models)
-        self._resident = None
+        self.slots.invalidate()
 
     @property
     def resident_model(self) -> str | None:
-        return self._resident
+        return self.slots.resident_model
 
     def _spec(self, name: str) -> ModelSpec:
         if name not in self.specs:
             raise KeyError(f"model {name!r} is not registered")
         return self.specs[name]
 
-    def _load(self, name: str, slot: int) -> int:
-        """Copy a model's weights into a slot and bind views; returns bytes copied."""
-        spec = self._spec(name)
-        host = self._host_weights.get(name)
-        if host is None:
-            host = self._host_weights[name] = map_host_weights(spec, self.device)
-        self._slot_models[slot] = None  # invalid while being overwritten
-        copy_into_slot(self.arena.slots[slot], host, self.copy_stream)
-        self._slot_views[slot] = bind_views(self.arena.slots[slot], spec, self.dtype)
-        self._slot_models[slot] = name
-        return host.tensor.numel()
+    def start_prefetch(self, name: str) -> None:
+        """Begin copying a model's weights into the free slot while steps go on; no waiting.
 
-    def _free_slot(self) -> int:
-        resident = (
-            self._slot_models.index(self._resident) if self._resident in self._slot_models else -1
-        )
-        candidates = [i for i in range(len(self._slot_models)) if i != resident]
-        return candidates[0] if candidates else 0
+        A no-op for the resident model, one already staged, or with a single slot. A later
+        ``start_prefetch`` of another model abandons this one.
+        """
+        self.slots.start_prefetch(self._spec(name))
 
     def prefetch(self, name: str) -> None:
-        """Stage a model's weights in the non-resident slot, so the next switch is a rebind."""
-        if name in self._slot_models or len(self._slot_models) < 2:
-            return
-        self._load(name, self._free_slot())
+        """Stage a model's weights in the non-resident slot and wait until they are there."""
+        self.start_prefetch(name)
+        if self.slots.prefetching == name:
+            self.slots.finish_prefetch()
 
     def switch_to(self, name: str) -> SwitchStats:
-        """Make ``name`` resident: bulk-copy its weights into a slot (unless prefetched) and bind."""
-        if name == self._resident:
+        """Make ``name`` resident. Prefetched: rebind views only. Being prefetched: wait for the
+        rest of that copy. Otherwise: copy its weights now. ``seconds`` is the time waited."""
+        if name == self.resident_model:
             return SwitchStats(name, name, 0.0, 0)
+        spec = self._spec(name)
         start = time.perf_counter()
-        previous = self._resident
-        copied = 0
-        if name not in self._slot_models:
-            copied = self._load(name, self._free_slot())
-        slot = self._slot_models.index(name)
-        self._bind(name, self._slot_views[slot])
-        self._resident = name
-        return SwitchStats(previous, name, time.perf_counter() - start, copied)
+        previous = self.resident_model
+        done = self.slots.switch(spec)
+        self._bind(name, done.views)
+        return SwitchStats(
+            previous, name, time.perf_counter() - start, done.waited_bytes, done.prefetched_bytes
+        )
 
     def _bind(self, name: str, views: dict[str, torch.Tensor]) -> None:
         spec = self.specs[name]
@@ -342,7 +314,9 @@ class Engine:
     def swap_in(self, request_ids: Sequence[str]) -> None:
         """Bring swapped-out KV back to the device now (``step`` does it when needed)."""
         requests = [self._requests[r] for r in request_ids if r in self._requests]
-        self._swap_in([r for r in requests if r.host is not None and r.model == self._resident])
+        self._swap_in(
+            [r for r in requests if r.host is not None and r.model == self.resident_model]
+        )
 
     def _swap_in(self, requests: list[Request]) -> None:
         self._start_swap_in(requests)
@@ -447,7 +421,7 @@ class Engine:
 
     def _make_room(self, batch: list[Request]) -> list[Request]:
         """Ensure blocks for every request in the batch (swap out others, then preempt the newest)."""
-        kv = self._paged_kv(self._resident or "")
+        kv = self._paged_kv(self.resident_model or "")
         while batch:
             short = self._blocks_short(batch, kv)
             if short <= 0:
@@ -484,8 +458,8 @@ class Engine:
         self.last_step_preempted = []
         batch = [self._requests[rid] for rid in request_ids]
         for request in batch:
-            if request.model != self._resident:
-                raise ValueError(f"request {request.request_id!r} is for {request.model!r}, resident is {self._resident!r}")  # fmt: skip
+            if request.model != self.resident_model:
+                raise ValueError(f"request {request.request_id!r} is for {request.model!r}, resident is {self.resident_model!r}")  # fmt: skip
         if not batch:
             return []
         self._clock += 1
@@ -572,14 +546,14 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """Capacity in blocks of the resident model's shape (or the first registered model's)."""
-        name = self._resident or next(iter(self.specs), None)
+        name = self.resident_model or next(iter(self.specs), None)
         total = free = 0
         if name is not None and self.specs[name].kind == "native":
             elems = self.specs[name].kv_shape.block_elems(self.config.block_size)
             total, free = self.slabs.num_total_blocks(elems), self.slabs.num_free_blocks(elems)
         return EngineStats(
             device=_device_name(self.device),
-            resident_model=self._resident,
+            resident_model=self.resident_model,
             arena_bytes=self.arena.total_bytes,
             weight_budget_bytes=self.arena.weight_bytes,
             block_size=self.config.block_size,
@@ -593,14 +567,16 @@ class Engine:
     def close(self) -> None:
         """Free the arena and remove the shared-memory KV file (no stale /dev/shm)."""
         self._requests.clear()
-        for name in list(self._host_weights):
-            self._forget_weights(name)
+        if self.device.type == "cuda":
+            # Copies in flight (swap-ins, prefetch) read pinned host pages: finish them first.
+            torch.cuda.synchronize(self.device)
+        self._reclaim_host(block=True)
+        self.slots.close()
         self.host_kv.close()
         self.arena.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give the arena back to the device, not to torch's cache
         self._native.clear()
-        self._resident = None
 
 
 def _device_name(device: torch.device) -> str:
