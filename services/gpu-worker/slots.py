@@ -3,13 +3,13 @@
     arena: | slot 0: resident model (every step reads it) | slot 1: next model (prefetch) | KV |
 
 A prefetch copies the next model's data section from its host mapping into a slot that is not
-resident while the resident model keeps decoding:
+resident while the resident model keeps decoding. Every copy runs on one copy thread (torch's
+``copy_`` releases the GIL), in chunks, so a copy that is no longer wanted stops at the next
+chunk boundary:
 
-- CUDA, pinned host pages: chunk copies queued on a dedicated copy stream with an event after
-  each chunk. The engine thread queues them and returns; it never waits for the stream.
-- CPU (and CUDA from pageable pages, whose copies block the calling thread): one copy thread
-  copies chunk by chunk (torch's ``copy_`` releases the GIL), so a copy that is no longer wanted
-  stops at the next chunk boundary.
+- CUDA, pinned host pages: the thread queues the chunk copies on a dedicated copy stream with
+  an event after each chunk and is done; nobody waits for the stream until a switch needs it.
+- CPU (and CUDA from pageable pages, whose copies block the caller): chunk by chunk.
 
 A switch to the model being prefetched waits only for what is left; one to a model already in
 a slot rebinds views; anything else is copied in the foreground. Rules that keep steps exact:
@@ -21,6 +21,7 @@ copy first stops the background copy into the same slot.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,85 +44,65 @@ class SlotSwitch:
 
 
 class _Copy:
-    """One copy of a model's data section into a slot, in flight or done."""
+    """One copy of a model's data section into a slot, run by the copy thread.
 
-    model: str
-    slot: int
-    nbytes: int
+    The thread first maps (and on CUDA pins) the host file if this is the model's first copy:
+    pinning gigabytes takes seconds and must not stall the steps either. Pinned pages are then
+    copied as chunks queued on the copy stream with an event after each (the thread queues and
+    returns); pageable ones chunk by chunk, blocking only this thread. ``stop`` is checked
+    between chunks.
+    """
+
+    def __init__(self, model: str, slot: int, nbytes: int, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], executor: ThreadPoolExecutor, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
+        self.model, self.slot, self.nbytes = model, slot, nbytes
+        self.host: HostWeights | None = None  # set by the copy thread once mapped
+        self._done = 0  # bytes copied by blocking chunk copies (written by the copy thread)
+        self._events: list[tuple[int, torch.cuda.Event]] = []  # (end, event) of queued chunks
+        self._stop = threading.Event()
+        if stream is not None:
+            # The slot may still be read by the previous model's queued kernels: copy after them.
+            stream.wait_stream(torch.cuda.current_stream(target.device))
+        self._future: Future[None] = executor.submit(self._run, target, host, stream, chunk)
+
+    def _run(self, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
+        self.host = host if isinstance(host, HostWeights) else host()
+        source = self.host.tensor
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for start in range(0, source.numel(), chunk):
+                if self._stop.is_set():
+                    return
+                end = min(start + chunk, source.numel())
+                if stream is not None and self.host.pinned:
+                    target[start:end].copy_(source[start:end], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    self._events.append((end, event))
+                else:
+                    target[start:end].copy_(source[start:end])
+                    self._done = end
 
     def done_bytes(self) -> int:
-        raise NotImplementedError
-
-    def wait(self) -> None:
-        raise NotImplementedError
-
-    def cancel(self) -> None:
-        """Stop as soon as possible; on return nothing writes into the slot any more."""
-        raise NotImplementedError
-
-
-class _StreamCopy(_Copy):
-    """Chunk copies queued on a CUDA copy stream, an event recorded after each chunk."""
-
-    def __init__(self, model: str, slot: int, target: torch.Tensor, source: torch.Tensor, stream: torch.cuda.Stream, chunk: int) -> None:  # fmt: skip
-        self.model, self.slot, self.nbytes = model, slot, source.numel()
-        # The slot may still be read by the previous model's queued kernels: copy after them.
-        stream.wait_stream(torch.cuda.current_stream(target.device))
-        self._events: list[tuple[int, torch.cuda.Event]] = []
-        with torch.cuda.stream(stream):
-            for start in range(0, self.nbytes, chunk):
-                end = min(start + chunk, self.nbytes)
-                target[start:end].copy_(source[start:end], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                self._events.append((end, event))
-
-    def done_bytes(self) -> int:
-        done = 0
-        for end, event in self._events:  # a stream completes its work in order
+        done = self._done
+        for end, event in list(self._events):  # a stream completes its work in order
             if not event.query():
                 break
             done = end
         return done
 
     def wait(self) -> None:
+        """Until every byte is in the slot (raises what the copy raised)."""
+        self._future.result()
         if self._events:
             self._events[-1][1].synchronize()
 
     def cancel(self) -> None:
-        # Queued copies cannot be withdrawn, and the host pages must outlive them.
-        self.wait()
-
-
-class _ThreadCopy(_Copy):
-    """Chunk copies on the copy thread; on CUDA (pageable source) through the copy stream."""
-
-    def __init__(self, model: str, slot: int, target: torch.Tensor, source: torch.Tensor, executor: ThreadPoolExecutor, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
-        self.model, self.slot, self.nbytes = model, slot, source.numel()
-        self._done = 0  # written by the copy thread only
-        self._stop = threading.Event()
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(target.device))
-        self._future: Future[None] = executor.submit(self._run, target, source, stream, chunk)
-
-    def _run(self, target: torch.Tensor, source: torch.Tensor, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            for start in range(0, self.nbytes, chunk):
-                if self._stop.is_set():
-                    return
-                end = min(start + chunk, self.nbytes)
-                target[start:end].copy_(source[start:end])  # pageable: blocks this thread only
-                self._done = end
-
-    def done_bytes(self) -> int:
-        return self._done
-
-    def wait(self) -> None:
-        self._future.result()
-
-    def cancel(self) -> None:
+        """Stop at the next chunk; on return nothing writes into the slot any more (queued
+        device copies cannot be withdrawn: they are waited for, the host pages must outlive
+        them anyway)."""
         self._stop.set()
         wait([self._future])  # a copy that failed is not wanted any more: no need to raise
+        if self._events:
+            self._events[-1][1].synchronize()
 
 
 class WeightSlots:
@@ -189,7 +170,11 @@ class WeightSlots:
         else:
             self._stop_copy()  # it may target the very slot this copy overwrites
             copy = self._begin(spec, self._free_slot())
-            copy.wait()
+            try:
+                copy.wait()
+            except BaseException:
+                self._keep_host(copy)
+                raise
             self._complete(copy)
             waited, prefetched, slot = copy.nbytes, 0, copy.slot
         self._background[slot] = 0
@@ -243,25 +228,30 @@ class WeightSlots:
         return (empty or others)[0]
 
     def _begin(self, spec: ModelSpec, slot: int) -> _Copy:
-        host = self._host.get(spec.name)
-        if host is None:
-            host = self._host[spec.name] = map_host_weights(spec, self.device)
         self._clear(slot)  # holds nothing until the copy completes
-        target = self.arena.slots[slot]
-        if self.copy_stream is not None and host.pinned:
-            return _StreamCopy(spec.name, slot, target, host.tensor, self.copy_stream, self.chunk_bytes)  # fmt: skip
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-copy")
-        return _ThreadCopy(spec.name, slot, target, host.tensor, self._executor, self.copy_stream, self.chunk_bytes)  # fmt: skip
+        host: HostWeights | Callable[[], HostWeights] | None = self._host.get(spec.name)
+        if host is None:  # first copy of this model: the copy thread maps (and pins) it
+            host = lambda: map_host_weights(spec, self.device)  # noqa: E731
+        return _Copy(spec.name, slot, spec.index.data_bytes, self.arena.slots[slot], host,
+                     self._executor, self.copy_stream, self.chunk_bytes)  # fmt: skip
 
     def _complete(self, copy: _Copy) -> None:
+        self._keep_host(copy)
         self.models[copy.slot] = copy.model
         self._background[copy.slot] = copy.nbytes
         self._copy = None
 
+    def _keep_host(self, copy: _Copy) -> None:
+        """Keep the mapping the copy thread made (pinned once per model, kept across switches)."""
+        if copy.host is not None and self._host.get(copy.model) is not copy.host:
+            self._host[copy.model] = copy.host
+
     def _stop_copy(self) -> None:
         if self._copy is not None:
             self._copy.cancel()
+            self._keep_host(self._copy)
             self._clear(self._copy.slot)
             self._copy = None
 
