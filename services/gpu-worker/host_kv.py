@@ -25,6 +25,7 @@ from aegaeon.gpu_worker.kv_cache import ExtentAllocator
 
 log = logging.getLogger(__name__)
 
+HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, whichever thread registers it
 HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the device only reads the pinned pages
 
 
@@ -57,7 +58,8 @@ def pin(tensor: torch.Tensor, read_only: bool = False) -> bool:
     if not torch.cuda.is_available() or tensor.numel() == 0:
         return False
     cudart = torch.cuda.cudart()
-    attempts = [HOST_REGISTER_READ_ONLY, 0] if read_only else [0]
+    portable = HOST_REGISTER_PORTABLE
+    attempts = [portable | HOST_REGISTER_READ_ONLY, portable] if read_only else [portable]
     errors = []
     for flags in attempts:
         code = _code(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), flags))

@@ -65,7 +65,9 @@ class _Copy:
         self._future: Future[None] = executor.submit(self._run, target, host, stream, chunk)
 
     def _run(self, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
-        self.host = host if isinstance(host, HostWeights) else host()
+        # A new thread's current CUDA device is 0: map, pin and copy on the slot's device.
+        with torch.cuda.device(target.device) if stream is not None else nullcontext():
+            self.host = host if isinstance(host, HostWeights) else host()
         source = self.host.tensor
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for start in range(0, source.numel(), chunk):
