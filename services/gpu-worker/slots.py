@@ -32,6 +32,8 @@ from aegaeon.gpu_worker.weights_loader import ModelSpec
 
 CHUNK_BYTES = 32 << 20  # how far a cancelled CPU copy may run on; one event per chunk on CUDA
 
+Binder = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # a filled slot → its tensor views
+
 
 @dataclass
 class SlotSwitch:
@@ -50,11 +52,13 @@ class _Copy:
     pinning gigabytes takes seconds and must not stall the steps either. Pinned pages are then
     copied as chunks queued on the copy stream with an event after each (the thread queues and
     returns); pageable ones chunk by chunk, blocking only this thread. ``stop`` is checked
-    between chunks.
+    between chunks. After the last chunk (in stream order on CUDA) the thread binds the views,
+    so a dtype conversion is paid in the background too, never before the bytes are in place.
     """
 
-    def __init__(self, model: str, slot: int, nbytes: int, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], executor: ThreadPoolExecutor, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
+    def __init__(self, model: str, slot: int, nbytes: int, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], bind: Binder, executor: ThreadPoolExecutor, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
         self.model, self.slot, self.nbytes = model, slot, nbytes
+        self.views: dict[str, torch.Tensor] | None = None  # bound by the copy thread at the end
         self.host: HostWeights | None = None  # set by the copy thread once mapped
         self._done = 0  # bytes copied by blocking chunk copies (written by the copy thread)
         self._events: list[tuple[int, torch.cuda.Event]] = []  # (end, event) of queued chunks
@@ -62,9 +66,9 @@ class _Copy:
         if stream is not None:
             # The slot may still be read by the previous model's queued kernels: copy after them.
             stream.wait_stream(torch.cuda.current_stream(target.device))
-        self._future: Future[None] = executor.submit(self._run, target, host, stream, chunk)
+        self._future: Future[None] = executor.submit(self._run, target, host, bind, stream, chunk)
 
-    def _run(self, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
+    def _run(self, target: torch.Tensor, host: HostWeights | Callable[[], HostWeights], bind: Binder, stream: torch.cuda.Stream | None, chunk: int) -> None:  # fmt: skip
         # A new thread's current CUDA device is 0: map, pin and copy on the slot's device.
         with torch.cuda.device(target.device) if stream is not None else nullcontext():
             self.host = host if isinstance(host, HostWeights) else host()
@@ -82,6 +86,11 @@ class _Copy:
                 else:
                     target[start:end].copy_(source[start:end])
                     self._done = end
+            self.views = bind(target)
+            if stream is not None:  # conversions were queued after the copies: wait for them too
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._events.append((self.nbytes, event))
 
     def done_bytes(self) -> int:
         done = self._done
@@ -181,8 +190,7 @@ class WeightSlots:
             waited, prefetched, slot = copy.nbytes, 0, copy.slot
         self._background[slot] = 0
         views = self._views[slot]
-        if views is None:  # bound only now that every byte is in place
-            views = self._views[slot] = bind_views(self.arena.slots[slot], spec, self.dtype)
+        assert views is not None  # a completed copy bound them
         self._resident = slot
         return SlotSwitch(views, waited, prefetched)
 
@@ -236,11 +244,17 @@ class WeightSlots:
         host: HostWeights | Callable[[], HostWeights] | None = self._host.get(spec.name)
         if host is None:  # first copy of this model: the copy thread maps (and pins) it
             host = lambda: map_host_weights(spec, self.device)  # noqa: E731
-        return _Copy(spec.name, slot, spec.index.data_bytes, self.arena.slots[slot], host,
+        dtype = self.dtype
+
+        def bind(target: torch.Tensor) -> dict[str, torch.Tensor]:
+            return bind_views(target, spec, dtype)
+
+        return _Copy(spec.name, slot, spec.index.data_bytes, self.arena.slots[slot], host, bind,
                      self._executor, self.copy_stream, self.chunk_bytes)  # fmt: skip
 
     def _complete(self, copy: _Copy) -> None:
         self._keep_host(copy)
+        self._views[copy.slot] = copy.views
         self.models[copy.slot] = copy.model
         self._background[copy.slot] = copy.nbytes
         self._copy = None

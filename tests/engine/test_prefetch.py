@@ -5,6 +5,7 @@ never on the clock."""
 from __future__ import annotations
 
 import pytest
+import torch
 from engine_helpers import GREEDY, PROMPTS, run_all
 
 # Small chunks: the demo models' ~15 MB copy takes hundreds of chunks and runs across steps.
@@ -100,3 +101,23 @@ def test_host_weights_keep_the_mapped_base_address_for_unpinning(make_engine):
     offset = engine.specs["demo-llama"].index.data_offset
     assert host.tensor.data_ptr() == host.mapping.data_ptr() + offset
     assert host.mapping.data_ptr() % 4096 == 0  # a page boundary: what cudaHostRegister got
+
+
+def test_prefetch_converts_dtypes_in_the_background_and_keeps_bf16_tokens_bitwise(make_engine):
+    # fp32 checkpoints served in bf16: the conversion is part of the background copy, and the
+    # tokens equal those of the same engine switching without any prefetch.
+    plain = make_engine(dtype="bfloat16")
+    plain.switch_to("demo-llama")
+    plain.switch_to("demo-qwen2")
+    expected = _decode(plain, "demo-qwen2", "q")
+    engine = make_engine(dtype="bfloat16", copy_chunk_bytes=CHUNK)
+    engine.switch_to("demo-llama")
+    engine.start_prefetch("demo-qwen2")
+    engine.slots.finish_prefetch()
+    stats = engine.switch_to("demo-qwen2")
+    assert (stats.bytes, stats.prefetched_bytes) == (0, engine.specs["demo-qwen2"].weight_bytes)
+    embed = engine._native["qwen2"].embed
+    arena = engine.arena.buffer
+    assert embed.dtype == torch.bfloat16
+    assert arena.data_ptr() <= embed.data_ptr() < arena.data_ptr() + arena.numel()
+    assert _decode(engine, "demo-qwen2", "q") == expected
