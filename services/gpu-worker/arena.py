@@ -2,9 +2,11 @@
 
     arena (uint8): | weight slot 0 | weight slot 1 | KV region (engine dtype, cut into slabs) |
 
-A weight slot holds one model: its safetensors data section copied in one bulk copy, then
-tensor views at the file's offsets (bump-allocated space after it only when a dtype must be
-converted). Nothing here allocates after construction except those conversions.
+A weight slot holds one model: its safetensors data section copied byte for byte (slots.py
+does the copy, in the background when prefetched), then tensor views at the file's offsets
+(bump-allocated space after it only when a dtype must be converted). Nothing here allocates
+after construction except those conversions. The host side is the host-cache file mapped shared
+and read-only (pinned read-only on CUDA), so it is neither copied in RAM nor written.
 """
 
 from __future__ import annotations
