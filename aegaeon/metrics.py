@@ -65,6 +65,12 @@ MODEL_SWITCH_LATENCY = Histogram(
     "aegaeon:model_switch_latency_seconds", "Time to make a model resident.", ["model_name"],
     buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
+MODEL_SWITCH_BYTES = Counter(
+    "aegaeon:model_switch_bytes",
+    "Weight bytes copied for switches: 'waited' while the turn waited, 'prefetched' in the "
+    "background before the switch.",
+    ["model_name", "phase"],
+)
 RESIDENT_MODELS = Gauge(
     "aegaeon:resident_models", "1 while the model is resident on the worker, else 0.",
     ["worker", "model_name"],

@@ -2,18 +2,19 @@
 
     arena (uint8): | weight slot 0 | weight slot 1 | KV region (engine dtype, cut into slabs) |
 
-A weight slot holds one model: its safetensors data section copied in one bulk copy, then
-tensor views at the file's offsets (bump-allocated space after it only when a dtype must be
-converted). Nothing here allocates after construction except those conversions.
+A weight slot holds one model: its safetensors data section copied byte for byte (slots.py
+does the copy, in the background when prefetched), then tensor views at the file's offsets
+(bump-allocated space after it only when a dtype must be converted). Nothing here allocates
+after construction except those conversions. The host side is the host-cache file mapped shared
+and read-only (pinned read-only on CUDA), so it is neither copied in RAM nor written.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
-from aegaeon.gpu_worker.host_kv import map_file, pin
+from aegaeon.gpu_worker.host_kv import map_file_read_only, pin, unpin
 from aegaeon.gpu_worker.weights_loader import TORCH_DTYPES, ModelError, ModelSpec
 
 ALIGN = 4096
@@ -31,8 +32,15 @@ def align_down(value: int, align: int = ALIGN) -> int:
 class HostWeights:
     """A model's host-cache file mapped into this process (pinned on CUDA), kept across switches."""
 
-    tensor: torch.Tensor  # the data section only
+    mapping: torch.Tensor  # the whole file from its first byte: the address that was pinned
+    tensor: torch.Tensor  # the data section only (``data_offset`` bytes into ``mapping``)
     pinned: bool
+
+    def release(self) -> None:
+        """Unpin (the registered base, not the data section); the mapping goes with the object."""
+        if self.pinned:
+            self.pinned = False
+            unpin(self.mapping)
 
 
 class Arena:
@@ -68,12 +76,11 @@ class Arena:
 
 
 def map_host_weights(spec: ModelSpec, device: torch.device) -> HostWeights:
-    """Map the host-cache file's data section (read-only use); pin it when the device is CUDA."""
+    """Map the host-cache file shared and read-only; pin it read-only when the device is CUDA."""
     index = spec.index
-    whole = map_file(spec.weights_path, index.data_offset + index.data_bytes, shared=False)
-    data = whole[index.data_offset :]
-    pinned = pin(whole) if device.type == "cuda" else False
-    return HostWeights(data, pinned)
+    whole = map_file_read_only(spec.weights_path, index.data_offset + index.data_bytes)
+    pinned = pin(whole, read_only=True) if device.type == "cuda" else False
+    return HostWeights(whole, whole[index.data_offset :], pinned)
 
 
 def slot_need(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -88,23 +95,6 @@ def slot_need(spec: ModelSpec, dtype: torch.dtype) -> int:
 
 def _src_esize(st_dtype: str) -> int:
     return 4 if st_dtype == "F32" else 2
-
-
-def copy_into_slot(
-    slot: torch.Tensor, host: HostWeights, stream: torch.cuda.Stream | None
-) -> float:
-    """THE switch: one bulk copy of the data section into the slot. Returns seconds taken."""
-    start = time.perf_counter()
-    nbytes = host.tensor.numel()
-    if stream is not None:
-        # The slot may still be read by the previous model's last kernels: order after them.
-        stream.wait_stream(torch.cuda.current_stream(slot.device))
-        with torch.cuda.stream(stream):
-            slot[:nbytes].copy_(host.tensor, non_blocking=host.pinned)
-        stream.synchronize()
-    else:
-        slot[:nbytes].copy_(host.tensor)
-    return time.perf_counter() - start
 
 
 def bind_views(slot: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:

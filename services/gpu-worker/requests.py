@@ -23,12 +23,15 @@ class TokenOutput:
 
 @dataclass
 class SwitchStats:
-    """What a ``switch_to`` did: from which model to which, how long, how many bytes copied."""
+    """What a ``switch_to`` did. ``seconds``: how long the caller waited for the weights;
+    ``bytes``: copied while it waited; ``prefetched_bytes``: copied in the background before
+    (a switch to a fully prefetched model has ``bytes == 0``)."""
 
     from_model: str | None
     to_model: str
     seconds: float
     bytes: int
+    prefetched_bytes: int = 0
 
 
 @dataclass

@@ -118,6 +118,8 @@ class WorkerService:
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._stopped = asyncio.Event()
         self._redis_writes: asyncio.Task | None = None
+        self._prefetch_wanted: str | None = None  # the model the scheduler named last
+        self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
 
     # ------------------------------------------------------------------ plumbing
 
@@ -314,13 +316,29 @@ class WorkerService:
         )
 
     async def _prefetch(self, command: PrefetchModel) -> None:
-        await self._ensure_model(command.model)
-        await self._on_engine(self.engine.prefetch, command.model)
+        self._start_prefetch(command.model)
 
-    async def _switch(self, model: str) -> float:
-        """Make ``model`` resident; returns the seconds it took (0 when already resident)."""
+    def _start_prefetch(self, model: str) -> None:
+        """Stage ``model`` in the engine's free weight slot in the background: the host-cache
+        round trip runs in a task (a turn's first step must not wait for it) and the copy then
+        overlaps the steps. Only the most recent wish is acted on."""
+        self._prefetch_wanted = model
+        task = asyncio.create_task(self._prefetch_when_cached(model), name=f"prefetch {model}")
+        self._prefetch_tasks.add(task)
+        task.add_done_callback(self._prefetch_tasks.discard)
+
+    async def _prefetch_when_cached(self, model: str) -> None:
+        try:
+            await self._ensure_model(model)
+            if self._prefetch_wanted == model:
+                await self._on_engine(self.engine.start_prefetch, model)
+        except Exception as exc:  # a hint: the switch copies in the foreground instead
+            log.warning("prefetch of %s not started: %s", model, exc)
+
+    async def _switch(self, model: str) -> Any:
+        """Make ``model`` resident; returns the engine's SwitchStats (None when already resident)."""
         if self.engine.resident_model == model and model in self.registered:
-            return 0.0
+            return None
         await self._ensure_model(model)
         with _tracer.start_as_current_span("aegaeon.switch") as span:
             stats = await self._on_engine(self.engine.switch_to, model)
@@ -329,17 +347,21 @@ class WorkerService:
                     "aegaeon.switch.from": stats.from_model or "",
                     "aegaeon.switch.to": model,
                     "aegaeon.switch.bytes": int(stats.bytes),
+                    "aegaeon.switch.prefetched_bytes": int(stats.prefetched_bytes),
                     "aegaeon.switch.ms": stats.seconds * 1000.0,
                 }
             )
-        if stats.seconds > 0:
+        if stats.from_model != stats.to_model:
             metrics.MODEL_SWITCHES.labels(model).inc()
             metrics.MODEL_SWITCH_LATENCY.labels(model).observe(stats.seconds)
+            metrics.MODEL_SWITCH_BYTES.labels(model, "waited").inc(stats.bytes)
+            metrics.MODEL_SWITCH_BYTES.labels(model, "prefetched").inc(stats.prefetched_bytes)
             await self.bus.publish(
                 self.subjects.worker_events(self.worker_id),
-                SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes),
-            )
-        return float(stats.seconds)
+                SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes,
+                           stats.prefetched_bytes),
+            )  # fmt: skip
+        return stats
 
     async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
@@ -352,7 +374,12 @@ class WorkerService:
                         "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s},
         ) as turn.span:  # fmt: skip
             try:
-                done.switch_s = await self._switch(command.model)
+                switch = await self._switch(command.model)
+                if switch is not None:
+                    done.switch_s, done.switch_bytes = float(switch.seconds), int(switch.bytes)
+                    done.prefetched_bytes = int(switch.prefetched_bytes)
+                if command.prefetch_model and command.prefetch_model != command.model:
+                    self._start_prefetch(command.prefetch_model)
                 await self._step_until_turn_ends(turn, done)
                 if command.swap_out_after:
                     await self._swap_out(turn, done)
