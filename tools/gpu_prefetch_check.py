@@ -32,13 +32,18 @@ PROMPT = 64
 GREEDY = SamplingParams(max_tokens=512, temperature=0.0, ignore_eos=True)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_steps(engine: Engine, ids: list[str], steps: int) -> list[float]:
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync(engine.device)
         start = time.perf_counter()
         engine.step(ids)
-        torch.cuda.synchronize()
+        sync(engine.device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -83,9 +88,9 @@ def prefetch_overlap(engine: Engine, a: str, b: str, c: str) -> dict[str, float]
     }
 
 
-def kv_handoff(model_dir: Path, model: str, arena: int) -> dict[str, float | bool]:
+def kv_handoff(model_dir: Path, model: str, arena: int, device: str) -> dict[str, float | bool]:
     """Prefill on one engine, hand the KV to another through the host pool, decode there."""
-    config = EngineConfig(device="cuda", arena_bytes=arena, weight_slots=1)
+    config = EngineConfig(device=device, arena_bytes=arena, weight_slots=1)
     reference, prefill, decode = Engine(config), Engine(config), None
     try:
         prompt = prompts(1)[0]
@@ -100,7 +105,7 @@ def kv_handoff(model_dir: Path, model: str, arena: int) -> dict[str, float | boo
         prefill.switch_to(model)
         prefill.add_request("r", model, prompt, sampling)
         first = prefill.step(["r"])[0].token_id
-        torch.cuda.synchronize()
+        sync(prefill.device)
         start = time.perf_counter()
         handle = prefill.export_kv("r")
         export_s = time.perf_counter() - start
@@ -128,9 +133,14 @@ def main() -> int:
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--model", default="demo-llama-7b")
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = parser.parse_args()
     model_dir = Path(args.models_dir) / args.model
-    engine = Engine(EngineConfig(device="cuda"))
+    if not model_dir.is_dir():
+        from aegaeon.model_store.demo import create_demo_models
+
+        create_demo_models(args.models_dir, large=True, progress=False)
+    engine = Engine(EngineConfig(device=args.device))
     result: dict[str, object] = {"device": engine.stats().device, "model": args.model}
     try:
         engine.register_model(args.model, model_dir)
@@ -142,7 +152,8 @@ def main() -> int:
         engine.close()
     # Two engines of one slot each, beside each other on the one device.
     weights = engine.specs[args.model].weight_bytes
-    result.update(kv_handoff(model_dir, args.model, arena=weights * 12 // 10 + (4 << 30)))
+    arena = weights * 12 // 10 + (4 << 30 if args.device == "cuda" else 256 << 20)
+    result.update(kv_handoff(model_dir, args.model, arena, args.device))
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
