@@ -148,6 +148,7 @@ def main() -> int:
         for name in names[1:]:
             engine.register_model(name, model_dir)
         result.update(prefetch_overlap(engine, *names))
+        print(json.dumps(result, indent=2), flush=True)  # kept even if the hand-off fails
     finally:
         engine.close()
     # Two engines of one slot each, beside each other on the one device.

@@ -74,10 +74,11 @@ def measure_switch(engine: Engine, model: str) -> dict[str, float]:
     dest = engine.arena.slots[0][: host.tensor.numel()]
     # The plain copy reuses the engine's own slot as its destination: the same bytes, same path.
     memcpy = _median_time(lambda: dest.copy_(host.tensor, non_blocking=host.pinned), engine.device)
+    nbytes = host.tensor.numel()
+    host.release()  # unpinned now: the engine keeps its own mapping of the file
     engine.invalidate_weights()  # the plain copy clobbered the slot: the next switch reloads
     engine.switch_to(model)
     switch = statistics.median(switch_times[1:])
-    nbytes = host.tensor.numel()
     return {"switch_s": switch, "memcpy_s": memcpy, "switch_over_memcpy": switch / memcpy,
             "weight_bytes": nbytes, "memcpy_gb_s": nbytes / memcpy / 1e9}  # fmt: skip
 
@@ -98,23 +99,34 @@ def measure_naive_reload(model_dir: Path, device: str, dtype: str) -> float:
 def measure_inprocess_reload(model_dir: Path, device: str, dtype: str, repeats: int = 3) -> float:
     """Reload in a warm process (transformers imported, one load done): ``from_pretrained`` +
     move to the device + the first token; the median of ``repeats``. The fresh-process figure
-    adds interpreter and import start-up; this one is what a serving process pays per reload."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the table
-    torch_dtype = getattr(torch, dtype)
-    dev = torch.device(device)
-    prompt = torch.tensor([[1, 2, 3]], device=dev)
-
-    def reload() -> None:
-        model: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-        model = model.to(dev).eval()
-        with torch.inference_mode():
-            model.generate(prompt, max_new_tokens=1, do_sample=False)
-        del model
-
-    reload()  # warm: imports, first kernels, the file in the page cache
-    return _median_time(reload, dev, repeats=repeats)
+    adds interpreter and import start-up; this one is what a serving process pays per reload.
+    It runs in a process of its own, beside this one: the engine here holds the same file
+    mapped and page-locked, which must not change what transformers' own load costs."""
+    threads = torch.get_num_threads()
+    code = f"""
+import statistics, time, torch, transformers
+torch.set_num_threads({threads})
+transformers.utils.logging.disable_progress_bar()
+dev = torch.device({device!r})
+prompt = torch.tensor([[1, 2, 3]], device=dev)
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+def reload():
+    sync()
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.{dtype})
+    model = model.to(dev).eval()
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+    sync()
+    del model
+    return time.perf_counter() - start
+reload()
+print(statistics.median(reload() for _ in range({repeats})))
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def reload_figures(model_dir: Path, device: str, dtype: str, switch_s: float) -> dict[str, float]:

@@ -270,10 +270,14 @@ class Engine(Stepping):
         self._reclaim_host(block=True)
         self.slots.close()
         self.host_kv.close()
+        # Every view into the arena goes before the arena: a bound runner, a KV view or a slot
+        # view left behind would keep the whole allocation alive after close().
+        self._native.clear()
+        self._paged.clear()
+        self._fallback = FallbackRunner(self.device, self.dtype)
         self.arena.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give the arena back to the device, not to torch's cache
-        self._native.clear()
 
 
 def _device_name(device: torch.device) -> str:

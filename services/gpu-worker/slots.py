@@ -226,6 +226,8 @@ class WeightSlots:
             self.copy_stream.synchronize()
         for name in list(self._host):
             self.forget(name)
+        self._views = [None] * len(self._views)
+        self._copy = None
 
     # ------------------------------------------------------------------ internals
 
