@@ -88,9 +88,13 @@ def prefetch_overlap(engine: Engine, a: str, b: str, c: str) -> dict[str, float]
     }
 
 
-def kv_handoff(model_dir: Path, model: str, arena: int, device: str) -> dict[str, float | bool]:
+def kv_handoff(
+    model_dir: Path, model: str, weights: int, kv: int, device: str
+) -> dict[str, float | bool]:
     """Prefill on one engine, hand the KV to another through the host pool, decode there."""
-    config = EngineConfig(device=device, arena_bytes=arena, weight_slots=1)
+    slot = (weights * 11 // 10 + 4095) // 4096 * 4096
+    config = EngineConfig(device=device, arena_bytes=slot + kv, weight_budget_bytes=slot,
+                          weight_slots=1)  # fmt: skip
     reference, prefill, decode = Engine(config), Engine(config), None
     try:
         prompt = prompts(1)[0]
@@ -134,6 +138,7 @@ def main() -> int:
     parser.add_argument("--model", default="demo-llama-7b")
     parser.add_argument("--json", dest="json_out")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    parser.add_argument("--handoff-only", action="store_true")
     args = parser.parse_args()
     model_dir = Path(args.models_dir) / args.model
     if not model_dir.is_dir():
@@ -142,19 +147,22 @@ def main() -> int:
         create_demo_models(args.models_dir, large=True, progress=False)
     engine = Engine(EngineConfig(device=args.device))
     result: dict[str, object] = {"device": engine.stats().device, "model": args.model}
+    if args.handoff_only:
+        engine.close()
     try:
         engine.register_model(args.model, model_dir)
         names = [args.model, args.model + "#2", args.model + "#3"]
         for name in names[1:]:
             engine.register_model(name, model_dir)
-        result.update(prefetch_overlap(engine, *names))
+        if not args.handoff_only:
+            result.update(prefetch_overlap(engine, *names))
         print(json.dumps(result, indent=2), flush=True)  # kept even if the hand-off fails
     finally:
         engine.close()
     # Two engines of one slot each, beside each other on the one device.
     weights = engine.specs[args.model].weight_bytes
-    arena = weights * 12 // 10 + (4 << 30 if args.device == "cuda" else 256 << 20)
-    result.update(kv_handoff(model_dir, args.model, arena, args.device))
+    kv = 4 << 30 if args.device == "cuda" else 256 << 20
+    result.update(kv_handoff(model_dir, args.model, weights, kv, args.device))
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
