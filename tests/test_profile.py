@@ -153,3 +153,12 @@ def test_up_profile_option_wins_over_the_one_in_home(tmp_path):
 
 def _profile(scale: float) -> ModelProfile:
     return ModelProfile((scale, 0.0, 0.0), (scale, 0.0, 0.0), 0.0, 1e9, 1000, 10)
+
+
+def test_a_switch_fit_swamped_by_noise_still_grows_with_the_weights():
+    from aegaeon.scheduler.profile import fit_switches
+
+    # Bigger copies that happened to time shorter: the least-squares slope is negative.
+    fixed, bandwidth = fit_switches([(10 << 20, 0.004), (20 << 20, 0.003), (15 << 20, 0.0035)])
+    assert fixed == 0.0 and 0 < bandwidth < float("inf")
+    assert fixed + (20 << 20) / bandwidth > fixed + (10 << 20) / bandwidth

@@ -178,15 +178,19 @@ def decode_quality(coeffs: Coeffs, samples: Samples) -> dict[str, float]:
 
 
 def fit_switches(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed seconds, bytes/s). With one model size the fixed part is not identifiable, so it
-    is taken as 0 and all of the time is put on the bytes (the conservative reading)."""
+    """(fixed seconds, bytes/s). With one model size the fixed part is not identifiable, and
+    when timing noise swamps the size differences (millisecond copies on a busy machine) the
+    fit can come out with a negative fixed part or a non-positive slope: then the fixed part
+    is taken as 0 and all of the time is put on the bytes (the conservative reading), so a
+    bigger model never predicts a shorter switch."""
     copied = [(b, s) for b, s in samples if b > 0]
-    if len({b for b, _ in copied}) >= 2:
-        return fit_switch(copied)
     if not copied:
         return 0.0, float("inf")
-    bytes_ = copied[0][0]
-    return 0.0, bytes_ / statistics.median(s for _, s in copied)
+    if len({b for b, _ in copied}) >= 2:
+        fixed, bandwidth = fit_switch(copied)
+        if fixed >= 0 and 0 < bandwidth < float("inf"):
+            return fixed, bandwidth
+    return 0.0, statistics.median(b / s for b, s in copied if s > 0)
 
 
 def switch_quality(fixed: float, bandwidth: float, samples: Sequence[tuple[int, float]]) -> dict[str, float]:  # fmt: skip
