@@ -118,33 +118,3 @@ def test_a_round_within_the_cap_is_left_alone():
     quotas, alpha = capped_round([1.0, 2.0], [0.01, 0.02], round_switch_s=1.0, tbt_s=0.1,
                                  cap_s=5.0)  # fmt: skip
     assert (quotas, alpha) == ([1.0, 2.0], None)
-
-
-def test_a_request_joining_a_batch_that_had_its_turn_waits_for_the_next_round():
-    # Re-opening a visited batch for every newcomer stretched rounds without bound under a
-    # steady stream of arrivals: the other batches waited seconds for their turn.
-    from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
-    from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, Slo
-
-    models = {m: ModelSpec(m, 1 << 20, 1024) for m in "ABC"}
-    policy = AegaeonPolicy(models, Slo(ttft_s=1.0, tbt_s=0.05))
-    policy.add_instance(InstanceView("w", role="decode"))
-
-    def decoding(rid: str, model: str) -> None:
-        request = RequestView(rid, model, 10, 200, 0.0, generated=1, prefilled=True)
-        policy.requests[rid] = request
-        policy._place_for_decode(request, "w")
-
-    for rid, model in (("a", "A"), ("b", "B"), ("c", "C")):
-        decoding(rid, model)
-    first = policy.next_turn("w", 0.0)
-    assert first is not None
-    policy.turn_done("w", first, TurnResult(steps=1, elapsed_s=0.01), 0.01)
-    decoding("late", first.model)  # joins the batch that just had its turn
-    seen = []
-    for k in range(2):
-        plan = policy.next_turn("w", 0.02 + k)
-        assert plan is not None
-        seen.append(plan.model)
-        policy.turn_done("w", plan, TurnResult(steps=1, elapsed_s=0.01), 0.03 + k)
-    assert first.model not in seen  # the other two batches first: the round runs to its end

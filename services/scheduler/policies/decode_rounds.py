@@ -4,11 +4,10 @@ Decode instances hold *batches* (one model each, packed first-fit by KV) visited
 
     decode d0:   [A: r1 r4] (q_A) → [C: r3 r5] (q_C) → [B: r2] (q_B) → [A …]
                   each batch steps for its quota q_i after its switch, swaps its KV out when
-                  the next batch needs the room, and the next batch's model is prefetched
+                  others wait, and the next batch's model is prefetched meanwhile
 
-Within a round batches go most urgent first (earliest next-token deadline), so a new batch
-does not wait for the round to come back to it; a request joining a batch that already had
-its turn waits for the next round (bounded by the round cap). Quotas come from :mod:`.quota` with ``c`` the
+Within a round batches go most urgent first (earliest next-token deadline), so a newcomer
+does not wait for the round to come back to it. Quotas come from :mod:`.quota` with ``c`` the
 switch time a round really pays (measured where workers reported it), and a round is capped at
 ROUND_SHARE of the TTFT target on every instance (:func:`.quota.capped_round` says why).
 """
@@ -74,15 +73,14 @@ class DecodeRounds(AegaeonBase):
 
     def _place_for_decode(self, request: RequestView, instance_id: str) -> None:
         """First fit by KV tokens (with look-ahead) among this model's batches, else a new
-        batch (due a turn in the current round). A batch that already had its turn this round
-        waits for the next one, newcomer included: rounds are capped at a share of the TTFT
-        target, so that wait is bounded, while granting the batch another turn now would
-        stretch the round for every batch behind it — under steady arrivals, indefinitely."""
+        batch. Either way the batch is due a turn in the current round: a newcomer's slack
+        is its TTFT budget, too short to wait for the next round."""
         lane, view = self.lanes[instance_id], self.instances[instance_id]
         request.instance_id = instance_id
         for batch in lane.batches:
             if batch.model == request.model and self._fits(batch, request, view.kv_capacity_tokens):
                 batch.request_ids.append(request.request_id)
+                batch.visited = False
                 return
         lane.batches.append(DecodeBatch(request.model, [request.request_id]))
 

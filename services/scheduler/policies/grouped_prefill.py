@@ -9,8 +9,7 @@ Prefill instances hold queues of *groups* (one model, ≤ GROUP_CAP requests)::
 A turn prefills one group after one switch (its first tokens), and on a prefill instance
 ``TurnPlan.handoff`` names the decode instance each request's KV goes to. On a "both"
 instance already decoding the request's model, the request instead rides along in that batch's
-next turn (the worker prefills new members first): no switch of its own, and no extra turn for
-the batch in the current round.
+next turn (the worker prefills new members first): no switch of its own.
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ class GroupedPrefill(AegaeonBase):
                     batch, request, view.kv_capacity_tokens
                 ):
                     batch.request_ids.append(request.request_id)
+                    batch.visited = False
                     request.instance_id = instance_id
                     return True
         return False
