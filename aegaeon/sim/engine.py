@@ -69,7 +69,6 @@ def simulate(
         for v in instances
     }  # fmt: skip
     observe = getattr(policy.estimator, "observe_switch", None)
-    observe_overhead = getattr(policy.estimator, "observe_turn_overhead", None)
     for view in instances:
         policy.add_instance(view)
     requests = {r.request_id: SimRequest(r) for r in trace}
@@ -112,8 +111,6 @@ def simulate(
             if observe is not None and switched is not None:  # reported with the turn's end
                 observe(switched.model, switched.exposed_s, switched.copied_bytes,
                         switched.prefetched_bytes)  # fmt: skip
-            if observe_overhead is not None:
-                observe_overhead(control_s)
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)

@@ -50,7 +50,6 @@ class Estimator:
         self.profiles = profiles
         self.device = device
         self.exposed_s: dict[str, float] = {}  # model → EWMA of measured exposed switch seconds
-        self.turn_overhead_s: float | None = None  # EWMA: a turn's cost beyond its own work
         self.copied_bytes = 0  # over all observed switches: copied while a turn waited
         self.prefetched_bytes = 0  # … and copied in the background before
 
@@ -88,22 +87,6 @@ class Estimator:
             if previous is None
             else (1 - SWITCH_EWMA_WEIGHT) * previous + SWITCH_EWMA_WEIGHT * exposed_s
         )
-
-    def observe_turn_overhead(self, seconds: float) -> None:
-        """A turn took ``seconds`` more, from dispatch to its report, than the worker spent in
-        it: the control round trip (commands, events, the worker picking the turn up). Every
-        turn of a round pays it, so it belongs to a round's ``c`` beside the switches."""
-        seconds = max(0.0, seconds)
-        previous = self.turn_overhead_s
-        self.turn_overhead_s = (
-            seconds
-            if previous is None
-            else (1 - SWITCH_EWMA_WEIGHT) * previous + SWITCH_EWMA_WEIGHT * seconds
-        )
-
-    def turn_overhead_time(self) -> float | None:
-        """Measured per-turn control overhead (seconds), or None before any turn was seen."""
-        return self.turn_overhead_s
 
     def exposed_switch_time(self, model: str) -> float | None:
         """Measured exposed switch time of ``model`` (seconds), or None before any switch to it

@@ -10,7 +10,6 @@ source frees its copy), RequestDone, WorkerError::
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from aegaeon.scheduler.books import WorkerBook, step_times
@@ -58,7 +57,6 @@ class TurnEvents(ServiceCore):
             step_times_s=step_times(event),
         )
         self._observe_switch(event)
-        self._observe_overhead(worker.turn_sent_at, event)
         plan = self._end_turn(worker, result)
         await self._rerun_vanished(worker, plan, event)
         await self._hand_off(worker, plan, event)
@@ -72,12 +70,6 @@ class TurnEvents(ServiceCore):
         if observe is not None and event.switch_bytes + event.prefetched_bytes > 0:
             observe(event.model, exposed_s=event.switch_s, copied_bytes=event.switch_bytes,
                     prefetched_bytes=event.prefetched_bytes)  # fmt: skip
-
-    def _observe_overhead(self, sent_at: float, event: TurnDone) -> None:
-        """Feed the estimator what the turn cost beyond the worker's own time in it."""
-        observe = getattr(self.estimator, "observe_turn_overhead", None)
-        if observe is not None and sent_at > 0:
-            observe(time.monotonic() - sent_at - event.elapsed_s)
 
     async def _rerun_vanished(self, worker: WorkerBook, plan: TurnPlan, event: TurnDone) -> None:
         """Requests of the turn the worker no longer holds, yet never reported finished (their

@@ -99,33 +99,3 @@ def test_prefetch_hidden_fraction_counts_bytes_copied_in_the_background():
     assert est.prefetch_hidden_fraction() is None
     est.observe_switch("a", 0.3, copied_bytes=200, prefetched_bytes=800)
     assert est.prefetch_hidden_fraction() == pytest.approx(0.8)
-
-
-def test_the_per_turn_control_overhead_is_learned_and_lengthens_the_quotas_it_amortizes():
-    from aegaeon.scheduler.estimators import ModelProfile
-    from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
-    from aegaeon.scheduler.policies.base import InstanceView, RequestView, Slo
-
-    def policy_with(overhead: float | None):
-        profile = ModelProfile(prefill=(0.01, 0.0, 0.0), decode=(0.005, 0.0, 0.0),
-                               switch_fixed_s=0.001, link_bytes_per_s=1e9,
-                               weight_bytes=1 << 20, kv_bytes_per_token=1024)  # fmt: skip
-        est = Estimator({"A": profile, "B": profile})
-        if overhead is not None:
-            for _ in range(3):
-                est.observe_turn_overhead(overhead)
-        models = {m: ModelSpec(m, 1 << 20, 1024) for m in "AB"}
-        policy = AegaeonPolicy(models, Slo(ttft_s=1.0, tbt_s=0.03), est)
-        policy.add_instance(InstanceView("w", role="decode"))
-        for rid, model in (("a", "A"), ("b", "B")):
-            request = RequestView(rid, model, 10, 50, 0.0, generated=1, prefilled=True)
-            policy.requests[rid] = request
-            policy._place_for_decode(request, "w")
-        plan = policy.next_turn("w", 0.0)
-        assert plan is not None
-        return est, plan.quota_s
-
-    est, with_overhead = policy_with(0.004)
-    assert est.turn_overhead_time() == pytest.approx(0.004)
-    _, without = policy_with(None)
-    assert with_overhead > without

@@ -55,7 +55,7 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
-        self.lanes[instance.instance_id] = Lane(instance.instance_id)
+        self.lanes[instance.instance_id] = Lane()
         pending, self.unplaced = self.unplaced, deque()
         for request_id in pending:
             request = self.requests.get(request_id)
@@ -90,20 +90,18 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
             return self._prefill_turn(instance_id, now) or self._decode_turn(instance_id, now)
         return self._decode_turn(instance_id, now) or self._prefill_turn(instance_id, now)
 
-    def _prefill_first(self, lane: Lane, running: int | None = None) -> bool:
+    def _prefill_first(self, lane: Lane) -> bool:
         """On a "both" instance: the group's first tokens are due before the most urgent
-        batch's next token (earliest deadline first), or no batch waits. ``running``: a batch
-        whose turn is being planned now, left out (its deadline moves on with that turn)."""
+        batch's next token (earliest deadline first), or no batch waits."""
         self._drop_empty_batches(lane)
-        batches = [b for i, b in enumerate(lane.batches) if i != running]
-        if not batches:
+        if not lane.batches:
             return True
         group = lane.groups[0]
         due = min(
             (self.requests[r].arrival for r in group.request_ids if r in self.requests),
             default=float("inf"),
         )
-        return due + self.slo.ttft_s <= min(self._deadline(b) for b in batches)
+        return due + self.slo.ttft_s <= min(self._deadline(b) for b in lane.batches)
 
     def turn_done(self, instance_id: str, plan: TurnPlan, result: TurnResult, now: float) -> None:
         view = self.instances.get(instance_id)

@@ -49,7 +49,6 @@ class DecodeBatch:
 class Lane:
     """The policy's books for one instance."""
 
-    instance_id: str
     groups: deque[PrefillGroup] = field(default_factory=deque)
     batches: list[DecodeBatch] = field(default_factory=list)
     busy_until: float = 0.0  # estimated end of the running turn
@@ -83,9 +82,6 @@ class AegaeonBase(Policy):
 
     @abstractmethod
     def _peek_next_model(self, instance_id: str, order: list[int]) -> str | None: ...
-
-    @abstractmethod
-    def _prefill_first(self, lane: Lane, running: int | None = None) -> bool: ...
 
     # ------------------------------------------------------------ readings
 

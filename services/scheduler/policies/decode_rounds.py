@@ -14,12 +14,7 @@ ROUND_SHARE of the TTFT target on every instance (:func:`.quota.capped_round` sa
 
 from __future__ import annotations
 
-from aegaeon.scheduler.policies.aegaeon_lanes import (
-    KV_LOOKAHEAD_TOKENS,
-    AegaeonBase,
-    DecodeBatch,
-    Lane,
-)
+from aegaeon.scheduler.policies.aegaeon_lanes import AegaeonBase, DecodeBatch, Lane
 from aegaeon.scheduler.policies.base import RequestView, TurnPlan
 from aegaeon.scheduler.policies.quota import (
     QMAX_S,
@@ -101,9 +96,7 @@ class DecodeRounds(AegaeonBase):
             batch.model,
             list(batch.request_ids),
             quota_s=quotas[index],
-            # KV leaves the device only when the lane's batches do not fit beside each other:
-            # a swap nobody needs is two copies per turn (the engine still evicts on demand).
-            swap_out_after=others_wait and self._kv_short(lane),
+            swap_out_after=others_wait,
             prefetch_model=nxt if nxt != batch.model else None,
         )
         self._start(instance_id, plan, now, quotas[index])
@@ -119,16 +112,9 @@ class DecodeRounds(AegaeonBase):
         models = [b.model for b in lane.batches]
         steps = [self._step_time(b) for b in lane.batches]
         switch = self._switch_times(models)
-        # Time a round spends not decoding, beside the switches: KV moves when the batches do
-        # not fit together, and each turn's control round trip (measured, where known).
-        idle = 0.0
-        if len(lane.batches) > 1:
-            if self._kv_short(lane):
-                idle += sum(self._kv_move_time(b) for b in lane.batches)
-            overhead = getattr(self.est, "turn_overhead_time", None)
-            idle += len(lane.batches) * ((overhead() if overhead else None) or 0.0)
+        kv = sum(self._kv_move_time(b) for b in lane.batches) if len(lane.batches) > 1 else 0.0
         alpha, quotas, c = prefetched_round_quotas(
-            models, steps, switch, self.slo.tbt_s, idle, self._measured_switches(models)
+            models, steps, switch, self.slo.tbt_s, kv, self._measured_switches(models)
         )
         if c <= 0:
             quotas = [self.alone_quota_s] * len(models)
@@ -145,12 +131,6 @@ class DecodeRounds(AegaeonBase):
         quotas, c = self._round_quotas(lane)
         self.last_alpha = alpha
         return c + sum(quotas)
-
-    def _kv_short(self, lane: Lane) -> bool:
-        """The lane's batches (with look-ahead) need more KV than the device holds at once."""
-        view = self.instances.get(lane.instance_id)
-        need = sum(n + KV_LOOKAHEAD_TOKENS for b in lane.batches for n in self._lens(b))
-        return view is None or need > view.kv_capacity_tokens
 
     def _kv_move_time(self, batch: DecodeBatch) -> float:
         """A batch's KV in and out once per round (estimators that know the link say how long)."""

@@ -22,16 +22,10 @@ class PrefetchChoice(AegaeonBase):
         return nxt if nxt != model else None
 
     def _peek_next_model(self, instance_id: str, order: list[int]) -> str | None:
-        """After a decode turn: what ``next_turn`` will pick then — on a "both" instance the
-        next group if it is due before the other batches, else the next batch of the round (or
-        the most urgent other batch when the round ends). A wrong guess costs a copy: the
-        prefetch overwrites the model the free slot held."""
+        """After a decode turn: the next group on a "both" instance, else the next batch of the
+        round (or the most urgent other batch when the round ends)."""
         lane = self.lanes[instance_id]
-        if (
-            self.instances[instance_id].role == "both"
-            and lane.groups
-            and self._prefill_first(lane, running=order[0])
-        ):
+        if self.instances[instance_id].role == "both" and lane.groups:
             return lane.groups[0].model
         if len(order) > 1:
             return lane.batches[order[1]].model
