@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.weights_loader import load_spec
 
 from aegaeon.protocol import SamplingParams
 
@@ -132,6 +133,18 @@ def kv_handoff(
             decode.close()
 
 
+def prefetch_part(model_dir: Path, model: str, device: str) -> dict[str, object]:
+    """The model under three names on one engine of two slots, then ``prefetch_overlap``."""
+    engine = Engine(EngineConfig(device=device))
+    try:
+        names = [model, model + "#2", model + "#3"]
+        for name in names:
+            engine.register_model(name, model_dir)
+        return {"device": engine.stats().device, **prefetch_overlap(engine, *names)}
+    finally:
+        engine.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models-dir", required=True)
@@ -145,22 +158,12 @@ def main() -> int:
         from aegaeon.model_store.demo import create_demo_models
 
         create_demo_models(args.models_dir, large=True, progress=False)
-    engine = Engine(EngineConfig(device=args.device))
-    result: dict[str, object] = {"device": engine.stats().device, "model": args.model}
-    if args.handoff_only:
-        engine.close()
-    try:
-        engine.register_model(args.model, model_dir)
-        names = [args.model, args.model + "#2", args.model + "#3"]
-        for name in names[1:]:
-            engine.register_model(name, model_dir)
-        if not args.handoff_only:
-            result.update(prefetch_overlap(engine, *names))
+    result: dict[str, object] = {"device": args.device, "model": args.model}
+    if not args.handoff_only:
+        result.update(prefetch_part(model_dir, args.model, args.device))
         print(json.dumps(result, indent=2), flush=True)  # kept even if the hand-off fails
-    finally:
-        engine.close()
     # Two engines of one slot each, beside each other on the one device.
-    weights = engine.specs[args.model].weight_bytes
+    weights = load_spec(args.model, model_dir).weight_bytes
     kv = 4 << 30 if args.device == "cuda" else 256 << 20
     result.update(kv_handoff(model_dir, args.model, weights, kv, args.device))
     print(json.dumps(result, indent=2))

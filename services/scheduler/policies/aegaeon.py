@@ -22,11 +22,8 @@ from collections import deque
 from aegaeon.scheduler.policies.aegaeon_lanes import GROUP_CAP, Lane
 from aegaeon.scheduler.policies.base import (
     InstanceView,
-    ModelSpec,
     Rejection,
     RequestView,
-    Slo,
-    StepTimeEstimator,
     TurnPlan,
     TurnResult,
 )
@@ -41,15 +38,6 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
     """Grouped prefill + weighted round-robin decode with SLO quotas (``--policy aegaeon``)."""
 
     name = "aegaeon"
-
-    def __init__(
-        self,
-        models: dict[str, ModelSpec],
-        slo: Slo,
-        estimator: StepTimeEstimator | None = None,
-    ) -> None:
-        super().__init__(models, slo, estimator)
-        self.unplaced: deque[str] = deque()  # arrived while no instance could take it
 
     # ------------------------------------------------------------ membership
 

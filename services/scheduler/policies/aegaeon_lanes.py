@@ -66,6 +66,7 @@ class AegaeonBase(Policy):
         super().__init__(models, slo, estimator)
         self.est: StepTimeEstimator = estimator or DefaultEstimator()
         self.lanes: dict[str, Lane] = {}
+        self.unplaced: deque[str] = deque()  # arrived while no instance could take it
         self.last_alpha: float = 0.0
         self.alone_quota_s = min(QMAX_S, max(slo.ttft_s / 8, 10 * slo.tbt_s))
 
