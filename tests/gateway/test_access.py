@@ -166,13 +166,18 @@ async def test_health_goes_503_when_heartbeats_stop(stack, monkeypatch):
     await stack.backend.beat("w1")
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
 
-        async def health_is(status: int):
+        async def health_is(status: int, missing: set[str] | None = None):
             response = await http.get("/health")
-            return response if response.status_code == status else None
+            if response.status_code != status:
+                return None
+            if missing is not None and set(response.json().get("missing", [])) != missing:
+                return None  # one of the two went stale, the other not yet
+            return response
 
         assert await poll(lambda: health_is(200))  # the heartbeat was heard
         monkeypatch.setattr(cluster, "FRESH_S", 0.01)
-        response = await poll(lambda: health_is(503)) or await http.get("/health")
+        both = {"scheduler", "worker"}
+        response = await poll(lambda: health_is(503, both)) or await http.get("/health")
     assert response.status_code == 503
     assert set(response.json()["missing"]) == {"scheduler", "worker"}
 
