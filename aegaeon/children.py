@@ -78,21 +78,42 @@ def remove_stale_shm(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.glob("aegaeon-up-*"):
         pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        try:
+            ours = folder.lstat().st_uid == os.getuid() and not folder.is_symlink()
+        except OSError:
+            continue  # gone meanwhile
+        if ours and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
 
 def pid_alive(pid: int) -> bool:
-    """True while a process with this id exists."""
+    """True while a process with this id exists (an id no process can have is not alive)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` as a fresh 0700 folder of this user. One already there is reused only when
+    it is ours (then emptied): another user's, or a symlink, is refused, since it could hand us
+    files to read or swap weights under us."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        info = path.lstat()
+        if path.is_symlink() or info.st_uid != os.getuid():
+            raise RuntimeError(
+                f"{path} exists and is not this user's folder; refusing to use it"
+            ) from None
+        shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+    path.chmod(0o700)
 
 
 def wait_until(child: Child, deadline: float) -> None:

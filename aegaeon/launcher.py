@@ -30,8 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from aegaeon.children import Child, die_with_parent, remove_stale_shm, wait_until
-from aegaeon.config import default_state_dir, shm_dir
+from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
+from aegaeon.config import BusConfig, default_state_dir, shm_dir
 from aegaeon.metrics import scrape_targets
 from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis
 from aegaeon.supervisor import RestartPlanner
@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (workers use cuda:0..N-1)")
     parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's bind address")
+    parser.add_argument("--insecure-open", action="store_true",
+                        help="let the gateway serve a non-loopback --host without API keys")  # fmt: skip
     parser.add_argument("--policy", default="aegaeon", help="scheduling policy")
     parser.add_argument("--profile", type=Path, default=None,
                         help="step-time profile for the scheduler (default: <home>/profiles/<device>.json "
@@ -108,6 +110,8 @@ def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_
         argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", role, *extra)  # fmt: skip
         children.append(Child(f"worker-{i}", "worker", argv, logs / f"worker-{i}.log"))
     gateway = service_argv("gateway", "--host", args.host, "--port", str(args.port), "--gateway-id", "gw-0")  # fmt: skip
+    if getattr(args, "insecure_open", False):
+        gateway.append("--insecure-open")
     children.append(Child("gateway", "gateway", gateway, logs / "gateway.log"))
     return children
 
@@ -136,9 +140,12 @@ class Stack:
 
     def start(self) -> bool:
         """Bring everything up; False when stopped (signal) before the system was ready."""
+        # Files of this stack (weights, prompts' KV, logs) readable by this user only.
+        os.umask(0o077)
         self.logs.mkdir(parents=True, exist_ok=True)
         remove_stale_shm(self.shm.parent)
-        self.shm.mkdir(parents=True, exist_ok=True)
+        self.shm.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.shm)
         self.say(f"aegaeon up: home {self.home}, logs in {self.logs}")
         models_dir = self.resolve_models_dir()
         if models_dir is None:
@@ -320,10 +327,23 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def gateway_refusal(args: argparse.Namespace) -> str | None:
+    """The gateway's own start-up check (keys file, open access off loopback), run here first."""
+    from aegaeon.gateway.main import startup_refusal
+    from aegaeon.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(bus=BusConfig())
+    return startup_refusal(settings, args.host, getattr(args, "insecure_open", False))
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the stack until Ctrl-C / SIGTERM; leave no process and no shared memory behind."""
     if args.workers < 1:
         print("aegaeon up: --workers must be at least 1", file=sys.stderr)
+        return 2
+    refusal = gateway_refusal(args)
+    if refusal is not None:  # before anything starts: the gateway would only crash-loop on it
+        print(f"aegaeon up: {refusal}", file=sys.stderr)
         return 2
     if not _port_free(args.host, args.port):
         print(f"aegaeon up: port {args.port} is in use; pick another with --port", file=sys.stderr)

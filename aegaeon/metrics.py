@@ -7,6 +7,8 @@ others through ``serve_metrics(port)``).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -117,9 +119,11 @@ def series_names() -> set[str]:
 
 
 def serve_metrics(port: int) -> None:
-    """Expose ``/metrics`` on ``port`` (0: do nothing) from a background thread."""
+    """Expose ``/metrics`` on ``port`` (0: do nothing) from a background thread, on
+    ``AEGAEON_METRICS_ADDR`` (default loopback: a scraper on another host or container needs it
+    set, as compose and Kubernetes do)."""
     if port:
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=os.environ.get("AEGAEON_METRICS_ADDR") or "127.0.0.1")
 
 
 _nvml_state: dict[str, bool] = {}

@@ -131,6 +131,8 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     ``prefill_only``: stop after the prefill step (prefill instances, grouped prefill).
     ``export_kv``: request ids whose KV the worker leaves in its host KV pool after the turn for
     a decode worker on the same node (their handles come back in ``TurnDone.exported``).
+    ``drop_kv``: request ids whose KV the worker drops before the turn (they are recomputed,
+    prompt and tokens so far, when they next run).
     """
 
     turn_id: int
@@ -142,6 +144,7 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     max_steps: int | None = None
     prefill_only: bool = False
     export_kv: list[str] = []
+    drop_kv: list[str] = []
 
 
 class Preempt(msgspec.Struct, tag="preempt", omit_defaults=True):

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def subject_token(value: str) -> str:
+    """``value`` if it can stand as one subject token (a worker or gateway id): letters, digits,
+    ``_`` and ``-``. A dot would split it into two tokens (and its events would miss the
+    scheduler's ``worker.*.events``); ``*``, ``>`` and spaces are NATS syntax. Raises
+    ValueError, which argparse reports as a bad option value."""
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"{value!r}: use 1-128 letters, digits, '_' or '-' (no dots or spaces)")
+    return value
+
+
+def host_token(hostname: str) -> str:
+    """A hostname as a subject token (``node1.example.com`` → ``node1-example-com``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", hostname)[:100] or "host"
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,13 @@ def test_scaled_slo_multiplies_each_isolated_latency_by_its_own_scale() -> None:
     assert (slo.ttft_s, slo.tbt_s) == pytest.approx((2.0, 0.25))
 
 
+def test_the_default_ttft_slo_keeps_the_papers_proportion_for_scaled_outputs() -> None:
+    """The paper: TTFT 10 s = 100 TBT SLOs for its outputs; outputs ×0.3 → 30 TBT SLOs."""
+    slo = scaled_slo(0.1, 0.002, tbt_scale=5, length_factor=0.3)
+    assert (slo.ttft_s, slo.tbt_s) == pytest.approx((0.3, 0.01))
+    assert scaled_slo(0.1, 0.002, tbt_scale=5, length_factor=1.0).ttft_s == pytest.approx(1.0)
+
+
 def _points(*pairs: tuple[float, float]) -> list[dict]:
     return [{"rate_per_model": r, "attainment": a} for r, a in pairs]
 
@@ -263,6 +270,7 @@ def test_replay_against_a_running_gateway_writes_every_metric(
         assert key in point
     assert point["ttft_s"]["p50"] > 0 and "attainment" in point["sim"]
     assert result["slo"]["tbt_s"] == pytest.approx(5 * result["isolated"]["tbt_s"])
+    assert result["slo"]["ttft_s"] == pytest.approx(30 * result["slo"]["tbt_s"])
     assert "sim_vs_measured_max_abs_diff" in result
     assert result["min_requests_per_point"] == point["requests"] >= 6
     # The workers' switches were watched on NATS during the point (2 models: at least one).

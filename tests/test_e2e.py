@@ -33,7 +33,9 @@ def stack(tmp_path_factory, demo_models_dir, nats_server, redis_server) -> Itera
         yield s
 
 
-def engine_greedy(models_dir: Path, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+def engine_greedy(
+    models_dir: Path, model: str, prompt: list[int], max_tokens: int, ignore_eos: bool = False
+) -> list[int]:
     """The engine's own greedy output, in process, for the same prompt."""
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
 
@@ -42,8 +44,9 @@ def engine_greedy(models_dir: Path, model: str, prompt: list[int], max_tokens: i
         engine.register_model(model, models_dir / model)
         engine.switch_to(model)
         engine.add_request(
-            "ref", model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0)
-        )
+            "ref", model, prompt,
+            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos),
+        )  # fmt: skip
         tokens: list[int] = []
         while True:
             outputs = engine.step(["ref"])
@@ -110,6 +113,29 @@ def test_completions_with_token_ids_match_the_engine_for_every_model(stack, demo
         expected = tokenizer.decode(engine_greedy(demo_models_dir, model, prompt, 12),
                                     skip_special_tokens=True)  # fmt: skip
         assert text == expected, model
+
+
+def test_a_tiny_temperature_beside_greedy_streams_is_greedy_and_harms_none(stack, demo_models_dir):
+    """temperature 1e-300 is 0 in float32: once it made the draw raise and failed every request
+    of its batch. Now it samples greedily, and the requests sent with it stay exact."""
+    prompts = [[5, 17, 42, 99, 7, 61, 23, 88], [3, 4, 5, 6, 7], [100, 200, 300], [9, 9, 9, 9]]
+    temperatures = [0.0, 0.0, 0.0, 1e-300]
+
+    async def run_all() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="none")
+        calls = [client.completions.create(model="demo-llama", prompt=p, max_tokens=12,
+                                           temperature=t, extra_body={"ignore_eos": True})
+                 for p, t in zip(prompts, temperatures, strict=True)]  # fmt: skip
+        done = await asyncio.gather(*calls)
+        await client.close()
+        return done
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / "demo-llama")
+    for prompt, completion in zip(prompts, asyncio.run(run_all()), strict=True):
+        choice = completion.choices[0]
+        expected = engine_greedy(demo_models_dir, "demo-llama", prompt, 12, ignore_eos=True)
+        assert choice.finish_reason == "length"
+        assert choice.text == tokenizer.decode(expected, skip_special_tokens=True), prompt
 
 
 def test_models_endpoint_lists_every_registered_model(stack, demo_models_dir):

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aegaeon.children import Child, remove_stale_shm
+from aegaeon.children import Child, make_private_dir, remove_stale_shm
 from aegaeon.launcher import Stack, _port_free, ready_banner
 from aegaeon.servers import free_port
 from aegaeon.supervisor import Backoff, RestartPlanner
@@ -148,6 +149,27 @@ def test_stale_shared_memory_of_a_killed_launcher_is_removed(tmp_path: Path) -> 
     assert not stale.exists() and live.exists()
 
 
+def test_a_stale_folder_with_an_impossible_pid_is_removed_not_a_crash(tmp_path: Path) -> None:
+    stale = tmp_path / f"aegaeon-up-{10**30}"
+    stale.mkdir()
+    assert remove_stale_shm(tmp_path) == [stale]
+
+
+def test_the_stack_folder_is_private_and_a_planted_one_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "aegaeon-up-1"
+    make_private_dir(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    (folder / "left-over").write_text("x")
+    make_private_dir(folder)  # ours: emptied and reused
+    assert list(folder.iterdir()) == []
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    planted = tmp_path / "aegaeon-up-2"
+    planted.symlink_to(elsewhere)  # what another local user could leave in /dev/shm
+    with pytest.raises(RuntimeError, match="not this user's"):
+        make_private_dir(planted)
+
+
 def test_up_refuses_a_port_that_is_taken(capsys) -> None:
     from aegaeon.cli import main
 
@@ -243,3 +265,21 @@ def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> N
 def test_a_port_someone_listens_on_is_not_free() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         assert not _port_free("127.0.0.1", listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("bad", ["node.1", "w*", "a b", "w>", ""])
+def test_worker_and_gateway_ids_that_would_break_subjects_are_refused(bad: str) -> None:
+    from aegaeon.gateway.main import add_arguments as gateway_arguments
+    from aegaeon.gpu_worker.main import add_arguments as worker_arguments
+
+    for add, option in ((worker_arguments, "--worker-id"), (gateway_arguments, "--gateway-id")):
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add(parser)
+        with pytest.raises(argparse.ArgumentError):
+            parser.parse_args([option, bad])
+
+
+def test_the_default_worker_id_is_one_subject_token_even_on_a_dotted_hostname() -> None:
+    from aegaeon.subjects import host_token, subject_token
+
+    assert subject_token(host_token("node1.example.com") + "-42") == "node1-example-com-42"

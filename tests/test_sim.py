@@ -90,6 +90,18 @@ def test_decode_stops_when_the_quota_is_spent():
     assert result.steps == 10 and reqs["r"].generated == 11
 
 
+def test_dropped_kv_is_recomputed_by_a_prefill_that_yields_the_next_token():
+    inst = instance(copy_cost())  # KV would move 1 s per 1024 tokens: a swap-in is not free
+    reqs = sim_requests(("r", "A", 10), ("s", "B", 1))
+    inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0, max_steps=3), reqs, 0.0)
+    assert reqs["r"].generated == 4
+    inst.execute(TurnPlan("g0", "B", ["s"], quota_s=10.0, drop_kv=["r"]), reqs, 10.0)
+    end, _ = inst.execute(TurnPlan("g0", "A", ["r"], quota_s=10.0, max_steps=0), reqs, 20.0)
+    # A is still in a slot: rebind (0.05), then the recompute prefill (0.05) gives token 5
+    assert reqs["r"].generated == 5 and reqs["r"].times[4] == pytest.approx(20.1)
+    assert end == pytest.approx(20.1) and inst.kv_move_s == 0.0  # no KV swapped in
+
+
 def run_models(inst, models, start=0.0):
     """One short turn per model in order; the switch time of each."""
     reqs = sim_requests(*((f"r{i}", m, 1) for i, m in enumerate(models)))

@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--slo-ttft", type=float, help="TTFT SLO in seconds (default: scale × isolated)")
     add("--slo-tbt", type=float, help="TBT SLO in seconds (default: scale × isolated)")
     add("--slo-scale", type=float, default=5.0, help="TBT SLO = this × isolated TBT")
-    add("--slo-ttft-scale", type=float, default=20.0,
-        help="TTFT SLO = this × isolated TTFT (the paper's TTFT SLO is 100 TBT SLOs)")  # fmt: skip
+    add("--slo-ttft-scale", type=float,
+        help="TTFT SLO = this × isolated TTFT (default: the paper's 100 TBT SLOs × the "
+             "length factor, so a request decodes about as long as the TTFT SLO)")  # fmt: skip
     add("--arena-bytes", type=int, help="each worker's memory arena (default: 2 slots of the largest model, ×2 for KV)")  # fmt: skip
     add("--workers", type=int)
     add("--seed", type=int, default=0)

@@ -101,7 +101,8 @@ def print_run(result: dict, console: Console) -> None:
         return
     table = Table(
         title=f"bench serve — SLO TTFT {slo['ttft_s']:.3f} s, TBT {slo['tbt_s'] * 1e3:.1f} ms "
-        f"(×{slo['scale']['ttft']} / ×{slo['scale']['tbt']} isolated {result['largest_model']}), "
+        f"(TTFT {slo['scale']['ttft']}, TBT ×{slo['scale']['tbt']} isolated "
+        f"{result['largest_model']}), "
         f"the same for every policy; device weight budget "
         f"{result['device']['weight_budget_bytes'] / 2**20:.0f} MiB "
         f"({_pct(result['device']['budget_fraction_of_weights'])} of all weights)"

@@ -24,7 +24,7 @@ from aegaeon.bench.serve_sim import (
     profile_engine,
     simulate_measured,
 )
-from aegaeon.bench.serve_trace import CpuScale, clamp_lengths, scaled_slo
+from aegaeon.bench.serve_trace import PAPER_TTFT_IN_TBT, CpuScale, clamp_lengths, scaled_slo
 from aegaeon.bench.stack_process import StackProcess
 from aegaeon.bench.watch import Watcher
 from aegaeon.protocol import SwitchDone, WorkerEvent
@@ -102,7 +102,14 @@ class BenchPlan:
     def slo_scale_note(self) -> dict:
         """The multiples of isolated latency the SLOs are (None where given in seconds)."""
         return {
-            "ttft": None if self.args.slo_ttft else float(self.args.slo_ttft_scale),
+            "ttft": None
+            if self.args.slo_ttft
+            else (
+                f"{self.args.slo_ttft_scale} × isolated TTFT"
+                if self.args.slo_ttft_scale
+                else f"{PAPER_TTFT_IN_TBT * self.scale.factor:g} × the TBT SLO (the paper's "
+                f"100 × length factor {self.scale.factor})"
+            ),
             "tbt": None if self.args.slo_tbt else float(self.args.slo_scale),
         }
 
@@ -230,7 +237,7 @@ def calibrate(plan: BenchPlan, console: Console) -> None:
     if "ttft_s" not in isolated:
         return
     slo = scaled_slo(isolated["ttft_s"], isolated["tbt_s"], plan.args.slo_scale,
-                     plan.args.slo_ttft_scale)  # fmt: skip
+                     plan.args.slo_ttft_scale, plan.scale.factor)  # fmt: skip
     plan.slo = Slo(plan.args.slo_ttft or slo.ttft_s, plan.args.slo_tbt or slo.tbt_s)
     console.print(f"  SLO TTFT {plan.slo.ttft_s:.3f} s, TBT {plan.slo.tbt_s * 1e3:.1f} ms")
 

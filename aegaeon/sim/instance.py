@@ -7,7 +7,8 @@ A turn costs, in order::
       else the rest of the copy)
     → the plan's prefetch starts copying in the background
     → KV swap-in of requests whose KV is not on this device (sharing the link with the prefetch)
-    → one prefill step for the requests not yet prefilled (their first token)
+    → one prefill step for the requests not yet prefilled (their first token), and one that
+      recomputes the KV the plan's ``drop_kv`` dropped (their next token)
     → decode steps until the quota (timed from the first step), the batch empties or max_steps
     → KV swap-out (swap_out_after, or a handoff to another instance through the host pool)
 
@@ -41,7 +42,7 @@ CONTROL_OVERHEAD_S = 0.0005
 class SimRequest:
     """A request's simulated life: token timestamps and where its KV is."""
 
-    __slots__ = ("done", "generated", "kv_on", "times", "trace")
+    __slots__ = ("done", "generated", "kv_lost", "kv_on", "times", "trace")
 
     def __init__(self, trace: TraceRequest) -> None:
         self.trace = trace
@@ -49,6 +50,7 @@ class SimRequest:
         self.generated = 0
         self.done = False
         self.kv_on: str | None = None  # instance holding its KV on device; None: host / none
+        self.kv_lost = False  # dropped (drop_kv): its next turn recomputes it
 
     @property
     def context(self) -> int:
@@ -137,14 +139,18 @@ class SimInstance:
         self, plan: TurnPlan, requests: dict[str, SimRequest], now: float
     ) -> tuple[float, TurnResult]:
         """Run ``plan`` from ``now``: its end time and what the policy is told."""
+        for request_id in plan.drop_kv:
+            lost = requests[request_id]
+            lost.kv_on, lost.kv_lost = None, lost.generated > 0
         batch = [requests[r] for r in plan.request_ids if not requests[r].done]
         begin = now + self.control_s
         switch = self.switch_cost(plan.model, begin)
         t = begin + switch
         if plan.prefetch_model:
             self.start_prefetch(plan.prefetch_model, t)
-        moved = self._swap_in(plan.model, batch, t)
+        moved = self._swap_in(plan.model, [r for r in batch if not r.kv_lost], t)
         t += moved
+        t = self._recompute(plan.model, [r for r in batch if r.kv_lost], t)
         t = self._prefill(plan.model, [r for r in batch if r.generated == 0], t)
         steps = 0
         if not plan.prefill_only:
@@ -189,6 +195,19 @@ class SimInstance:
             r.times[0] = t
             r.generated = 1
             r.done = r.trace.output_len <= 1
+        return t
+
+    def _recompute(self, model: str, lost: list[SimRequest], t: float) -> float:
+        """Dropped KV comes back by a prefill of prompt + tokens so far, which also yields the
+        next token (as the engine's recompute step does)."""
+        if not lost:
+            return t
+        t += self.cost.prefill_time(model, [r.context for r in lost])
+        for r in lost:
+            r.kv_lost, r.kv_on = False, self.id
+            r.times[r.generated] = t
+            r.generated += 1
+            r.done = r.generated >= r.trace.output_len
         return t
 
     def _decode(self, plan: TurnPlan, active: list[SimRequest], t: float) -> tuple[float, int]:

@@ -8,14 +8,19 @@
     rpm = 60                    # requests per minute (optional)
     tpm = 100000                # tokens per minute, prompt + completion (optional)
     models = ["demo-tiny"]      # allowed models (optional; absent: all)
+    max_in_flight = 64          # requests in flight at once (optional; AEGAEON_MAX_IN_FLIGHT_PER_KEY)
 
-With no file, access is open (the embedded development default).
+With no file configured, access is open (the embedded development default), and the gateway
+refuses to listen on a non-loopback address that way unless told ``--insecure-open``. A file,
+once configured, is enforced: one that lists no keys refuses every request, and one that does not
+parse or holds a malformed entry stops the gateway at start with the file and entry named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -45,30 +50,47 @@ class AuthError(Exception):
     """No key, or a key that matches none configured."""
 
 
+class KeysFileError(ValueError):
+    """The keys file cannot be read, does not parse, or holds a malformed entry."""
+
+
 def hash_key(key: str) -> str:
     """The sha256 hex digest a key is configured by."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyStore:
-    """The configured keys. ``authenticate`` compares digests in constant time."""
+    """The configured keys. ``authenticate`` compares digests in constant time. ``enforced``: a
+    keys file is configured (then an empty one refuses everyone)."""
 
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], enforced: bool | None = None) -> None:
         self.keys = keys
+        self.enforced = bool(keys) if enforced is None else enforced
 
     @property
     def open_access(self) -> bool:
-        return not self.keys
+        return not self.enforced
 
     @classmethod
     def load(cls, path: str | Path | None) -> KeyStore:
-        """Keys from a JSON or TOML file; no path: open access."""
+        """Keys from a JSON or TOML file; no path: open access. Raises KeysFileError."""
         if not path:
-            return cls([])
-        text = Path(path).read_text()
-        data = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
+            return cls([], enforced=False)
+        try:
+            text = Path(path).read_text()
+            data = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
+        except (OSError, ValueError) as exc:  # JSON and TOML decode errors are ValueErrors
+            raise KeysFileError(f"API keys file {path}: {exc}") from exc
         entries = data.get("keys", []) if isinstance(data, dict) else data
-        return cls([_parse_key(entry) for entry in entries])
+        if not isinstance(entries, list):
+            raise KeysFileError(f"API keys file {path}: 'keys' must be a list of tables")
+        keys = []
+        for i, entry in enumerate(entries):
+            try:
+                keys.append(_parse_key(entry))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise KeysFileError(f"API keys file {path}, key #{i + 1}: {exc}") from exc
+        return cls(keys, enforced=True)
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key behind an ``Authorization: Bearer …`` header. Raises AuthError."""
@@ -95,14 +117,62 @@ def _bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def _parse_key(entry: dict) -> ApiKey:
-    digest = str(entry["sha256"]).lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"key {entry.get('name')!r}: sha256 must be 64 hex digits")
+def _parse_key(entry: object) -> ApiKey:
+    if not isinstance(entry, dict):
+        raise TypeError("an entry must be a table with at least 'sha256'")
+    digest = entry["sha256"]
+    if (
+        not isinstance(digest, str)
+        or len(digest) != 64
+        or any(c not in "0123456789abcdef" for c in digest.lower())
+    ):
+        raise ValueError("sha256 must be a string of 64 hex digits")
+    name = entry.get("name", digest[:8])
+    if not isinstance(name, str) or not name:
+        raise TypeError("name must be a non-empty string")
     models = entry.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+    ):
+        raise TypeError("models must be a list of model names")
     return ApiKey(
-        name=str(entry.get("name", digest[:8])),
-        sha256=digest,
-        limit=Limit(rpm=entry.get("rpm"), tpm=entry.get("tpm")),
+        name=name,
+        sha256=digest.lower(),
+        limit=Limit(
+            rpm=_positive(entry, "rpm"),
+            tpm=_positive(entry, "tpm"),
+            max_in_flight=_positive(entry, "max_in_flight"),
+        ),
         models=frozenset(models) if models is not None else None,
+    )
+
+
+def _positive(entry: dict, field_name: str) -> int | None:
+    value = entry.get(field_name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field_name} must be a positive integer (or absent: no limit)")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only (``localhost`` counts; ``0.0.0.0``,
+    ``::`` and other names do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_refusal(host: str, keystore: KeyStore, insecure_open: bool) -> str | None:
+    """Why the gateway must not listen on ``host`` as configured, or None when it may."""
+    if keystore.enforced or insecure_open or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve on {host} with open access: set AEGAEON_API_KEYS_FILE to a keys "
+        "file (see services/gateway/auth.py), or pass --insecure-open to accept anyone who "
+        "can reach this address"
     )

@@ -9,10 +9,17 @@ text uncertain:
   space), so decoding a window of tokens alone is not the same as decoding them in context.
 
 Like vLLM, we decode a small window ``ids[prefix:]`` and subtract the text of
-``ids[prefix:read]`` (the context already emitted), which keeps each step O(window). When the
-window's text does not extend its context text (a decoder that is not prefix-stable there), we
-fall back to decoding everything. ``finish()`` reconciles with a full decode, so the concatenated
+``ids[prefix:read]`` (the context already emitted), which keeps each step O(window). The window is
+trusted when its context decodes alone to exactly the text it was emitted as (``prefix`` is always
+an earlier emission boundary, so that text is known) and the window extends it; otherwise we fall
+back to decoding everything. ``finish()`` reconciles with a full decode, so the concatenated
 deltas always equal ``tokenizer.decode(all_ids)``.
+
+Two inputs once made every step a full decode (quadratic on the event loop): whitespace-only
+output (whose context is never trusted) and output that keeps ending in a literal U+FFFD (which
+looks like an unfinished character forever). Past HOLD_CHECK_TOKENS held tokens, or that many
+full decodes in a row, text is decoded again only each time the tokens held double, so the work
+stays O(n log n) in all; the held text comes with the next check or ``finish()``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ Decode = Callable[[Sequence[int]], str]
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
-"""Tokens of already-emitted context kept in the decode window."""
+"""Tokens of already-emitted context kept in the decode window (at least)."""
+HOLD_CHECK_TOKENS = 16
+"""Held tokens (text ending in U+FFFD), or full decodes in a row, tolerated at every step;
+beyond, text is decoded again at each doubling of the tokens held. (Byte-level BPE tokens can
+straddle characters, so a real character may take several tokens.)"""
 
 
 class IncrementalDetokenizer:
@@ -34,25 +45,39 @@ class IncrementalDetokenizer:
         self._decode = decode
         self.ids: list[int] = []
         self.emitted = ""
-        self._prefix = 0
         self._read = 0
+        # Emission boundaries (token index, len(emitted) there), oldest first; the first one is
+        # the window's start.
+        self._boundaries: list[tuple[int, int]] = [(0, 0)]
+        self._next_check = 0  # held tokens before the window is decoded again
+        self._fallbacks = 0  # full decodes in a row
 
     def feed(self, token_ids: Sequence[int]) -> str:
         """Add tokens; return the new text that is now certain ("" if none)."""
         self.ids.extend(token_ids)
-        window = self._decode(self.ids[self._prefix :])
-        if window.endswith(REPLACEMENT):
-            return ""  # an unfinished character: wait for the next token
-        context = self._decode(self.ids[self._prefix : self._read])
-        if self._window_is_trustworthy(window, context):
+        held = len(self.ids) - self._read
+        if held < self._next_check:
+            return ""
+        prefix, offset = self._boundaries[0]
+        window = self._decode(self.ids[prefix:])
+        if window.endswith(REPLACEMENT):  # an unfinished character: wait for the next token
+            if held >= HOLD_CHECK_TOKENS:
+                self._next_check = 2 * held
+            return ""
+        context = self.emitted[offset:]  # how ids[prefix:read] read in full
+        if prefix == 0 or self._trusted(window, context, prefix):
             delta = window[len(context) :]
+            self._fallbacks = self._next_check = 0
         else:
             full = self._full_delta()
             if full is None:
                 return ""
             delta = full
-        self._advance()
+            self._fallbacks += 1
+            if self._fallbacks >= HOLD_CHECK_TOKENS:  # e.g. whitespace-only output
+                self._next_check = max(HOLD_CHECK_TOKENS, 2 * held)
         self.emitted += delta
+        self._advance()
         return delta
 
     def finish(self) -> str:
@@ -65,17 +90,14 @@ class IncrementalDetokenizer:
         self._advance()
         return delta
 
-    def _window_is_trustworthy(self, window: str, context: str) -> bool:
-        """The window's text extends its context, and the context reads as it did in full.
-
-        A context of only whitespace is not trusted: decoders that strip a leading space may
-        strip it from the context and the window differently.
-        """
+    def _trusted(self, window: str, context: str, prefix: int) -> bool:
+        """The window extends its context, and the context decodes alone to the very text it
+        was emitted as. A context of only whitespace is not trusted: a decoder that strips a
+        leading space would strip the window's first space as if it began the output."""
         return (
             context.strip() != ""
             and window.startswith(context)
-            and self.emitted.endswith(context)
-            and not context.endswith(REPLACEMENT)
+            and self._decode(self.ids[prefix : self._read]) == context
         )
 
     def _full_delta(self) -> str | None:
@@ -85,8 +107,15 @@ class IncrementalDetokenizer:
         return full[len(self.emitted) :]
 
     def _advance(self) -> None:
+        """Record the boundary; the window starts at the latest boundary at least
+        CONTEXT_TOKENS back (or the oldest there is)."""
         self._read = len(self.ids)
-        self._prefix = max(0, self._read - CONTEXT_TOKENS)
+        self._boundaries.append((self._read, len(self.emitted)))
+        keep = 0
+        for i, (index, _) in enumerate(self._boundaries):
+            if self._read - index >= CONTEXT_TOKENS:
+                keep = i
+        del self._boundaries[:keep]
 
 
 class StopMatcher:

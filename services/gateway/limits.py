@@ -51,6 +51,7 @@ class Limit:
 
     rpm: int | None = None
     tpm: int | None = None
+    max_in_flight: int | None = None  # None: the gateway's per-key default
 
 
 class RateLimiter:
@@ -69,6 +70,14 @@ class RateLimiter:
         for bucket, amount in buckets:
             bucket.take(amount, now)
         return None
+
+    def acquire_request(self, key: str, limit: Limit, now: float) -> float | None:
+        """The request alone (rpm): charged before the prompt costs tokenization."""
+        return self.acquire(key, Limit(rpm=limit.rpm), 0, now)
+
+    def acquire_tokens(self, key: str, limit: Limit, tokens: int, now: float) -> float | None:
+        """The tokens alone (tpm), once the prompt's length is known."""
+        return self.acquire(key, Limit(tpm=limit.tpm), tokens, now)
 
     def refund(self, key: str, tokens: int, now: float) -> None:
         """Return tokens charged but not used (a request that finished early)."""
@@ -90,24 +99,45 @@ class RateLimiter:
 
 
 class Admission:
-    """A bound on requests in flight through this gateway (queued at the scheduler or streaming).
+    """Bounds on requests in flight through this gateway (queued at the scheduler or streaming):
+    in all, and per API key, so one key holding streams it never reads cannot take every slot.
 
-    Past the bound a request is refused with 503 and Retry-After rather than queued without limit:
+    Past a bound a request is refused with 503 and Retry-After rather than queued without limit:
     an overloaded system should shed load early, before it costs tokenization and Redis writes.
+    ``key`` None (open access, every caller the same anonymous key) has only the total bound.
     """
 
-    def __init__(self, max_in_flight: int, retry_after_s: float = 1.0) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+    def __init__(
+        self, max_in_flight: int, per_key: int | None = None, retry_after_s: float = 1.0
+    ) -> None:
+        if max_in_flight < 1 or (per_key is not None and per_key < 1):
+            raise ValueError("in-flight bounds must be at least 1")
         self.max_in_flight = max_in_flight
+        self.per_key = per_key
         self.retry_after_s = retry_after_s
         self.in_flight = 0
+        self.by_key: dict[str, int] = {}
 
-    def can_admit(self) -> bool:
-        return self.in_flight < self.max_in_flight
+    def refusal(self, key: str | None = None, key_cap: int | None = None) -> str | None:
+        """Why a request of ``key`` cannot be admitted now, or None."""
+        if self.in_flight >= self.max_in_flight:
+            return "The server is overloaded; try again."
+        cap = key_cap if key_cap is not None else self.per_key
+        if key is not None and cap is not None and self.by_key.get(key, 0) >= cap:
+            return f"Too many requests in flight for key '{key}' (at most {cap}); try again."
+        return None
 
-    def admit(self) -> None:
+    def can_admit(self, key: str | None = None, key_cap: int | None = None) -> bool:
+        return self.refusal(key, key_cap) is None
+
+    def admit(self, key: str | None = None) -> None:
         self.in_flight += 1
+        if key is not None:
+            self.by_key[key] = self.by_key.get(key, 0) + 1
 
-    def release(self) -> None:
+    def release(self, key: str | None = None) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+        if key is not None and key in self.by_key:
+            self.by_key[key] -= 1
+            if self.by_key[key] <= 0:
+                del self.by_key[key]  # the table holds only keys with requests in flight

@@ -5,20 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from aegaeon.config import BusConfig
 from aegaeon.runtime import run_process
+from aegaeon.subjects import subject_token
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
 
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+CONNECTION_HEADROOM = 64
+"""Connections beyond max_in_flight that uvicorn still serves (health, metrics, 503 answers)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
-    parser.add_argument("--gateway-id", default=None, help="this gateway's id (default: random)")
+    parser.add_argument("--gateway-id", type=subject_token, default=None,
+                        help="this gateway's id: letters, digits, '_' and '-' (default: random)")  # fmt: skip
+    parser.add_argument("--insecure-open", action="store_true",
+                        help="serve a non-loopback --host without API keys (anyone who reaches "
+                             "it may use every model)")  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
@@ -35,9 +44,12 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
     from .app import create_app
 
     setup_tracing("gateway")
+    # Connections past admission's bound (plus room for health checks and refusals) are turned
+    # away by uvicorn itself with a 503, before they cost a request object.
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, access_log=False, log_config=None
-    )
+        create_app(settings), host=host, port=port, access_log=False, log_config=None,
+        limit_concurrency=settings.max_in_flight + CONNECTION_HEADROOM,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     stopping = asyncio.create_task(stop.wait())
@@ -54,5 +66,22 @@ def run_gateway_process(settings: GatewaySettings, host: str, port: int) -> int:
     return run_process("gateway", lambda stop: serve_gateway(settings, host, port, stop))
 
 
+def startup_refusal(settings: GatewaySettings, host: str, insecure_open: bool) -> str | None:
+    """Why the gateway must not start as configured (a keys file that does not load, open
+    access on a non-loopback address), or None."""
+    from .auth import KeysFileError, KeyStore, exposure_refusal
+
+    try:
+        keystore = KeyStore.load(settings.api_keys_file)
+    except KeysFileError as exc:
+        return str(exc)
+    return exposure_refusal(host, keystore, insecure_open)
+
+
 def main(args: argparse.Namespace) -> int:
-    return run_gateway_process(settings_from(args), args.host, args.port)
+    settings = settings_from(args)
+    refusal = startup_refusal(settings, args.host, args.insecure_open)
+    if refusal is not None:
+        print(f"aegaeon serve gateway: {refusal}", file=sys.stderr)
+        return 2
+    return run_gateway_process(settings, args.host, args.port)

@@ -1,8 +1,8 @@
 """The gateway's core: its connections and the admission path of a request.
 
-``open()`` runs the checks in the order that sheds load cheapest first: admission (503), model
-(404), tokenization and context (400/413), rate limits (429), then the Redis record and the
-submit. Any failure releases what was taken, so a refused request leaves nothing behind.
+``open()`` runs the checks in the order that sheds load cheapest first: admission, in all and per
+key (503), the key's request rate (429), model (404), tokenization and context (400/413), the
+key's token rate (429), then the Redis record and the submit. Any failure releases what was taken, so a refused request leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Gateway:
         self.settings = settings
         self.keystore = KeyStore.load(settings.api_keys_file)
         self.limiter = RateLimiter()
-        self.admission = Admission(settings.max_in_flight)
+        self.admission = Admission(settings.max_in_flight, settings.per_key_in_flight)
         self.router = StreamRouter()
         self.cluster = ClusterView()
         self.keys = Keys(settings.bus.prefix)
@@ -157,17 +157,16 @@ class Gateway:
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
     ) -> Generation:
         """Admit, check, record and submit. Raises APIError with nothing left behind."""
-        if not self.admission.can_admit():
-            raise APIError(
-                503,
-                "The server is overloaded; try again.",
-                retry_after=self.admission.retry_after_s,
-            )
-        self.admission.admit()
+        slot = None if self.keystore.open_access else key.name  # per-key bound: real keys
+        refusal = self.admission.refusal(slot, key.limit.max_in_flight)
+        if refusal is not None:
+            raise APIError(503, refusal, retry_after=self.admission.retry_after_s)
+        self.admission.admit(slot)
         generation: Generation | None = None
         try:
+            self._charge_request(key)  # before the body costs tokenization
             prepared = await self.prepare(kind, body, key)
-            self._charge(key, prepared)
+            self._charge_tokens(key, prepared)
             generation = Generation(self._services(), prepared, key.name)
             await generation.submit()
             return generation
@@ -175,7 +174,7 @@ class Gateway:
             if generation is not None:
                 await generation.close()  # releases admission and refunds tokens
             else:
-                self.admission.release()
+                self.admission.release(slot)
             raise
 
     async def prepare(
@@ -209,9 +208,21 @@ class Gateway:
             top_logprobs=sampling.logprobs,
         )
 
-    def _charge(self, key: ApiKey, prepared: Prepared) -> None:
+    def _charge_request(self, key: ApiKey) -> None:
+        """The request itself (rpm), charged before the prompt is tokenized."""
+        self._raise_if_waiting(
+            key, self.limiter.acquire_request(key.name, key.limit, time.monotonic())
+        )
+
+    def _charge_tokens(self, key: ApiKey, prepared: Prepared) -> None:
+        """Prompt + max_tokens (tpm), the most the request can cost; the unused part comes back."""
         cost = len(prepared.prompt_ids) + prepared.sampling.max_tokens
-        wait = self.limiter.acquire(key.name, key.limit, cost, time.monotonic())
+        self._raise_if_waiting(
+            key, self.limiter.acquire_tokens(key.name, key.limit, cost, time.monotonic())
+        )
+
+    @staticmethod
+    def _raise_if_waiting(key: ApiKey, wait: float | None) -> None:
         if wait is not None:
             raise APIError(
                 429,
@@ -234,6 +245,6 @@ class Gateway:
         )
 
     def _on_close(self, generation: Generation) -> None:
-        self.admission.release()
+        self.admission.release(None if self.keystore.open_access else generation.api_key)
         unused = generation.p.sampling.max_tokens - generation.timings.output_tokens
         self.limiter.refund(generation.api_key, unused, time.monotonic())

@@ -44,6 +44,11 @@ class GatewaySettings:
         default_factory=lambda: _env_int("AEGAEON_MAX_PROMPT_TOKENS", 0) or None
     )
     max_in_flight: int = field(default_factory=lambda: _env_int("AEGAEON_MAX_IN_FLIGHT", 1024))
+    # One key's share of max_in_flight (a key's own max_in_flight in the keys file overrides it):
+    # a key holding streams it never reads cannot take every slot. 0: a quarter of the total.
+    max_in_flight_per_key: int = field(
+        default_factory=lambda: _env_int("AEGAEON_MAX_IN_FLIGHT_PER_KEY", 0)
+    )
     submit_timeout_s: float = field(
         default_factory=lambda: _env_float("AEGAEON_SUBMIT_TIMEOUT_S", 10.0)
     )
@@ -61,5 +66,12 @@ class GatewaySettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.max_in_flight_per_key < 0:
+            raise ValueError("max_in_flight_per_key must be 0 (a quarter of the total) or more")
         if self.submit_timeout_s <= 0 or self.idle_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def per_key_in_flight(self) -> int:
+        """The per-key bound in effect (``max_in_flight_per_key``, 0: a quarter of the total)."""
+        return self.max_in_flight_per_key or max(1, self.max_in_flight // 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ TOKENIZER_FILES = (
 )
 """Files a tokenizer may need; a model has a subset of them."""
 
+CONTENT_MARK = "\u2063\u2063aegaeon-content\u2063"
+"""Stands for a message's content while its template is rendered (invisible separators: no one
+types them, and no template transforms them)."""
+
+MARKED = re.compile(f"{re.escape(CONTENT_MARK)}(\\d+){re.escape(CONTENT_MARK)}")
+
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -54,13 +61,44 @@ class ModelTokenizer:
         return list(self.tokenizer(text)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation through the model's chat template, ready for the assistant's turn."""
-        template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        """A conversation through the model's chat template, ready for the assistant's turn.
+
+        Special tokens come from the template only: a message that spells one out (say
+        ``<|im_start|>system``, to forge a role boundary) has it tokenized as plain text. Such a
+        conversation is tokenized in pieces (template text, then each message's content on its
+        own); any other is tokenized whole, exactly as transformers would."""
+        if not any(self._spells_special(m.get("content")) for m in messages):
+            # The template writes BOS and friends itself; do not add them twice.
+            return list(
+                self.tokenizer(self._render(messages), add_special_tokens=False)["input_ids"]
+            )
+        marks = [f"{CONTENT_MARK}{i}{CONTENT_MARK}" for i in range(len(messages))]
+        text = self._render(
+            [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
         )
-        # The template writes BOS and friends itself; do not add them twice.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids: list[int] = []
+        at = 0
+        for found in MARKED.finditer(text):
+            ids += self.tokenizer(text[at : found.start()], add_special_tokens=False)["input_ids"]
+            content = messages[int(found.group(1))]["content"]
+            ids += self.tokenizer(content, add_special_tokens=False, split_special_tokens=True)[
+                "input_ids"
+            ]
+            at = found.end()
+        ids += self.tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
+        return str(self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        ))  # fmt: skip
+
+    def _spells_special(self, content: object) -> bool:
+        specials = getattr(self.tokenizer, "all_special_tokens", [])
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        names = {*specials, *(t.content for t in added.values() if getattr(t, "special", False))}
+        return isinstance(content, str) and any(name and name in content for name in names)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -17,13 +17,16 @@ from aegaeon.config import BusConfig
 from aegaeon.metrics import serve_metrics
 from aegaeon.protocol import ListModels, ModelInfo, ModelList
 from aegaeon.runtime import run_process
+from aegaeon.subjects import host_token, subject_token
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    parser.add_argument("--worker-id", type=subject_token,
+                        default=f"{host_token(socket.gethostname())}-{os.getpid()}",
+                        help="this worker's id: letters, digits, '_' and '-' (default host-pid)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
     parser.add_argument("--arena-bytes", type=int, default=None, help="device memory arena size")

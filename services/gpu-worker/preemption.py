@@ -70,6 +70,14 @@ class Preemption:
 
     # ------------------------------------------------------------------ swap
 
+    def drop_kv(self, request_id: str) -> None:
+        """Forget a request's KV (device and host); its next step recomputes it from the prompt
+        and the tokens so far, with the same tokens (DESIGN.md §5)."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._release(request)
+            self.counters["dropped"] += 1
+
     def swap_out(self, request_ids: Sequence[str]) -> list[str]:
         """Move requests' device KV to the host pool; returns ids whose KV was dropped instead."""
         dropped = []

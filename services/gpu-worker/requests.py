@@ -18,7 +18,8 @@ class TokenOutput:
     token_id: int
     logprob: float | None
     top_logprobs: list[tuple[int, float]]  # empty unless sampling.logprobs
-    finish_reason: str | None  # "stop" (eos or stop_token_ids) | "length" | None
+    finish_reason: str | None  # "stop" (eos or stop_token_ids) | "length" | "error" | None
+    error: str | None = None  # with "error": why this request (alone) failed; no token then
 
 
 @dataclass

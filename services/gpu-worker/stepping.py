@@ -1,17 +1,28 @@
 """Stepping: one token for each request of a batch of the resident model — prefill, decode,
-sampling (DESIGN.md §5). Mixed into ``Engine`` on top of ``Preemption``, which makes room."""
+sampling (DESIGN.md §5). Mixed into ``Engine`` on top of ``Preemption``, which makes room.
+
+A failure is the failing request's alone: a draw that raises fails only its request, and a
+batch whose forward pass raises is run again one request at a time, so that only the request
+that still fails alone ends (with an ``error`` output) while the others get their token. The
+failed forward is rolled back first (blocks it gave to prefills are returned), so the retry
+computes exactly what the batch would have.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from aegaeon.gpu_worker.kv_cache import blocks_needed
+from aegaeon.gpu_worker.paged_kv import PagedKV
 from aegaeon.gpu_worker.preemption import Preemption
 from aegaeon.gpu_worker.requests import Request, TokenOutput
 from aegaeon.gpu_worker.runners.fallback import FallbackRunner
 from aegaeon.gpu_worker.runners.llama import LlamaRunner
 from aegaeon.gpu_worker.sampler import choose, finish_reason, is_plain_greedy
+
+log = logging.getLogger(__name__)
 
 
 class Stepping(Preemption):
@@ -33,22 +44,56 @@ class Stepping(Preemption):
             return []
         self._clock += 1
         with torch.inference_mode():
-            if self.specs[batch[0].model].kind == "fallback":
-                logits = self._fallback_step(batch)
-            else:
-                batch = self._make_room(batch)
-                logits = self._native_step(batch)
+            try:
+                if self.specs[batch[0].model].kind == "fallback":
+                    logits = self._fallback_step(batch)
+                else:
+                    batch = self._make_room(batch)
+                    logits = self._native_step(batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    return [self._fail(batch[0], exc)]
+                log.warning("a batch of %d failed (%s): each request alone", len(batch), exc)
+                return self._step_each(batch)
             return self._sample(batch, logits)
+
+    def _step_each(self, batch: list[Request]) -> list[TokenOutput]:
+        outputs, preempted = [], list(self.last_step_preempted)
+        for request in batch:
+            outputs += self.step([request.request_id])
+            preempted += self.last_step_preempted
+        self.last_step_preempted = preempted
+        return outputs
+
+    def _fail(self, request: Request, exc: Exception) -> TokenOutput:
+        """End one request with an error output (no token); the engine forgets it."""
+        log.exception("request %s failed", request.request_id, exc_info=exc)
+        self.abort(request.request_id)
+        error = f"{type(exc).__name__}: {exc}"
+        return TokenOutput(request.request_id, len(request.outputs), -1, None, [], "error", error)
 
     def _native_step(self, batch: list[Request]) -> torch.Tensor:
         kv = self._paged_kv(batch[0].model)
         # Swap-ins run on their own stream while the prefill (which needs none of them) computes.
         self._start_swap_in([r for r in batch if r.host is not None])
         prefill = [r for r in batch if not r.blocks]
-        for request in batch:
-            grow = blocks_needed(len(request.tokens), kv.block_size) - len(request.blocks)
-            if grow > 0:
-                request.blocks += self.slabs.allocate(kv.block_elems, grow)
+        try:
+            for request in batch:
+                grow = blocks_needed(len(request.tokens), kv.block_size) - len(request.blocks)
+                if grow > 0:
+                    request.blocks += self.slabs.allocate(kv.block_elems, grow)
+            return self._native_forward(batch, prefill, kv)
+        except Exception:
+            # Undone so that a retry sees the same work: a prefill whose forward failed has no
+            # KV in its blocks (keeping them would make it look decoded). Swap-ins completed.
+            self._finish_swap_in()
+            for request in prefill:
+                self._free_device(request)
+            raise
+
+    def _native_forward(
+        self, batch: list[Request], prefill: list[Request], kv: PagedKV
+    ) -> torch.Tensor:
         runner = self._native[self.specs[batch[0].model].hf_config.model_type]
         if len(prefill) == len(batch):
             return runner.prefill([r.tokens for r in batch], [r.blocks for r in batch], kv)
@@ -74,15 +119,18 @@ class Stepping(Preemption):
 
     def _fallback_step(self, batch: list[Request]) -> torch.Tensor:
         self._swap_in([r for r in batch if r.host is not None])
-        rows = []
+        rows, caches = [], []
         for request in batch:
-            if request.fallback_kv is None:
-                logits, request.fallback_kv = self._fallback.forward(request.tokens, None)
-            else:
-                logits, request.fallback_kv = self._fallback.forward(
-                    request.tokens[-1:], request.fallback_kv
-                )
+            past = request.fallback_kv
+            logits, cache = self._fallback.forward(
+                request.tokens[-1:] if past else request.tokens, past
+            )
             rows.append(logits)
+            caches.append(cache)
+        # Kept only once every request's forward passed (the cache grows into new tensors), so a
+        # failed batch leaves every request's cache as it was for the retry.
+        for request, cache in zip(batch, caches, strict=True):
+            request.fallback_kv = cache
         return torch.stack(rows)
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[TokenOutput]:
@@ -95,7 +143,11 @@ class Stepping(Preemption):
             if i in picks:
                 token, logprob, top = picks[i], None, []
             else:
-                choice = choose(logits[i], request.sampling, request.outputs, request.seed)
+                try:
+                    choice = choose(logits[i], request.sampling, request.outputs, request.seed)
+                except Exception as exc:  # this request's sampling values: its failure alone
+                    outputs.append(self._fail(request, exc))
+                    continue
                 token, logprob, top = choice.token_id, choice.logprob, choice.top_logprobs
             request.outputs.append(token)
             request.last_used = self._clock

@@ -53,6 +53,10 @@ from aegaeon.state import REQUEST_TTL_S, Keys
 from aegaeon.telemetry import RequestTrace, link_to, record_span, tracer
 
 log = logging.getLogger(__name__)
+
+CLIENT_ERROR = "the server failed while generating this request; it was stopped"
+"""What a client is told when the engine fails its request: the cause (exception text, which can
+name internals) goes to the worker's log and to the scheduler's RequestDone, not to the client."""
 _tracer = tracer(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -374,6 +378,8 @@ class WorkerService:
                         "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s},
         ) as turn.span:  # fmt: skip
             try:
+                for rid in command.drop_kv:  # before the switch, as an unloading instance would
+                    await self._drop_kv(rid)
                 switch = await self._switch(command.model)
                 if switch is not None:
                     done.switch_s, done.switch_bytes = float(switch.seconds), int(switch.bytes)
@@ -393,6 +399,13 @@ class WorkerService:
                 self._end_turn_spans(turn, done)
                 await self._flush_redis()
                 await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+
+    async def _drop_kv(self, request_id: str) -> None:
+        held = self.held.get(request_id)
+        if held is None:
+            return
+        await self._on_engine(self.engine.drop_kv, request_id)
+        held.prefilled = held.swapped = False  # its next step here is a prefill again
 
     async def _export_kv(self, command: RunTurn, done: TurnDone) -> None:
         """Leave the KV of the requests handed to a decode worker on this node in the host pool;
@@ -553,9 +566,18 @@ class WorkerService:
         per_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
         finished: list[str] = []
         redis_tokens: dict[str, list[int]] = defaultdict(list)
+        failed: dict[str, str] = {}
         for out in outputs:
             held = self.held.get(out.request_id)
             if held is None:
+                continue
+            if out.error is not None:  # this request alone failed in the engine: end it
+                failed[out.request_id] = out.error
+                per_gateway[held.gateway_id].append(
+                    TokenEvent(out.request_id, out.index, [], finish_reason="error",
+                               error=CLIENT_ERROR)
+                )  # fmt: skip
+                finished.append(out.request_id)
                 continue
             logprobs = (
                 [(float(out.logprob), [(int(t), float(p)) for t, p in out.top_logprobs])]
@@ -583,8 +605,9 @@ class WorkerService:
             held = self.held.pop(rid)
             await self.bus.publish(
                 self.subjects.worker_events(self.worker_id),
-                RequestDone(self.worker_id, rid, _reason(outputs, rid), held.produced),
-            )
+                RequestDone(self.worker_id, rid, _reason(outputs, rid), held.produced,
+                            failed.get(rid, "")),
+            )  # fmt: skip
         return finished
 
     async def _append_tokens(self, tokens: dict[str, list[int]]) -> None:
@@ -636,7 +659,7 @@ class WorkerService:
                 await self._on_engine(self.engine.abort, rid)
             except Exception:
                 log.exception("abort after error failed for %s", rid)
-            event = TokenEvent(rid, produced, [], finish_reason="error", error=message)
+            event = TokenEvent(rid, produced, [], finish_reason="error", error=CLIENT_ERROR)
             await self.bus.publish(self.subjects.tokens(gateway[rid]), TokenBatch([event]))
             await self.bus.publish(
                 events, RequestDone(self.worker_id, rid, "error", produced, message)

@@ -143,5 +143,6 @@ class TurnEvents(ServiceCore):
             if tracked.worker:
                 cmd = self.subjects.worker_cmd(tracked.worker)
                 await self.bus.publish(cmd, AbortRequest(tracked.request_id))
-            await self._fail(tracked, event.message)
+            # The cause (exception text) stays in the scheduler's log above.
+            await self._fail(tracked, "the worker failed on this request")
         await self._dispatch()

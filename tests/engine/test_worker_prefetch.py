@@ -1,34 +1,18 @@
 """The worker acts on ``RunTurn.prefetch_model``: the named model is copied into the free slot
 while the turn decodes, the next turn's switch only rebinds, and TurnDone / SwitchDone report
 the bytes copied in the background and while waiting. A real engine, NATS and Redis; only the
-model-store's "ensure cached" answer is faked (it points at the demo files)."""
+model-store's "ensure cached" answer is faked (``worker_harness``)."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
-from aegaeon.gpu_worker.worker import WorkerService
 from engine_helpers import GREEDY, PROMPTS
+from worker_harness import GATEWAY, WorkerHarness
 
-from aegaeon.bus import Bus
-from aegaeon.config import BusConfig
-from aegaeon.protocol import (
-    AssignRequest,
-    EnsureCached,
-    Heartbeat,
-    ModelInfo,
-    ModelReply,
-    RunTurn,
-    SwitchDone,
-    TokenBatch,
-    TurnDone,
-    WorkerError,
-    WorkerEvent,
-)
+from aegaeon.protocol import AssignRequest, RunTurn, SwitchDone, TurnDone
 
 FIRST, NEXT = "demo-llama", "demo-qwen2"
 
@@ -56,59 +40,15 @@ def test_turn_prefetches_the_next_model_and_its_switch_copies_nothing_while_wait
 
 
 async def _two_turns(engine: Engine, models: Path, nats_server, redis_server) -> tuple[list, dict]:
-    config = BusConfig(nats_url=nats_server.url, redis_url=redis_server.url,
-                       prefix="wpf" + uuid.uuid4().hex[:8])  # fmt: skip
-    bus = await Bus.connect(config, name="test-worker-prefetch")
-    redis = aioredis.Redis.from_url(config.redis_url)
-    worker = WorkerService("w1", "both", engine, bus, redis)
-    events: list = []
-    tokens: dict[str, list[int]] = {"a": [], "b": []}
-    turn_done = asyncio.Queue[TurnDone | WorkerError]()
-    ready = asyncio.Event()  # the worker's first heartbeat follows its command subscription
-
-    async def ensure(request: EnsureCached, msg) -> None:
-        folder = models / request.name
-        info = ModelInfo(request.name, "", "", str(folder), 0, 0, 0, "float32",
-                         cached=True, cache_path=str(folder / "model.safetensors"))  # fmt: skip
-        await bus.reply(msg, ModelReply(info))
-
-    async def on_event(event, _msg) -> None:
-        events.append(event)
-        if isinstance(event, TurnDone | WorkerError):
-            await turn_done.put(event)
-
-    async def on_heartbeat(_beat: Heartbeat, _msg) -> None:
-        ready.set()
-
-    async def on_tokens(batch: TokenBatch, _msg) -> None:
-        for event in batch.events:
-            tokens[event.request_id] += event.token_ids
-
-    subs = [
-        await bus.subscribe(bus.subjects.models("ensure"), EnsureCached, ensure),
-        await bus.subscribe(bus.subjects.worker_events("w1"), WorkerEvent, on_event),
-        await bus.subscribe(bus.subjects.tokens("g1"), TokenBatch, on_tokens),
-        await bus.subscribe(bus.subjects.heartbeat, Heartbeat, on_heartbeat),
-    ]
-    running = asyncio.create_task(worker.run())
-    await asyncio.wait_for(ready.wait(), 60)
-    cmd = bus.subjects.worker_cmd("w1")
-    try:
-        await bus.publish(cmd, AssignRequest("a", FIRST, PROMPTS[0], GREEDY, "g1", 0.0))
-        await bus.publish(cmd, RunTurn(1, FIRST, ["a"], quota_s=1e6, prefetch_model=NEXT))
-        assert isinstance(await asyncio.wait_for(turn_done.get(), 120), TurnDone)
+    async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
+        await w.send(AssignRequest("a", FIRST, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(1, FIRST, ["a"], quota_s=1e6, prefetch_model=NEXT))
+        assert isinstance(await w.turn_ended(), TurnDone)
         await asyncio.wait_for(_prefetch_done(engine, NEXT), 120)
-        await bus.publish(cmd, AssignRequest("b", NEXT, PROMPTS[0], GREEDY, "g1", 0.0))
-        await bus.publish(cmd, RunTurn(2, NEXT, ["b"], quota_s=1e6))
-        assert isinstance(await asyncio.wait_for(turn_done.get(), 120), TurnDone)
-    finally:
-        worker.stop()
-        await running
-        for sub in subs:
-            await sub.unsubscribe()
-        await redis.aclose()
-        await bus.close()
-    return events, tokens
+        await w.send(AssignRequest("b", NEXT, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(2, NEXT, ["b"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+    return w.events, w.tokens
 
 
 async def _prefetch_done(engine: Engine, model: str) -> None:

@@ -112,6 +112,42 @@ async def test_admission_full_is_503_with_retry_after(nats_server, redis_server,
         assert len(stack.backend.submitted) == 1
 
 
+async def test_one_key_holding_its_share_of_slots_cannot_block_another_key(
+    nats_server, redis_server, tiny_model, tmp_path
+):
+    """The greedy key's streams hang (never read, never finishing): past its share it gets a
+    503 naming the key, while another key is still admitted beside it."""
+    path = tmp_path / "keys.json"
+    keys = [{"name": "greedy", "sha256": hash_key("sk-greedy")},
+            {"name": "polite", "sha256": hash_key("sk-polite"), "max_in_flight": 1}]  # fmt: skip
+    path.write_text(json.dumps({"keys": keys}))
+    async for stack in serve_stack(nats_server, redis_server, tiny_model, "perkey",
+                                   api_keys_file=str(path), max_in_flight=8,
+                                   max_in_flight_per_key=2):  # fmt: skip
+        stack.backend.script = Script(hang=True)
+        async with httpx.AsyncClient(base_url=stack.base_url) as http:
+
+            def post(key: str) -> asyncio.Task:
+                return asyncio.create_task(
+                    http.post("/v1/completions", json=BODY, headers=auth(key), timeout=10)
+                )
+
+            held = [post("sk-greedy"), post("sk-greedy")]
+            while len(stack.backend.submitted) < 2:
+                await asyncio.sleep(0.01)
+            refused = await http.post("/v1/completions", json=BODY, headers=auth("sk-greedy"))
+            assert refused.status_code == 503 and "greedy" in refused.json()["error"]["message"]
+            polite = post("sk-polite")
+            while len(stack.backend.submitted) < 3:  # admitted past the greedy key's streams
+                await asyncio.sleep(0.01)
+            second = await http.post("/v1/completions", json=BODY, headers=auth("sk-polite"))
+            assert second.status_code == 503  # its own cap from the keys file: 1
+            for task in [*held, polite]:
+                task.cancel()
+        await stack.settle()
+        assert len(stack.backend.submitted) == 3
+
+
 async def test_models_lists_every_registered_model_even_when_nothing_is_loaded(stack):
     api = AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="x", max_retries=0)
     listed = await api.models.list()

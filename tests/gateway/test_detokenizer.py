@@ -95,6 +95,32 @@ def test_output_ending_inside_a_character_is_flushed_as_decode_renders_it():
     assert text == tok.decode(ids)
 
 
+def counting(decode):
+    """``decode`` that adds up how many ids it was given (the detokenizer's work)."""
+    work = {"ids": 0}
+
+    def wrapped(ids):
+        work["ids"] += len(ids)
+        return decode(ids)
+
+    return wrapped, work
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("text", [" ", "\n", "\ufffd", " \ufffd", "\t\n "])
+def test_hostile_outputs_cost_linear_work_and_stay_exact(name, text):
+    """Whitespace-only output, and output ending in a literal U+FFFD, once re-decoded everything
+    at each token (quadratic on the gateway's event loop)."""
+    tok = TOKENIZERS[name]
+    unit = tok.encode(text).ids
+    ids = unit * (2000 // len(unit))
+    decode, work = counting(tok.decode)
+    detok = IncrementalDetokenizer(decode)
+    deltas = [detok.feed([i]) for i in ids] + [detok.finish()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert work["ids"] < 100 * len(ids)  # quadratic would be ~1000×
+
+
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:
     out = "".join(matcher.feed(p) for p in pieces)
     return out + matcher.flush()

@@ -77,3 +77,24 @@ def test_admission_bounds_requests_in_flight():
     assert admission.can_admit()
     with pytest.raises(ValueError):
         Admission(0)
+
+
+def test_admission_bounds_each_key_and_forgets_keys_with_nothing_in_flight():
+    admission = Admission(10, per_key=2)
+    admission.admit("a")
+    admission.admit("a")
+    assert "'a'" in (admission.refusal("a") or "")
+    assert admission.can_admit("b") and admission.can_admit(None)
+    assert admission.can_admit("a", key_cap=3)  # the key's own cap from the keys file
+    admission.release("a")
+    admission.release("a")
+    assert admission.by_key == {} and admission.in_flight == 0
+
+
+def test_the_request_rate_is_charged_apart_from_the_token_rate():
+    limiter = RateLimiter()
+    limit = Limit(rpm=1, tpm=10)
+    assert limiter.acquire_request("k", limit, 0.0) is None
+    assert limiter.acquire_request("k", limit, 0.0) is not None
+    assert limiter.acquire_tokens("k", limit, 10, 0.0) is None
+    assert limiter.acquire_tokens("k", limit, 1, 0.0) is not None

@@ -195,3 +195,26 @@ def test_sllm_plus_remaining_time_comes_from_max_tokens_less_generated():
                        prefilled=True)  # fmt: skip
     assert policy.remaining_time(fresh) == 0.05 + 100 * 0.01
     assert policy.remaining_time(half) == 50 * 0.01
+
+
+def test_sllm_plus_preempting_for_another_model_drops_the_displaced_kv():
+    """The displaced model's instance unloads with its KV (the paper's simulator evicts every
+    request on a swap): its started request is recomputed when it runs again."""
+    policy = with_instances(SllmPlusPolicy(models(A=1, B=1), SLO, StepCosts()), 1)
+    policy.submit(request("a0", "A", arrival=0.0, max_tokens=500), 0.0)
+    first = run_turn(policy, "i0", 0.0)
+    assert first.model == "A" and first.drop_kv == [] and policy.requests["a0"].prefilled
+    policy.submit(request("b0", "B", arrival=0.1, max_tokens=2), 0.1)
+    second = run_turn(policy, "i0", 0.2)
+    assert (second.model, second.drop_kv) == ("B", ["a0"])
+    assert not policy.requests["a0"].prefilled  # its remaining time counts the prefill again
+    assert policy.remaining_time(policy.requests["a0"]) > 495 * 0.01 + 0.05 - 1e-9
+
+
+def test_request_level_switches_only_between_periods_so_it_drops_nothing():
+    policy = with_instances(RequestLevelPolicy(models(A=1, B=1), SLO), 1)
+    policy.submit(request("a0", "A", arrival=0.0), 0.0)
+    run_turn(policy, "i0", 0.0)
+    policy.submit(request("b0", "B", arrival=0.1), 0.1)
+    plans = [run_turn(policy, "i0", 0.2 + i, finished=["a0"] if i == 0 else ()) for i in range(2)]
+    assert [p.model for p in plans] == ["A", "B"] and all(p.drop_kv == [] for p in plans)

@@ -45,10 +45,24 @@ def test_placement_weighs_rate_by_size():
     assert owner["C"] == owner["A"] != owner["B"]
 
 
-def test_a_model_that_fits_nowhere_goes_where_it_overflows_least():
+def test_a_model_that_fits_nowhere_has_no_placement_and_its_requests_are_refused():
+    """As MuxServe: "cannot find a placement" once the models outgrow the devices' memory."""
     owner = place({"A": 5, "B": 4, "C": 1}, {"A": 2, "B": 1, "C": 2}, ["i0", "i1"],
                   {"i0": 2, "i1": 2})  # fmt: skip
+    assert set(owner) == {"A", "B"}
+    policy = mux(1, 2, rates={"A": 5, "B": 4, "C": 1}, A=1, B=1, C=1)
+    refused = policy.submit(request("r1", "C"), 0.0)
+    assert refused is not None and refused.status == 503 and "no placement" in refused.reason
+    assert policy.submit(request("r2", "A"), 0.0) is None
+
+
+def test_with_overflow_swap_a_model_that_fits_nowhere_goes_where_it_overflows_least():
+    owner = place({"A": 5, "B": 4, "C": 1}, {"A": 2, "B": 1, "C": 2}, ["i0", "i1"],
+                  {"i0": 2, "i1": 2}, overflow=True)  # fmt: skip
     assert owner["C"] == owner["B"]  # 1 GB over there, 2 GB beside A: it switches within its set
+    policy = StaticMuxPolicy(models(A=1, B=1, C=1), SLO, overflow="swap")
+    policy.add_instance(InstanceView("i0", weight_budget_bytes=2 * GB))
+    assert policy.submit(request("r1", "C"), 0.0) is None
 
 
 def test_static_mux_uses_the_rates_it_is_given():

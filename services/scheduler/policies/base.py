@@ -72,7 +72,9 @@ class TurnPlan:
     ``quota_s`` bounds decode time after the switch; ``prefill_only`` ends the turn after the
     prefill step; ``swap_out_after`` moves the batch's KV to the host at the end;
     ``prefetch_model`` is staged during the turn. ``handoff`` maps request ids whose KV must go
-    to another instance after this turn (prefill → decode) to that instance's id.
+    to another instance after this turn (prefill → decode) to that instance's id. ``drop_kv``:
+    requests whose KV the instance drops before the turn (recomputed when they run again), as a
+    ServerlessLLM instance loses its requests' KV when it unloads their model.
     """
 
     instance_id: str
@@ -84,6 +86,7 @@ class TurnPlan:
     prefetch_model: str | None = None
     max_steps: int | None = None
     handoff: dict[str, str] = field(default_factory=dict)
+    drop_kv: list[str] = field(default_factory=list)
 
 
 @dataclass

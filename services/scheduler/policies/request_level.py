@@ -24,7 +24,9 @@ batch as long as nothing older waits::
 A model stays resident until another is needed (keep-alive), and a request is never preempted
 once started: ServerlessLLM runs each request to completion on its instance. Requests whose KV
 the engine has to evict are recomputed by the worker at their next step (prefill of prompt +
-tokens so far); ServerlessLLM has no KV swap, so this policy never asks for one.
+tokens so far); ServerlessLLM has no KV swap, so this policy never asks for one. A switch to
+another model unloads the old one with its KV (``kv_lost_by_switch``): a started request of
+another model on the instance (only ``sllm-plus`` preempts, so only there) is recomputed.
 
 Kept from ServerlessLLM: warm routing, scale-out onto idle instances with a cold start,
 per-request FCFS queues, keep-alive, recompute on eviction. Dropped: its multi-tier checkpoint
@@ -98,6 +100,18 @@ class RequestLevelPolicy(ServingPolicy):
         """Cold start on an empty instance first, else on the least recently used one."""
         view = self.instances[instance_id]
         return view.resident_model is not None, self.last_used.get(instance_id, float("-inf"))
+
+    def kv_lost_by_switch(self, view: InstanceView, model: str) -> list[str]:
+        """A ServerlessLLM instance that loads another model unloads the old one with its vLLM
+        engine, KV cache included: the started requests of other models on it are recomputed
+        when they run again (prefill of prompt + tokens so far)."""
+        if view.resident_model is None or model == view.resident_model:
+            return []
+        lost = [r for r in self.queues[view.instance_id]
+                if self.requests[r].model != model and self.requests[r].prefilled]  # fmt: skip
+        for request_id in lost:
+            self.requests[request_id].prefilled = False
+        return lost
 
     # ------------------------------------------------------------ FCFS by arrival
 

@@ -112,7 +112,13 @@ class ServingPolicy(Policy):
             return None
         model, ids = chosen
         view.busy = True
-        return TurnPlan(instance_id, model, ids, quota_s=self.quota_s)
+        dropped = self.kv_lost_by_switch(view, model)
+        return TurnPlan(instance_id, model, ids, quota_s=self.quota_s, drop_kv=dropped)
+
+    def kv_lost_by_switch(self, view: InstanceView, model: str) -> list[str]:
+        """Requests whose KV the instance loses when it switches to ``model`` (default: none;
+        the engine keeps every request's KV across switches)."""
+        return []
 
     def fit(self, view: InstanceView, request_ids: list[str]) -> list[str]:
         """The longest prefix of ``request_ids`` that fits the KV capacity and MAX_BATCH; a

@@ -15,8 +15,10 @@ bound (a request may stop earlier at an end-of-sequence token), so the order is 
 each request may still take.
 
 SRTF is preemptive at turn boundaries: a shorter request of another model takes the instance at
-the next turn, and the requests it displaces keep their KV where the engine can keep it; KV the
-engine must evict is recomputed (ServerlessLLM has no KV swap, so none is asked for).
+the next turn, and the requests it displaces lose their KV with their model's instance (as in
+the paper's simulator, where a swap evicts every request on the worker): they are recomputed
+when they run again (ServerlessLLM has no KV swap, so none is asked for). Their remaining time
+then counts that prefill again.
 """
 
 from __future__ import annotations

@@ -8,10 +8,15 @@ Models are placed on instances up front by rate and size, and never served anywh
     rest fill in beside them, co-resident as memory allows
 
 An instance time-slices among the models of its own set that have work, round-robin, one short
-turn each (continuous batching within a turn). The one departure: a model that fits no
-instance's remaining budget goes where it overflows the budget least, and that instance's set
-then exceeds its budget: it switches weights in and out among its own members (never outside
-its set), paying the switch each time, as ``request-level`` would.
+turn each (continuous batching within a turn). A model that fits no instance's remaining budget
+has no placement, as in MuxServe (whose placement search ends with "cannot find a placement for
+N models" once the models outgrow the devices' memory): its requests are refused (503) and
+counted as failures by the benchmarks.
+
+``overflow="swap"`` (``--policy-option overflow=swap``) is a variant beyond MuxServe, for
+comparison: such a model goes where it overflows the budget least, and that instance's set then
+exceeds its budget: it switches weights in and out among its own members (never outside its set),
+paying the switch each time, as ``request-level`` would.
 
 Rates: the ``rates`` option (requests/s per model) when the driver knows them; else learned
 online from arrival counts (equal at first, so the first placement goes by size). The
@@ -20,7 +25,7 @@ doubling; a model moves to its new instance only when it has no request queued o
 anywhere, so no running work is stranded; until then it stays where it was.
 
 Kept from MuxServe: rate- and size-aware placement of several models per device, co-residence,
-time-slicing among the co-resident set, no switching outside it. Dropped: its spatial sharing of
+time-slicing among the co-resident set, no weight switching (no placement for what does not fit). Dropped: its spatial sharing of
 one device by concurrent kernels (prefill and decode of different models at once, SM
 partitioning), its search over GPU meshes and tensor parallelism; every instance here is one
 device running one batch at a time.
@@ -50,9 +55,11 @@ def place(
     sizes: dict[str, int],
     instances: list[str],
     budgets: dict[str, int],
+    overflow: bool = False,
 ) -> dict[str, str]:
     """model → instance: busiest first (rate × size) onto the least-loaded instance that still
-    has weight budget for it; one that fits nowhere goes where it overflows the budget least."""
+    has weight budget for it. One that fits nowhere is left out, or with ``overflow`` goes where
+    it overflows the budget least."""
     left = dict(budgets)
     load = dict.fromkeys(instances, 0.0)
     count = dict.fromkeys(instances, 0)
@@ -62,8 +69,10 @@ def place(
         fitting = [i for i in instances if left[i] >= sizes[model]]
         if fitting:
             target = min(fitting, key=lambda i: (load[i], count[i], -left[i], i))
-        else:  # over budget wherever it goes: where it overflows least
+        elif overflow:  # over budget wherever it goes: where it overflows least
             target = min(instances, key=lambda i: (-left[i], load[i], i))
+        else:
+            continue
         owner[model] = target
         left[target] -= sizes[model]
         load[target] += work[model]
@@ -83,8 +92,12 @@ class StaticMuxPolicy(ServingPolicy):
         slo: Slo,
         estimator: StepTimeEstimator | None = None,
         rates: dict[str, float] | None = None,
+        overflow: str = "none",
     ) -> None:
         super().__init__(models, slo, estimator)
+        if overflow not in ("none", "swap"):
+            raise ValueError(f"static-mux overflow must be 'none' or 'swap', not {overflow!r}")
+        self.overflow = overflow == "swap"
         self.given_rates = dict(rates) if rates else None
         self.arrivals: Counter[str] = Counter()
         self.owner: dict[str, str] = {}  # where each model is served now
@@ -115,24 +128,35 @@ class StaticMuxPolicy(ServingPolicy):
         ids = list(self.instances)
         sizes = {m: spec.weight_bytes for m, spec in self.models.items()}
         budgets = {i: self.instances[i].weight_budget_bytes for i in ids}
-        self.target = place(self.rates(), sizes, ids, budgets) if ids else {}
+        self.target = place(self.rates(), sizes, ids, budgets, self.overflow) if ids else {}
         busy = {r.model for r in self.requests.values()}
         for model, instance_id in self.target.items():
             gone = self.owner.get(model) not in self.instances
             if model not in busy or (force and gone):
                 self.owner[model] = instance_id
+        for model in set(self.owner) - set(self.target):  # placed out: once it has drained
+            if model not in busy or self.owner[model] not in self.instances:
+                del self.owner[model]
 
     def route(self, request: RequestView, now: float) -> str | Rejection:
         self.arrivals[request.model] += 1
         due = self.given_rates is None and sum(self.arrivals.values()) >= self.next_replace
         if due:
             self.next_replace *= 2
-        if due or request.model not in self.target:
+        if due or (self.overflow and request.model not in self.target):
             self._replace()
         outstanding = any(r.model == request.model for r in self.requests.values())
-        if not outstanding and request.model in self.target:
-            self.owner[request.model] = self.target[request.model]  # drained: it may move now
+        if not outstanding:  # drained: it may move now (or leave, when placed out)
+            if request.model in self.target:
+                self.owner[request.model] = self.target[request.model]
+            else:
+                self.owner.pop(request.model, None)
         instance_id = self.owner.get(request.model)
+        if instance_id is None and self.instances:
+            return Rejection(
+                f"static-mux has no placement for {request.model!r}: the instances' weight "
+                "budgets hold the other models", status=503, retry_after=1.0,
+            )  # fmt: skip
         if instance_id is None:
             return Rejection("no instance is available", status=503, retry_after=1.0)
         return instance_id
