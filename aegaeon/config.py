@@ -49,6 +49,19 @@ class BusConfig:
             raise ValueError(f"AEGAEON_PREFIX must be one subject token, got {self.prefix!r}")
 
 
+def local_stack_env(home: Path | None = None) -> dict[str, str]:
+    """The connection settings ``aegaeon up`` wrote for this user (``<home>/connection.json``:
+    its servers' URLs and this run's credentials), or {} when no stack runs here."""
+    import json
+
+    path = (home or default_state_dir()) / "connection.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k, v in data.items() if k.startswith("AEGAEON_")}
+
+
 def node_name() -> str:
     """This host's identity (``AEGAEON_NODE``, default the host name). Workers on the same node
     share memory, so a prefill worker's exported KV can be imported by a decode worker there."""

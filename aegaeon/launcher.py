@@ -2,7 +2,7 @@
 
 ::
 
-    aegaeon up ─┬─ nats-server (JetStream)   unless AEGAEON_NATS_URL is set
+    aegaeon up ─┬─ nats-server (password)    unless AEGAEON_NATS_URL is set
                 ├─ redis-server              unless AEGAEON_REDIS_URL is set
                 ├─ serve model-store ─┐
                 ├─ serve scheduler    │ each in its own process group, log in <home>/logs/,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,12 +34,14 @@ from pathlib import Path
 from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
 from aegaeon.config import BusConfig, default_state_dir, shm_dir
 from aegaeon.metrics import scrape_targets
-from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis
+from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis, write_private
 from aegaeon.supervisor import RestartPlanner
 
 STOP_ORDER = ("gateway", "worker", "scheduler", "model-store")
 """Front to back: stop taking requests first, remove the weights last."""
 POLL_S = 0.2
+CONNECTION_FILE = "connection.json"
+"""In ``<home>``: the embedded servers' URLs and this run's credentials, for this user's tools."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,22 +206,32 @@ class Stack:
         return proc.returncode
 
     def start_servers(self) -> None:
-        """Embedded NATS and Redis, unless the environment points at existing ones."""
+        """Embedded NATS and Redis, unless the environment points at existing ones. Each gets
+        credentials made for this run (another local user's client is refused), and
+        ``<home>/connection.json`` (0600) tells this user's tools (``aegaeon top``) where they
+        are and how to get in; it goes when the stack stops."""
+        connection: dict[str, str] = {}
         if "AEGAEON_NATS_URL" in os.environ:
             self.say(f"  nats         {os.environ['AEGAEON_NATS_URL']} (existing)")
         else:
-            user, password = os.environ.get("AEGAEON_NATS_USER"), os.environ.get("AEGAEON_NATS_PASSWORD")  # fmt: skip
+            user = os.environ.get("AEGAEON_NATS_USER") or "aegaeon"
+            password = os.environ.get("AEGAEON_NATS_PASSWORD") or secrets.token_urlsafe(24)
             nats = start_nats(self.home / "nats", log_file=self.logs / "nats.log", user=user, password=password)  # fmt: skip
             self.servers.append(nats)
-            self.env["AEGAEON_NATS_URL"] = nats.url
-            self.say(f"  nats-server  {nats.url} (JetStream, pid {nats.process.pid})")
+            connection |= {"AEGAEON_NATS_URL": nats.url, "AEGAEON_NATS_USER": user,
+                           "AEGAEON_NATS_PASSWORD": password}  # fmt: skip
+            self.say(f"  nats-server  {nats.url} (password of this run, pid {nats.process.pid})")
         if "AEGAEON_REDIS_URL" in os.environ:
             self.say(f"  redis        {os.environ['AEGAEON_REDIS_URL']} (existing)")
         else:
-            redis = start_redis(self.home / "redis", log_file=self.logs / "redis.log")
+            redis = start_redis(self.home / "redis", log_file=self.logs / "redis.log",
+                                password=secrets.token_urlsafe(24))  # fmt: skip
             self.servers.append(redis)
-            self.env["AEGAEON_REDIS_URL"] = redis.url
-            self.say(f"  redis-server {redis.url} (pid {redis.process.pid})")
+            connection["AEGAEON_REDIS_URL"] = redis.url
+            self.say(f"  redis-server 127.0.0.1:{redis.port} (password of this run, pid {redis.process.pid})")  # fmt: skip
+        self.env |= connection
+        if connection:
+            write_private(self.home / CONNECTION_FILE, json.dumps(connection, indent=2))
 
     def wait_ready(self, models_dir: Path) -> bool:
         """Supervise while waiting for the gateway's /health; print the endpoint once it is 200."""
@@ -277,6 +290,8 @@ class Stack:
                 child.close_log()
         for server in reversed(self.servers):
             server.stop()
+        if self.servers:
+            (self.home / CONNECTION_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.shm, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 
 def free_port() -> int:
@@ -82,26 +83,52 @@ class ServerProcess:
             self.process.wait()
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600, created so: never readable in between)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def start_nats(
     data_dir: Path, port: int | None = None, log_file: Path | None = None,
     user: str | None = None, password: str | None = None,
 ) -> ServerProcess:  # fmt: skip
-    """Start ``nats-server`` with JetStream, listening on 127.0.0.1."""
+    """Start ``nats-server`` listening on 127.0.0.1. Without credentials: open, JetStream on
+    (the tests' servers). With them: only that user is let in, from a 0600 config file (never on
+    the command line, where ``ps`` shows it to every local user), and JetStream off (unused)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)]
     if user and password:
-        cmd += ["--user", user, "--pass", password]
+        conf = data_dir / "nats.conf"
+        write_private(conf, f"authorization {{\n  user: {_quoted(user)}\n"
+                            f"  password: {_quoted(password)}\n}}\n")  # fmt: skip
+        cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _wait_for_port(port, proc, "nats-server")
     return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc)
 
 
+REDIS_DISABLED_COMMANDS = ("CONFIG", "MODULE", "DEBUG", "SLAVEOF", "REPLICAOF", "MIGRATE")
+"""Renamed away on a password-protected server: with them a client could load code
+(``MODULE LOAD``) or write files as the operator (``CONFIG SET dir``)."""
+
+
 def start_redis(
-    data_dir: Path, port: int | None = None, log_file: Path | None = None
-) -> ServerProcess:
-    """Start ``redis-server`` on 127.0.0.1 with persistence off (metadata expires anyway)."""
+    data_dir: Path, port: int | None = None, log_file: Path | None = None,
+    password: str | None = None,
+) -> ServerProcess:  # fmt: skip
+    """Start ``redis-server`` on 127.0.0.1 with persistence off (metadata expires anyway). With
+    ``password``: every client must authenticate, the settings come from a 0600 file (not the
+    command line) and REDIS_DISABLED_COMMANDS do not exist; the URL carries the password."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -109,8 +136,18 @@ def start_redis(
         "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no",
         "--logfile", str(log_file) if log_file else "",
     ]  # fmt: skip
+    if password:
+        lines = ["bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
+                 f"dir {_quoted(str(data_dir))}", "daemonize no",
+                 f"logfile {_quoted(str(log_file) if log_file else '')}",
+                 f"requirepass {_quoted(password)}",
+                 *(f'rename-command {name} ""' for name in REDIS_DISABLED_COMMANDS)]  # fmt: skip
+        conf = data_dir / "redis.conf"
+        write_private(conf, "\n".join(lines) + "\n")
+        cmd = [_binary("redis-server"), str(conf)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
     )
     _wait_for_port(port, proc, "redis-server")
-    return ServerProcess("redis", f"redis://127.0.0.1:{port}/0", port, proc)
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return ServerProcess("redis", f"redis://{auth}127.0.0.1:{port}/0", port, proc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from aegaeon.bus import Bus
-from aegaeon.config import BusConfig
+from aegaeon.config import BusConfig, local_stack_env
 from aegaeon.protocol import Heartbeat, SchedulerState, SwitchDone, WorkerEvent
 
 
@@ -108,9 +109,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="print one view and exit")
 
 
+def top_bus_config() -> BusConfig:
+    """The environment's bus, else the one of the ``aegaeon up`` this user runs here."""
+    if "AEGAEON_NATS_URL" in os.environ:
+        return BusConfig()
+    local = local_stack_env()
+    return BusConfig(
+        nats_url=local.get("AEGAEON_NATS_URL", BusConfig().nats_url),
+        nats_user=local.get("AEGAEON_NATS_USER"),
+        nats_password=local.get("AEGAEON_NATS_PASSWORD"),
+    )
+
+
 async def _watch(args: argparse.Namespace) -> None:
     snapshot = Snapshot()
-    bus = await Bus.connect(BusConfig(), name="top")
+    bus = await Bus.connect(top_bus_config(), name="top")
     subjects = bus.subjects
 
     async def on_heartbeat(beat: Heartbeat, _msg: object) -> None:
