@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 REQUEST_TTL_S = 3600
 """Metadata of a request lives this long after its last update."""
+OUTPUT_AFTER_FINISH_S = 120
+"""A finished request's recorded output tokens live this long (a gateway that lost the last
+events in a bus restart completes its stream from them)."""
 
 
 @dataclass(frozen=True)

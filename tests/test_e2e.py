@@ -14,7 +14,7 @@ import redis
 from transformers import AutoTokenizer
 
 from aegaeon.bench.stack_process import StackProcess
-from aegaeon.protocol import Heartbeat, SamplingParams, decode
+from aegaeon.protocol import Heartbeat, RequestDone, SamplingParams, WorkerEvent, decode
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,19 @@ def test_unknown_model_is_a_404_openai_error(stack):
 
 
 def test_cancel_mid_stream_stops_generation_and_frees_kv(stack, nats_server, redis_server):
+    """The worker ends the request as aborted after a few of its 2000 tokens (it would need
+    seconds to produce them all), then reports every KV block free."""
+
     async def run() -> tuple[Heartbeat, int]:
+        nc = await nats.connect(nats_server.url)
+        done: asyncio.Queue[RequestDone] = asyncio.Queue()
+
+        async def on_event(msg) -> None:
+            event = decode(msg.data, WorkerEvent)
+            if isinstance(event, RequestDone):
+                await done.put(event)
+
+        await nc.subscribe(f"{PREFIX}.worker.*.events", cb=on_event)
         client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="none")
         stream = await client.completions.create(
             model="demo-llama", prompt=[3, 4, 5, 6], max_tokens=2000, temperature=0, stream=True,
@@ -164,8 +176,9 @@ def test_cancel_mid_stream_stops_generation_and_frees_kv(stack, nats_server, red
                 break
         await stream.close()
         await client.close()
+        ended = await asyncio.wait_for(done.get(), 10)
+        assert ended.finish_reason == "abort" and ended.num_output_tokens < 1000, ended
         # The worker must report the blocks free again: watch its heartbeats.
-        nc = await nats.connect(nats_server.url)
         sub = await nc.subscribe(f"{PREFIX}.worker.heartbeat")
         beat = None
         for _ in range(100):

@@ -1,6 +1,6 @@
 """``aegaeon sim --paper``: the paper's end-to-end setting (DESIGN.md §7) in simulation.
 
-16 H800 GPUs as 2 nodes of 8; 16–80 models (to 128 at λ 0.1) in the 60/20/20 mix of 7B/9B/13B; Poisson arrivals
+16 H800 GPUs as 2 nodes of 8; 16–80 models (to 144 at λ 0.1) in the 60/20/20 mix of 7B/9B/13B; Poisson arrivals
 of λ = 0.1 and 0.5 requests/s per model with ShareGPT-like lengths; SLO ×1 (TTFT 10 s, TBT
 100 ms), ×0.5 and ×0.3. At every point each policy runs every layout it is offered
 (:mod:`aegaeon.sim.layout`) and reports the three attainment views of
@@ -53,7 +53,7 @@ class PaperGrid:
     def model_counts(self, rate: float) -> tuple[int, ...]:
         # Past the paper's 80 at λ 0.1, so that a policy still at 90% there has a measured
         # limit (not a lower bound at the grid's end).
-        default = {0.1: (*range(16, 81, 8), 96, 112, 128), 0.5: tuple(range(16, 49, 8))}
+        default = {0.1: (*range(16, 81, 8), 96, 112, 128, 144), 0.5: tuple(range(16, 49, 8))}
         return (self.counts or default).get(rate, default[0.1])
 
     def duration(self, rate: float) -> float:

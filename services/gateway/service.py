@@ -34,7 +34,7 @@ from .prepare import (
     sampling_params,
 )
 from .settings import GatewaySettings
-from .streams import StreamRouter
+from .streams import Recorded, StreamRouter
 from .tokenization import ModelTokenizer, TokenizerCache
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Gateway:
         self.keystore = KeyStore.load(settings.api_keys_file)
         self.limiter = RateLimiter()
         self.admission = Admission(settings.max_in_flight, settings.per_key_in_flight)
-        self.router = StreamRouter()
+        self.router = StreamRouter(self.recorded)
         self.cluster = ClusterView()
         self.keys = Keys(settings.bus.prefix)
         self._bus: Bus | None = None
@@ -230,6 +230,16 @@ class Gateway:
                 code="rate_limit_exceeded",
                 retry_after=wait,
             )
+
+    async def recorded(self, request_id: str, start: int) -> Recorded:
+        """What Redis holds of a request's output from index ``start`` (the worker's record of
+        what it sent), and how it ended, if it has."""
+        meta = await self.redis.hmget(
+            self.keys.request(request_id), ["finish_reason", "output_len"]
+        )
+        tokens = await self.redis.lrange(self.keys.output_tokens(request_id), start, -1)
+        reason, output_len = (v.decode() if isinstance(v, bytes) else v for v in meta)
+        return Recorded([int(t) for t in tokens], reason, int(output_len) if output_len else None)
 
     def _services(self) -> Services:
         s = self.settings

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from aegaeon.protocol import SubmitRequest, decode, encode
-from aegaeon.state import REQUEST_TTL_S, Keys
+from aegaeon.state import OUTPUT_AFTER_FINISH_S, REQUEST_TTL_S, Keys
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,9 @@ class RequestStore:
             pipe.hdel(self.keys.queue, request_id)
             pipe.hset(key, mapping=fields)
             pipe.expire(key, REQUEST_TTL_S)
-            pipe.delete(self.keys.output_tokens(request_id))
+            # Kept a little while: a gateway that lost the last events in a bus restart
+            # completes the stream from it.
+            pipe.expire(self.keys.output_tokens(request_id), OUTPUT_AFTER_FINISH_S)
 
         await self._pipeline(f"finish {request_id}", build)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from aegaeon.gateway.streams import RequestStream, StreamRouter
+import asyncio
+
+from aegaeon.gateway import streams
+from aegaeon.gateway.streams import Recorded, RequestStream, StreamRouter
 
 from aegaeon.protocol import TokenBatch, TokenEvent
 
@@ -45,10 +48,8 @@ async def test_router_fans_a_batch_out_and_ignores_closed_requests():
     assert drain(b) == []
 
 
-def test_a_gap_in_token_indices_ends_the_stream_with_an_explicit_error():
-    from aegaeon.gateway.streams import RequestStream
-
-    stream = RequestStream("r")
+def test_a_gap_that_no_record_can_fill_ends_the_stream_with_an_explicit_error():
+    stream = RequestStream("r")  # no Redis to recover from
     stream.put(TokenEvent("r", 0, [1, 2]))
     stream.put(TokenEvent("r", 5, [9]))  # tokens 2..4 were lost in transit
     stream.put(TokenEvent("r", 6, [10]))  # nothing after the error reaches the client
@@ -58,10 +59,6 @@ def test_a_gap_in_token_indices_ends_the_stream_with_an_explicit_error():
 
 
 async def test_a_stream_silent_after_a_bus_reconnect_ends_with_an_error(monkeypatch):
-    import asyncio
-
-    from aegaeon.gateway import streams
-
     monkeypatch.setattr(streams, "LOST_EVENTS_GRACE_S", 0.05)
     router = streams.StreamRouter()
     silent, lively = router.open("silent"), router.open("lively")
@@ -71,3 +68,51 @@ async def test_a_stream_silent_after_a_bus_reconnect_ends_with_an_error(monkeypa
     assert silent.queue.get_nowait().finish_reason == "error"
     assert lively.queue.get_nowait().token_ids == [3]
     assert lively.queue.empty()
+
+
+class Record:
+    """Redis as the gateway reads it: the worker's record of a request's output tokens."""
+
+    def __init__(self, tokens: list[int], finish_reason=None, lag_calls: int = 0) -> None:
+        self.tokens, self.finish_reason, self.lag_calls, self.calls = (
+            tokens,
+            finish_reason,
+            lag_calls,
+            0,
+        )
+
+    async def __call__(self, request_id: str, start: int) -> Recorded:
+        self.calls += 1
+        if self.calls <= self.lag_calls:  # the worker's write not there yet
+            return Recorded(self.tokens[start : len(self.tokens) - 3])
+        done = self.finish_reason is not None
+        return Recorded(self.tokens[start:], self.finish_reason, len(self.tokens) if done else None)
+
+
+async def test_a_gap_is_filled_from_the_record_and_later_events_keep_their_order(monkeypatch):
+    monkeypatch.setattr(streams, "RECOVER_WAIT_S", 0.01)
+    record = Record([1, 2, 3, 4, 5, 9, 10], lag_calls=2)
+    stream = RequestStream("r", record)
+    stream.put(TokenEvent("r", 0, [1, 2]))
+    stream.put(TokenEvent("r", 5, [9]))  # tokens 2..4 were lost in transit
+    stream.put(TokenEvent("r", 6, [10], finish_reason="length"))  # waits behind the gap
+    await stream.filling
+    events = drain(stream)
+    assert [(e.start, e.token_ids) for e in events] == [
+        (0, [1, 2]),
+        (2, [3, 4, 5]),
+        (5, [9]),
+        (6, [10]),
+    ]
+    assert events[-1].finish_reason == "length" and record.calls == 3
+
+
+async def test_a_stream_silent_after_a_bus_reconnect_is_completed_from_the_record(monkeypatch):
+    monkeypatch.setattr(streams, "LOST_EVENTS_GRACE_S", 0.05)
+    router = streams.StreamRouter(Record([4, 5, 6], finish_reason="stop"))
+    ended = router.open("ended")
+    ended.put(TokenEvent("ended", 0, [4]))
+    await router.on_reconnect()
+    await asyncio.sleep(0.3)
+    events = drain(ended)
+    assert [e.token_ids for e in events] == [[4], [5, 6]] and events[-1].finish_reason == "stop"
