@@ -16,8 +16,9 @@ from aegaeon.weights import KVShape, SafetensorsIndex, WeightsError, read_index
 
 NATIVE_TYPES = {"llama", "qwen2", "mistral"}
 """model_type values the native paged-KV runner serves (the Llama family)."""
-FALLBACK_TYPES = {"gpt2"}
-"""model_type values served by the transformers-based fallback runner."""
+FALLBACK_TYPES = {"gpt2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"}
+"""model_type values served by the transformers-based fallback runner (each checked token-exact
+against transformers under swap, switches and recompute: tests/engine/test_architectures.py)."""
 
 NATIVE_ACTS = {"silu", "gelu", "relu"}
 """Activations the native runner's MLP implements."""

@@ -1,14 +1,17 @@
 """The fallback runner: architectures without a native runner (GPT-2 style), on transformers' modules.
 
-The module skeleton is built once per architecture and shape on the meta device (no memory, no
-random init); a switch assigns the arena's weight views to its parameters. Each request keeps
+The module skeleton is built once per architecture and shape with its parameters on the meta
+device (no memory, no random init) and its computed buffers (rotary frequencies, embedding
+scales) on the real one; a switch assigns the arena's weight views to its parameters. Each request keeps
 its own transformers cache; on preemption that cache moves to host memory as a whole and back.
 Requests run one at a time (the batch is a loop), which is what a fallback can promise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +23,25 @@ KVList = list[tuple[torch.Tensor, torch.Tensor]]
 
 def _skeleton_key(config: Any) -> str:
     return config.to_json_string(use_diff=False)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a module with its parameters on the meta device (no memory: ``bind`` assigns the
+    arena's views) and its buffers on the real one: buffers computed at construction (rotary
+    frequencies, Gemma's embedding scale) have no other source."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: Any) -> None:
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 class FallbackRunner:
@@ -37,7 +59,7 @@ class FallbackRunner:
 
         key = _skeleton_key(spec.hf_config)
         if key not in self._skeletons:
-            with torch.device("meta"):
+            with torch.device(self.device), _parameters_on_meta():
                 model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=self.dtype)
             self._skeletons[key] = model.eval()
         return self._skeletons[key]
