@@ -268,6 +268,7 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     resident_model: str | None = None
     arena_bytes: int = 0
     weight_budget_bytes: int = 0
+    slot_bytes: int = 0  # one weight slot: the largest model this worker can hold
     kv_block_size: int = 16
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0

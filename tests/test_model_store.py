@@ -192,6 +192,53 @@ def test_models_cli_adds_and_lists(models_dir: Path, tmp_path: Path, capsys) -> 
     assert "refused" in capsys.readouterr().err
 
 
+def test_a_model_larger_than_the_running_workers_slots_is_refused_at_registration(
+    models_dir: Path, tmp_path: Path, nats_server, monkeypatch, capsys
+) -> None:
+    """With this user's stack running (its connection file), ``models add`` hears the workers'
+    heartbeats and refuses a model none of their weight slots holds, saying what would fit."""
+    from aegaeon.model_store import cli
+
+    from aegaeon.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "connection.json").write_text(json.dumps({"AEGAEON_NATS_URL": nats_server.url}))
+    monkeypatch.setenv("AEGAEON_HOME", str(home))
+    monkeypatch.setenv("AEGAEON_PREFIX", "addcheck")
+    monkeypatch.setattr(cli, "HEARTBEAT_WAIT_S", 1.0)
+    weight_bytes = describe(models_dir / "tiny-c").weight_bytes
+
+    async def beat_until(stop: asyncio.Event) -> None:
+        bus = await Bus.connect(BusConfig(nats_url=nats_server.url, prefix="addcheck"), "w")
+        while not stop.is_set():
+            beat = Heartbeat("w1", "cpu", "both", 0.0, slot_bytes=weight_bytes // 2)
+            await bus.publish(bus.subjects.heartbeat, beat)
+            await asyncio.sleep(0.1)
+        await bus.close()
+
+    def run_with_worker(argv: list[str]) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_until_complete, args=(beat_until(stop),))
+        thread.start()
+        try:
+            return main(argv)
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join()
+            loop.close()
+
+    registry_dir = tmp_path / "reg"
+    argv = ["models", "add", str(models_dir / "tiny-c"), "--models-dir", str(registry_dir)]
+    assert run_with_worker(argv) == 1
+    err = capsys.readouterr().err
+    assert "largest weight slot" in err and "--arena-bytes" in err
+    assert not (registry_dir / "tiny-c").exists()
+    (home / "connection.json").unlink()  # no stack running: registered, sized at the next start
+    assert main(argv) == 0
+
+
 # ---------------------------------------------------------------- host cache
 
 

@@ -253,6 +253,7 @@ class Engine(Stepping):
             resident_model=self.resident_model,
             arena_bytes=self.arena.total_bytes,
             weight_budget_bytes=self.arena.weight_bytes,
+            slot_bytes=self.arena.slot_bytes,
             block_size=self.config.block_size,
             kv_blocks_total=total,
             kv_blocks_free=free,

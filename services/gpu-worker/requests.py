@@ -43,6 +43,7 @@ class EngineStats:
     resident_model: str | None
     arena_bytes: int
     weight_budget_bytes: int
+    slot_bytes: int  # one weight slot: the largest model this engine can hold
     block_size: int
     kv_blocks_total: int
     kv_blocks_free: int

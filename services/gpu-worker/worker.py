@@ -210,6 +210,7 @@ class WorkerService:
             resident_model=self.engine.resident_model,
             arena_bytes=stats.arena_bytes,
             weight_budget_bytes=stats.weight_budget_bytes,
+            slot_bytes=stats.slot_bytes,
             kv_block_size=stats.block_size,
             kv_blocks_total=stats.kv_blocks_total,
             kv_blocks_free=stats.kv_blocks_free,

@@ -2,18 +2,26 @@
 
 Registering a model makes it appear as a folder in the models directory: a symlink named after the
 model, pointing at the Hugging Face folder. A running model-store picks it up on its next scan.
+When this user's ``aegaeon up`` runs, its workers' heartbeats say how large a model they can hold,
+and a larger one is refused here with what would fit (not at its first request).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from aegaeon.config import default_state_dir
+from aegaeon.capacity import largest_slot, too_large
+from aegaeon.config import default_state_dir, local_stack_env
+from aegaeon.protocol import Heartbeat, decode
+from aegaeon.subjects import Subjects
 
 from .registry import ModelError, RegistryScanner, check_name, check_supported, describe
 
@@ -35,14 +43,20 @@ def add_arguments_for(words: tuple[str, ...], parser: argparse.ArgumentParser) -
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def register(path: Path, models_dir: Path, name: str | None = None) -> Path:
-    """Validate ``path`` and link it into ``models_dir`` as ``name``. Raises ModelError."""
+def register(
+    path: Path, models_dir: Path, name: str | None = None, slot_bytes: int | None = None
+) -> Path:
+    """Validate ``path`` and link it into ``models_dir`` as ``name``. Raises ModelError.
+    ``slot_bytes``: the largest weight slot of the running workers, when known (a model larger
+    than every slot is refused now rather than at its first request)."""
     path = path.expanduser().resolve()
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder")
     name = check_name(name or path.name)
     info = describe(path, name)  # config and every safetensors header must be readable
     check_supported(info)
+    if slot_bytes and info.weight_bytes > slot_bytes:
+        raise ModelError(too_large(name, info.weight_bytes, slot_bytes))
     link = models_dir / name
     if link.is_symlink() and link.resolve() == path:
         return link  # already registered: adding twice is harmless
@@ -82,13 +96,47 @@ def print_registry(models_dir: Path, as_json: bool) -> None:
         print(f"(no models in {models_dir}; add one with `aegaeon models add PATH`)")
 
 
+HEARTBEAT_WAIT_S = 2.5
+"""How long ``models add`` listens for the running workers' heartbeats (they beat every second)."""
+
+
+def running_workers_slot() -> int | None:
+    """The largest weight slot among the workers of the ``aegaeon up`` this user runs here
+    (their heartbeats), or None when there is no such stack or no worker answers."""
+    env = local_stack_env()
+    if "AEGAEON_NATS_URL" not in env:
+        return None
+
+    async def listen() -> int | None:
+        import nats
+
+        slots: list[int] = []
+        try:
+            nc = await nats.connect(env["AEGAEON_NATS_URL"], user=env.get("AEGAEON_NATS_USER"),
+                                    password=env.get("AEGAEON_NATS_PASSWORD"),
+                                    allow_reconnect=False, connect_timeout=2)  # fmt: skip
+        except Exception:  # a stale file of a stack that is gone
+            return None
+        prefix = os.environ.get("AEGAEON_PREFIX", "aegaeon")
+
+        async def on_beat(msg: Any) -> None:
+            slots.append(largest_slot(decode(msg.data, Heartbeat)))
+
+        await nc.subscribe(Subjects(prefix).heartbeat, cb=on_beat)
+        await asyncio.sleep(HEARTBEAT_WAIT_S)
+        await nc.close()
+        return max(slots) if slots else None
+
+    return asyncio.run(listen())
+
+
 def main(args: argparse.Namespace) -> int:
     models_dir = (args.models_dir or default_models_dir()).expanduser()
     if args.command[-1] == "list":
         print_registry(models_dir, args.json)
         return 0
     try:
-        link = register(args.path, models_dir, args.name)
+        link = register(args.path, models_dir, args.name, running_workers_slot())
     except ModelError as exc:
         print(f"aegaeon models add: refused: {exc}", file=sys.stderr)
         return 1

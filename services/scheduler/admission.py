@@ -13,6 +13,7 @@ from aegaeon.scheduler.books import TrackedRequest, model_spec
 from aegaeon.scheduler.core import ServiceCore
 
 from aegaeon.bus import context_from
+from aegaeon.capacity import largest_slot, too_large
 from aegaeon.protocol import (
     AbortRequest,
     CancelRequest,
@@ -97,14 +98,9 @@ class Admission(ServiceCore):
             return SubmitReply(False, "prompt + max_tokens exceed the model's context", 400)
         if not self._live_workers():
             return SubmitReply(False, "no worker available", 503, self.config.retry_after_s)
-        largest = max(w.heartbeat.weight_budget_bytes for w in self._live_workers())
+        largest = max(largest_slot(w.heartbeat) for w in self._live_workers())
         if largest and spec.weight_bytes > largest:
-            return SubmitReply(
-                False,
-                f"model {request.model!r} has {spec.weight_bytes} bytes of weights; the largest "
-                f"worker holds {largest} bytes of weights, so no worker can serve it",
-                400,
-            )
+            return SubmitReply(False, too_large(request.model, spec.weight_bytes, largest), 400)
         waiting = sum(1 for r in self.requests.values() if not r.started)
         if waiting >= self.config.max_queue:
             return SubmitReply(False, "scheduler queue is full", 503, self.config.retry_after_s)

@@ -92,6 +92,7 @@ class FakeWorker:
         self.reports_imports = True  # False: the test sends KVImported itself (or never)
         self.turn_done_extras: dict[str, Any] = {}  # more TurnDone fields (switch bytes…)
         self.weight_budget_bytes = 0  # 0: not reported
+        self.slot_bytes = 0
         self.alive = True
         self._tasks: list[asyncio.Task] = []
 
@@ -106,7 +107,7 @@ class FakeWorker:
             beat = Heartbeat(
                 self.worker_id, "cpu", self.role, time.time(), kv_blocks_total=64,  # type: ignore[arg-type]
                 kv_blocks_free=64, num_requests=len(self.held), draining=self.draining,
-                weight_budget_bytes=self.weight_budget_bytes, node=self.node,
+                weight_budget_bytes=self.weight_budget_bytes, slot_bytes=self.slot_bytes, node=self.node,
             )  # fmt: skip
             await self.bus.publish(self.bus.subjects.heartbeat, beat)
             await asyncio.sleep(0.1)
@@ -348,14 +349,15 @@ async def test_unknown_model_is_rejected_with_404(harness):
     assert (reply.accepted, reply.status) == (False, 404)
 
 
-async def test_a_model_larger_than_every_workers_weight_budget_is_refused_clearly(harness):
+async def test_a_model_larger_than_every_workers_weight_slot_is_refused_clearly(harness):
     worker = await harness.worker("w1")
-    worker.weight_budget_bytes = 1 << 19  # the test models have 1 MiB of weights
+    # The test models have 1 MiB of weights: the whole budget would hold one, a slot does not.
+    worker.weight_budget_bytes, worker.slot_bytes = 3 << 19, 3 << 18
     await asyncio.sleep(0.3)  # a heartbeat with the budget
     await harness.scheduler()
     reply = await harness.submit("r1")
     assert (reply.accepted, reply.status) == (False, 400)
-    assert "no worker can serve it" in reply.reason
+    assert "largest weight slot" in reply.reason and "--arena-bytes" in reply.reason
 
 
 async def test_prompt_longer_than_the_context_is_rejected_with_413(harness):
