@@ -103,9 +103,16 @@ def model_weight_files(model_dir: str | Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise WeightsError(f"{index}: corrupt shard index: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise WeightsError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
+        if outside:  # only files of the folder itself: never ../x or /etc/x
+            raise WeightsError(f"{index}: shard names must be files of the folder: {outside[:3]}")
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
             raise WeightsError(

@@ -443,3 +443,29 @@ async def test_ensure_refuses_a_model_no_worker_can_hold(store) -> None:
     )
     assert "no worker can load it" in reply.error
     assert service.cache.cached_path("tiny-b") is None
+
+
+def test_malformed_folders_are_listed_as_problems_and_never_break_the_scan(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    registry_dir = tmp_path / "reg"
+    registry_dir.mkdir()
+    (registry_dir / "good").symlink_to(models_dir / "tiny-a")
+    bad_dim = registry_dir / "bad-dim"
+    write_model(bad_dim)
+    config = json.loads((bad_dim / "config.json").read_text())
+    (bad_dim / "config.json").write_text(json.dumps(config | {"num_hidden_layers": "many"}))
+    for name, weight_map in (
+        ("list-map", ["a", "b"]),
+        ("escaping", {"w": "../outside.safetensors"}),
+    ):
+        folder = registry_dir / name
+        write_model(folder)
+        (folder / "model.safetensors").rename(folder / "part.safetensors")
+        index = {"weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    registry = RegistryScanner(registry_dir).scan()
+    assert list(registry.models) == ["good"]
+    assert set(registry.problems) == {"bad-dim", "list-map", "escaping"}
+    assert "files of the folder" in registry.problems["escaping"]

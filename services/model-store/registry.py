@@ -218,6 +218,8 @@ class RegistryScanner:
             result: ModelInfo | str = describe(entry)
         except ModelError as exc:
             result = str(exc)
+        except Exception as exc:  # one malformed folder must not break every models.* request
+            result = f"{entry}: unreadable ({type(exc).__name__}: {exc})"
         self._memo[entry.name] = (signature, result)
         return result
 
