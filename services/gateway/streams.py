@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from aegaeon.bus import Bus
-from aegaeon.protocol import TokenBatch, TokenEvent
+from aegaeon.protocol import FinishReason, TokenBatch, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,13 @@ class RequestStream:
             )
 
         found = await self._recorded(ended) if self.recover is not None else None
-        if found is None or found.finish_reason not in ("stop", "length"):
+        reason: FinishReason | None = None
+        if found is not None and found.finish_reason in ("stop", "length"):
+            reason = "stop" if found.finish_reason == "stop" else "length"
+        if found is None or reason is None:
             self.fail("lost contact with the model during a message bus restart; retry")
             return
-        self.put(TokenEvent(self.request_id, self.received, found.tokens,
-                            finish_reason=found.finish_reason))  # fmt: skip
+        self.put(TokenEvent(self.request_id, self.received, found.tokens, finish_reason=reason))
 
     async def _recorded(self, enough: Callable[[Recorded], bool]) -> Recorded | None:
         assert self.recover is not None

@@ -126,13 +126,14 @@ def test_one_trace_holds_the_gateway_scheduler_and_worker_spans_of_a_request(obs
 def test_requests_that_share_a_worker_each_trace_their_switches_and_kv_swaps(observed):
     first, second = cold_models(observed.stack.url)[:2]
     # Force the interleaving: the second request arrives while the first is decoding, and each
-    # has far more tokens than one turn's quota holds (the stack's SLO makes quotas short), so
-    # the two models must take turns on the one worker, swapping their KV out and back in.
+    # has far more tokens than one turn's quota holds (the stack's SLO caps a round at 0.5 s;
+    # 900 tokens take seconds at any speed this suite meets; GPT-2 holds 1024), so the two
+    # models must take turns on the one worker, swapping their KV out and back in.
     first_is_decoding = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(traced_request, observed, first, 400, first_is_decoding.set)]
+        jobs = [pool.submit(traced_request, observed, first, 900, first_is_decoding.set)]
         assert first_is_decoding.wait(120)
-        jobs.append(pool.submit(traced_request, observed, second, 400))
+        jobs.append(pool.submit(traced_request, observed, second, 900))
         traces = [job.result()[0] for job in jobs]
     for trace_id in traces:
         spans = observed.receiver.wait_for(trace_id, REQUEST_TREE)
