@@ -64,8 +64,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def stream_completion(
-    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int
-) -> StreamTiming:
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
+    headers: dict[str, str] | None = None,
+) -> StreamTiming:  # fmt: skip
     """One streamed /v1/completions request (token-id prompt, greedy, ``ignore_eos``); the arrival
     time of each text-bearing chunk."""
     body = {
@@ -78,7 +79,9 @@ async def stream_completion(
     }
     timing = StreamTiming([], False, sent_at=time.perf_counter())
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", json=body, headers=headers
+        ) as response:
             timing.status = response.status_code
             if timing.status != 200:
                 text = (await response.aread()).decode(errors="replace")
