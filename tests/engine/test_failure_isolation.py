@@ -31,6 +31,18 @@ BAD_SEED = 424242
 MODEL = "demo-llama"
 
 
+def fail_draw_at(monkeypatch, token: int) -> None:
+    """The bad request's draw of its ``token``-th output raises (the others draw as usual)."""
+    real_choose = stepping.choose
+
+    def choose(row, sampling, outputs, seed):
+        if seed == BAD_SEED and len(outputs) == token:
+            raise RuntimeError("injected: a draw that cannot be made")
+        return real_choose(row, sampling, outputs, seed)
+
+    monkeypatch.setattr(stepping, "choose", choose)
+
+
 def _add_batch(engine, model: str, bad: SamplingParams = GREEDY) -> list[str]:
     """The reference prompts, then the bad request last (so the requests before it ran)."""
     engine.switch_to(model)
@@ -56,14 +68,7 @@ def _assert_good_exact_and_bad_failed(engine, got, ids, references, model, devic
 def test_a_draw_that_raises_fails_only_its_request(
     make_engine, references, device, model, monkeypatch
 ):
-    real_choose = stepping.choose
-
-    def choose(row, sampling, outputs, seed):
-        if seed == BAD_SEED and len(outputs) == 3:
-            raise RuntimeError("injected: a draw that cannot be made")
-        return real_choose(row, sampling, outputs, seed)
-
-    monkeypatch.setattr(stepping, "choose", choose)
+    fail_draw_at(monkeypatch, 3)
     engine = make_engine()
     ids = _add_batch(
         engine,
@@ -128,14 +133,7 @@ def test_the_worker_ends_only_the_failed_request_and_tells_its_client_no_interna
 ):
     """Through the worker: the failed request's client gets a generic error, the scheduler gets
     the cause in RequestDone, the turn ends normally, the batch's other streams are exact."""
-    real_choose = stepping.choose
-
-    def choose(row, sampling, outputs, seed):
-        if seed == BAD_SEED and len(outputs) == 2:
-            raise RuntimeError("injected: internal detail")
-        return real_choose(row, sampling, outputs, seed)
-
-    monkeypatch.setattr(stepping, "choose", choose)
+    fail_draw_at(monkeypatch, 2)
     engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
                                  host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
     engine.register_model(MODEL, demo_models_dir / MODEL)
