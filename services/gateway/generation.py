@@ -78,6 +78,7 @@ class Services:
     gateway_id: str
     submit_timeout_s: float
     idle_timeout_s: float
+    send_timeout_s: float
     on_close: Callable[[Generation], None]
 
 

@@ -251,6 +251,7 @@ class Gateway:
             gateway_id=s.gateway_id,
             submit_timeout_s=s.submit_timeout_s,
             idle_timeout_s=s.idle_timeout_s,
+            send_timeout_s=s.send_timeout_s,
             on_close=self._on_close,
         )
 

@@ -52,6 +52,11 @@ class GatewaySettings:
     submit_timeout_s: float = field(
         default_factory=lambda: _env_float("AEGAEON_SUBMIT_TIMEOUT_S", 10.0)
     )
+    # A stream write the client does not take for this long (it stopped reading) ends the
+    # request: its slot and its tokens go back.
+    send_timeout_s: float = field(
+        default_factory=lambda: _env_float("AEGAEON_SEND_TIMEOUT_S", 30.0)
+    )
     # No token event for this long ends a request with an error (a lost worker and scheduler).
     idle_timeout_s: float = field(
         default_factory=lambda: _env_float("AEGAEON_IDLE_TIMEOUT_S", 600.0)
@@ -68,7 +73,7 @@ class GatewaySettings:
             raise ValueError("max_in_flight must be at least 1")
         if self.max_in_flight_per_key < 0:
             raise ValueError("max_in_flight_per_key must be 0 (a quarter of the total) or more")
-        if self.submit_timeout_s <= 0 or self.idle_timeout_s <= 0:
+        if min(self.submit_timeout_s, self.idle_timeout_s, self.send_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
 
     @property

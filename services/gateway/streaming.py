@@ -16,7 +16,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .errors import APIError
 from .generation import Generation, Piece
@@ -28,26 +28,39 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that stops streaming as soon as the client disconnects and then runs
-    ``generation.close()`` (starlette's own only notices a disconnect on a failed write)."""
+    """An SSE response that stops streaming as soon as the client disconnects, or stops taking
+    what is written (a write blocked past ``send_timeout_s``: a client holding its slot without
+    reading), and then runs ``generation.close()`` (starlette's own only notices a disconnect on
+    a failed write)."""
 
     def __init__(self, body: AsyncIterator[str], generation: Generation) -> None:
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
         self.generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.generation.s.send_timeout_s
+
+        async def bounded_send(message: Message) -> None:
+            with anyio.fail_after(timeout):  # TimeoutError (an OSError): handled below
+                await send(message)
+
         try:
             async with anyio.create_task_group() as group:
 
                 async def stream_then_stop() -> None:
-                    await self.stream_response(send)
+                    try:
+                        await self.stream_response(bounded_send)
+                    except OSError as exc:  # the connection broke, or a write timed out
+                        if isinstance(exc, TimeoutError):
+                            log.info("%s: client stopped reading for %.0f s",
+                                     self.generation.request_id, timeout)  # fmt: skip
                     group.cancel_scope.cancel()
 
                 group.start_soon(stream_then_stop)
                 await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
         except OSError:
-            pass  # the connection broke mid-write: same as a disconnect
+            pass  # the connection broke while listening: same as a disconnect
         finally:
             with anyio.CancelScope(shield=True):
                 await self.generation.close()
