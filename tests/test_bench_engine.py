@@ -26,3 +26,15 @@ def test_reload_figures_give_the_fresh_process_and_the_in_process_reload_beside_
     assert figures["inprocess_reload_over_switch"] == pytest.approx(
         figures["inprocess_reload_s"] / 0.5
     )
+
+
+def test_the_roofline_is_the_slower_of_reading_the_bytes_and_doing_the_flops() -> None:
+    from aegaeon.gpu_worker.bench import BATCHES, roofline_fractions
+
+    # 1 GB of weights at 10 GB/s: 0.1 s per step whatever the batch, until the FLOPs (2 × 250M
+    # per request at 100 GFLOP/s = 5 ms each) take longer: at batch 32, 0.16 s.
+    measured = {f"decode_tok_s_b{b}": 9.0 * b for b in BATCHES} | {"weight_bytes": 10**9}
+    fractions = roofline_fractions(measured, 10e9, 100e9, 250_000_000, kv_per_token=0)
+    assert fractions["roofline_fraction_b1"] == pytest.approx(0.9)
+    assert fractions["roofline_fraction_b8"] == pytest.approx(0.9)
+    assert fractions["roofline_fraction_b32"] == pytest.approx(9.0 * 0.16)
