@@ -347,7 +347,10 @@ def gateway_refusal(args: argparse.Namespace) -> str | None:
     from aegaeon.gateway.main import startup_refusal
     from aegaeon.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings(bus=BusConfig())
+    try:
+        settings = GatewaySettings(bus=BusConfig())
+    except ValueError as exc:  # a setting in the environment the gateway would refuse
+        return str(exc)
     return startup_refusal(settings, args.host, getattr(args, "insecure_open", False))
 
 
