@@ -78,11 +78,7 @@ def remove_stale_shm(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.glob("aegaeon-up-*"):
         pid = folder.name.rsplit("-", 1)[-1]
-        try:
-            ours = folder.lstat().st_uid == os.getuid() and not folder.is_symlink()
-        except OSError:
-            continue  # gone meanwhile
-        if ours and pid.isdigit() and not pid_alive(int(pid)):
+        if _ours(folder) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -99,6 +95,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _ours(path: Path) -> bool:
+    """A real folder (not a symlink) of this user; False when it is gone."""
+    try:
+        return path.lstat().st_uid == os.getuid() and not path.is_symlink()
+    except OSError:
+        return False
+
+
 def make_private_dir(path: Path) -> None:
     """Create ``path`` as a fresh 0700 folder of this user. One already there is reused only when
     it is ours (then emptied): another user's, or a symlink, is refused, since it could hand us
@@ -106,8 +110,7 @@ def make_private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
-        info = path.lstat()
-        if path.is_symlink() or info.st_uid != os.getuid():
+        if not _ours(path):
             raise RuntimeError(
                 f"{path} exists and is not this user's folder; refusing to use it"
             ) from None

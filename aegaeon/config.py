@@ -49,17 +49,34 @@ class BusConfig:
             raise ValueError(f"AEGAEON_PREFIX must be one subject token, got {self.prefix!r}")
 
 
+CONNECTION_FILE = "connection.json"
+"""In the state dir: the servers ``aegaeon up`` started and this run's credentials (0600)."""
+
+
 def local_stack_env(home: Path | None = None) -> dict[str, str]:
     """The connection settings ``aegaeon up`` wrote for this user (``<home>/connection.json``:
     its servers' URLs and this run's credentials), or {} when no stack runs here."""
     import json
 
-    path = (home or default_state_dir()) / "connection.json"
+    path = (home or default_state_dir()) / CONNECTION_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return {k: str(v) for k, v in data.items() if k.startswith("AEGAEON_")}
+
+
+def local_bus_config() -> BusConfig | None:
+    """The bus of the ``aegaeon up`` this user runs here (for tools such as ``aegaeon top``),
+    or None when no such stack runs."""
+    local = local_stack_env()
+    if "AEGAEON_NATS_URL" not in local:
+        return None
+    return BusConfig(
+        nats_url=local["AEGAEON_NATS_URL"],
+        nats_user=local.get("AEGAEON_NATS_USER"),
+        nats_password=local.get("AEGAEON_NATS_PASSWORD"),
+    )
 
 
 def node_name() -> str:

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
-from aegaeon.config import BusConfig, default_state_dir, shm_dir
+from aegaeon.config import CONNECTION_FILE, BusConfig, default_state_dir, shm_dir
 from aegaeon.metrics import scrape_targets
 from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis, write_private
 from aegaeon.supervisor import RestartPlanner
@@ -40,8 +40,6 @@ from aegaeon.supervisor import RestartPlanner
 STOP_ORDER = ("gateway", "worker", "scheduler", "model-store")
 """Front to back: stop taking requests first, remove the weights last."""
 POLL_S = 0.2
-CONNECTION_FILE = "connection.json"
-"""In ``<home>``: the embedded servers' URLs and this run's credentials, for this user's tools."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from aegaeon.bus import Bus
-from aegaeon.config import BusConfig, local_stack_env
+from aegaeon.config import BusConfig, local_bus_config
 from aegaeon.protocol import Heartbeat, SchedulerState, SwitchDone, WorkerEvent
 
 
@@ -113,12 +113,7 @@ def top_bus_config() -> BusConfig:
     """The environment's bus, else the one of the ``aegaeon up`` this user runs here."""
     if "AEGAEON_NATS_URL" in os.environ:
         return BusConfig()
-    local = local_stack_env()
-    return BusConfig(
-        nats_url=local.get("AEGAEON_NATS_URL", BusConfig().nats_url),
-        nats_user=local.get("AEGAEON_NATS_USER"),
-        nats_password=local.get("AEGAEON_NATS_PASSWORD"),
-    )
+    return local_bus_config() or BusConfig()
 
 
 async def _watch(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 
 ``open()`` runs the checks in the order that sheds load cheapest first: admission, in all and per
 key (503), the key's request rate (429), model (404), tokenization and context (400/413), the
-key's token rate (429), then the Redis record and the submit. Any failure releases what was taken, so a refused request leaves nothing behind.
+key's token rate (429), then the Redis record and the submit. Any failure releases what was
+taken, so a refused request leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Gateway:
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
     ) -> Generation:
         """Admit, check, record and submit. Raises APIError with nothing left behind."""
-        slot = None if self.keystore.open_access else key.name  # per-key bound: real keys
+        slot = self._admission_key(key.name)
         refusal = self.admission.refusal(slot, key.limit.max_in_flight)
         if refusal is not None:
             raise APIError(503, refusal, retry_after=self.admission.retry_after_s)
@@ -234,10 +235,10 @@ class Gateway:
     async def recorded(self, request_id: str, start: int) -> Recorded:
         """What Redis holds of a request's output from index ``start`` (the worker's record of
         what it sent), and how it ended, if it has."""
-        meta = await self.redis.hmget(
-            self.keys.request(request_id), ["finish_reason", "output_len"]
-        )
-        tokens = await self.redis.lrange(self.keys.output_tokens(request_id), start, -1)
+        async with self.redis.pipeline(transaction=True) as pipe:  # one round trip, one moment
+            pipe.hmget(self.keys.request(request_id), ["finish_reason", "output_len"])
+            pipe.lrange(self.keys.output_tokens(request_id), start, -1)
+            meta, tokens = await pipe.execute()
         reason, output_len = (v.decode() if isinstance(v, bytes) else v for v in meta)
         return Recorded([int(t) for t in tokens], reason, int(output_len) if output_len else None)
 
@@ -255,7 +256,12 @@ class Gateway:
             on_close=self._on_close,
         )
 
+    def _admission_key(self, name: str) -> str | None:
+        """The key admission bounds per key: real keys only (open access is one anonymous
+        caller, bounded by the total)."""
+        return None if self.keystore.open_access else name
+
     def _on_close(self, generation: Generation) -> None:
-        self.admission.release(None if self.keystore.open_access else generation.api_key)
+        self.admission.release(self._admission_key(generation.api_key))
         unused = generation.p.sampling.max_tokens - generation.timings.output_tokens
         self.limiter.refund(generation.api_key, unused, time.monotonic())

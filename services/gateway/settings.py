@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aegaeon.config import BusConfig, default_state_dir
+from aegaeon.subjects import subject_token
 
 
 def _env_int(name: str, default: int) -> int:
@@ -65,8 +66,7 @@ class GatewaySettings:
     tokenizer_cache_dir: Path = field(default_factory=lambda: default_state_dir() / "tokenizers")
 
     def __post_init__(self) -> None:
-        if not self.gateway_id.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"gateway id must be one NATS subject token, got {self.gateway_id!r}")
+        subject_token(self.gateway_id)  # raises ValueError naming what an id may hold
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_in_flight < 1:

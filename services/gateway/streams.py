@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 LOST_EVENTS_GRACE_S = 10.0
 """After a bus reconnect, how long a request may stay silent before Redis is asked for its end."""
+FINISHED: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+"""Recorded finish reasons a stream is completed with (an error or abort ends it with an error)."""
 RECOVER_TRIES = 30
 RECOVER_WAIT_S = 0.1
 """Redis may trail the bus a little (the worker records tokens beside its next step)."""
@@ -126,9 +128,7 @@ class RequestStream:
             )
 
         found = await self._recorded(ended) if self.recover is not None else None
-        reason: FinishReason | None = None
-        if found is not None and found.finish_reason in ("stop", "length"):
-            reason = "stop" if found.finish_reason == "stop" else "length"
+        reason = FINISHED.get(found.finish_reason or "") if found is not None else None
         if found is None or reason is None:
             self.fail("lost contact with the model during a message bus restart; retry")
             return
@@ -173,7 +173,9 @@ class StreamRouter:
         return stream
 
     def close(self, request_id: str) -> None:
-        self.streams.pop(request_id, None)
+        stream = self.streams.pop(request_id, None)
+        if stream is not None and stream.filling is not None:
+            stream.filling.cancel()  # nobody reads it any more
 
     async def on_reconnect(self) -> None:
         """After a NATS reconnect, a request that hears nothing more within the grace period may

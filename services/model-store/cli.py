@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import msgspec
 
 from aegaeon.capacity import largest_slot, too_large
-from aegaeon.config import default_state_dir, local_stack_env
+from aegaeon.config import default_state_dir, local_bus_config
 from aegaeon.protocol import Heartbeat, decode
 from aegaeon.subjects import Subjects
 
@@ -103,8 +102,8 @@ HEARTBEAT_WAIT_S = 2.5
 def running_workers_slot() -> int | None:
     """The largest weight slot among the workers of the ``aegaeon up`` this user runs here
     (their heartbeats), or None when there is no such stack or no worker answers."""
-    env = local_stack_env()
-    if "AEGAEON_NATS_URL" not in env:
+    config = local_bus_config()
+    if config is None:
         return None
 
     async def listen() -> int | None:
@@ -112,17 +111,16 @@ def running_workers_slot() -> int | None:
 
         slots: list[int] = []
         try:
-            nc = await nats.connect(env["AEGAEON_NATS_URL"], user=env.get("AEGAEON_NATS_USER"),
-                                    password=env.get("AEGAEON_NATS_PASSWORD"),
+            nc = await nats.connect(config.nats_url, user=config.nats_user,
+                                    password=config.nats_password,
                                     allow_reconnect=False, connect_timeout=2)  # fmt: skip
         except Exception:  # a stale file of a stack that is gone
             return None
-        prefix = os.environ.get("AEGAEON_PREFIX", "aegaeon")
 
         async def on_beat(msg: Any) -> None:
             slots.append(largest_slot(decode(msg.data, Heartbeat)))
 
-        await nc.subscribe(Subjects(prefix).heartbeat, cb=on_beat)
+        await nc.subscribe(Subjects(config.prefix).heartbeat, cb=on_beat)
         await asyncio.sleep(HEARTBEAT_WAIT_S)
         await nc.close()
         return max(slots) if slots else None
