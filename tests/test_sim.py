@@ -200,6 +200,18 @@ def test_the_simulator_reports_each_switch_to_the_policys_estimator():
     assert cost.seen[2] == ("A", pytest.approx(0.05), 0, 0)  # still in the other slot
 
 
+def test_a_request_arriving_mid_turn_has_its_model_copied_before_its_switch():
+    """The driver asks the policy to restage a busy instance after each event: B's request
+    arrives while A decodes a long turn, so B's copy overlaps that turn."""
+    cost = ObservingEstimator(copy_cost().profiles)
+    trace = [TraceRequest("r0", "A", 0.0, 10, 2000), TraceRequest("r1", "B", 2.0, 10, 3)]
+    policy = POLICIES["aegaeon"]({m: ModelSpec(m, 1 << 30, 0) for m in "AB"}, SLO, cost)
+    result = simulate(trace, policy, [InstanceView("g0")], cost, SLO, control_s=0.0)
+    assert result.metrics["finished"] == 2
+    to_b = [seen for seen in cost.seen if seen[0] == "B"]
+    assert to_b and to_b[0][3] > 0, cost.seen  # bytes copied in the background
+
+
 @pytest.mark.parametrize("policy", sorted(ALL_POLICIES))
 def test_every_policy_serves_a_light_trace_within_slo(policy):
     models = paper_models(4)

@@ -1,7 +1,8 @@
 """The discrete-event simulator: the real policy classes driven against a cost model.
 
 Events are arrivals (from the trace) and turn ends. After each event every idle instance is
-asked for its next turn, exactly as the scheduler service does with real workers. A turn is
+asked for its next turn, and every busy one whether to restage its prefetch
+(``Policy.prefetch_now``), exactly as the scheduler service does with real workers. A turn is
 executed at once, in closed form, by :mod:`aegaeon.sim.instance` (switch, KV swap-in, prefill,
 decode steps until the quota, KV swap-out), which also stamps each token's time; the turn's end
 is then queued as an event. Token times feed :mod:`aegaeon.slo_metrics`.
@@ -114,6 +115,10 @@ def simulate(
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)
+        for instance_id in sorted(set(sims) - idle):  # as the scheduler restages busy workers
+            staged = policy.prefetch_now(instance_id)
+            if staged is not None:
+                sims[instance_id].start_prefetch(staged, now)
     records = [r.record() for r in requests.values()]
     return SimResult(
         records=records,

@@ -123,6 +123,8 @@ class WorkerService:
         self._stopped = asyncio.Event()
         self._redis_writes: asyncio.Task | None = None
         self._prefetch_wanted: str | None = None  # the model the scheduler named last
+        self._last_turn_received: int | None = None
+        self._restaged_for: int | None = None  # a PrefetchModel came after this turn's RunTurn
         self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
 
     # ------------------------------------------------------------------ plumbing
@@ -162,13 +164,18 @@ class WorkerService:
         self.stop()
 
     async def _on_command(self, command: Any, msg: Any) -> None:
-        # Preempt must not wait behind a running turn: it only raises a flag.
+        # Preempt and PrefetchModel must not wait behind a running turn: one raises a flag, the
+        # other starts a background copy that is meant to overlap that turn.
+        if isinstance(command, PrefetchModel):
+            self._restaged_for = self._last_turn_received  # newer than that turn's own choice
+            self._start_prefetch(command.model)
+            return
         if isinstance(command, Preempt):
             if self.turn and (command.turn_id in (None, self.turn.command.turn_id)):
                 self.turn.preempted = True
             return
         if isinstance(command, RunTurn):
-            self._queued_turn = command.turn_id
+            self._queued_turn = self._last_turn_received = command.turn_id
         await self._commands.put((command, context_from(msg)))
 
     async def _command_loop(self) -> None:
@@ -177,7 +184,6 @@ class WorkerService:
             AssignRequest: self._assign,
             RunTurn: self._run_turn,
             AbortRequest: lambda c, _ctx: self._abort(c),
-            PrefetchModel: lambda c, _ctx: self._prefetch(c),
             Drain: lambda _c, _ctx: self.drain(),
         }
         while True:
@@ -320,9 +326,6 @@ class WorkerService:
             RequestDone(self.worker_id, command.request_id, "abort", held.produced),
         )
 
-    async def _prefetch(self, command: PrefetchModel) -> None:
-        self._start_prefetch(command.model)
-
     def _start_prefetch(self, model: str) -> None:
         """Stage ``model`` in the engine's free weight slot in the background: the host-cache
         round trip runs in a task (a turn's first step must not wait for it) and the copy then
@@ -385,7 +388,12 @@ class WorkerService:
                 if switch is not None:
                     done.switch_s, done.switch_bytes = float(switch.seconds), int(switch.bytes)
                     done.prefetched_bytes = int(switch.prefetched_bytes)
-                if command.prefetch_model and command.prefetch_model != command.model:
+                restaged = self._restaged_for == command.turn_id
+                if (
+                    command.prefetch_model
+                    and command.prefetch_model != command.model
+                    and not restaged
+                ):
                     self._start_prefetch(command.prefetch_model)
                 await self._step_until_turn_ends(turn, done)
                 if command.swap_out_after:

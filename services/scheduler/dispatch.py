@@ -1,6 +1,7 @@
 """Dispatch: each idle worker's next turn from the policy, sent as AssignRequests (a request
 new to that worker, with an exported KV handle when a prefill worker on its node left one)
-and a RunTurn (naming the requests whose KV the prefill worker must export)."""
+and a RunTurn (naming the requests whose KV the prefill worker must export); then a
+PrefetchModel to each busy worker whose next switch changed since its turn was planned."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from aegaeon.scheduler.policies.base import TurnPlan
 from opentelemetry import trace
 
 from aegaeon import metrics
-from aegaeon.protocol import AbortRequest, AssignRequest, KVHandle, PrefetchHint, RunTurn
+from aegaeon.protocol import (
+    AbortRequest,
+    AssignRequest,
+    KVHandle,
+    PrefetchHint,
+    PrefetchModel,
+    RunTurn,
+)
 from aegaeon.telemetry import NO_TRACE, record_span, tracer
 
 _tracer = tracer(__name__)
@@ -27,6 +35,21 @@ class Dispatch(ServiceCore):
             return
         for plan in self._plan_idle():
             await self._send_turn(plan)
+        for worker_id, model in self._restage_busy():
+            await self.bus.publish(self.subjects.worker_cmd(worker_id), PrefetchModel(model))
+            await self.bus.publish(self.subjects.models("prefetch"), PrefetchHint(model))
+
+    def _restage_busy(self) -> list[tuple[str, str]]:
+        """(worker, model) for each busy worker whose next switch changed since its turn was
+        planned (a request of another model arrived): it stages that model now, so the copy
+        overlaps the rest of the running turn (synchronous)."""
+        staged = []
+        for worker in self._live_workers():
+            if not worker.idle:
+                model = self._policy.prefetch_now(worker.worker_id)
+                if model is not None:
+                    staged.append((worker.worker_id, model))
+        return staged
 
     def _plan_idle(self) -> list[tuple[TurnPlan, int]]:
         """Ask the policy for each idle worker's next turn and mark it busy (synchronous)."""

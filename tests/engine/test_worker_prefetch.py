@@ -1,4 +1,4 @@
-"""The worker acts on ``RunTurn.prefetch_model``: the named model is copied into the free slot
+"""The worker acts on ``RunTurn.prefetch_model`` and on ``PrefetchModel`` sent mid-turn: the named model is copied into the free slot
 while the turn decodes, the next turn's switch only rebinds, and TurnDone / SwitchDone report
 the bytes copied in the background and while waiting. A real engine, NATS and Redis; only the
 model-store's "ensure cached" answer is faked (``worker_harness``)."""
@@ -8,11 +8,19 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
-from engine_helpers import GREEDY, PROMPTS
+from engine_helpers import GREEDY, NEW_TOKENS, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
 
-from aegaeon.protocol import AssignRequest, RunTurn, SwitchDone, TurnDone
+from aegaeon.protocol import (
+    AssignRequest,
+    Preempt,
+    PrefetchModel,
+    RunTurn,
+    SwitchDone,
+    TurnDone,
+)
 
 FIRST, NEXT = "demo-llama", "demo-qwen2"
 
@@ -59,3 +67,53 @@ async def _prefetch_done(engine: Engine, model: str) -> None:
         if copy is not None and copy.model == model and copy.done_bytes() == copy.nbytes:
             return
         await asyncio.sleep(0.01)
+
+
+def test_a_prefetch_named_mid_turn_copies_while_that_turn_decodes_and_changes_no_token(
+    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+):
+    """The scheduler restages a busy worker (``PrefetchModel``) when a request of another model
+    arrives: the copy runs beside the turn's decode steps, not queued behind the turn, and
+    neither the decoding request's tokens nor the next model's change."""
+    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
+                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path),
+                                 copy_chunk_bytes=1 << 20))  # fmt: skip
+    try:
+        events, tokens, copied_mid_turn = asyncio.run(
+            _restaged_mid_turn(engine, demo_models_dir, nats_server, redis_server)
+        )
+    finally:
+        engine.close()
+    assert copied_mid_turn, "the prefetch did not complete while the first turn still ran"
+    turns = [e for e in events if isinstance(e, TurnDone)]
+    nbytes = engine.specs[NEXT].weight_bytes
+    assert [t.model for t in turns] == [FIRST, NEXT]
+    assert (turns[1].switch_bytes, turns[1].prefetched_bytes) == (0, nbytes)
+    first = references(FIRST, device)[0][0]
+    assert len(tokens["a"]) >= len(first) and tokens["a"][: len(first)] == first
+    assert tokens["b"] == references(NEXT, device)[0][0]
+
+
+async def _restaged_mid_turn(
+    engine: Engine, models: Path, nats_server, redis_server
+) -> tuple[list, dict, bool]:
+    long = msgspec.structs.replace(
+        GREEDY, max_tokens=1500
+    )  # decodes far longer than the copy takes
+    async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
+        await w.send(AssignRequest("a", FIRST, PROMPTS[0], long, GATEWAY, 0.0))
+        await w.send(RunTurn(1, FIRST, ["a"], quota_s=1e6))
+        while not w.tokens["a"]:  # the turn is decoding
+            await asyncio.sleep(0.005)
+        await w.send(PrefetchModel(NEXT))
+        await asyncio.wait_for(_prefetch_done(engine, NEXT), 120)
+        running = w.worker.turn
+        copied_mid_turn = running is not None and running.command.turn_id == 1
+        while len(w.tokens["a"]) < NEW_TOKENS:  # enough to compare with the reference
+            await asyncio.sleep(0.005)
+        await w.send(Preempt(1))
+        assert isinstance(await w.turn_ended(), TurnDone)
+        await w.send(AssignRequest("b", NEXT, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(2, NEXT, ["b"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+    return w.events, w.tokens, copied_mid_turn

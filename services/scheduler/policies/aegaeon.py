@@ -84,19 +84,15 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
         self._drop_empty_batches(lane)
         if not lane.batches:
             return True
-        group = lane.groups[0]
-        due = min(
-            (self.requests[r].arrival for r in group.request_ids if r in self.requests),
-            default=float("inf"),
-        )
-        return due + self.slo.ttft_s <= min(self._deadline(b) for b in lane.batches)
+        return self._group_due(lane.groups[0]) <= min(self._deadline(b) for b in lane.batches)
 
     def turn_done(self, instance_id: str, plan: TurnPlan, result: TurnResult, now: float) -> None:
         view = self.instances.get(instance_id)
         if view is not None:
             view.busy = False
             view.resident_model = plan.model
-            self.lanes[instance_id].busy_until = now
+            lane = self.lanes[instance_id]
+            lane.busy_until, lane.running, lane.staged = now, None, None
         finished = set(result.finished)
         for request_id in plan.request_ids:
             request = self.requests.get(request_id)

@@ -52,6 +52,9 @@ class Lane:
     groups: deque[PrefillGroup] = field(default_factory=deque)
     batches: list[DecodeBatch] = field(default_factory=list)
     busy_until: float = 0.0  # estimated end of the running turn
+    running: str | None = None  # the running turn's model (None: idle)
+    staged: str | None = None  # the model named for its free weight slot during that turn
+    running_shift: float = 0.0  # how far that turn moves its batch's deadline (tokens × TBT)
 
 
 class AegaeonBase(Policy):
@@ -79,10 +82,7 @@ class AegaeonBase(Policy):
     def _round_time(self, lane: Lane) -> float: ...
 
     @abstractmethod
-    def _next_model_after_prefill(self, instance_id: str, model: str) -> str | None: ...
-
-    @abstractmethod
-    def _peek_next_model(self, instance_id: str, order: list[int]) -> str | None: ...
+    def _upcoming_model(self, instance_id: str, running: str) -> str | None: ...
 
     # ------------------------------------------------------------ readings
 
@@ -117,6 +117,16 @@ class AegaeonBase(Policy):
             default=float("inf"),
         )  # fmt: skip
 
+    def _group_due(self, group: PrefillGroup) -> float:
+        """When the group's first request is due its first token."""
+        return (
+            min(
+                (self.requests[r].arrival for r in group.request_ids if r in self.requests),
+                default=float("inf"),
+            )
+            + self.slo.ttft_s
+        )
+
     def _round_order(self, lane: Lane) -> list[int]:
         """Batches still to visit this round, most urgent first (ties: rotation order).
         When every batch has had its turn, a new round starts."""
@@ -133,7 +143,8 @@ class AegaeonBase(Policy):
         lane.batches = [b for b in lane.batches if b.request_ids]
 
     def _start(self, instance_id: str, plan: TurnPlan, now: float, work_s: float) -> None:
-        view = self.instances[instance_id]
+        view, lane = self.instances[instance_id], self.lanes[instance_id]
         switch = self.est.switch_time(plan.model) if plan.model != view.resident_model else 0.0
-        self.lanes[instance_id].busy_until = now + switch + work_s
+        lane.busy_until = now + switch + work_s
+        lane.running, lane.staged, lane.running_shift = plan.model, plan.prefetch_model, 0.0
         view.busy = True

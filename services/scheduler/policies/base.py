@@ -9,11 +9,12 @@ against a cost model. Both call it the same way::
     plan = policy.next_turn(instance_id, now)        # an instance is idle: what should it run?
     ...the instance executes plan (switch, prefill/decode steps for plan.quota_s)...
     policy.turn_done(instance_id, plan, TurnResult(...), now)
+    policy.prefetch_now(instance_id)                 # after each event, for busy instances
     policy.cancel(request_id)                        # client went away
     lost = policy.remove_instance(instance_id)       # worker died → requests to re-run
 
-A driver asks ``next_turn`` for every idle instance after each event; a policy returns None
-when that instance has nothing to do now.
+A driver asks ``next_turn`` for every idle instance after each event (a policy returns None
+when that instance has nothing to do now), then ``prefetch_now`` for every busy one.
 """
 
 from __future__ import annotations
@@ -177,3 +178,10 @@ class Policy(ABC):
     @abstractmethod
     def cancel(self, request_id: str) -> None:
         """Forget a request (client cancelled or it ended with an error)."""
+
+    def prefetch_now(self, instance_id: str) -> str | None:
+        """For a busy instance: a model to copy into its free weight slot now, because the turn
+        expected after the running one changed since that turn was planned (a request
+        arrived). None: leave the staging as it is. Drivers ask after each event; policies
+        that do not prefetch never restage."""
+        return None

@@ -90,16 +90,16 @@ class DecodeRounds(AegaeonBase):
         quotas, _ = self._round_quotas(lane)
         batch.visited = True
         others_wait = len(lane.batches) > 1 or bool(lane.groups)
-        nxt = self._peek_next_model(instance_id, order)
         plan = TurnPlan(
             instance_id,
             batch.model,
             list(batch.request_ids),
             quota_s=quotas[index],
             swap_out_after=others_wait,
-            prefetch_model=nxt if nxt != batch.model else None,
+            prefetch_model=self._upcoming_model(instance_id, batch.model),
         )
         self._start(instance_id, plan, now, quotas[index])
+        lane.running_shift = quotas[index] / self._step_time(batch) * self.slo.tbt_s
         return plan
 
     def _round_quotas(self, lane: Lane) -> tuple[list[float], float]:

@@ -87,7 +87,7 @@ class GroupedPrefill(AegaeonBase):
         else:
             return None
         plan = TurnPlan(instance_id, group.model, ids, quota_s=0.0, prefill_only=True)
-        plan.prefetch_model = self._next_model_after_prefill(instance_id, group.model)
+        plan.prefetch_model = self._upcoming_model(instance_id, group.model)
         if self.instances[instance_id].role == "prefill":
             targets = {r: self._choose_decode_instance(self.requests[r]) for r in ids}
             plan.handoff = {r: d for r, d in targets.items() if d is not None}
