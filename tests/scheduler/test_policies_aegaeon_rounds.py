@@ -10,6 +10,7 @@ from aegaeon.scheduler.policies.quota import (
     ROUND_SHARE,
     capped_round,
     prefetched_round_quotas,
+    qmax_for,
     round_quotas,
 )
 
@@ -118,3 +119,42 @@ def test_a_round_within_the_cap_is_left_alone():
     quotas, alpha = capped_round([1.0, 2.0], [0.01, 0.02], round_switch_s=1.0, tbt_s=0.1,
                                  cap_s=5.0)  # fmt: skip
     assert (quotas, alpha) == ([1.0, 2.0], None)
+
+
+def test_no_quota_outlasts_the_papers_share_of_a_tight_ttft_target():
+    """QMAX is 4 s against the paper's 10 s TTFT; under a 0.35 s target a saturated lane's
+    quotas stop at 0.4 of it, not at 4 s."""
+    tight = Slo(ttft_s=0.35, tbt_s=0.01)
+    assert qmax_for(SLO.ttft_s) == QMAX_S and qmax_for(tight.ttft_s) == pytest.approx(0.14)
+    policy = AegaeonPolicy({n: ModelSpec(n, 1 << 30, 1024) for n in "AB"}, tight,
+                           MeasuredCosts(dict.fromkeys("AB", 0.05), step_s=0.006))  # fmt: skip
+    policy.add_instance(InstanceView("i0", role="prefill"))
+    policy.add_instance(InstanceView("i1", role="decode"))
+    for name in "AB":
+        policy.submit(RequestView(f"r-{name}", name, 10, 500, 0.0), now=0.0)
+        plan = policy.next_turn("i0", 0.0)
+        assert plan is not None
+        policy.turn_done("i0", plan, TurnResult(1, 0.1, generated={f"r-{name}": 1}), 0.1)
+    # S = 1.2: saturated, so the round keeps Algorithm 2's quotas, capped at QMAX.
+    quotas = one_round(policy, 2)
+    assert max(quotas) == pytest.approx(0.4 * tight.ttft_s)
+
+
+def test_a_decode_turn_leaves_a_waiting_group_time_for_its_switch_and_prefill():
+    """On a "both" lane earliest deadline first may pick a decode turn while a group waits;
+    the turn then ends in time for the group's switch and prefill before its first token is
+    due."""
+    costs = MeasuredCosts(step_s=0.01)  # switch 1 s, prefill 0.1 s
+    policy = AegaeonPolicy({n: ModelSpec(n, 1 << 30, 1024) for n in "AB"}, SLO, costs)
+    policy.add_instance(InstanceView("i0", role="both"))
+    policy.submit(RequestView("a0", "A", 10, 500, 0.0), now=0.0)
+    prefill = policy.next_turn("i0", 0.0)
+    assert prefill is not None and prefill.prefill_only
+    policy.submit(RequestView("b0", "B", 10, 5, 0.5), now=0.5)  # due at 10.5
+    policy.turn_done("i0", prefill, TurnResult(1, 9.0, generated={"a0": 1}), 9.0)
+    plan = policy.next_turn("i0", 9.0)  # A's next token is due at 10.1: A decodes first
+    assert plan is not None and (plan.model, plan.prefill_only) == ("A", False)
+    assert plan.quota_s == pytest.approx(10.5 - 9.0 - 1.0 - 0.1)  # below its own 1.25 s
+    policy.turn_done("i0", plan, TurnResult(40, 0.4, generated={"a0": 41}), 9.4)
+    nxt = policy.next_turn("i0", 9.4)  # now B's first token is due before A's next
+    assert nxt is not None and (nxt.model, nxt.prefill_only) == ("B", True)

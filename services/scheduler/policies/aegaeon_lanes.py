@@ -21,7 +21,7 @@ from aegaeon.scheduler.policies.base import (
     TurnPlan,
 )
 from aegaeon.scheduler.policies.default_costs import DefaultEstimator
-from aegaeon.scheduler.policies.quota import QMAX_S
+from aegaeon.scheduler.policies.quota import qmax_for
 
 GROUP_CAP = 8
 MAX_DECODE_BATCH = 256
@@ -71,7 +71,8 @@ class AegaeonBase(Policy):
         self.lanes: dict[str, Lane] = {}
         self.unplaced: deque[str] = deque()  # arrived while no instance could take it
         self.last_alpha: float = 0.0
-        self.alone_quota_s = min(QMAX_S, max(slo.ttft_s / 8, 10 * slo.tbt_s))
+        self.qmax_s = qmax_for(slo.ttft_s)  # the longest quota
+        self.alone_quota_s = min(self.qmax_s, max(slo.ttft_s / 8, 10 * slo.tbt_s))
 
     # ------------------------------------------------------------ one part asks another
 
@@ -116,6 +117,9 @@ class AegaeonBase(Policy):
              for r in batch.request_ids if r in self.requests),
             default=float("inf"),
         )  # fmt: skip
+
+    def _prompt_lens(self, request_ids: list[str]) -> list[int]:
+        return [self.requests[r].prompt_len for r in request_ids if r in self.requests]
 
     def _group_due(self, group: PrefillGroup) -> float:
         """When the group's first request is due its first token."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 from aegaeon.scheduler.policies.aegaeon_lanes import AegaeonBase, DecodeBatch, Lane
 from aegaeon.scheduler.policies.base import RequestView, TurnPlan
 from aegaeon.scheduler.policies.quota import (
-    QMAX_S,
     ROUND_SHARE,
     capped_round,
     cyclic_switch_costs,
@@ -64,7 +63,7 @@ class DecodeRounds(AegaeonBase):
     def _raw_alpha(self, models: list[str], steps: list[float]) -> float:
         c = sum(cyclic_switch_costs(models, self._switch_times(models)))
         n_min = min(self.slo.tbt_s / t for t in steps)
-        return c / (n_min * QMAX_S) + sum(t / self.slo.tbt_s for t in steps)
+        return c / (n_min * self.qmax_s) + sum(t / self.slo.tbt_s for t in steps)
 
     def _place_for_decode(self, request: RequestView, instance_id: str) -> None:
         """First fit by KV tokens (with look-ahead) among this model's batches, else a new
@@ -88,19 +87,32 @@ class DecodeRounds(AegaeonBase):
         index = order[0]
         batch = lane.batches[index]
         quotas, _ = self._round_quotas(lane)
+        quota = min(quotas[index], self._group_slack(lane, batch, now))
         batch.visited = True
         others_wait = len(lane.batches) > 1 or bool(lane.groups)
         plan = TurnPlan(
             instance_id,
             batch.model,
             list(batch.request_ids),
-            quota_s=quotas[index],
+            quota_s=quota,
             swap_out_after=others_wait,
             prefetch_model=self._upcoming_model(instance_id, batch.model),
         )
-        self._start(instance_id, plan, now, quotas[index])
-        lane.running_shift = quotas[index] / self._step_time(batch) * self.slo.tbt_s
+        self._start(instance_id, plan, now, quota)
+        lane.running_shift = quota / self._step_time(batch) * self.slo.tbt_s
         return plan
+
+    def _group_slack(self, lane: Lane, batch: DecodeBatch, now: float) -> float:
+        """How long a decode turn may run on a "both" lane before the head prefill group, whose
+        switch and prefill follow it, would miss its first token's deadline (at least one
+        step; unbounded when no group waits). Earliest deadline first picks the turn; this
+        keeps a decode turn from running its whole quota past the group's budget."""
+        group = next((g for g in lane.groups if any(r in self.requests for r in g.request_ids)), None)  # fmt: skip
+        if group is None:
+            return float("inf")
+        switch = self.est.switch_time(group.model) if group.model != batch.model else 0.0
+        prefill = self.est.prefill_time(group.model, self._prompt_lens(group.request_ids))
+        return max(self._step_time(batch), self._group_due(group) - now - switch - prefill)
 
     def _round_quotas(self, lane: Lane) -> tuple[list[float], float]:
         """(quota of each batch, c) for a round of this lane; sets ``last_alpha``.
@@ -114,7 +126,7 @@ class DecodeRounds(AegaeonBase):
         switch = self._switch_times(models)
         kv = sum(self._kv_move_time(b) for b in lane.batches) if len(lane.batches) > 1 else 0.0
         alpha, quotas, c = prefetched_round_quotas(
-            models, steps, switch, self.slo.tbt_s, kv, self._measured_switches(models)
+            models, steps, switch, self.slo.tbt_s, kv, self._measured_switches(models), self.qmax_s
         )
         if c <= 0:
             quotas = [self.alone_quota_s] * len(models)

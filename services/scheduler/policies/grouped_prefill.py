@@ -74,9 +74,6 @@ class GroupedPrefill(AegaeonBase):
             t += self.est.prefill_time(group.model, self._prompt_lens(group.request_ids))
         return t
 
-    def _prompt_lens(self, request_ids: list[str]) -> list[int]:
-        return [self.requests[r].prompt_len for r in request_ids if r in self.requests]
-
     def _prefill_turn(self, instance_id: str, now: float) -> TurnPlan | None:
         lane = self.lanes[instance_id]
         while lane.groups:

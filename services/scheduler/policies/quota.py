@@ -22,28 +22,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 QMAX_S = 4.0
+QMAX_TTFT_SHARE = 0.4
+"""The paper's QMAX (4 s) is 0.4 of its TTFT target (10 s). The cap keeps that proportion
+(:func:`qmax_for`): under a tighter TTFT target a 4 s quota would let one turn outlast the whole
+budget of the group waiting behind it."""
 ALPHA_FLOOR = 0.5
 ROUND_SHARE = 0.5
 """A round (switches + quotas) lasts at most this share of the TTFT target: see capped_round."""
 
 
-def round_alpha(step_times: Sequence[float], round_switch_s: float, tbt_s: float) -> float:
+def qmax_for(ttft_s: float) -> float:
+    """The longest quota under a TTFT target: QMAX_S, or QMAX_TTFT_SHARE of a tighter target."""
+    return min(QMAX_S, QMAX_TTFT_SHARE * ttft_s)
+
+
+def round_alpha(
+    step_times: Sequence[float], round_switch_s: float, tbt_s: float, qmax_s: float = QMAX_S
+) -> float:
     """α of a round (see the module docstring)."""
     n = [tbt_s / t for t in step_times]
     s = sum(1.0 / x for x in n)
-    return max(round_switch_s / (min(n) * QMAX_S) + s, ALPHA_FLOOR)
+    return max(round_switch_s / (min(n) * qmax_s) + s, ALPHA_FLOOR)
 
 
 def round_quotas(
-    step_times: Sequence[float], round_switch_s: float, tbt_s: float
+    step_times: Sequence[float], round_switch_s: float, tbt_s: float, qmax_s: float = QMAX_S
 ) -> tuple[float, list[float]]:
     """(α, quota of each batch) for one round. Without switch time to amortize (a single
     model), there is nothing to trade, and every batch may run the longest quota."""
     if not step_times:
         return ALPHA_FLOOR, []
-    alpha = round_alpha(step_times, round_switch_s, tbt_s)
+    alpha = round_alpha(step_times, round_switch_s, tbt_s, qmax_s)
     if round_switch_s <= 0:
-        return alpha, [QMAX_S] * len(step_times)
+        return alpha, [qmax_s] * len(step_times)
     s = sum(t / tbt_s for t in step_times)
     return alpha, [round_switch_s * t / (tbt_s * (alpha - s)) for t in step_times]
 
@@ -85,6 +96,7 @@ def prefetched_round_quotas(
     tbt_s: float,
     kv_move_s: float = 0.0,
     measured: dict[str, float] | None = None,
+    qmax_s: float = QMAX_S,
 ) -> tuple[float, list[float], float]:
     """(α, quotas, c) with c the switch time a round really pays, plus ``kv_move_s`` (the
     round's KV swaps, which prefetching does not hide). ``measured``: exposed switch times
@@ -92,17 +104,17 @@ def prefetched_round_quotas(
     current turn: quotas depend on c and c on the quotas, so a few damped fixed-point steps
     settle it, starting from the full (unhidden) switch times."""
     if sum(cyclic_switch_costs(models, switch_s)) <= 0:
-        return (*round_quotas(step_times, 0.0, tbt_s), 0.0)
+        return (*round_quotas(step_times, 0.0, tbt_s, qmax_s), 0.0)
     known = measured or {}
     # With no quota before it yet, an unmeasured switch is paid in full: the starting point.
     c = kv_move_s + sum(exposed_switch_costs(models, switch_s, [0.0] * len(models), known))
-    alpha, quotas = round_quotas(step_times, c, tbt_s)
+    alpha, quotas = round_quotas(step_times, c, tbt_s, qmax_s)
     if all(m in known for m in models):
         return alpha, quotas, c  # measured: c does not depend on the quotas
     for _ in range(6):
         exposed = exposed_switch_costs(models, switch_s, quotas, known)
         c = 0.5 * (c + kv_move_s + sum(exposed))
-        alpha, quotas = round_quotas(step_times, c, tbt_s)
+        alpha, quotas = round_quotas(step_times, c, tbt_s, qmax_s)
     return alpha, quotas, c
 
 
