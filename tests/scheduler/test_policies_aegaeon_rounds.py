@@ -158,3 +158,19 @@ def test_a_decode_turn_leaves_a_waiting_group_time_for_its_switch_and_prefill():
     policy.turn_done("i0", plan, TurnResult(40, 0.4, generated={"a0": 41}), 9.4)
     nxt = policy.next_turn("i0", 9.4)  # now B's first token is due before A's next
     assert nxt is not None and (nxt.model, nxt.prefill_only) == ("B", True)
+
+
+def test_a_batch_that_a_cut_would_make_late_keeps_its_quota():
+    """Steps as slow as the TBT target bank no time: cut short for B's group, A would miss
+    its next token during B's switch, prefill and the switch back, so its turn is not cut."""
+    costs = MeasuredCosts(step_s=0.1)
+    policy = AegaeonPolicy({n: ModelSpec(n, 1 << 30, 1024) for n in "AB"}, SLO, costs)
+    policy.add_instance(InstanceView("i0", role="both"))
+    policy.submit(RequestView("a0", "A", 10, 500, 0.0), now=0.0)
+    prefill = policy.next_turn("i0", 0.0)
+    assert prefill is not None
+    policy.submit(RequestView("b0", "B", 10, 5, 0.5), now=0.5)
+    policy.turn_done("i0", prefill, TurnResult(1, 9.0, generated={"a0": 1}), 9.0)
+    plan = policy.next_turn("i0", 9.0)
+    assert plan is not None and (plan.model, plan.prefill_only) == ("A", False)
+    assert plan.quota_s == pytest.approx(policy.alone_quota_s)

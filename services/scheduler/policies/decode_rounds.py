@@ -104,15 +104,21 @@ class DecodeRounds(AegaeonBase):
 
     def _group_slack(self, lane: Lane, batch: DecodeBatch, now: float) -> float:
         """How long a decode turn may run on a "both" lane before the head prefill group, whose
-        switch and prefill follow it, would miss its first token's deadline (at least one
-        step; unbounded when no group waits). Earliest deadline first picks the turn; this
-        keeps a decode turn from running its whole quota past the group's budget."""
+        switch and prefill follow it, would miss its first token's deadline (unbounded when no
+        group waits). Earliest deadline first picks the turn; this keeps it from running its
+        whole quota past the group's budget — but only where the batch, cut short, still
+        reaches its own next deadline after the group's switch and prefill and its switch
+        back: otherwise the cut would only move the miss from the group to the batch."""
         group = next((g for g in lane.groups if any(r in self.requests for r in g.request_ids)), None)  # fmt: skip
         if group is None:
             return float("inf")
+        step = self._step_time(batch)
         switch = self.est.switch_time(group.model) if group.model != batch.model else 0.0
         prefill = self.est.prefill_time(group.model, self._prompt_lens(group.request_ids))
-        return max(self._step_time(batch), self._group_due(group) - now - switch - prefill)
+        cut = max(step, self._group_due(group) - now - switch - prefill)
+        back = self.est.switch_time(batch.model) if switch else 0.0
+        banked = self._deadline(batch) + cut / step * self.slo.tbt_s
+        return cut if banked >= now + cut + switch + prefill + back else float("inf")
 
     def _round_quotas(self, lane: Lane) -> tuple[list[float], float]:
         """(quota of each batch, c) for a round of this lane; sets ``last_alpha``.
