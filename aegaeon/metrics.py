@@ -8,8 +8,10 @@ others through ``serve_metrics(port)``).
 from __future__ import annotations
 
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -118,12 +120,40 @@ def series_names() -> set[str]:
     return names
 
 
-def serve_metrics(port: int) -> None:
+class _TextFormat(BaseHTTPRequestHandler):
+    """``GET /metrics`` in the text format 0.0.4, whatever the scraper's Accept header says.
+
+    prometheus_client's own server negotiates: a Prometheus asking for OpenMetrics first (all
+    2.x do) gets names escaped to underscores, so ``aegaeon:model_switches_total`` would be
+    stored as ``aegaeon_model_switches_total`` and every query of the dashboard would miss. The
+    gateway's route serves the same format."""
+
+    def do_GET(self) -> None:  # the name http.server dispatches to
+        if self.path.split("?")[0] not in ("/", "/metrics"):
+            self.send_error(404)
+            return
+        body = generate_latest()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape every few seconds is not news
+
+
+def serve_metrics(port: int) -> ThreadingHTTPServer | None:
     """Expose ``/metrics`` on ``port`` (0: do nothing) from a background thread, on
     ``AEGAEON_METRICS_ADDR`` (default loopback: a scraper on another host or container needs it
-    set, as compose and Kubernetes do)."""
-    if port:
-        start_http_server(port, addr=os.environ.get("AEGAEON_METRICS_ADDR") or "127.0.0.1")
+    set, as compose and Kubernetes do). Returns the server (``shutdown()`` stops it)."""
+    if not port:
+        return None
+    server = ThreadingHTTPServer((os.environ.get("AEGAEON_METRICS_ADDR") or "127.0.0.1", port),
+                                 _TextFormat)  # fmt: skip
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 _nvml_state: dict[str, bool] = {}

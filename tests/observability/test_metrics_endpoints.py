@@ -16,10 +16,19 @@ pytestmark = pytest.mark.slow
 MODEL = "demo-llama"
 
 
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+"""What Prometheus 2.x sends when it scrapes: an endpoint that answers OpenMetrics with escaped
+names would have its ``aegaeon:`` series stored under other names."""
+
+
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """series name → [(labels, value)]."""
+    """series name → [(labels, value)], scraped as Prometheus scrapes."""
     series: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+    reply = httpx.get(url, timeout=5, headers={"Accept": PROMETHEUS_ACCEPT})
+    for family in text_string_to_metric_families(reply.text):
         for sample in family.samples:
             series.setdefault(sample.name, []).append((sample.labels, sample.value))
     return series
