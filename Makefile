@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 DEVICE ?= cpu
 ARGS   ?=
 
-.PHONY: up test install install-test lint typecheck pytest clean
+.PHONY: up test install install-test lint typecheck pytest clean compose-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,7 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) build dist .mypy_tree
+
+# docker compose reads .env: generated passwords for NATS, Redis and Grafana (kept if present).
+compose-env:
+	@test -e .env && echo ".env exists: kept" || ( umask 077; $(PYTHON) -c "import secrets; print('\\n'.join(f'{k}={secrets.token_hex(16)}' for k in ('AEGAEON_NATS_PASSWORD', 'AEGAEON_REDIS_PASSWORD', 'GRAFANA_ADMIN_PASSWORD')))" > .env && echo "wrote .env (0600)" )

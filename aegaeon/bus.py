@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import redis.asyncio as aioredis
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
@@ -132,3 +133,17 @@ class Bus:
                 await self.nc.drain()
             except Exception:  # already closing / server gone
                 await self.nc.close()
+
+
+def connect_redis(config: BusConfig, max_connections: int | None = None) -> aioredis.Redis:
+    """The Redis client of a service: ``config.redis_url`` with ``AEGAEON_REDIS_PASSWORD`` when
+    the URL carries none (deployments keep it in a secret). ``max_connections``: a bounded,
+    blocking pool, so a burst waits briefly for a connection instead of opening hundreds of
+    sockets at once (a connect storm fails some)."""
+    if max_connections is None:
+        return aioredis.Redis.from_url(config.redis_url, password=config.redis_password)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.redis_url, max_connections=max_connections, timeout=10,
+        password=config.redis_password,
+    )  # fmt: skip
+    return aioredis.Redis(connection_pool=pool)

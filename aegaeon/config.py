@@ -39,6 +39,11 @@ class BusConfig:
     nats_password: str | None = field(
         default_factory=lambda: os.environ.get("AEGAEON_NATS_PASSWORD")
     )
+    # Deployments keep the Redis password in a secret rather than in the URL (a password in
+    # the URL wins over this one).
+    redis_password: str | None = field(
+        default_factory=lambda: os.environ.get("AEGAEON_REDIS_PASSWORD")
+    )
 
     def __post_init__(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):

@@ -1,27 +1,38 @@
 """docker-compose.yml and the Kubernetes manifests, checked without a Docker engine: every service
 is built from the repository's Dockerfile and runs a real ``aegaeon`` command whose options the
-service's own argument parser accepts."""
+service's own argument parser accepts; no secret is committed; the NATS config and the Redis
+start script they share run on real servers here."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import os
 import re
 import shlex
+import subprocess
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import nats
+import psutil
 import pytest
+import redis
 import yaml
 
 from aegaeon.cli import COMMANDS
+from aegaeon.servers import REDIS_DISABLED_COMMANDS, _binary, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 OURS = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 SERVE_KINDS = {words[1] for words in COMMANDS if words[0] == "serve"}
+NATS_CONF = ROOT / "infra" / "k8s" / "nats.conf"
+REDIS_START = ROOT / "infra" / "k8s" / "redis-start.sh"
 K8S_DOCS = [
     doc
     for path in sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
@@ -31,8 +42,10 @@ K8S_DOCS = [
 
 
 def interpolate(word: str) -> str:
-    """Compose's ``${VAR:-default}`` with the variable unset; Kubernetes' ``$(VAR)`` as a value."""
+    """Compose's ``${VAR:-default}`` with the variable unset, ``${VAR:?why}`` (required) as
+    ``<VAR>``; Kubernetes' ``$(VAR)`` as a value."""
     word = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", word)
+    word = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", r"<\1>", word)
     return re.sub(r"\$\([A-Z_]+\)", "x", word)
 
 
@@ -105,15 +118,39 @@ def test_the_default_worker_is_on_cpu_and_the_cuda_worker_needs_the_gpu_profile(
         assert "cu" in spec["build"]["args"]["TORCH_INDEX_URL"]
 
 
-def test_nats_runs_jetstream_with_the_password_the_services_use() -> None:
-    nats = command_words(SERVICES["nats"])
-    assert "--jetstream" in nats or "-js" in nats
-    raw = " ".join(SERVICES["nats"]["command"])
+def test_nats_runs_jetstream_with_the_credentials_the_services_use() -> None:
+    nats = SERVICES["nats"]
+    assert command_words(nats) == ["-c", "/etc/nats/nats.conf"]
+    assert "./infra/k8s/nats.conf:/etc/nats/nats.conf:ro" in nats["volumes"]
+    conf = NATS_CONF.read_text()
+    assert "jetstream" in conf and "$AEGAEON_NATS_USER" in conf and "$AEGAEON_NATS_PASSWORD" in conf
     for name, spec in OURS.items():
         env = spec["environment"]
         assert env["AEGAEON_NATS_URL"].startswith("nats://nats:"), name
         for variable in ("AEGAEON_NATS_USER", "AEGAEON_NATS_PASSWORD"):
-            assert env[variable] in raw, f"{name}: {variable} differs from the server's"
+            assert env[variable] == nats["environment"][variable], f"{name}: {variable}"
+
+
+def test_redis_requires_the_password_the_services_use() -> None:
+    redis = SERVICES["redis"]
+    assert command_words(redis) == ["sh", "/etc/redis/redis-start.sh"]
+    assert "./infra/k8s/redis-start.sh:/etc/redis/redis-start.sh:ro" in redis["volumes"]
+    password = redis["environment"]["AEGAEON_REDIS_PASSWORD"]
+    assert redis["environment"]["REDISCLI_AUTH"] == password  # the healthcheck's redis-cli
+    for name, spec in OURS.items():
+        assert spec["environment"]["AEGAEON_REDIS_PASSWORD"] == password, name
+
+
+def test_compose_commits_no_secret_and_publishes_only_on_loopback() -> None:
+    """Every password is a required variable (``make compose-env`` writes them to .env);
+    every published port binds 127.0.0.1."""
+    for name, spec in SERVICES.items():
+        env = spec.get("environment") or {}
+        for variable, value in env.items():
+            if "PASSWORD" in variable or variable == "REDISCLI_AUTH":
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (name, variable)
+        for port in spec.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
 
 
 def test_workers_share_the_model_stores_sized_shared_memory() -> None:
@@ -171,10 +208,103 @@ def test_kubernetes_manifests_run_real_entry_points() -> None:
 def test_kubernetes_workers_share_shared_memory_with_their_model_store() -> None:
     for doc in K8S_DOCS:
         pod = doc.get("spec", {}).get("template", {}).get("spec", {})
-        names = {command_words(c)[2] for c in pod.get("containers", []) if c.get("command")}
+        names = {command_words(c)[2] for c in pod.get("containers", []) if c["image"] == "aegaeon"}
         if "worker" in names:
             assert "model-store" in names
             shm = next(v for v in pod["volumes"] if v["name"] == "shm")
             assert shm["emptyDir"]["medium"] == "Memory"
             for container in pod["containers"]:
                 assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_kubernetes_commits_no_secret_and_every_bus_user_reads_the_bus_secret() -> None:
+    assert not [d for d in K8S_DOCS if d["kind"] == "Secret"]
+    for container in _containers():
+        if container["image"] == "aegaeon" or container["name"] in ("nats", "redis"):
+            refs = [
+                r["secretRef"]["name"] for r in container.get("envFrom", []) if "secretRef" in r
+            ]
+            assert refs == ["aegaeon-bus"], container["name"]
+
+
+def test_kubernetes_admits_clients_at_the_gateway_only():
+    policies = {d["metadata"]["name"]: d["spec"] for d in K8S_DOCS if d["kind"] == "NetworkPolicy"}
+    deny = policies.pop("default-deny-ingress")
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    open_to_all = [p["podSelector"] for p in policies.values()
+                   if any("from" not in rule for rule in p["ingress"])]  # fmt: skip
+    assert open_to_all == [{"matchLabels": {"app": "gateway"}}]
+    kustomization = yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())
+    assert "network-policy.yaml" in kustomization["resources"]
+    generated = {g["name"]: g["files"] for g in kustomization["configMapGenerator"]}
+    assert generated == {"nats-config": ["nats.conf"], "redis-start": ["redis-start.sh"]}
+
+
+# ---------------------------------------------------------------- the servers' own settings
+
+
+def test_the_deployed_nats_config_refuses_clients_without_the_credentials(tmp_path):
+    """infra/k8s/nats.conf on a real nats-server (address, ports and store moved to this test's)."""
+    port = free_port()
+    conf = tmp_path / "nats.conf"  # the same file, its store in this test's folder
+    conf.write_text(NATS_CONF.read_text().replace('"/data"', f'"{tmp_path / "js"}"'))
+    env = {**os.environ, "AEGAEON_NATS_USER": "aegaeon", "AEGAEON_NATS_PASSWORD": "from-env"}
+    server = subprocess.Popen(
+        [_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
+         "-m", str(free_port())],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    async def attempt(**credentials: str) -> bool:
+        for _ in range(100):  # until it listens
+            try:
+                nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False,
+                                        connect_timeout=2, max_reconnect_attempts=0,
+                                        **credentials)  # fmt: skip
+            except Exception as exc:
+                if "authorization" in str(exc).lower():
+                    return False
+                assert server.poll() is None, "nats-server exited: the config does not load"
+                await asyncio.sleep(0.05)
+                continue
+            await nc.close()
+            return True
+        raise AssertionError("nats-server did not start")
+
+    try:
+        assert asyncio.run(attempt(user="aegaeon", password="from-env"))
+        assert not asyncio.run(attempt())
+        assert not asyncio.run(attempt(user="aegaeon", password="guess"))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_the_deployed_redis_start_requires_the_password_and_renames_dangerous_commands(tmp_path):
+    """infra/k8s/redis-start.sh with a real redis-server (port moved to this test's)."""
+    port = free_port()
+    script = tmp_path / "start.sh"  # the same script, listening where this test can reach it
+    script.write_text(REDIS_START.read_text().replace(
+        'exec redis-server "$conf"', f'exec redis-server "$conf" --port {port} --bind 127.0.0.1'))  # fmt: skip
+    path = f"{Path(_binary('redis-server')).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "AEGAEON_REDIS_PASSWORD": "from-env"}
+    server = subprocess.Popen(["sh", str(script)], env=env, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password="from-env")
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        assert client.ping()
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.execute_command("CONFIG", "SET", "dir", "/tmp")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert "from-env" not in " ".join(psutil.Process(server.pid).cmdline())
+        renamed = re.search(r"for command in ([A-Z ]+); do", REDIS_START.read_text())
+        assert renamed and tuple(renamed.group(1).split()) == REDIS_DISABLED_COMMANDS
+    finally:
+        server.terminate()
+        server.wait(10)

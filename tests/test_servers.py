@@ -12,6 +12,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from aegaeon import launcher
+from aegaeon.bus import connect_redis
+from aegaeon.config import BusConfig
 from aegaeon.servers import start_nats, start_redis
 
 NO_RETRY = Retry(NoBackoff(), 0)  # a refused login is an answer, not a blip to retry
@@ -108,3 +110,29 @@ def test_aegaeon_up_gives_its_servers_credentials_of_its_own_and_a_private_conne
     finally:
         stack.stop()
     assert not (tmp_path / launcher.CONNECTION_FILE).exists()
+
+
+@pytest.mark.parametrize("max_connections", [None, 4])
+def test_services_reach_a_password_protected_redis_with_the_password_from_the_environment(
+    tmp_path, monkeypatch, max_connections
+):
+    """Compose and Kubernetes give AEGAEON_REDIS_PASSWORD from a secret and a URL without it;
+    every service builds its client with connect_redis (the gateway with a bounded pool)."""
+    server = start_redis(tmp_path / "redis", password="from-a-secret")
+    try:
+        monkeypatch.setenv("AEGAEON_REDIS_URL", f"redis://127.0.0.1:{server.port}/0")
+        monkeypatch.setenv("AEGAEON_REDIS_PASSWORD", "from-a-secret")
+
+        async def ping() -> bool:
+            client = connect_redis(BusConfig(), max_connections)
+            try:
+                return bool(await client.ping())
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(ping())
+        monkeypatch.delenv("AEGAEON_REDIS_PASSWORD")
+        with pytest.raises(redis.AuthenticationError):
+            asyncio.run(ping())
+    finally:
+        server.stop()

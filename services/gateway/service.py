@@ -15,7 +15,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from aegaeon.bus import Bus
+from aegaeon.bus import Bus, connect_redis
 from aegaeon.protocol import ModelInfo
 from aegaeon.state import Keys
 
@@ -64,12 +64,7 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self._bus = await Bus.connect(s.bus, name=f"gateway-{s.gateway_id}")
-        # A bounded, blocking pool: a burst of hundreds of new streams waits briefly for a
-        # connection instead of opening hundreds of sockets at once (a connect storm fails some).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.bus.redis_url, max_connections=64, timeout=10
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = connect_redis(s.bus, max_connections=64)
         await self.router.start(self._bus, s.gateway_id)
         self._bus.reconnect_listeners.append(self.router.on_reconnect)
         await self.cluster.start(self._bus)

@@ -9,10 +9,9 @@ import os
 import socket
 import time
 
-import redis.asyncio as aioredis
 from aegaeon.gpu_worker.sizing import CPU_RAM_SHARE, CUDA_FREE_SHARE, plan_memory
 
-from aegaeon.bus import Bus
+from aegaeon.bus import Bus, connect_redis
 from aegaeon.config import BusConfig
 from aegaeon.metrics import serve_metrics
 from aegaeon.protocol import ListModels, ModelInfo, ModelList
@@ -97,7 +96,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     engine_config.arena_bytes = plan.arena_bytes
     engine_config.weight_budget_bytes = plan.weight_budget_bytes
     engine = Engine(engine_config)
-    redis = aioredis.Redis.from_url(config.redis_url)
+    redis = connect_redis(config)
     worker = WorkerService(args.worker_id, args.role, engine, bus, redis)
     runner = asyncio.create_task(worker.run())
     stopper = asyncio.create_task(stop.wait())

@@ -10,11 +10,10 @@ import json
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import ModelSpec, Slo
 
-from aegaeon.bus import Bus
+from aegaeon.bus import Bus, connect_redis
 from aegaeon.config import BusConfig
 from aegaeon.metrics import serve_metrics
 from aegaeon.runtime import run_process
@@ -93,7 +92,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         bus = await Bus.connect(bus_config, name="scheduler")
         stack.push_async_callback(bus.close)
-        redis = aioredis.Redis.from_url(bus_config.redis_url)
+        redis = connect_redis(bus_config)
         stack.push_async_callback(redis.aclose)
         service = SchedulerService(
             scheduler_config(args),
