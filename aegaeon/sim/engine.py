@@ -19,7 +19,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aegaeon.scheduler.estimators import Estimator
+from aegaeon.scheduler.estimators import Estimator, observe_turn
 from aegaeon.scheduler.policies.base import InstanceView, Policy, RequestView, Slo
 from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS
 from aegaeon.sim.instance import CONTROL_OVERHEAD_S, SimInstance, SimRequest
@@ -112,6 +112,7 @@ def simulate(
             if observe is not None and switched is not None:  # reported with the turn's end
                 observe(switched.model, switched.exposed_s, switched.copied_bytes,
                         switched.prefetched_bytes)  # fmt: skip
+            observe_turn(policy.estimator, plan, policy.requests, result)  # as the scheduler does
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)

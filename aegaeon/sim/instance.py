@@ -151,7 +151,9 @@ class SimInstance:
         moved = self._swap_in(plan.model, [r for r in batch if not r.kv_lost], t)
         t += moved
         t = self._recompute(plan.model, [r for r in batch if r.kv_lost], t)
+        prefill_start = t
         t = self._prefill(plan.model, [r for r in batch if r.generated == 0], t)
+        prefill_s, decode_start = t - prefill_start, t
         steps = 0
         if not plan.prefill_only:
             t, steps = self._decode(plan, [r for r in batch if not r.done], t)
@@ -172,6 +174,9 @@ class SimInstance:
             switch_s=switch,
             finished=[r.trace.request_id for r in batch if r.done],
             generated={r.trace.request_id: r.generated for r in batch},
+            prefill_s=prefill_s if plan.prefill_only else 0.0,
+            decode_steps=steps,
+            decode_s=t - swapped_out - decode_start if steps else 0.0,
         )
         return t, result
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, TurnPlan
 
-from aegaeon.protocol import Heartbeat, KVHandle, ModelInfo, SubmitRequest, TurnDone, WorkerState
+from aegaeon.protocol import Heartbeat, KVHandle, ModelInfo, SubmitRequest, WorkerState
 
 
 @dataclass
@@ -125,13 +125,3 @@ def worker_state(worker: WorkerBook) -> WorkerState:
 def model_spec(info: ModelInfo) -> ModelSpec:
     """The model-store's description as the policy's view of a model."""
     return ModelSpec(info.name, info.weight_bytes, info.kv_bytes_per_token, info.context_length)
-
-
-def step_times(event: TurnDone) -> list[float]:
-    """Per-step times from a turn's totals: the first step (the prefill, when there was one) as
-    measured, the decode steps as their mean (the worker reports sums, not each step)."""
-    if event.steps <= 0:
-        return []
-    decode_steps = event.steps - 1
-    mean = event.decode_s / decode_steps if decode_steps else 0.0
-    return [event.prefill_s] + [mean] * decode_steps

@@ -7,6 +7,10 @@
 - KV move (swap, prefill → decode handoff):    ``tokens · kv_bytes_per_token / link bandwidth``
 - exposed switch (what a turn really waits for once prefetch has copied what it could): measured
   online, an EWMA per model of the seconds workers report (:meth:`Estimator.observe_switch`)
+- learned online: each model's prefill, decode and full-switch predictions are scaled by an EWMA
+  of measured / predicted from the times workers report (:func:`observe_turn`,
+  :meth:`Estimator.observe_switch`), so a roofline default converges to the device it runs on
+  and a profile stays true when the machine's load changes it
 
 Profiles come from ``aegaeon profile`` (a JSON file, fitted here by :func:`fit_linear` etc. from
 the samples it measured) or, where none exists, from the roofline model of
@@ -17,12 +21,12 @@ the samples it measured) or, where none exists, from the roofline model of
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from aegaeon.scheduler.policies.base import ModelSpec
+from aegaeon.scheduler.policies.base import ModelSpec, RequestView, TurnPlan, TurnResult
 
 Coeffs = tuple[float, float, float]
 
@@ -41,6 +45,11 @@ class ModelProfile:
 
 SWITCH_EWMA_WEIGHT = 0.2
 """Weight of the newest exposed-switch sample: about the last five switches of a model count."""
+SCALE_EWMA_WEIGHT = 0.2
+"""Weight of the newest measured/predicted ratio of a model's prefill, decode or switch time."""
+SCALE_STEP_BOUND = 10.0
+"""A sample counts as at most this many times (or this fraction of) the current scale: one wild
+sample (a stall, a clock jump) cannot throw a learned scale far."""
 
 
 class Estimator:
@@ -52,22 +61,61 @@ class Estimator:
         self.exposed_s: dict[str, float] = {}  # model → EWMA of measured exposed switch seconds
         self.copied_bytes = 0  # over all observed switches: copied while a turn waited
         self.prefetched_bytes = 0  # … and copied in the background before
+        self.scales: dict[tuple[str, str], float] = {}  # (kind, model) → measured / predicted
 
-    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
+    def _scale(self, kind: str, model: str) -> float:
+        return self.scales.get((kind, model), 1.0)
+
+    def _learn(self, kind: str, model: str, measured_s: float, predicted_s: float) -> None:
+        """Move the (kind, model) scale towards ``measured_s / predicted_s`` (unscaled)."""
+        if measured_s <= 0 or predicted_s <= 0:
+            return
+        ratio = measured_s / predicted_s
+        key = (kind, model)
+        old = self.scales.get(key)
+        if old is None:
+            self.scales[key] = ratio
+            return
+        ratio = min(old * SCALE_STEP_BOUND, max(old / SCALE_STEP_BOUND, ratio))
+        self.scales[key] = old + SCALE_EWMA_WEIGHT * (ratio - old)
+
+    def _prefill_raw(self, model: str, prompt_lens: list[int]) -> float:
         a, b, c = self.profiles[model].prefill
         return a + b * sum(prompt_lens) + c * sum(n * n for n in prompt_lens)
+
+    def _decode_raw(self, model: str, total_context: int, batch: int) -> float:
+        a, b, c = self.profiles[model].decode
+        return a + b * total_context + c * batch
+
+    def _switch_raw(self, model: str) -> float:
+        p = self.profiles[model]
+        return p.switch_fixed_s + p.weight_bytes / p.link_bytes_per_s
+
+    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
+        return self._scale("prefill", model) * self._prefill_raw(model, prompt_lens)
 
     def decode_time(self, model: str, context_lens: list[int]) -> float:
         return self.decode_time_sum(model, sum(context_lens), len(context_lens))
 
     def decode_time_sum(self, model: str, total_context: int, batch: int) -> float:
         """One decode step from the batch's total context and size (the simulator's fast path)."""
-        a, b, c = self.profiles[model].decode
-        return a + b * total_context + c * batch
+        return self._scale("decode", model) * self._decode_raw(model, total_context, batch)
 
     def switch_time(self, model: str) -> float:
-        p = self.profiles[model]
-        return p.switch_fixed_s + p.weight_bytes / p.link_bytes_per_s
+        """A switch that copies every byte (nothing prefetched)."""
+        return self._scale("switch", model) * self._switch_raw(model)
+
+    def observe_steps(
+        self, model: str, *, prefill: tuple[list[int], float] | None = None,
+        decode: tuple[list[int], float] | None = None,
+    ) -> None:  # fmt: skip
+        """A worker measured a prefill step over these prompt lengths, or one decode step (the
+        mean of a turn's) over these context lengths, taking these seconds."""
+        if prefill is not None and prefill[0]:
+            self._learn("prefill", model, prefill[1], self._prefill_raw(model, prefill[0]))
+        if decode is not None and decode[0]:
+            lens = decode[0]
+            self._learn("decode", model, decode[1], self._decode_raw(model, sum(lens), len(lens)))
 
     def observe_switch(
         self, model: str, exposed_s: float, copied_bytes: int, prefetched_bytes: int
@@ -79,6 +127,8 @@ class Estimator:
         per byte, since what stays exposed depends on how long the turn before it ran, not
         only on the model's size; the bytes feed :meth:`prefetch_hidden_fraction`."""
         exposed_s = max(0.0, exposed_s)
+        if copied_bytes > 0 and prefetched_bytes == 0:  # a whole copy waited for: the full cost
+            self._learn("switch", model, exposed_s, self._switch_raw(model))
         self.copied_bytes += max(0, copied_bytes)
         self.prefetched_bytes += max(0, prefetched_bytes)
         previous = self.exposed_s.get(model)
@@ -118,6 +168,29 @@ class Estimator:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+
+def observe_turn(
+    estimator: object, plan: TurnPlan, requests: Mapping[str, RequestView], result: TurnResult
+) -> None:
+    """Feed ``estimator`` (when it learns: ``observe_steps``) what a turn measured. Drivers
+    call it after each turn, before the policy's ``turn_done`` moves the requests' contexts on:
+    the prefill of a prefill-only turn over its requests' prompts, and the mean decode step
+    over the batch's contexts at the middle of the turn. Every policy's estimator learns the
+    same way, live (the scheduler service) and simulated."""
+    observe = getattr(estimator, "observe_steps", None)
+    if observe is None:
+        return
+    views = [requests[r] for r in plan.request_ids if r in requests]
+    if plan.prefill_only:
+        prompts = [v.prompt_len for v in views if not v.prefilled]
+        if prompts and result.prefill_s > 0:
+            observe(plan.model, prefill=(prompts, result.prefill_s))
+    elif result.decode_steps >= 2 and result.decode_s > 0:
+        middle = result.decode_steps // 2
+        contexts = [v.context_len + middle for v in views]
+        if contexts:
+            observe(plan.model, decode=(contexts, result.decode_s / result.decode_steps))
 
 
 def load_estimator(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aegaeon.scheduler.books import WorkerBook, step_times
+from aegaeon.scheduler.books import WorkerBook
 from aegaeon.scheduler.core import ServiceCore
+from aegaeon.scheduler.estimators import observe_turn
 from aegaeon.scheduler.policies.base import TurnPlan, TurnResult
 
 from aegaeon.protocol import AbortRequest, KVImported, RequestDone, TurnDone, WorkerError
@@ -54,9 +55,17 @@ class TurnEvents(ServiceCore):
             switch_s=event.switch_s,
             finished=list(event.finished),
             generated={r: n for r, n in event.progress.items() if r in self.requests},
-            step_times_s=step_times(event),
+            # The worker times its first step apart (a prefill, or new members' prefill with
+            # the first decode) from the rest (pure decode steps).
+            prefill_s=event.prefill_s
+            if worker.turn is not None and worker.turn.prefill_only
+            else 0.0,
+            decode_steps=max(0, event.steps - 1),
+            decode_s=event.decode_s,
         )
         self._observe_switch(event)
+        if worker.turn is not None:  # before the policy moves the requests' contexts on
+            observe_turn(self.estimator, worker.turn, self._policy.requests, result)
         plan = self._end_turn(worker, result)
         await self._rerun_vanished(worker, plan, event)
         await self._hand_off(worker, plan, event)

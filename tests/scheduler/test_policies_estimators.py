@@ -9,8 +9,9 @@ from aegaeon.scheduler.estimators import (
     fit_prefill,
     fit_switch,
     load_estimator,
+    observe_turn,
 )
-from aegaeon.scheduler.policies.base import ModelSpec
+from aegaeon.scheduler.policies.base import ModelSpec, RequestView, TurnPlan, TurnResult
 
 from aegaeon.sim.hardware import DEVICES, paper_models, roofline_profile
 
@@ -99,3 +100,64 @@ def test_prefetch_hidden_fraction_counts_bytes_copied_in_the_background():
     assert est.prefetch_hidden_fraction() is None
     est.observe_switch("a", 0.3, copied_bytes=200, prefetched_bytes=800)
     assert est.prefetch_hidden_fraction() == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------- learning online
+
+
+def roofline_a() -> Estimator:
+    return load_estimator(None, {"a": ModelSpec("a", 1 << 26, 1 << 12)})
+
+
+def test_decode_and_prefill_predictions_converge_to_what_workers_measure():
+    """A roofline default three times too slow: after a few turns it predicts the device."""
+    est = roofline_a()
+    predicted_decode, predicted_prefill = (
+        est.decode_time("a", [100, 200]),
+        est.prefill_time("a", [64]),
+    )
+    for _ in range(30):
+        est.observe_steps("a", decode=([100, 200], predicted_decode / 3))
+        est.observe_steps("a", prefill=([64], predicted_prefill / 2))
+    assert est.decode_time("a", [100, 200]) == pytest.approx(predicted_decode / 3, rel=0.01)
+    assert est.prefill_time("a", [64]) == pytest.approx(predicted_prefill / 2, rel=0.01)
+    assert est.decode_time("a", [1000] * 4) < roofline_a().decode_time("a", [1000] * 4)
+
+
+def test_a_whole_copy_teaches_the_switch_time_and_a_prefetched_one_does_not():
+    est = roofline_a()
+    full = est.switch_time("a")
+    est.observe_switch("a", 0.01 * full, copied_bytes=1000, prefetched_bytes=900)  # partly hidden
+    assert est.switch_time("a") == pytest.approx(full)
+    est.observe_switch("a", full / 20, copied_bytes=1000, prefetched_bytes=0)
+    assert est.switch_time("a") == pytest.approx(full / 20)
+
+
+def test_one_wild_sample_moves_a_scale_a_bounded_step():
+    est = roofline_a()
+    decode = est.decode_time("a", [100])
+    for _ in range(10):
+        est.observe_steps("a", decode=([100], decode))
+    est.observe_steps("a", decode=([100], decode * 1e6))  # a stall
+    assert est.decode_time("a", [100]) < decode * 11
+
+
+def test_a_turn_teaches_its_prefill_over_the_prompts_and_its_decode_over_the_contexts():
+    est = roofline_a()
+    requests = {
+        "r1": RequestView("r1", "a", 100, 50, 0.0),
+        "r2": RequestView("r2", "a", 40, 50, 0.0),
+    }
+    prefill = TurnPlan("i", "a", ["r1", "r2"], 0.0, prefill_only=True)
+    observe_turn(
+        est, prefill, requests, TurnResult(1, 0.1, prefill_s=est.prefill_time("a", [100, 40]) * 2)
+    )
+    assert est.prefill_time("a", [100, 40]) == pytest.approx(
+        2 * roofline_a().prefill_time("a", [100, 40])
+    )
+    for r in requests.values():
+        r.prefilled, r.generated = True, 1
+    decode = TurnPlan("i", "a", ["r1", "r2"], 1.0)
+    step = roofline_a().decode_time("a", [101 + 5, 41 + 5]) / 4  # at the turn's middle
+    observe_turn(est, decode, requests, TurnResult(11, 0.5, decode_steps=10, decode_s=10 * step))
+    assert est.decode_time("a", [106, 46]) == pytest.approx(step)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aegaeon.scheduler.estimators import load_estimator
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import (
     Policy,
@@ -340,6 +341,22 @@ async def test_turns_rotate_between_models_on_one_worker(harness):
     assert [t.model for t in turns] == ["a", "b", "a", "b", "a", "b"]
     assert turns[1].swap_out_after and turns[1].prefetch_model == "a"
     assert harness.stream("ra") == harness.stream("rb") == expected_stream(3)
+
+
+async def test_the_decode_times_workers_report_teach_the_estimator(harness):
+    """A turn's TurnDone carries its decode seconds; the scheduler feeds them to the policy's
+    estimator, whose decode prediction moves to what the worker measured."""
+    worker = await harness.worker("w1", tokens_per_turn=5)
+    worker.turn_done_extras = {"decode_s": 4 * 0.5}  # 0.5 s per decode step: a slow device
+    service = await harness.scheduler(
+        policy="aegaeon", policy_options={},
+        estimator_factory=lambda models: load_estimator(None, models),
+    )  # fmt: skip
+    before = service.estimator.decode_time("a", [20])
+    await harness.submit("r1", "a", max_tokens=20)
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    assert service.estimator.decode_time("a", [20]) > 10 * before  # roofline: milliseconds
+    assert service.estimator.decode_time("a", [20]) == pytest.approx(0.5, rel=0.2)
 
 
 async def test_unknown_model_is_rejected_with_404(harness):

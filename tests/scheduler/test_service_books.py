@@ -7,12 +7,11 @@ from aegaeon.scheduler.books import (
     WorkerBook,
     counts_by_model,
     instance_view,
-    step_times,
     worker_state,
 )
 from aegaeon.scheduler.main import policy_options
 
-from aegaeon.protocol import Heartbeat, SamplingParams, SubmitRequest, TurnDone
+from aegaeon.protocol import Heartbeat, SamplingParams, SubmitRequest
 
 
 def tracked(rid: str, model: str, outputs: list[int] | None = None) -> TrackedRequest:
@@ -47,13 +46,6 @@ def test_worker_state_reports_kv_usage_and_the_requests_it_holds():
     book = WorkerBook("w1", 0.0, beat, holds={"r1", "r2"})
     state = worker_state(book)
     assert (state.kv_usage, state.num_requests, state.busy) == (0.75, 2, False)
-
-
-def test_step_times_spread_the_decode_total_over_its_steps():
-    event = TurnDone("w1", 1, "a", steps=3, elapsed_s=1.0, prefill_s=0.4, decode_s=0.2)
-    assert step_times(event) == [0.4, 0.1, 0.1]
-    assert step_times(TurnDone("w1", 1, "a", steps=1, elapsed_s=0.1, prefill_s=0.1)) == [0.1]
-    assert step_times(TurnDone("w1", 1, "a", steps=0, elapsed_s=0.0)) == []
 
 
 def test_policy_options_parse_json_values_and_keep_plain_strings():

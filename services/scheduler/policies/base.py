@@ -99,7 +99,12 @@ class TurnResult:
     switch_s: float = 0.0
     finished: list[str] = field(default_factory=list)
     generated: dict[str, int] = field(default_factory=dict)  # request id → tokens so far
-    step_times_s: list[float] = field(default_factory=list)
+    # Measured engine time (what an estimator learns from, estimators.observe_turn): the
+    # prefill step of a prefill-only turn, and pure decode steps (a turn's first step may
+    # also prefill new members, so it is not among them).
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
 
 
 @dataclass
