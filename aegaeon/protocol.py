@@ -180,8 +180,10 @@ class TurnDone(msgspec.Struct, tag="turn_done", omit_defaults=True):
 
     ``switch_s`` is the time the turn waited for its model's weights (what prefetching did not
     hide); ``switch_bytes`` were copied while the turn waited, ``prefetched_bytes`` in the
-    background while an earlier turn decoded. ``exported``: handles of the KV left in this
-    worker's host pool for ``RunTurn.export_kv``.
+    background while an earlier turn decoded. ``prefill_s``: the turn's first step (a prefill,
+    or new members' prefill with a decode), ``decode_s``: the other ``steps − 1`` (decode); both
+    count each step's token delivery, what a step costs the turn. ``exported``: handles of the
+    KV left in this worker's host pool for ``RunTurn.export_kv``.
     """
 
     worker_id: str

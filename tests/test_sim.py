@@ -212,6 +212,17 @@ def test_a_request_arriving_mid_turn_has_its_model_copied_before_its_switch():
     assert to_b and to_b[0][3] > 0, cost.seen  # bytes copied in the background
 
 
+def test_the_policys_estimator_learns_the_turns_round_trip_and_step_times_as_live():
+    cost = copy_cost()
+    policy_est = roofline_estimator({m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"},
+                                    DEVICES["H100"])  # fmt: skip
+    trace = [TraceRequest("r0", "A", 0.0, 10, 400), TraceRequest("r1", "B", 0.0, 10, 400)]
+    policy = POLICIES["aegaeon"]({m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"}, SLO, policy_est)
+    simulate(trace, policy, [InstanceView("g0")], cost, SLO, control_s=0.003)
+    assert policy_est.turn_overhead_s() == pytest.approx(0.003, rel=0.01)  # from its prior
+    assert policy_est.decode_time("A", [30]) == pytest.approx(cost.decode_time("A", [30]), rel=0.05)
+
+
 @pytest.mark.parametrize("policy", sorted(ALL_POLICIES))
 def test_every_policy_serves_a_light_trace_within_slo(policy):
     models = paper_models(4)

@@ -70,6 +70,8 @@ def simulate(
         for v in instances
     }  # fmt: skip
     observe = getattr(policy.estimator, "observe_switch", None)
+    observe_overhead = getattr(policy.estimator, "observe_turn_overhead", None)
+    started: dict[str, float] = {}  # instance → when its running turn was dispatched
     for view in instances:
         policy.add_instance(view)
     requests = {r.request_id: SimRequest(r) for r in trace}
@@ -89,6 +91,7 @@ def simulate(
                 continue
             sim = sims[instance_id]
             end, result = sim.execute(plan, requests, now)
+            started[instance_id] = now
             pending_plans[instance_id] = (plan, result, sim.last_switch)
             idle.discard(instance_id)
             order += 1
@@ -113,6 +116,8 @@ def simulate(
                 observe(switched.model, switched.exposed_s, switched.copied_bytes,
                         switched.prefetched_bytes)  # fmt: skip
             observe_turn(policy.estimator, plan, policy.requests, result)  # as the scheduler does
+            if observe_overhead is not None:
+                observe_overhead(now - started[instance_id] - result.elapsed_s)
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)

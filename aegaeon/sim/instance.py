@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aegaeon.scheduler.estimators import Estimator
+from aegaeon.scheduler.estimators import TURN_OVERHEAD_PRIOR_S, Estimator
 from aegaeon.scheduler.policies.base import InstanceView, TurnPlan, TurnResult
 from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS, HostLink, Residency
 from aegaeon.slo_metrics import RequestRecord
 from aegaeon.workload import TraceRequest
 
-CONTROL_OVERHEAD_S = 0.0005
+CONTROL_OVERHEAD_S = TURN_OVERHEAD_PRIOR_S  # one definition: the estimators' prior is this measure
 
 
 class SimRequest:

@@ -481,13 +481,16 @@ class WorkerService:
             outputs = await self._on_engine(self.engine.step, batch)
             elapsed = time.monotonic() - t0
             self._observe_step(turn, batch, outputs, t0_ns, elapsed, host_free)
-            if first_step_at is None:
-                first_step_at = t0  # the quota runs from the first step, after the switch
-                done.prefill_s += elapsed
-            else:
-                done.decode_s += elapsed
             done.steps += 1
             finished = await self._deliver(outputs)
+            # What the step cost the turn, its tokens' delivery included (the estimators learn
+            # the pace of tokens from it, not the engine's time alone).
+            spent = time.monotonic() - t0
+            if first_step_at is None:
+                first_step_at = t0  # the quota runs from the first step, after the switch
+                done.prefill_s += spent
+            else:
+                done.decode_s += spent
             done.finished.extend(finished)
             batch = [rid for rid in batch if rid in self.held]
             if command.prefill_only:

@@ -47,6 +47,9 @@ SWITCH_EWMA_WEIGHT = 0.2
 """Weight of the newest exposed-switch sample: about the last five switches of a model count."""
 SCALE_EWMA_WEIGHT = 0.2
 """Weight of the newest measured/predicted ratio of a model's prefill, decode or switch time."""
+TURN_OVERHEAD_PRIOR_S = 0.0005
+"""A turn's control round trip before any is measured: a RunTurn answered by TurnDone over a real
+nats-server on the 2-core development CPU (the simulator charges it per turn)."""
 SCALE_STEP_BOUND = 10.0
 """A sample counts as at most this many times (or this fraction of) the current scale: one wild
 sample (a stall, a clock jump) cannot throw a learned scale far."""
@@ -62,6 +65,7 @@ class Estimator:
         self.copied_bytes = 0  # over all observed switches: copied while a turn waited
         self.prefetched_bytes = 0  # … and copied in the background before
         self.scales: dict[tuple[str, str], float] = {}  # (kind, model) → measured / predicted
+        self.turn_overhead = TURN_OVERHEAD_PRIOR_S  # EWMA of a turn's control round trip
 
     def _scale(self, kind: str, model: str) -> float:
         return self.scales.get((kind, model), 1.0)
@@ -116,6 +120,17 @@ class Estimator:
         if decode is not None and decode[0]:
             lens = decode[0]
             self._learn("decode", model, decode[1], self._decode_raw(model, sum(lens), len(lens)))
+
+    def observe_turn_overhead(self, seconds: float) -> None:
+        """A turn took ``seconds`` beyond what the worker spent in it: the control round trip
+        (RunTurn out, TurnDone back, queueing on both sides), which every turn pays."""
+        old = self.turn_overhead
+        sample = min(old * SCALE_STEP_BOUND, max(0.0, seconds))  # a cold start's first turn
+        self.turn_overhead = old + SCALE_EWMA_WEIGHT * (sample - old)
+
+    def turn_overhead_s(self) -> float:
+        """The control cost of one turn: the EWMA of what was measured, from the prior."""
+        return self.turn_overhead
 
     def observe_switch(
         self, model: str, exposed_s: float, copied_bytes: int, prefetched_bytes: int

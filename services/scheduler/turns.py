@@ -10,6 +10,7 @@ source frees its copy), RequestDone, WorkerError::
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from aegaeon.scheduler.books import WorkerBook
@@ -64,6 +65,9 @@ class TurnEvents(ServiceCore):
             decode_s=event.decode_s,
         )
         self._observe_switch(event)
+        observe_overhead = getattr(self.estimator, "observe_turn_overhead", None)
+        if observe_overhead is not None:  # sent → answered, less the worker's own time
+            observe_overhead(time.monotonic() - worker.turn_sent_at - event.elapsed_s)
         if worker.turn is not None:  # before the policy moves the requests' contexts on
             observe_turn(self.estimator, worker.turn, self._policy.requests, result)
         plan = self._end_turn(worker, result)

@@ -174,3 +174,27 @@ def test_a_batch_that_a_cut_would_make_late_keeps_its_quota():
     plan = policy.next_turn("i0", 9.0)
     assert plan is not None and (plan.model, plan.prefill_only) == ("A", False)
     assert plan.quota_s == pytest.approx(policy.alone_quota_s)
+
+
+class WithOverhead(MeasuredCosts):
+    """… and a measured control round trip per turn."""
+
+    def __init__(self, overhead_s: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.overhead_s = overhead_s
+
+    def turn_overhead_s(self) -> float:
+        return self.overhead_s
+
+
+def test_quotas_amortize_the_measured_round_trip_of_every_turn():
+    """Switches fully hidden (exposed 1 ms): without the turns' round trips the quotas would
+    shrink until the round is all round trips; with them counted, each turn runs longer."""
+    exposed = {"A": 0.001, "B": 0.001}
+    bare = decoding(["A", "B"], MeasuredCosts(exposed))
+    paid = decoding(["A", "B"], WithOverhead(0.02, exposed=exposed))
+    bare_plan, paid_plan = bare.next_turn("i1", 1.0), paid.next_turn("i1", 1.0)
+    assert bare_plan is not None and paid_plan is not None
+    _, expected = round_quotas([0.01, 0.01], round_switch_s=0.002 + 2 * 0.02, tbt_s=0.1)
+    assert paid_plan.quota_s == pytest.approx(expected[0])
+    assert paid_plan.quota_s > 10 * bare_plan.quota_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aegaeon.scheduler.estimators import (
+    TURN_OVERHEAD_PRIOR_S,
     Estimator,
     fit_decode,
     fit_prefill,
@@ -161,3 +162,13 @@ def test_a_turn_teaches_its_prefill_over_the_prompts_and_its_decode_over_the_con
     step = roofline_a().decode_time("a", [101 + 5, 41 + 5]) / 4  # at the turn's middle
     observe_turn(est, decode, requests, TurnResult(11, 0.5, decode_steps=10, decode_s=10 * step))
     assert est.decode_time("a", [106, 46]) == pytest.approx(step)
+
+
+def test_the_turn_round_trip_is_learned_as_it_is_measured():
+    est = roofline_a()
+    assert est.turn_overhead_s() == TURN_OVERHEAD_PRIOR_S  # nothing measured yet
+    est.observe_turn_overhead(0.7)  # a cold start's first turn: bounded
+    assert est.turn_overhead_s() < 3 * TURN_OVERHEAD_PRIOR_S
+    for _ in range(40):
+        est.observe_turn_overhead(0.004)
+    assert est.turn_overhead_s() == pytest.approx(0.004, rel=0.01)

@@ -131,6 +131,12 @@ class DecodeRounds(AegaeonBase):
         steps = [self._step_time(b) for b in lane.batches]
         switch = self._switch_times(models)
         kv = sum(self._kv_move_time(b) for b in lane.batches) if len(lane.batches) > 1 else 0.0
+        # Each turn of a rotation also pays the control round trip (measured where known): the
+        # quotas must amortize it as they amortize the switches, or short quotas on a fast
+        # device would spend the round on round trips.
+        overhead = getattr(self.est, "turn_overhead_s", None)
+        if overhead is not None and len(lane.batches) > 1:
+            kv += overhead() * len(lane.batches)
         alpha, quotas, c = prefetched_round_quotas(
             models, steps, switch, self.slo.tbt_s, kv, self._measured_switches(models), self.qmax_s
         )
