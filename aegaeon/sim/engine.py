@@ -70,7 +70,6 @@ def simulate(
         for v in instances
     }  # fmt: skip
     observe = getattr(policy.estimator, "observe_switch", None)
-    observe_overhead = getattr(policy.estimator, "observe_turn_overhead", None)
     started: dict[str, float] = {}  # instance → when its running turn was dispatched
     for view in instances:
         policy.add_instance(view)
@@ -115,9 +114,8 @@ def simulate(
             if observe is not None and switched is not None:  # reported with the turn's end
                 observe(switched.model, switched.exposed_s, switched.copied_bytes,
                         switched.prefetched_bytes)  # fmt: skip
-            observe_turn(policy.estimator, plan, policy.requests, result)  # as the scheduler does
-            if observe_overhead is not None:
-                observe_overhead(now - started[instance_id] - result.elapsed_s)
+            round_trip = now - started[instance_id] - result.elapsed_s  # as the scheduler does
+            observe_turn(policy.estimator, plan, policy.requests, result, round_trip)
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
         dispatch(now)

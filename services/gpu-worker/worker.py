@@ -123,7 +123,6 @@ class WorkerService:
         self._stopped = asyncio.Event()
         self._redis_writes: asyncio.Task | None = None
         self._prefetch_wanted: str | None = None  # the model the scheduler named last
-        self._last_turn_received: int | None = None
         self._restaged_for: int | None = None  # a PrefetchModel came after this turn's RunTurn
         self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
 
@@ -167,7 +166,8 @@ class WorkerService:
         # Preempt and PrefetchModel must not wait behind a running turn: one raises a flag, the
         # other starts a background copy that is meant to overlap that turn.
         if isinstance(command, PrefetchModel):
-            self._restaged_for = self._last_turn_received  # newer than that turn's own choice
+            # Newer than the choice of the turn running or queued (one at a time per worker).
+            self._restaged_for = self.turn.command.turn_id if self.turn else self._queued_turn
             self._start_prefetch(command.model)
             return
         if isinstance(command, Preempt):
@@ -175,7 +175,7 @@ class WorkerService:
                 self.turn.preempted = True
             return
         if isinstance(command, RunTurn):
-            self._queued_turn = self._last_turn_received = command.turn_id
+            self._queued_turn = command.turn_id
         await self._commands.put((command, context_from(msg)))
 
     async def _command_loop(self) -> None:

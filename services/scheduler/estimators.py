@@ -24,6 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aegaeon.scheduler.policies.base import ModelSpec, RequestView, TurnPlan, TurnResult
@@ -186,16 +187,19 @@ class Estimator:
 
 
 def observe_turn(
-    estimator: object, plan: TurnPlan, requests: Mapping[str, RequestView], result: TurnResult
-) -> None:
+    estimator: Any, plan: TurnPlan, requests: Mapping[str, RequestView], result: TurnResult,
+    round_trip_s: float,
+) -> None:  # fmt: skip
     """Feed ``estimator`` (when it learns: ``observe_steps``) what a turn measured. Drivers
     call it after each turn, before the policy's ``turn_done`` moves the requests' contexts on:
-    the prefill of a prefill-only turn over its requests' prompts, and the mean decode step
-    over the batch's contexts at the middle of the turn. Every policy's estimator learns the
-    same way, live (the scheduler service) and simulated."""
+    the turn's control round trip (dispatched → ended, less the worker's own time), the
+    prefill of a prefill-only turn over its requests' prompts, and the mean decode step over
+    the batch's contexts at the middle of the turn. Every policy's estimator learns the same
+    way, live (the scheduler service) and simulated."""
     observe = getattr(estimator, "observe_steps", None)
     if observe is None:
         return
+    estimator.observe_turn_overhead(round_trip_s)
     views = [requests[r] for r in plan.request_ids if r in requests]
     if plan.prefill_only:
         prompts = [v.prompt_len for v in views if not v.prefilled]

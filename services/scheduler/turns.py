@@ -50,6 +50,8 @@ class TurnEvents(ServiceCore):
             tracked = self.requests.get(request_id)
             if tracked is not None and tracked.worker == worker.worker_id:
                 tracked.generated = max(tracked.generated, produced)
+        plan = worker.turn
+        assert plan is not None  # the turn this TurnDone answers (checked above)
         result = TurnResult(
             steps=event.steps,
             elapsed_s=event.elapsed_s,
@@ -58,19 +60,16 @@ class TurnEvents(ServiceCore):
             generated={r: n for r, n in event.progress.items() if r in self.requests},
             # The worker times its first step apart (a prefill, or new members' prefill with
             # the first decode) from the rest (pure decode steps).
-            prefill_s=event.prefill_s
-            if worker.turn is not None and worker.turn.prefill_only
-            else 0.0,
+            prefill_s=event.prefill_s if plan.prefill_only else 0.0,
             decode_steps=max(0, event.steps - 1),
             decode_s=event.decode_s,
         )
         self._observe_switch(event)
-        observe_overhead = getattr(self.estimator, "observe_turn_overhead", None)
-        if observe_overhead is not None:  # sent → answered, less the worker's own time
-            observe_overhead(time.monotonic() - worker.turn_sent_at - event.elapsed_s)
-        if worker.turn is not None:  # before the policy moves the requests' contexts on
-            observe_turn(self.estimator, worker.turn, self._policy.requests, result)
-        plan = self._end_turn(worker, result)
+        # Before the policy moves the requests' contexts on; the round trip is sent →
+        # answered, less the worker's own time.
+        round_trip = time.monotonic() - worker.turn_sent_at - event.elapsed_s
+        observe_turn(self.estimator, plan, self._policy.requests, result, round_trip)
+        self._end_turn(worker, result)
         await self._rerun_vanished(worker, plan, event)
         await self._hand_off(worker, plan, event)
         if worker.draining:

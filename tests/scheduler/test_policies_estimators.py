@@ -151,7 +151,11 @@ def test_a_turn_teaches_its_prefill_over_the_prompts_and_its_decode_over_the_con
     }
     prefill = TurnPlan("i", "a", ["r1", "r2"], 0.0, prefill_only=True)
     observe_turn(
-        est, prefill, requests, TurnResult(1, 0.1, prefill_s=est.prefill_time("a", [100, 40]) * 2)
+        est,
+        prefill,
+        requests,
+        TurnResult(1, 0.1, prefill_s=est.prefill_time("a", [100, 40]) * 2),
+        0.001,
     )
     assert est.prefill_time("a", [100, 40]) == pytest.approx(
         2 * roofline_a().prefill_time("a", [100, 40])
@@ -160,7 +164,9 @@ def test_a_turn_teaches_its_prefill_over_the_prompts_and_its_decode_over_the_con
         r.prefilled, r.generated = True, 1
     decode = TurnPlan("i", "a", ["r1", "r2"], 1.0)
     step = roofline_a().decode_time("a", [101 + 5, 41 + 5]) / 4  # at the turn's middle
-    observe_turn(est, decode, requests, TurnResult(11, 0.5, decode_steps=10, decode_s=10 * step))
+    observe_turn(
+        est, decode, requests, TurnResult(11, 0.5, decode_steps=10, decode_s=10 * step), 0.001
+    )
     assert est.decode_time("a", [106, 46]) == pytest.approx(step)
 
 
