@@ -256,7 +256,7 @@ def test_the_deployed_nats_config_refuses_clients_without_the_credentials(tmp_pa
     )  # fmt: skip
 
     async def attempt(**credentials: str) -> bool:
-        for _ in range(100):  # until it listens
+        for _ in range(600):  # until it listens (up to 30 s on a busy machine)
             try:
                 nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False,
                                         connect_timeout=2, max_reconnect_attempts=0,
@@ -291,7 +291,7 @@ def test_the_deployed_redis_start_requires_the_password_and_renames_dangerous_co
     server = subprocess.Popen(["sh", str(script)], env=env, stdout=subprocess.DEVNULL)
     try:
         client = redis.Redis(port=port, password="from-env")
-        for _ in range(100):
+        for _ in range(600):  # until it listens (up to 30 s on a busy machine)
             try:
                 client.ping()
                 break
