@@ -23,6 +23,9 @@ from aegaeon.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
+PERMISSIONS_VIOLATION = "permissions violation"
+"""How NATS words a publish or subscription its user may not make (the connection stays up)."""
+
 
 def trace_headers(context: otel_context.Context | None = None) -> dict[str, str] | None:
     """A trace context (default: the current one) as NATS headers (None when it has no span)."""
@@ -46,6 +49,8 @@ class Bus:
         # Called after each reconnect: core NATS is at-most-once, so whatever was published
         # while this or another client was away may be lost and needs checking.
         self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+        # Headers every message this bus sends carries (a scheduler term's fencing token).
+        self.extra_headers: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
@@ -65,7 +70,10 @@ class Bus:
                     log.exception("reconnect listener failed")
 
         async def on_error(exc: Exception) -> None:
-            log.debug("%s: NATS error: %s", name, exc)
+            if PERMISSIONS_VIOLATION in str(exc).lower():  # a subject missing from its role
+                log.error("%s: NATS refused: %s (see aegaeon/bus_permissions.py)", name, exc)
+            else:
+                log.debug("%s: NATS error: %s", name, exc)
 
         nc = await nats.connect(
             config.nats_url,
@@ -83,17 +91,21 @@ class Bus:
         holder.append(bus)
         return bus
 
+    def _headers(self, context: otel_context.Context | None = None) -> dict[str, str] | None:
+        headers = {**(trace_headers(context) or {}), **self.extra_headers}
+        return headers or None
+
     async def publish(
         self, subject: str, message: Any, context: otel_context.Context | None = None
     ) -> None:
         """Publish one typed message (fire and forget) with ``context`` (default: the current
         one) as its trace context: a service acting for one request among many names it."""
-        await self.nc.publish(subject, encode(message), headers=trace_headers(context))
+        await self.nc.publish(subject, encode(message), headers=self._headers(context))
 
     async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):
         """Request/reply with a typed answer."""
         msg = await self.nc.request(
-            subject, encode(message), timeout=timeout, headers=trace_headers()
+            subject, encode(message), timeout=timeout, headers=self._headers()
         )
         return decode(msg.data, reply_type)
 

@@ -10,16 +10,37 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 
 def die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher itself is killed (no orphans)."""
+    """In the child, before exec: get SIGTERM if the launcher itself is killed (no orphans).
+    Linux sends it when the *thread* that started the child ends, so start such children from
+    the main thread."""
     with contextlib.suppress(OSError):  # not Linux: Ctrl-C and SIGTERM still stop everything
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """``preexec_fn`` for a child that must not outlive this process: die_with_parent when
+    called from the main thread; None from any other thread, whose end (a thread pool's worker
+    retiring) would kill the child long before this process exits."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
+
+
+def exit_on_sigterm() -> None:
+    """In a one-shot command (a benchmark): SIGTERM unwinds like Ctrl-C, so ``with`` blocks stop
+    the stacks it started and remove its temporary folders (Python's default just dies)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @dataclass

@@ -22,6 +22,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("models", "add"): ("aegaeon.model_store.cli", "register a model folder"),
     ("models", "list"): ("aegaeon.model_store.cli", "list registered models"),
+    ("models", "deploy"): ("aegaeon.model_admin", "deploy a model into the running system"),
+    ("models", "drain"): ("aegaeon.model_admin", "stop a model taking requests (they finish)"),
+    ("models", "remove"): ("aegaeon.model_admin", "remove a drained model from the system"),
+    ("models", "priority"): ("aegaeon.model_admin", "set a model's priority class"),
+    ("models", "pin"): ("aegaeon.model_admin", "keep a model resident on N worker instances"),
     ("bench", "engine"): ("aegaeon.gpu_worker.bench", "benchmark switching, decode and KV swap"),
     ("bench", "stack"): ("aegaeon.bench.stack", "benchmark the gateway + NATS path"),
     ("bench", "load"): (

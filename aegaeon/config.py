@@ -55,7 +55,8 @@ class BusConfig:
 
 
 CONNECTION_FILE = "connection.json"
-"""In the state dir: the servers ``aegaeon up`` started and this run's credentials (0600)."""
+"""In the state dir: the servers ``aegaeon up`` started and how this user's tools get in (0600):
+Redis' URL with its password, and NATS' read-only observer user (``bus_permissions``)."""
 
 
 def local_stack_env(home: Path | None = None) -> dict[str, str]:
@@ -72,8 +73,8 @@ def local_stack_env(home: Path | None = None) -> dict[str, str]:
 
 
 def local_bus_config() -> BusConfig | None:
-    """The bus of the ``aegaeon up`` this user runs here (for tools such as ``aegaeon top``),
-    or None when no such stack runs."""
+    """The bus of the ``aegaeon up`` this user runs here (for tools such as ``aegaeon top``,
+    which connect as its observer user), or None when no such stack runs."""
     local = local_stack_env()
     if "AEGAEON_NATS_URL" not in local:
         return None
@@ -82,6 +83,15 @@ def local_bus_config() -> BusConfig | None:
         nats_user=local.get("AEGAEON_NATS_USER"),
         nats_password=local.get("AEGAEON_NATS_PASSWORD"),
     )
+
+
+def default_store_id() -> str:
+    """The model-store id of this node: its node name as one subject token. A worker and the
+    model-store of one node (one host, one pod) share it by default, so the worker asks *its*
+    node's store (``models.ensure.<id>``), whose cache paths it can map."""
+    from aegaeon.subjects import host_token
+
+    return host_token(node_name())[:64]
 
 
 def node_name() -> str:

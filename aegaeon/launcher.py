@@ -2,10 +2,10 @@
 
 ::
 
-    aegaeon up ─┬─ nats-server (password)    unless AEGAEON_NATS_URL is set
+    aegaeon up ─┬─ nats-server (a user/role) unless AEGAEON_NATS_URL is set
                 ├─ redis-server              unless AEGAEON_REDIS_URL is set
                 ├─ serve model-store ─┐
-                ├─ serve scheduler    │ each in its own process group, log in <home>/logs/,
+                ├─ serve scheduler ×S │ each in its own process group, log in <home>/logs/,
                 ├─ serve worker × N   │ restarted with exponential backoff when it crashes
                 └─ serve gateway ─────┘
 
@@ -13,6 +13,9 @@ Every service sees ``AEGAEON_SHM_DIR=<shm>/aegaeon-up-<pid>``, so all the shared
 (host model cache, host KV pools) lies in one folder that the launcher removes at exit. Ctrl-C or
 SIGTERM stops the services front to back (gateway first, model-store last: SIGTERM, then SIGKILL
 after a grace period, to the whole process group), then the servers.
+
+With ``--schedulers S`` (S ≥ 2) one scheduler leads (it holds the lease in Redis) and the others
+stand by to take over; a scheduler the supervisor restarts comes back as a standby.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from aegaeon.bus_permissions import ROLES, authorization_block
 from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
 from aegaeon.config import CONNECTION_FILE, BusConfig, default_state_dir, shm_dir
 from aegaeon.metrics import scrape_targets
 from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis, write_private
+from aegaeon.subjects import Subjects
 from aegaeon.supervisor import RestartPlanner
 
 STOP_ORDER = ("gateway", "worker", "scheduler", "model-store")
+LEASE_TTL_S = 3.0  # --schedulers ≥ 2: a standby takes over about this long after the leader dies
 """Front to back: stop taking requests first, remove the weights last."""
 POLL_S = 0.2
 
@@ -46,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="models in HF layout (default: <home>/models, demo models on first run)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="gpu-worker processes")
+    parser.add_argument("--schedulers", type=int, default=1,
+                        help="scheduler processes: one leads, the others stand by to take over")  # fmt: skip
     parser.add_argument("--roles", default="", metavar="ROLE,ROLE,…",
                         help="each worker's role (prefill, decode, both), in order; default both")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu or cuda (workers use cuda:0..N-1)")
@@ -63,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slo-tbt", type=float, default=None, help="TBT SLO the scheduler plans for, s"
     )
+    parser.add_argument(
+        "--max-wait", type=float, default=None,
+        help="seconds a first token may wait before it goes ahead of every priority class "
+             "(the scheduler's --max-wait)",
+    )  # fmt: skip
     parser.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to the scheduler's policy (repeatable)")  # fmt: skip
     parser.add_argument("--home", type=Path, default=None, help="state dir (default $AEGAEON_HOME)")
@@ -95,20 +108,28 @@ def plan_children(args: argparse.Namespace, models_dir: Path, logs: Path, cache_
         scheduler += ["--slo-ttft", str(args.slo_ttft)]
     if getattr(args, "slo_tbt", None) is not None:
         scheduler += ["--slo-tbt", str(args.slo_tbt)]
+    if getattr(args, "max_wait", None) is not None:
+        scheduler += ["--max-wait", str(args.max_wait)]
     for option in getattr(args, "policy_option", []):
         scheduler += ["--policy-option", option]
     children = [
         Child("model-store", "model-store", service_argv(
             "model-store", "--models-dir", str(models_dir), "--cache-bytes", str(cache_bytes),
             "--store-id", "local"), logs / "model-store.log"),
-        Child("scheduler", "scheduler", service_argv("scheduler", *scheduler), logs / "scheduler.log"),
     ]  # fmt: skip
+    count = getattr(args, "schedulers", 1)
+    for i in range(count):
+        name = "scheduler" if count == 1 else f"scheduler-{i}"
+        lease = ["--lease-ttl", str(LEASE_TTL_S)] if count > 1 else []  # one: nothing to elect
+        argv = service_argv("scheduler", *scheduler, "--scheduler-id", name, *lease)
+        children.append(Child(name, "scheduler", argv, logs / f"{name}.log"))
     for i in range(args.workers):
         device = f"cuda:{i}" if args.device == "cuda" else args.device
         extra = ["--arena-bytes", str(args.arena_bytes)] if args.arena_bytes else []
         roles = [r for r in getattr(args, "roles", "").split(",") if r]
         role = roles[i] if i < len(roles) else "both"
-        argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", role, *extra)  # fmt: skip
+        argv = service_argv("worker", "--worker-id", f"worker-{i}", "--device", device, "--role", role,
+                            "--store-id", "local", *extra)  # fmt: skip
         children.append(Child(f"worker-{i}", "worker", argv, logs / f"worker-{i}.log"))
     gateway = service_argv("gateway", "--host", args.host, "--port", str(args.port), "--gateway-id", "gw-0")  # fmt: skip
     if getattr(args, "insecure_open", False):
@@ -133,6 +154,7 @@ class Stack:
         self.planner = RestartPlanner()
         self.stopping = threading.Event()
         self.env = dict(os.environ)
+        self.bus_users: dict[str, dict[str, str]] = {}  # role → its NATS user and password
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -159,7 +181,7 @@ class Stack:
         self.children = plan_children(self.args, models_dir, self.logs, cache_bytes, profile)
         self.expose_metrics()
         for child in self.children:
-            child.start(self.env)
+            child.start(self.child_env(child))
             self.planner.started(child.name, time.monotonic())
             self.say(f"  {child.name:<12} started (pid {child.pid}, log {child.log_path})")
         return self.wait_ready(models_dir)
@@ -205,20 +227,22 @@ class Stack:
 
     def start_servers(self) -> None:
         """Embedded NATS and Redis, unless the environment points at existing ones. Each gets
-        credentials made for this run (another local user's client is refused), and
+        credentials made for this run (another local user's client is refused); on NATS, one
+        user per role (``bus_permissions``), each service getting only its own. And
         ``<home>/connection.json`` (0600) tells this user's tools (``aegaeon top``) where they
-        are and how to get in; it goes when the stack stops."""
+        are and how to get in (as the read-only observer); it goes when the stack stops."""
         connection: dict[str, str] = {}
         if "AEGAEON_NATS_URL" in os.environ:
             self.say(f"  nats         {os.environ['AEGAEON_NATS_URL']} (existing)")
         else:
-            user = os.environ.get("AEGAEON_NATS_USER") or "aegaeon"
-            password = os.environ.get("AEGAEON_NATS_PASSWORD") or secrets.token_urlsafe(24)
-            nats = start_nats(self.home / "nats", log_file=self.logs / "nats.log", user=user, password=password)  # fmt: skip
+            passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
+            authorization = authorization_block(passwords, Subjects(BusConfig().prefix))
+            nats = start_nats(self.home / "nats", log_file=self.logs / "nats.log", authorization=authorization)  # fmt: skip
             self.servers.append(nats)
-            connection |= {"AEGAEON_NATS_URL": nats.url, "AEGAEON_NATS_USER": user,
-                           "AEGAEON_NATS_PASSWORD": password}  # fmt: skip
-            self.say(f"  nats-server  {nats.url} (password of this run, pid {nats.process.pid})")
+            self.bus_users = {role: {"AEGAEON_NATS_USER": role, "AEGAEON_NATS_PASSWORD": password}
+                              for role, password in passwords.items()}  # fmt: skip
+            connection |= {"AEGAEON_NATS_URL": nats.url, **self.bus_users["observer"]}
+            self.say(f"  nats-server  {nats.url} (a user per service, passwords of this run, pid {nats.process.pid})")  # fmt: skip
         if "AEGAEON_REDIS_URL" in os.environ:
             self.say(f"  redis        {os.environ['AEGAEON_REDIS_URL']} (existing)")
         else:
@@ -227,9 +251,15 @@ class Stack:
             self.servers.append(redis)
             connection["AEGAEON_REDIS_URL"] = redis.url
             self.say(f"  redis-server 127.0.0.1:{redis.port} (password of this run, pid {redis.process.pid})")  # fmt: skip
-        self.env |= connection
+        # Every service gets the URLs (Redis' carries its password); NATS users go per service.
+        self.env |= {k: v for k, v in connection.items() if k.endswith("_URL")}
         if connection:
             write_private(self.home / CONNECTION_FILE, json.dumps(connection, indent=2))
+
+    def child_env(self, child: Child) -> dict[str, str]:
+        """The environment of one service: the stack's, and the NATS user of its role when the
+        stack started its own NATS (else whatever credentials the environment gave)."""
+        return self.env | self.bus_users.get(child.kind, {})
 
     def wait_ready(self, models_dir: Path) -> bool:
         """Supervise while waiting for the gateway's /health; print the endpoint once it is 200."""
@@ -261,7 +291,7 @@ class Stack:
                 self.say(f"  {child.name} exited with code {code}; restarting in {delay:.1f} s (log {child.log_path})")  # fmt: skip
         for name in self.planner.due(now):
             child = next(c for c in self.children if c.name == name)
-            child.start(self.env)
+            child.start(self.child_env(child))
             self.planner.started(name, now)
             self.say(f"  {name} restarted (pid {child.pid})")
 
@@ -354,8 +384,8 @@ def gateway_refusal(args: argparse.Namespace) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the stack until Ctrl-C / SIGTERM; leave no process and no shared memory behind."""
-    if args.workers < 1:
-        print("aegaeon up: --workers must be at least 1", file=sys.stderr)
+    if args.workers < 1 or args.schedulers < 1:
+        print("aegaeon up: --workers and --schedulers must be at least 1", file=sys.stderr)
         return 2
     refusal = gateway_refusal(args)
     if refusal is not None:  # before anything starts: the gateway would only crash-loop on it

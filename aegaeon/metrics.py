@@ -58,6 +58,10 @@ REQUEST_QUEUE_TIME = Histogram(
 TURNS_DISPATCHED = Counter(
     "aegaeon:turns_dispatched", "RunTurn commands sent to workers.", ["model_name"]
 )
+SCHEDULER_IS_LEADER = Gauge(
+    "aegaeon:scheduler_is_leader",
+    "1 while this scheduler holds the leader lease and schedules; 0 while it stands by.",
+)
 
 # ---- worker: engine, memory and switching
 KV_CACHE_USAGE = Gauge("aegaeon:kv_cache_usage_perc", "Device KV blocks in use (0..1).", ["worker"])
@@ -90,6 +94,16 @@ ENGINE_STEP = Histogram(
 )
 GPU_UTILIZATION = Gauge("aegaeon:gpu_utilization_perc", "GPU utilization (NVML).", ["gpu"])
 GPU_MEMORY_USED = Gauge("aegaeon:gpu_memory_used_bytes", "GPU memory used (NVML).", ["gpu"])
+ENERGY = Counter(
+    "aegaeon:energy_joules",
+    "GPU energy (NVML) spent in the model's turns on this worker, its switches included.",
+    ["model_name"],
+)
+ENERGY_PER_OUTPUT_TOKEN = Gauge(
+    "aegaeon:energy_per_output_token_joules",
+    "GPU energy (NVML) of the model's turns on this worker / the output tokens they produced.",
+    ["model_name"],
+)
 
 # ---- model-store: host cache
 HOST_CACHE_HITS = Counter("aegaeon:host_cache_hits", "Ensure-cached requests already cached.")

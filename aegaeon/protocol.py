@@ -9,15 +9,22 @@ Subjects live in :mod:`aegaeon.subjects`. Who sends what to whom::
        └──────────────────────TokenBatch (one per engine step)─────────────┘
     gpu-worker ──Heartbeat──► scheduler, gateway, model-store
     anyone ──ModelsQuery (req/reply)──► model-store
+    model-store ──StoreHeartbeat──► scheduler (what its node's host cache holds)
+    gateway ──DeployModel / DrainModel / RemoveModel / SetServing (req/reply)──► model-store
+    gateway ──UnloadModel (req/reply)──► scheduler ──EvictModel──► gpu-worker
+    model-store ──ModelChanged──► gateway, scheduler, model-store
 
 Hot-path types are ``array_like`` (no field names on the wire) and ``omit_defaults``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
+
+from aegaeon.priority import Priority
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 """Why a request ended. ``abort``: the client went away; ``error``: see the event's message."""
@@ -71,6 +78,7 @@ class SubmitReply(msgspec.Struct, omit_defaults=True):
     reason: str = ""
     status: int = 200
     retry_after: float | None = None
+    queued_ahead: int = 0  # accepted: requests admitted before it still waiting for a first token
 
 
 class CancelRequest(msgspec.Struct, omit_defaults=True):
@@ -132,7 +140,8 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     ``export_kv``: request ids whose KV the worker leaves in its host KV pool after the turn for
     a decode worker on the same node (their handles come back in ``TurnDone.exported``).
     ``drop_kv``: request ids whose KV the worker drops before the turn (they are recomputed,
-    prompt and tokens so far, when they next run).
+    prompt and tokens so far, when they next run). ``pinned``: the model the worker keeps in a
+    weight slot from now on, never evicted by other models' switches (None: none).
     """
 
     turn_id: int
@@ -145,6 +154,7 @@ class RunTurn(msgspec.Struct, tag="turn", omit_defaults=True):
     prefill_only: bool = False
     export_kv: list[str] = []
     drop_kv: list[str] = []
+    pinned: str | None = None
 
 
 class Preempt(msgspec.Struct, tag="preempt", omit_defaults=True):
@@ -169,7 +179,17 @@ class Drain(msgspec.Struct, tag="drain", omit_defaults=True):
     """scheduler → worker: accept no new work; finish or hand back what you hold, then exit."""
 
 
-WorkerCommand = AssignRequest | RunTurn | Preempt | AbortRequest | PrefetchModel | Drain
+class EvictModel(msgspec.Struct, tag="evict", omit_defaults=True):
+    """scheduler → worker: a drained model is being removed: forget it (its weight slot, resident
+    or prefetched, its host mapping, its registration). Queued behind the turn in progress, so it
+    never lands while a turn runs; a worker still holding requests of it keeps it."""
+
+    model: str
+
+
+WorkerCommand = (
+    AssignRequest | RunTurn | Preempt | AbortRequest | PrefetchModel | Drain | EvictModel
+)
 
 
 # ---------------------------------------------------------------- worker → scheduler
@@ -303,14 +323,28 @@ class SchedulerState(msgspec.Struct, omit_defaults=True):
     queued: dict[str, int] = {}  # model → requests waiting for a first token
     running: dict[str, int] = {}  # model → requests decoding
     alpha: float | None = None  # last round's α (aegaeon policy)
+    cached: dict[str, list[str]] = {}  # node → models its stores' host caches hold (as placed by)
 
 
 # ---------------------------------------------------------------- worker → gateway
 
 
+class RequestStatus(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Where a request waiting for its first token is: ``queued`` (``position``: requests
+    admitted before it still waiting, from the scheduler) or ``loading`` its model's weights
+    (``bytes_done`` of ``bytes_total``, from the worker). Streams show it as SSE comments."""
+
+    state: Literal["queued", "loading"]
+    position: int | None = None
+    model: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+
+
 class TokenEvent(msgspec.Struct, array_like=True, omit_defaults=True):
     """New tokens of one request. ``start`` is the index of the first of them in the output,
-    so a gateway can drop a duplicate after a recovery re-run."""
+    so a gateway can drop a duplicate after a recovery re-run. An event with a ``status`` and
+    no tokens says where a request still waiting for its first token is."""
 
     request_id: str
     start: int
@@ -319,6 +353,7 @@ class TokenEvent(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[tuple[float, list[tuple[int, float]]]] = []
     finish_reason: FinishReason | None = None
     error: str | None = None
+    status: RequestStatus | None = None
 
 
 class TokenBatch(msgspec.Struct, array_like=True):
@@ -330,11 +365,29 @@ class TokenBatch(msgspec.Struct, array_like=True):
     sent_at: float = 0.0
 
 
+def status_batches(statuses: Iterable[tuple[str, str, RequestStatus]]) -> dict[str, TokenBatch]:
+    """(request id, its gateway id, status) → one TokenBatch of status events per gateway."""
+    events: dict[str, list[TokenEvent]] = {}
+    for request_id, gateway_id, status in statuses:
+        events.setdefault(gateway_id, []).append(TokenEvent(request_id, 0, [], status=status))
+    return {gateway_id: TokenBatch(batch) for gateway_id, batch in events.items()}
+
+
 # ---------------------------------------------------------------- anyone ↔ model-store
 
 
+ModelState = Literal["loading", "ready", "draining", "failed"]
+"""Where a registered model is in its lifecycle (``aegaeon/lifecycle.py`` says which moves are
+allowed): ``loading`` deployed, being validated and copied into the host cache; ``ready``
+servable; ``draining`` takes no new requests while its queued and running ones finish;
+``failed`` its load failed (``state_reason`` says why). A removed model is absent."""
+
+
 class ModelInfo(msgspec.Struct, omit_defaults=True):
-    """A registered model as the model-store describes it."""
+    """A registered model as the model-store describes it. ``state``: the model-store's
+    lifecycle state of it (a model found in the models directory is ``ready``); ``cache_store``:
+    the id of the store whose host cache ``cached`` and ``cache_path`` speak of (the one that
+    answered)."""
 
     name: str
     architecture: str
@@ -348,6 +401,11 @@ class ModelInfo(msgspec.Struct, omit_defaults=True):
     cached: bool = False  # weights are in the host cache now
     cache_path: str | None = None
     created: int = 0
+    state: ModelState = "ready"
+    state_reason: str = ""  # why it failed
+    cache_store: str | None = None
+    priority: Priority = "normal"  # its class against other models' work (aegaeon.priority)
+    pin: int = 0  # instances that keep it resident (the aegaeon policy's pinning)
 
 
 class ListModels(msgspec.Struct, tag="list"):
@@ -368,9 +426,12 @@ class DescribeModel(msgspec.Struct, tag="describe"):
 
 class EnsureCached(msgspec.Struct, tag="ensure_cached"):
     """→ model-store (``models.ensure``): load into the host cache if needed. Reply: ModelReply
-    with ``cache_path`` set to the single-file safetensors copy in shared memory."""
+    with ``cache_path`` set to the single-file safetensors copy in shared memory. ``lease_s``:
+    the file stays in the cache at least this long (the asker maps it meanwhile: once mapped,
+    an eviction no longer takes its pages)."""
 
     name: str
+    lease_s: float = 0.0
 
 
 class PrefetchHint(msgspec.Struct, tag="prefetch"):
@@ -389,11 +450,83 @@ class FetchFile(msgspec.Struct, tag="file"):
     length: int = 512 * 1024
 
 
+class DeployModel(msgspec.Struct, tag="deploy"):
+    """gateway → model-store (``models.deploy``): register the Hugging Face folder or ``.gguf``
+    file at ``path`` (on the store's node) as ``name`` (default: from the path), as ``aegaeon
+    models add`` does, then load it into the host cache in the background, with the serving
+    settings ``priority`` and ``pin`` (``aegaeon.serving``). Reply: ModelReply with the model in
+    state ``loading``, or an error with its HTTP ``status``."""
+
+    path: str
+    name: str | None = None
+    priority: Priority = "normal"
+    pin: int = 0
+
+
+class DrainModel(msgspec.Struct, tag="drain"):
+    """gateway → model-store (``models.drain``): take no new requests of a ready model (those
+    queued and running finish). Reply: ModelReply (state ``draining``)."""
+
+    name: str
+
+
+class RemoveModel(msgspec.Struct, tag="remove"):
+    """gateway → model-store (``models.remove``), after the scheduler unloaded it: take a
+    drained (or failed) model out of the models directory, the host cache and the lifecycle
+    book. Reply: ModelReply with the model as it was, ``note`` saying what became of its folder."""
+
+    name: str
+
+
+class SetServing(msgspec.Struct, tag="serving", omit_defaults=True):
+    """gateway → model-store (``models.serving``): change a registered model's serving settings
+    (``aegaeon.serving``), in any state: those given, the others as they are (None). ``priority``:
+    its class (``aegaeon.priority``); ``pin``: the worker instances that keep it resident (0
+    unpins). Recorded in the lifecycle book and announced as ModelChanged. Reply: ModelReply with
+    the model as it is now, or an error with its HTTP ``status`` (404 unknown model; 400 an
+    unknown class, a pin out of range, or nothing to set)."""
+
+    name: str
+    priority: Priority | None = None
+    pin: int | None = None
+
+
 class ModelReply(msgspec.Struct, omit_defaults=True):
-    """model-store → asker: one model, or an error (then ``model`` is None)."""
+    """model-store → asker: one model, or an error (then ``model`` is None) with the HTTP
+    ``status`` a gateway answers it with (the lifecycle verbs set it)."""
 
     model: ModelInfo | None = None
     error: str = ""
+    status: int = 200
+    note: str = ""
+
+
+class ModelChanged(msgspec.Struct, omit_defaults=True):
+    """model-store → gateways, scheduler, model-stores (``registry.changed``): a model's lifecycle
+    state or its serving settings (priority class, pin) changed (``model`` as it is now), or it
+    was removed (``removed``). Caches of the registry update at once instead of at their next
+    refresh."""
+
+    model: ModelInfo
+    removed: bool = False
+
+
+class UnloadModel(msgspec.Struct):
+    """gateway → scheduler (request/reply on ``scheduler.unload``), before removing a drained
+    model: if nothing of it is queued or running, refuse new requests of it from now on and send
+    every worker EvictModel. Reply: UnloadReply."""
+
+    name: str
+
+
+class UnloadReply(msgspec.Struct, omit_defaults=True):
+    """scheduler → gateway: ``unloaded``, or not because ``queued`` + ``running`` requests of
+    the model have not finished; ``workers``: those told to evict it."""
+
+    unloaded: bool
+    queued: int = 0
+    running: int = 0
+    workers: list[str] = []
 
 
 class FileChunk(msgspec.Struct, omit_defaults=True):
@@ -402,6 +535,21 @@ class FileChunk(msgspec.Struct, omit_defaults=True):
     data: bytes = b""
     total: int = 0
     error: str = ""
+
+
+class StoreHeartbeat(msgspec.Struct, omit_defaults=True):
+    """model-store → scheduler (``models.heartbeat``, every ``interval_s``): the models whose
+    weights this store's host cache holds on ``node`` (the ``Heartbeat.node`` of the workers
+    there), so placement can prefer a node that needs no fetch. Silent for a few intervals: the
+    scheduler forgets what it said."""
+
+    store_id: str
+    node: str
+    time: float
+    cached: list[str] = []  # finished cache files (loads in progress are not yet cached)
+    cache_bytes_free: int = 0
+    cache_bytes_total: int = 0
+    interval_s: float = 1.0
 
 
 # ---------------------------------------------------------------- encoding

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from aegaeon.children import parent_death_hook
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -92,27 +94,33 @@ def write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _quoted(value: str) -> str:
+def config_string(value: str) -> str:
+    """``value`` as a double-quoted string of a nats-server or redis-server config file."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def start_nats(
     data_dir: Path, port: int | None = None, log_file: Path | None = None,
-    user: str | None = None, password: str | None = None,
+    user: str | None = None, password: str | None = None, authorization: str | None = None,
 ) -> ServerProcess:  # fmt: skip
     """Start ``nats-server`` listening on 127.0.0.1. Without credentials: open, JetStream on
-    (the tests' servers). With them: only that user is let in, from a 0600 config file (never on
-    the command line, where ``ps`` shows it to every local user), and JetStream off (unused)."""
+    (the tests' servers). With them: only the users of ``authorization`` (a config block, e.g.
+    ``bus_permissions.authorization_block``), or else the one ``user``, are let in, from a 0600
+    config file (never on the command line, where ``ps`` shows it to every local user), and
+    JetStream off (unused)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)]
-    if user and password:
+    if user and password and not authorization:
+        authorization = (f"authorization {{\n  user: {config_string(user)}\n"
+                         f"  password: {config_string(password)}\n}}\n")  # fmt: skip
+    if authorization:
         conf = data_dir / "nats.conf"
-        write_private(conf, f"authorization {{\n  user: {_quoted(user)}\n"
-                            f"  password: {_quoted(password)}\n}}\n")  # fmt: skip
+        write_private(conf, authorization)
         cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=parent_death_hook())  # fmt: skip
     _wait_for_port(port, proc, "nats-server")
     return ServerProcess("nats", f"nats://127.0.0.1:{port}", port, proc)
 
@@ -138,16 +146,15 @@ def start_redis(
     ]  # fmt: skip
     if password:
         lines = ["bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
-                 f"dir {_quoted(str(data_dir))}", "daemonize no",
-                 f"logfile {_quoted(str(log_file) if log_file else '')}",
-                 f"requirepass {_quoted(password)}",
+                 f"dir {config_string(str(data_dir))}", "daemonize no",
+                 f"logfile {config_string(str(log_file) if log_file else '')}",
+                 f"requirepass {config_string(password)}",
                  *(f'rename-command {name} ""' for name in REDIS_DISABLED_COMMANDS)]  # fmt: skip
         conf = data_dir / "redis.conf"
         write_private(conf, "\n".join(lines) + "\n")
         cmd = [_binary("redis-server"), str(conf)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=parent_death_hook())  # fmt: skip
     _wait_for_port(port, proc, "redis-server")
     auth = f":{quote(password, safe='')}@" if password else ""
     return ServerProcess("redis", f"redis://{auth}127.0.0.1:{port}/0", port, proc)

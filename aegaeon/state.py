@@ -7,6 +7,8 @@
                                  blocks, host_path, host_offset, host_bytes
 ``<prefix>:queue``         hash  request id → packed SubmitRequest, for requests the scheduler
                                  has accepted but not finished (a restarted scheduler resumes them)
+``<prefix>:scheduler:leader`` string  the leader lease: ``<scheduler id>:<pid>:<nonce>`` of the one
+                                 scheduler that schedules; expires unless renewed (a few seconds)
 """
 
 from __future__ import annotations
@@ -38,3 +40,7 @@ class Keys:
     @property
     def queue(self) -> str:
         return f"{self.prefix}:queue"
+
+    @property
+    def scheduler_leader(self) -> str:
+        return f"{self.prefix}:scheduler:leader"

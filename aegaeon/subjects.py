@@ -62,8 +62,26 @@ class Subjects:
         return f"{self.prefix}.tokens.{gateway_id}"
 
     def models(self, verb: str) -> str:
-        """anyone ↔ model-store, request/reply: verb is list, describe, ensure, prefetch, file."""
+        """anyone ↔ model-store, request/reply: verb is list, describe, ensure, prefetch, file;
+        the gateway's admin API also asks deploy, drain, remove (lifecycle) and serving (a
+        model's serving settings: priority class, pin)."""
         return f"{self.prefix}.models.{verb}"
+
+    @property
+    def store_heartbeat(self) -> str:
+        """model-store → scheduler: StoreHeartbeat (what one node's host cache holds)."""
+        return f"{self.prefix}.models.heartbeat"
+
+    @property
+    def registry_changed(self) -> str:
+        """model-store → gateways, scheduler, model-stores: ModelChanged (a lifecycle move)."""
+        return f"{self.prefix}.registry.changed"
+
+    @property
+    def unload_model(self) -> str:
+        """gateway → scheduler, request/reply: evict a drained model before its removal
+        (UnloadModel → UnloadReply)."""
+        return f"{self.prefix}.scheduler.unload"
 
     @property
     def scheduler_state(self) -> str:

@@ -1,8 +1,8 @@
 """``aegaeon top``: a live terminal view of workers, per-model queues, latencies and switches.
 
-It listens on the bus (worker heartbeats, the scheduler's state, switch events) and reads latency
-histograms from the gateway's ``/metrics``. The view is built by pure functions from a snapshot,
-so it is tested without a terminal.
+It polls the gateway: the runtime view (``GET /v1/aegaeon/runtime``: workers, queues, α, recent
+switches, built by :mod:`aegaeon.runtime_view`) and the latency histograms of ``/metrics``. The
+view is drawn by pure functions from those documents, so it is tested without a terminal.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,22 +21,17 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from aegaeon.bus import Bus
-from aegaeon.config import BusConfig, local_bus_config
-from aegaeon.protocol import Heartbeat, SchedulerState, SwitchDone, WorkerEvent
+from aegaeon.runtime_view import switches_per_second
 
 
 @dataclass
 class Snapshot:
-    """Everything the view shows, as last heard."""
+    """Everything the view shows, as last fetched (``runtime``: None until the gateway answers;
+    ``error``: why the last fetch failed)."""
 
-    heartbeats: dict[str, Heartbeat] = field(default_factory=dict)
-    state: SchedulerState | None = None
-    switch_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    runtime: dict[str, Any] | None = None
     latencies: dict[str, dict[str, float]] = field(default_factory=dict)  # metric → {p50, p99}
-
-    def switches_per_second(self, now: float, window: float = 10.0) -> float:
-        return sum(1 for t in self.switch_times if now - t <= window) / window
+    error: str | None = None
 
 
 def histogram_quantiles(metrics_text: str, name: str) -> dict[str, float]:
@@ -71,32 +66,36 @@ def histogram_quantiles(metrics_text: str, name: str) -> dict[str, float]:
 
 def render(snapshot: Snapshot, now: float) -> Group:
     """The whole view for one refresh."""
+    runtime = snapshot.runtime or {"workers": [], "models": [], "recent": [], "scheduler": {}}
     workers = Table(title="workers", expand=True)
-    for column in ("worker", "role", "device", "resident model", "requests", "KV use", "age"):
+    for column in ("worker", "node", "role", "device", "resident model", "requests", "KV use", "age"):  # fmt: skip
         workers.add_column(column)
-    for beat in sorted(snapshot.heartbeats.values(), key=lambda b: b.worker_id):
-        used = 1 - beat.kv_blocks_free / beat.kv_blocks_total if beat.kv_blocks_total else 0.0
+    for w in runtime["workers"]:
         workers.add_row(
-            beat.worker_id, beat.role, beat.device, beat.resident_model or "—",
-            str(beat.num_requests), f"{used:.0%}", f"{now - beat.time:.1f}s",
+            w["worker_id"], w["node"], w["role"], w["device"], w["resident_model"] or "—",
+            str(w["requests"]), f"{w['kv_usage']:.0%}", f"{w['age_s']:.1f}s",
         )  # fmt: skip
     queues = Table(title="models", expand=True)
-    for column in ("model", "waiting", "running"):
+    for column in ("model", "state", "class", "pin", "waiting", "running", "resident on"):
         queues.add_column(column)
-    state = snapshot.state
-    if state is not None:
-        for model in sorted(set(state.queued) | set(state.running)):
-            queues.add_row(model, str(state.queued.get(model, 0)), str(state.running.get(model, 0)))
+    for m in runtime["models"]:
+        queues.add_row(
+            m["model"], m.get("state") or "—", m.get("priority") or "—", str(m.get("pin") or "—"),
+            str(m["queued"]), str(m["running"]), ", ".join(m["resident_on"]) or "—",
+        )  # fmt: skip
     summary = Table(title="latency and switching", expand=True)
     for column in ("measure", "p50", "p99"):
         summary.add_column(column)
     for label, values in snapshot.latencies.items():
         summary.add_row(label, _ms(values.get("p50")), _ms(values.get("p99")))
-    alpha = f"{state.alpha:.2f}" if state and state.alpha is not None else "—"
-    policy = state.policy if state else "—"
-    summary.add_row("switches/s", f"{snapshot.switches_per_second(time.time()):.2f}", "")
-    summary.add_row(f"policy {policy}, α", alpha, "")
-    return Group(workers, queues, summary)
+    scheduler = runtime["scheduler"]
+    alpha = f"{scheduler['alpha']:.2f}" if scheduler.get("alpha") is not None else "—"
+    summary.add_row("switches/s", f"{switches_per_second(runtime['recent'], now):.2f}", "")
+    summary.add_row(f"policy {scheduler.get('policy') or '—'}, α", alpha, "")
+    parts: list[Any] = [workers, queues, summary]
+    if snapshot.error:
+        parts.append(f"[red]gateway: {snapshot.error}[/red]")
+    return Group(*parts)
 
 
 def _ms(seconds: float | None) -> str:
@@ -105,52 +104,39 @@ def _ms(seconds: float | None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway", default="http://127.0.0.1:8000", help="gateway base URL")
+    parser.add_argument("--api-key", default=os.environ.get("AEGAEON_API_KEY"),
+                        help="a key, when the gateway has keys (default: $AEGAEON_API_KEY)")  # fmt: skip
     parser.add_argument("--interval", type=float, default=1.0, help="refresh period, seconds")
     parser.add_argument("--once", action="store_true", help="print one view and exit")
 
 
-def top_bus_config() -> BusConfig:
-    """The environment's bus, else the one of the ``aegaeon up`` this user runs here."""
-    if "AEGAEON_NATS_URL" in os.environ:
-        return BusConfig()
-    return local_bus_config() or BusConfig()
+LATENCIES = (("TTFT", "aegaeon:time_to_first_token_seconds"),
+             ("TBT", "aegaeon:inter_token_latency_seconds"))  # fmt: skip
+
+
+async def refresh(http: httpx.AsyncClient, snapshot: Snapshot) -> None:
+    """Fetch the runtime view and the latency histograms into ``snapshot``."""
+    try:
+        response = await http.get("/v1/aegaeon/runtime")
+        response.raise_for_status()
+        snapshot.runtime, snapshot.error = response.json(), None
+        text = (await http.get("/metrics")).text
+        for label, metric in LATENCIES:
+            snapshot.latencies[label] = histogram_quantiles(text, metric)
+    except httpx.HTTPError as exc:
+        snapshot.error = str(exc) or type(exc).__name__
 
 
 async def _watch(args: argparse.Namespace) -> None:
     snapshot = Snapshot()
-    bus = await Bus.connect(top_bus_config(), name="top")
-    subjects = bus.subjects
-
-    async def on_heartbeat(beat: Heartbeat, _msg: object) -> None:
-        snapshot.heartbeats[beat.worker_id] = beat
-
-    async def on_state(state: SchedulerState, _msg: object) -> None:
-        snapshot.state = state
-
-    async def on_event(event: object, _msg: object) -> None:
-        if isinstance(event, SwitchDone):
-            snapshot.switch_times.append(time.time())
-
-    await bus.subscribe(subjects.heartbeat, Heartbeat, on_heartbeat)
-    await bus.subscribe(subjects.scheduler_state, SchedulerState, on_state)
-    await bus.subscribe(subjects.all_worker_events, WorkerEvent, on_event)
-    async with httpx.AsyncClient(timeout=2.0) as http:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.gateway, headers=headers, timeout=2.0) as http:
+        await refresh(http, snapshot)
         with Live(render(snapshot, time.time()), auto_refresh=False) as live:
-            while True:
+            while not args.once:
                 await asyncio.sleep(args.interval)
-                try:
-                    text = (await http.get(f"{args.gateway}/metrics")).text
-                    for label, metric in (
-                        ("TTFT", "aegaeon:time_to_first_token_seconds"),
-                        ("TBT", "aegaeon:inter_token_latency_seconds"),
-                    ):
-                        snapshot.latencies[label] = histogram_quantiles(text, metric)
-                except httpx.HTTPError:
-                    pass
+                await refresh(http, snapshot)
                 live.update(render(snapshot, time.time()), refresh=True)
-                if args.once:
-                    break
-    await bus.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import pytest
 import redis
 import yaml
 
+from aegaeon.bus_permissions import ROLES, deployed_authorization_block, password_variable
 from aegaeon.cli import COMMANDS
 from aegaeon.servers import REDIS_DISABLED_COMMANDS, _binary, free_port
 
@@ -33,12 +34,15 @@ OURS = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 SERVE_KINDS = {words[1] for words in COMMANDS if words[0] == "serve"}
 NATS_CONF = ROOT / "infra" / "k8s" / "nats.conf"
 REDIS_START = ROOT / "infra" / "k8s" / "redis-start.sh"
-K8S_DOCS = [
+KUSTOMIZATION = yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())
+K8S_DOCS = [  # the manifests' objects as written (tests/test_k8s_manifests.py renders them)
     doc
-    for path in sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
-    for doc in yaml.safe_load_all(path.read_text())
+    for resource in KUSTOMIZATION["resources"]
+    for doc in yaml.safe_load_all((ROOT / "infra" / "k8s" / resource).read_text())
     if doc
 ]
+AEGAEON_IMAGES = {"aegaeon", "aegaeon-cuda"}  # kustomization.yaml's `images:` map them
+ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"  # the NATS servers' routes (nats-cluster.conf)
 
 
 def interpolate(word: str) -> str:
@@ -93,6 +97,14 @@ def test_every_service_command_is_a_real_entry_point(name: str) -> None:
         assert key[0] == "serve", f"{name} is long-running, so it must be `aegaeon serve …`"
 
 
+def test_compose_runs_two_schedulers_that_share_one_leader_lease() -> None:
+    scheduler = OURS["scheduler"]
+    assert scheduler["deploy"]["replicas"] >= 2
+    ttl = command_words(scheduler)[command_words(scheduler).index("--lease-ttl") + 1]
+    assert float(ttl) > 0  # without a lease each replica would schedule on its own
+    assert "--scheduler-id" not in command_words(scheduler)  # each takes its host name
+
+
 def test_compose_runs_every_kind_of_service() -> None:
     kinds = {command_words(spec)[2] for spec in OURS.values() if command_words(spec)[1] == "serve"}
     assert kinds == SERVE_KINDS
@@ -118,17 +130,63 @@ def test_the_default_worker_is_on_cpu_and_the_cuda_worker_needs_the_gpu_profile(
         assert "cu" in spec["build"]["args"]["TORCH_INDEX_URL"]
 
 
-def test_nats_runs_jetstream_with_the_credentials_the_services_use() -> None:
+NATS_PASSWORDS = {password_variable(role) for role in ROLES}
+
+
+def _role(words: list[str]) -> str | None:
+    """The NATS role of ``aegaeon serve <kind>`` (its kind), None for a one-off command."""
+    return words[2] if words[1] == "serve" else None
+
+
+def test_the_deployed_nats_config_holds_the_users_bus_permissions_defines() -> None:
+    conf = NATS_CONF.read_text()
+    assert "jetstream" in conf
+    assert deployed_authorization_block() in conf, "regenerate: python -m aegaeon.bus_permissions"
+    blocks = [line for line in conf.splitlines() if line.startswith("authorization")]
+    assert blocks == ["authorization {"]  # no other block, which would override it
+
+
+def test_nats_runs_jetstream_with_a_user_per_role_and_each_service_gets_only_its_own() -> None:
     nats = SERVICES["nats"]
     assert command_words(nats) == ["-c", "/etc/nats/nats.conf"]
     assert "./infra/k8s/nats.conf:/etc/nats/nats.conf:ro" in nats["volumes"]
-    conf = NATS_CONF.read_text()
-    assert "jetstream" in conf and "$AEGAEON_NATS_USER" in conf and "$AEGAEON_NATS_PASSWORD" in conf
+    assert set(nats["environment"]) == NATS_PASSWORDS
+    for variable, value in nats["environment"].items():
+        assert value.startswith(f"${{{variable}:?"), variable  # .env's variable of that name
     for name, spec in OURS.items():
         env = spec["environment"]
         assert env["AEGAEON_NATS_URL"].startswith("nats://nats:"), name
-        for variable in ("AEGAEON_NATS_USER", "AEGAEON_NATS_PASSWORD"):
-            assert env[variable] == nats["environment"][variable], f"{name}: {variable}"
+        role = _role(command_words(spec))
+        held = [v for v in NATS_PASSWORDS if f"${{{v}:" in " ".join(map(str, env.values()))]
+        if role is None:  # models-init writes files and never touches the bus
+            assert "AEGAEON_NATS_PASSWORD" not in env and held == [], name
+            continue
+        assert env["AEGAEON_NATS_USER"] == role, name
+        assert env["AEGAEON_NATS_PASSWORD"] == nats["environment"][password_variable(role)], name
+        assert held == [password_variable(role)], name
+
+
+def test_make_compose_env_generates_every_password_compose_requires(tmp_path) -> None:
+    """Into a private .env; a second run keeps it, and an older .env gains what it lacks."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    assert required >= NATS_PASSWORDS
+
+    def compose_env() -> dict[str, str]:
+        subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "compose-env"], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+        lines = (tmp_path / ".env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines)
+
+    generated = compose_env()
+    assert set(generated) == required
+    assert len(set(generated.values())) == len(generated)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in generated.values())
+    assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
+    assert compose_env() == generated
+    (tmp_path / ".env").write_text("AEGAEON_REDIS_PASSWORD=kept\n")
+    upgraded = compose_env()
+    assert set(upgraded) == required and upgraded["AEGAEON_REDIS_PASSWORD"] == "kept"
 
 
 def test_redis_requires_the_password_the_services_use() -> None:
@@ -166,7 +224,7 @@ def test_workers_share_the_model_stores_sized_shared_memory() -> None:
 def test_traces_go_to_the_collector_with_the_repository_config() -> None:
     collector = SERVICES["otel-collector"]
     assert collector["image"].startswith("otel/opentelemetry-collector")
-    mount = next(v for v in collector["volumes"] if "otel-collector.yaml" in v)
+    mount = next(v for v in collector["volumes"] if "otel-collector-config.yaml" in v)
     host_path = ROOT / mount.split(":")[0]
     config = yaml.safe_load(host_path.read_text())
     assert "otlp" in config["receivers"] and config["service"]["pipelines"]["traces"]
@@ -188,6 +246,103 @@ def test_the_image_installs_every_package_folder() -> None:
     assert re.search(r"^RUN pip install \.", dockerfile, re.M)
 
 
+# ---------------------------------------------------------------- what `docker compose config` checks
+
+COMPOSE_TOP_LEVEL = {"name", "services", "networks", "volumes", "secrets", "configs", "include"}
+# The compose specification's service properties (compose-spec.json, services.*).
+_SPEC_SERVICE_PROPERTIES = """
+    annotations attach build blkio_config cap_add cap_drop cgroup cgroup_parent command configs
+    container_name cpu_count cpu_percent cpu_period cpu_quota cpu_rt_period cpu_rt_runtime
+    cpu_shares cpus cpuset credential_spec depends_on deploy develop device_cgroup_rules devices
+    dns dns_opt dns_search domainname entrypoint env_file environment expose extends
+    external_links extra_hosts gpus group_add healthcheck hostname image init ipc isolation labels
+    links logging mac_address mem_limit mem_reservation mem_swappiness memswap_limit network_mode
+    networks oom_kill_disable oom_score_adj pid pids_limit platform ports post_start pre_stop
+    privileged profiles pull_policy read_only restart runtime scale secrets security_opt shm_size
+    stdin_open stop_grace_period stop_signal storage_opt sysctls tmpfs tty ulimits user
+    userns_mode uts volumes volumes_from working_dir
+"""
+COMPOSE_SERVICE_KEYS = set(_SPEC_SERVICE_PROPERTIES.split())
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+INTERPOLATION = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])[^}]*)?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string of a parsed YAML value, keys included."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_compose_uses_only_keys_of_the_compose_specification() -> None:
+    assert {k for k in COMPOSE if not k.startswith("x-")} <= COMPOSE_TOP_LEVEL
+    for name, spec in SERVICES.items():
+        assert set(spec) <= COMPOSE_SERVICE_KEYS, (name, set(spec) - COMPOSE_SERVICE_KEYS)
+        for variable, value in (spec.get("environment") or {}).items():
+            assert isinstance(value, str | int | float | bool) or value is None, (name, variable)
+
+
+def test_every_compose_variable_is_interpolated_and_has_a_default_or_is_required() -> None:
+    """Compose substitutes ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``… and an unset
+    variable without a default silently as "": here each has a default or is required (and
+    ``make compose-env`` writes every required one, see above). ``$$`` is a literal dollar."""
+    for text in _strings(COMPOSE):
+        for match in INTERPOLATION.finditer(text):
+            if match.group(0) == "$$":
+                continue
+            assert match.group(2) in ("-", ":-", "?", ":?"), (text, "neither default nor required")
+        assert "$" not in INTERPOLATION.sub("", text), text  # no malformed ${…
+
+
+def _depends_on(spec: dict[str, Any]) -> dict[str, str]:
+    """Service → condition (a list means service_started)."""
+    deps = spec.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: dep.get("condition", "service_started") for name, dep in deps.items()}
+
+
+def test_every_dependency_is_a_service_that_can_meet_its_condition() -> None:
+    """As `docker compose config` refuses: a dependency that is not a service, or one a profile
+    leaves out while the dependent runs; and as `up` would hang: waiting for the health of a
+    service without a healthcheck, or for a long-running service to complete."""
+    for name, spec in SERVICES.items():
+        for dependency, condition in _depends_on(spec).items():
+            assert dependency in SERVICES, (name, dependency)
+            target = SERVICES[dependency]
+            profiles = set(target.get("profiles", []))
+            assert profiles <= set(spec.get("profiles", [])), (name, dependency)
+            assert condition in CONDITIONS, (name, dependency)
+            if condition == "service_healthy":
+                assert "healthcheck" in target, (name, dependency)
+            if condition == "service_completed_successfully":
+                assert target.get("restart") == "no", (name, dependency)
+        for key in ("ipc", "network_mode", "pid"):
+            if str(spec.get(key, "")).startswith("service:"):
+                other = spec[key].split(":", 1)[1]
+                assert other in _depends_on(spec), (name, key, "needs a depends_on on it")
+                if key == "ipc":
+                    assert SERVICES[other].get("ipc") == "shareable", (name, other)
+
+
+def test_every_volume_is_a_declared_named_volume_or_an_existing_repository_path() -> None:
+    declared = set(COMPOSE.get("volumes") or {})
+    used = set()
+    for name, spec in SERVICES.items():
+        for volume in spec.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in declared, (name, source)
+                used.add(source)
+    assert used == declared
+
+
 # ---------------------------------------------------------------- kubernetes
 
 
@@ -200,7 +355,7 @@ def _containers() -> list[dict[str, Any]]:
 
 
 def test_kubernetes_manifests_run_real_entry_points() -> None:
-    ours = [c for c in _containers() if c["image"] == "aegaeon"]
+    ours = [c for c in _containers() if c["image"] in AEGAEON_IMAGES]
     kinds = {check_aegaeon_command(command_words(c))[1] for c in ours}
     assert kinds == SERVE_KINDS
 
@@ -208,7 +363,8 @@ def test_kubernetes_manifests_run_real_entry_points() -> None:
 def test_kubernetes_workers_share_shared_memory_with_their_model_store() -> None:
     for doc in K8S_DOCS:
         pod = doc.get("spec", {}).get("template", {}).get("spec", {})
-        names = {command_words(c)[2] for c in pod.get("containers", []) if c["image"] == "aegaeon"}
+        names = {command_words(c)[2] for c in pod.get("containers", [])
+                 if c["image"] in AEGAEON_IMAGES}  # fmt: skip
         if "worker" in names:
             assert "model-store" in names
             shm = next(v for v in pod["volumes"] if v["name"] == "shm")
@@ -217,14 +373,43 @@ def test_kubernetes_workers_share_shared_memory_with_their_model_store() -> None
                 assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
 
 
-def test_kubernetes_commits_no_secret_and_every_bus_user_reads_the_bus_secret() -> None:
+def _secret_keys(container: dict[str, Any]) -> dict[str, str]:
+    """Variable → key of the aegaeon-bus secret, for each variable the container reads from it."""
+    found = {}
+    for variable in container.get("env", []):
+        ref = variable.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == "aegaeon-bus", (container["name"], variable["name"])
+            found[variable["name"]] = ref["key"]
+    return found
+
+
+def test_kubernetes_commits_no_secret_and_every_bus_user_reads_only_its_keys() -> None:
     assert not [d for d in K8S_DOCS if d["kind"] == "Secret"]
+    for container in _containers():  # no container gets the whole secret
+        assert not [r for r in container.get("envFrom", []) if "secretRef" in r], container["name"]
     for container in _containers():
-        if container["image"] == "aegaeon" or container["name"] in ("nats", "redis"):
-            refs = [
-                r["secretRef"]["name"] for r in container.get("envFrom", []) if "secretRef" in r
-            ]
-            assert refs == ["aegaeon-bus"], container["name"]
+        keys = _secret_keys(container)
+        if container["image"] in AEGAEON_IMAGES:
+            role = _role(command_words(container))
+            assert role is not None
+            user = {v["name"]: v.get("value") for v in container["env"]}["AEGAEON_NATS_USER"]
+            assert user == role, container["name"]
+            assert keys == {"AEGAEON_NATS_PASSWORD": password_variable(role),
+                            "AEGAEON_REDIS_PASSWORD": "AEGAEON_REDIS_PASSWORD"}  # fmt: skip
+        elif container["name"] == "nats":  # nats.conf reads each role's password by its name,
+            # nats-cluster.conf the route password
+            assert keys == {variable: variable for variable in NATS_PASSWORDS | {ROUTE_PASSWORD}}
+        elif container["name"] == "redis":
+            assert set(keys.values()) == {"AEGAEON_REDIS_PASSWORD"}
+        else:
+            assert keys == {}, container["name"]
+
+
+def test_the_bus_secret_documentation_lists_every_key_the_manifests_read() -> None:
+    documented = set(re.findall(r"--from-literal=([A-Z_]+)=", (ROOT / "infra/k8s/config.yaml").read_text()))  # fmt: skip
+    read = {key for container in _containers() for key in _secret_keys(container).values()}
+    assert documented == read == NATS_PASSWORDS | {"AEGAEON_REDIS_PASSWORD", ROUTE_PASSWORD}
 
 
 def test_kubernetes_admits_clients_at_the_gateway_only():
@@ -234,28 +419,31 @@ def test_kubernetes_admits_clients_at_the_gateway_only():
     open_to_all = [p["podSelector"] for p in policies.values()
                    if any("from" not in rule for rule in p["ingress"])]  # fmt: skip
     assert open_to_all == [{"matchLabels": {"app": "gateway"}}]
-    kustomization = yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())
-    assert "network-policy.yaml" in kustomization["resources"]
-    generated = {g["name"]: g["files"] for g in kustomization["configMapGenerator"]}
-    assert generated == {"nats-config": ["nats.conf"], "redis-start": ["redis-start.sh"]}
+    assert "network-policy.yaml" in KUSTOMIZATION["resources"]
+    generated = {g["name"]: g["files"] for g in KUSTOMIZATION["configMapGenerator"]}
+    assert generated == {"nats-config": ["nats-cluster.conf", "nats.conf"],
+                         "redis-start": ["redis-start.sh"],
+                         "otel-collector": ["config.yaml=otel-collector-config.yaml"]}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the servers' own settings
 
 
-def test_the_deployed_nats_config_refuses_clients_without_the_credentials(tmp_path):
-    """infra/k8s/nats.conf on a real nats-server (address, ports and store moved to this test's)."""
+def test_the_deployed_nats_config_admits_each_role_with_its_password_only(tmp_path):
+    """infra/k8s/nats.conf on a real nats-server (address, ports and store moved to this test's),
+    each role's password from the environment; its permissions hold under the default prefix."""
     port = free_port()
     conf = tmp_path / "nats.conf"  # the same file, its store in this test's folder
     conf.write_text(NATS_CONF.read_text().replace('"/data"', f'"{tmp_path / "js"}"'))
-    env = {**os.environ, "AEGAEON_NATS_USER": "aegaeon", "AEGAEON_NATS_PASSWORD": "from-env"}
+    passwords = {role: f"{role}-from-env" for role in ROLES}
+    env = {**os.environ, **{password_variable(role): pw for role, pw in passwords.items()}}
     server = subprocess.Popen(
         [_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
          "-m", str(free_port())],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
-    async def attempt(**credentials: str) -> bool:
+    async def attempt(**credentials: Any) -> bool:
         for _ in range(600):  # until it listens (up to 30 s on a busy machine)
             try:
                 nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False,
@@ -271,10 +459,34 @@ def test_the_deployed_nats_config_refuses_clients_without_the_credentials(tmp_pa
             return True
         raise AssertionError("nats-server did not start")
 
+    async def worker_refusals() -> list[str]:
+        """What the server refuses a worker; the last publish, refused to every role, comes
+        back after the others (tests/test_bus_permissions.py)."""
+        refused: list[str] = []
+        barrier_refused = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            refused.append(str(exc).lower())
+            if "_inbox.barrier" in refused[-1]:
+                barrier_refused.set()
+
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", user="worker",
+                                password=passwords["worker"], error_cb=on_error)  # fmt: skip
+        await nc.publish("aegaeon.requests.submit", b"forged")
+        await nc.publish("aegaeon.worker.heartbeat", b"allowed")
+        await nc.publish("_INBOX.barrier", b"")
+        await asyncio.wait_for(barrier_refused.wait(), 10)
+        await nc.close()
+        return refused[:-1]
+
     try:
-        assert asyncio.run(attempt(user="aegaeon", password="from-env"))
+        for role, password in passwords.items():
+            assert asyncio.run(attempt(user=role, password=password)), role
         assert not asyncio.run(attempt())
-        assert not asyncio.run(attempt(user="aegaeon", password="guess"))
+        assert not asyncio.run(attempt(user="worker", password=passwords["gateway"]))
+        assert asyncio.run(worker_refusals()) == [
+            'nats: permissions violation for publish to "aegaeon.requests.submit"'
+        ]
     finally:
         server.terminate()
         server.wait(10)

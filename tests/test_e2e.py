@@ -4,9 +4,13 @@ real NATS, Redis, model-store, scheduler, gpu-worker and gateway processes."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import nats
 import openai
 import pytest
@@ -80,6 +84,30 @@ async def stream_chat(client: openai.AsyncOpenAI, model: str, text: str, max_tok
     return "".join(parts)
 
 
+def test_a_cold_models_stream_says_queued_then_loading_before_its_first_token(stack, demo_models_dir):  # fmt: skip
+    # First in this module: no model has been loaded yet, so demo-mistral is cold.
+    body = {"model": "demo-mistral", "stream": True, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Where is the lighthouse?"}]}  # fmt: skip
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line]
+    first_text = next(i for i, line in enumerate(lines) if '"content":"' in line and '"content":""' not in line)  # fmt: skip
+    comments = [line for line in lines[:first_text] if line.startswith(":")]
+    assert comments[0].startswith(": aegaeon queued position=")
+    loading = [c for c in comments if c.startswith(": aegaeon loading model=demo-mistral")]
+    assert loading, comments
+    assert not any(line.startswith(":") for line in lines[first_text:])
+    # The official client reads the same kind of stream unchanged.
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    streamed = client.chat.completions.create(
+        model="demo-mistral", messages=body["messages"], stream=True, max_tokens=8, temperature=0
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    expected_ids = engine_greedy(demo_models_dir, "demo-mistral",
+                                 chat_prompt(demo_models_dir, "demo-mistral", body["messages"][0]["content"]), 8)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / "demo-mistral")
+    assert text == tokenizer.decode(expected_ids, skip_special_tokens=True)
+
+
 def test_three_models_stream_concurrently_with_the_engines_greedy_text(stack, demo_models_dir):
     prompts = {model: f"Tell me about the {word} sea." for model, word in
                zip(MODELS, ["north", "quiet", "wine-dark"], strict=True)}  # fmt: skip
@@ -136,6 +164,28 @@ def test_a_tiny_temperature_beside_greedy_streams_is_greedy_and_harms_none(stack
         expected = engine_greedy(demo_models_dir, "demo-llama", prompt, 12, ignore_eos=True)
         assert choice.finish_reason == "length"
         assert choice.text == tokenizer.decode(expected, skip_special_tokens=True), prompt
+
+
+def test_top_draws_the_runtime_view_of_the_running_stack(stack):
+    # After the tests above, every worker has served; the view shows them and their models. A
+    # worker's resident model comes from its last heartbeat, which may change while top draws:
+    # top must show a model the view named just before or just after it ran.
+    def resident_models() -> set[str]:
+        view = httpx.get(f"{stack.url}/v1/aegaeon/runtime", timeout=10).json()
+        return {w["resident_model"] for w in view["workers"] if w["resident_model"]}
+
+    resident = resident_models()
+    top = subprocess.run([sys.executable, "-m", "aegaeon.cli", "top", "--once", "--gateway", stack.url],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"})  # a wide terminal: no wrapped names  # fmt: skip
+    assert top.returncode == 0, top.stderr
+    resident |= resident_models()
+    view = httpx.get(f"{stack.url}/v1/aegaeon/runtime", timeout=10).json()
+    assert view["scheduler"]["alive"] and resident and view["recent"]
+    for worker in view["workers"]:
+        assert worker["worker_id"] in top.stdout
+    assert any(model in top.stdout for model in resident), (resident, top.stdout)
+    assert "gateway:" not in top.stdout
 
 
 def test_models_endpoint_lists_every_registered_model(stack, demo_models_dir):

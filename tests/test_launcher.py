@@ -248,6 +248,34 @@ def test_up_passes_slos_and_policy_options_to_the_scheduler(tmp_path):
     assert "--policy-option quota_s=1" in joined
 
 
+def test_up_with_two_schedulers_starts_both_under_their_own_ids_and_logs(
+    tmp_path,
+):
+    import argparse
+
+    from aegaeon.launcher import add_arguments, plan_children
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    one = plan_children(parser.parse_args([]), tmp_path, tmp_path, cache_bytes=1 << 20)
+    assert [c.name for c in one if c.kind == "scheduler"] == ["scheduler"]
+    args = parser.parse_args(["--schedulers", "2", "--policy", "round-robin"])
+    schedulers = [c for c in plan_children(args, tmp_path, tmp_path, cache_bytes=1 << 20)
+                  if c.kind == "scheduler"]  # fmt: skip
+    assert [c.name for c in schedulers] == ["scheduler-0", "scheduler-1"]
+    assert [c.log_path.name for c in schedulers] == ["scheduler-0.log", "scheduler-1.log"]
+    for child in schedulers:
+        joined = " ".join(child.argv)
+        assert f"--scheduler-id {child.name}" in joined and "--policy round-robin" in joined
+
+
+def test_up_refuses_zero_schedulers(capsys) -> None:
+    from aegaeon.cli import main
+
+    assert main(["up", "--schedulers", "0"]) == 2
+    assert "--schedulers must be at least 1" in capsys.readouterr().err
+
+
 def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> None:
     # A stack stopped a moment ago leaves its gateway's connections in TIME_WAIT; `aegaeon up`
     # started again must not refuse the port (uvicorn binds with address reuse too).

@@ -14,6 +14,7 @@ import pytest
 from aegaeon.model_store.cli import register
 from aegaeon.model_store.host_cache import CacheError, HostCache, cache_root
 from aegaeon.model_store.layout import ALIGN
+from aegaeon.model_store.lifecycle import LifecycleBook
 from aegaeon.model_store.registry import ModelError, RegistryScanner, check_name, describe
 from aegaeon.model_store.service import ModelStoreService, fetch_file
 from safetensors.numpy import load_file, save_file
@@ -30,6 +31,7 @@ from aegaeon.protocol import (
     ModelList,
     ModelReply,
     PrefetchHint,
+    StoreHeartbeat,
 )
 from aegaeon.weights import read_index
 
@@ -185,7 +187,30 @@ def test_models_cli_adds_and_lists(models_dir: Path, tmp_path: Path, capsys) -> 
     )
     assert main(["models", "list", "--models-dir", str(registry_dir), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert [m["name"] for m in listed["models"]] == ["tiny-c"]
+    assert [(m["name"], m["priority"], m["pin"]) for m in listed["models"]] == [("tiny-c", "normal", 0)]  # fmt: skip
+    # Offline, into the lifecycle book: adding it again with a setting sets that setting.
+    add = ["models", "add", str(models_dir / "tiny-c"), "--models-dir", str(registry_dir)]
+    assert main([*add, "--priority", "high"]) == 0
+    assert "(high priority)" in capsys.readouterr().out
+    assert main([*add, "--pin", "2"]) == 0
+    assert "(pinned on 2 instances)" in capsys.readouterr().out
+    book = LifecycleBook(registry_dir)
+    assert (book.priority("tiny-c"), book.pin("tiny-c")) == ("high", 2)  # the class stayed
+    assert main(["models", "list", "--models-dir", str(registry_dir)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[-2:] == ["PRIORITY", "PIN"] and row.split()[-2:] == ["high", "2"]
+    assert main(["models", "list", "--models-dir", str(registry_dir), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["priority"], m["pin"]) for m in listed["models"]] == [("high", 2)]
+    with pytest.raises(SystemExit):
+        main([*add, "--priority", "urgent"])
+    assert "invalid choice: 'urgent'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before anything is registered or recorded
+        main([*add, "--pin", "-1"])
+    assert (
+        "argument --pin: pin must be a whole number of instances from 0" in capsys.readouterr().err
+    )
+    assert LifecycleBook(registry_dir).pin("tiny-c") == 2
     assert (
         main(["models", "add", str(tmp_path / "missing"), "--models-dir", str(registry_dir)]) == 1
     )
@@ -272,6 +297,55 @@ def test_lru_evicts_the_least_recently_used_model(models_dir: Path, tmp_path: Pa
     assert cache.names() == ["tiny-a", "tiny-c"]
     assert path_a.exists() and not path_b.exists()
     assert cache.used_bytes <= cache.capacity_bytes
+
+
+def test_a_leased_model_is_not_evicted_until_its_lease_ends(models_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    # A worker asked for a (lease); until it maps the file, another load must not unlink it.
+    a, b, c = (describe(models_dir / n) for n in ("tiny-a", "tiny-b", "tiny-c"))
+    probe = HostCache(tmp_path / "probe", 10**8)
+    size = sum(probe.ensure(m).stat().st_size for m in (a, b, c))
+    probe.close()
+    now = [0.0]
+    cache = HostCache(tmp_path / "cache", size - 1, clock=lambda: now[0])  # two fit, not three
+    path_a = cache.ensure(a, lease_s=60)  # the least recently used, but leased
+    cache.ensure(b)
+    cache.ensure(c)  # needs room: b goes, though a is older
+    assert cache.names() == ["tiny-a", "tiny-c"] and path_a.exists()
+    cache.ensure(c, lease_s=60)
+    with pytest.raises(CacheError, match="leased to workers"):
+        cache.ensure(b)  # no room, and nothing may go
+    now[0] = 61.0  # the leases ended: a (least recently used) goes
+    cache.ensure(b)
+    assert cache.names() == ["tiny-c", "tiny-b"] and not path_a.exists()
+
+
+def test_a_model_idle_past_its_keep_alive_leaves_the_cache(models_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    a, b = describe(models_dir / "tiny-a"), describe(models_dir / "tiny-b")
+    now = [0.0]
+    cache = HostCache(tmp_path / "cache", 10**8, clock=lambda: now[0])
+    path_a = cache.ensure(a)
+    now[0] = 200.0
+    cache.ensure(b, lease_s=400)  # b is asked for now, and leased
+    now[0] = 350.0
+    assert cache.evict_idle(300) == ["tiny-a"] and not path_a.exists()
+    now[0] = 700.0
+    assert cache.evict_idle(300) == ["tiny-b"] and cache.names() == []
+
+
+async def test_the_store_drops_idle_models_on_its_own(models_dir: Path, tmp_path: Path) -> None:
+    from aegaeon.model_store.main import _evict_idle
+
+    cache = HostCache(tmp_path / "cache", 10**8)
+    cache.ensure(describe(models_dir / "tiny-a"))
+    sweeper = asyncio.create_task(_evict_idle(cache, keep_alive_s=0.2))
+    try:
+        for _ in range(100):  # the sweep runs every 50 ms here
+            if not cache.names():
+                break
+            await asyncio.sleep(0.05)
+        assert cache.names() == []
+    finally:
+        sweeper.cancel()
 
 
 def test_model_larger_than_the_cache_is_refused(models_dir: Path, tmp_path: Path) -> None:
@@ -390,6 +464,24 @@ async def test_service_answers_ensure_on_its_node_local_subject(store) -> None:
     assert reply.model is not None and reply.model.cache_path
 
 
+async def test_service_heartbeat_says_what_its_host_cache_holds_and_on_which_node(store) -> None:
+    service, client = store
+    beats: list[StoreHeartbeat] = []
+
+    async def heard(beat: StoreHeartbeat, _msg) -> None:
+        beats.append(beat)
+
+    await client.subscribe(client.subjects.store_heartbeat, StoreHeartbeat, heard)
+    await client.request(client.subjects.models("ensure"), EnsureCached("tiny-b"), ModelReply)
+    for _ in range(300):  # one beat a second: at most a few
+        if any("tiny-b" in b.cached for b in beats):
+            break
+        await asyncio.sleep(0.01)
+    beat = next(b for b in beats if "tiny-b" in b.cached)
+    assert (beat.store_id, beat.node, beat.cached) == ("node-7", service.node, ["tiny-b"])
+    assert 0 < beat.cache_bytes_free < beat.cache_bytes_total == 10**8
+
+
 async def test_service_names_unknown_models_in_its_errors(store) -> None:
     _service, client = store
     for verb, message in (("describe", DescribeModel("nope")), ("ensure", EnsureCached("nope"))):
@@ -401,7 +493,7 @@ async def test_service_answers_malformed_requests_with_an_error(store) -> None:
     _service, client = store
     msg = await client.nc.request(client.subjects.models("ensure"), b"\x93garbage", timeout=5)
     reply = msgspec.msgpack.decode(msg.data, type=ModelReply)
-    assert "malformed" in reply.error
+    assert "malformed" in reply.error and reply.status == 400
 
 
 async def test_service_sends_tokenizer_files_in_chunks(store, models_dir: Path) -> None:

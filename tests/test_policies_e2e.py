@@ -219,12 +219,15 @@ async def last_turn_reported(events: list, requests: int, timeout: float = 60.0)
 
 def test_aegaeon_policy_keeps_tokens_exact_when_kv_is_swapped_and_weights_switched(demo_models_dir, servers, tmp_path):  # fmt: skip
     models_dir = subset(demo_models_dir, tmp_path / "models", THREE)
-    trace = make_trace(demo_models_dir, THREE, per_model=2, max_tokens=40, length=20)
+    # A TTFT target of 0.5 s caps every quota at 0.2 s (QMAX = 0.4 TTFT), shorter than the
+    # 120 steps of any batch however fast or slow the machine is: each batch yields while the
+    # other models wait, so its KV is swapped out and its model switched away, every run.
+    trace = make_trace(demo_models_dir, THREE, per_model=2, max_tokens=120, length=20)
     arena = two_model_arena(demo_models_dir)
     subject = f"{prefix('aegaeon')}.worker.*.events"
     events: list = []
     with stack(tmp_path / "home", models_dir, "aegaeon", servers,
-               extra=["--arena-bytes", str(arena)]) as running:  # fmt: skip
+               extra=["--arena-bytes", str(arena), "--slo-ttft", "0.5"]) as running:  # fmt: skip
 
         async def run() -> list[tuple[str, int, str | None]]:
             ready, stop = asyncio.Event(), asyncio.Event()

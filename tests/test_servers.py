@@ -4,6 +4,11 @@ import argparse
 import asyncio
 import json
 import stat
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nats
 import pytest
@@ -99,7 +104,7 @@ def test_aegaeon_up_gives_its_servers_credentials_of_its_own_and_a_private_conne
     try:
         stack.start_servers()
         env = stack.env
-        assert env["AEGAEON_NATS_PASSWORD"] and "@" in env["AEGAEON_REDIS_URL"]
+        assert "@" in env["AEGAEON_REDIS_URL"] and env["AEGAEON_NATS_URL"].startswith("nats://")
         connection = tmp_path / launcher.CONNECTION_FILE
         assert stat.S_IMODE(connection.stat().st_mode) == 0o600
         assert json.loads(connection.read_text())["AEGAEON_REDIS_URL"] == env["AEGAEON_REDIS_URL"]
@@ -110,6 +115,54 @@ def test_aegaeon_up_gives_its_servers_credentials_of_its_own_and_a_private_conne
     finally:
         stack.stop()
     assert not (tmp_path / launcher.CONNECTION_FILE).exists()
+
+
+def test_aegaeon_up_gives_each_service_only_the_nats_user_of_its_role(tmp_path, monkeypatch):
+    """One user per role in the 0600 config; a service's environment holds its own password
+    only; connection.json (this user's tools) the read-only observer's."""
+    for name in ("AEGAEON_NATS_URL", "AEGAEON_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AEGAEON_NATS_PASSWORD", "of-the-shell")  # not handed on
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args(["--home", str(tmp_path), "--workers", "2"])
+    stack = launcher.Stack(args)
+    stack.logs.mkdir(parents=True)
+    try:
+        stack.start_servers()
+        children = launcher.plan_children(args, tmp_path, stack.logs, cache_bytes=1 << 20)
+        passwords = {}
+        for child in children:
+            env = stack.child_env(child)
+            assert env["AEGAEON_NATS_USER"] == child.kind, child.name
+            passwords[child.kind] = env["AEGAEON_NATS_PASSWORD"]
+            others = set(stack.bus_users) - {child.kind}
+            held = set(env.values())
+            assert not held & {stack.bus_users[r]["AEGAEON_NATS_PASSWORD"] for r in others}
+        assert set(passwords) == {"gateway", "scheduler", "worker", "model-store"}
+        assert len(set(passwords.values())) == 4 and "of-the-shell" not in passwords.values()
+        connection = json.loads((tmp_path / launcher.CONNECTION_FILE).read_text())
+        assert connection["AEGAEON_NATS_USER"] == "observer"
+        assert connection["AEGAEON_NATS_PASSWORD"] not in passwords.values()
+        nats_server = stack.servers[0]
+        conf = tmp_path / "nats" / "nats.conf"
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+        assert not any(p in " ".join(nats_server.process.args) for p in passwords.values())
+
+        async def attempt(user: str, password: str) -> bool:
+            try:
+                nc = await nats.connect(nats_server.url, user=user, password=password,
+                                        allow_reconnect=False, connect_timeout=2)  # fmt: skip
+            except Exception:
+                return False
+            await nc.close()
+            return True
+
+        assert asyncio.run(attempt("observer", connection["AEGAEON_NATS_PASSWORD"]))
+        assert asyncio.run(attempt("worker", passwords["worker"]))
+        assert not asyncio.run(attempt("worker", connection["AEGAEON_NATS_PASSWORD"]))
+    finally:
+        stack.stop()
 
 
 @pytest.mark.parametrize("max_connections", [None, 4])
@@ -134,5 +187,59 @@ def test_services_reach_a_password_protected_redis_with_the_password_from_the_en
         monkeypatch.delenv("AEGAEON_REDIS_PASSWORD")
         with pytest.raises(redis.AuthenticationError):
             asyncio.run(ping())
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------ no orphans
+
+
+def test_servers_stop_when_the_process_that_started_them_is_killed(tmp_path):
+    """A benchmark or launcher killed with SIGKILL runs no cleanup: its NATS and Redis must go
+    with it (the kernel's parent-death signal), not linger on their ports."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from aegaeon.servers import start_nats, start_redis
+            nats = start_nats(Path({str(tmp_path)!r}) / "nats")
+            redis = start_redis(Path({str(tmp_path)!r}) / "redis")
+            print(nats.process.pid, redis.process.pid, flush=True)
+            time.sleep(600)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert starter.stdout is not None
+    pids = [int(pid) for pid in starter.stdout.readline().split()]
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids), "a server outlived the process that started it"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie of an exited child counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_servers_started_from_another_thread_outlive_that_thread(tmp_path):
+    """Linux sends the parent-death signal when the *thread* that forked ends: a server started
+    from a thread pool (a fault test restarting Redis) must not die with that thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        server = pool.submit(start_redis, tmp_path / "redis").result()
+    try:  # the pool's thread has ended
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # the signal would land within a moment
+            assert client.ping()
+            time.sleep(0.1)
+        client.close()
     finally:
         server.stop()

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from aegaeon.bench.client import StreamTiming, classify, percentile, stream_completion
 from aegaeon.bench.stack_process import StackProcess
+from aegaeon.children import exit_on_sigterm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +156,7 @@ def _print(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_on_sigterm()
     if args.url and args.greedy_unread:
         raise SystemExit("bench load: --greedy-unread runs on the embedded stack (no --url)")
     if args.url:

@@ -21,6 +21,11 @@ from pathlib import Path
 from rich.console import Console
 
 from aegaeon.bench.serve_models import budget_fraction
+from aegaeon.bench.serve_priority import (
+    MAX_WAIT_IN_TTFT,
+    PRIORITY_TRACE_CLASSES,
+    PRIORITY_TRACE_ZIPF_S,
+)
 from aegaeon.bench.serve_report import (
     goodput_ratio,
     policy_goodput,
@@ -32,6 +37,7 @@ from aegaeon.bench.serve_report import (
 )
 from aegaeon.bench.serve_run import BenchPlan, calibrate, run_policy, simulate_all, strip_records
 from aegaeon.bench.serve_trace import CpuScale
+from aegaeon.children import exit_on_sigterm
 from aegaeon.scheduler.policies import POLICIES
 
 COMPARED = ("aegaeon", "request-level", "sllm-plus", "static-mux")
@@ -75,8 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--repeat", type=int, default=1, help="run the whole comparison this many times")
     add("--arrival", choices=["poisson", "gamma"], default="poisson")
     add("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation (>1 bursty)")  # fmt: skip
-    add("--popularity", choices=["uniform", "zipf"], default="uniform")
-    add("--zipf-s", type=float, default=1.0)
+    add("--popularity", choices=["uniform", "zipf"], help="default uniform (zipf with --priority-trace)")  # fmt: skip
+    add("--zipf-s", type=float, help=f"default 1 ({PRIORITY_TRACE_ZIPF_S:g} with --priority-trace)")
+    add("--priorities", help="each model's priority class, comma-separated in model order, the "
+        "last repeating (e.g. high,low); every policy's scheduler weighs them and each point "
+        "reports attainment per class")  # fmt: skip
+    add("--priority-trace", action="store_true",
+        help=f"classes {PRIORITY_TRACE_CLASSES} (the first model high, the rest low) with Zipf "
+             f"popularity s={PRIORITY_TRACE_ZIPF_S:g}, so the high model's load saturates the "
+             "workers at the higher rates; every rate is measured")  # fmt: skip
+    add("--max-wait", type=float, help="the scheduler's maximum wait for a first token before "
+        f"classes stop counting (default with classes: {MAX_WAIT_IN_TTFT:g} × the TTFT SLO)")  # fmt: skip
     add("--sharegpt", type=Path, help="a ShareGPT JSON file: sample real lengths (then scaled)")
     add("--length-factor", type=float, default=CpuScale.factor, help="ShareGPT lengths × this")
     add("--slo-ttft", type=float, help="TTFT SLO in seconds (default: scale × isolated)")
@@ -100,12 +115,20 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.priority_trace:
+        args.priorities = args.priorities or PRIORITY_TRACE_CLASSES
+        args.popularity = args.popularity or "zipf"
+        args.zipf_s = args.zipf_s or PRIORITY_TRACE_ZIPF_S
+        args.sweep_all = True  # what happens past saturation is the point
+    args.popularity = args.popularity or "uniform"
+    args.zipf_s = args.zipf_s or 1.0
     if args.policies is None:
         args.policies = default_policies(args.quick)
     return args
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_on_sigterm()
     args = resolve(args)
     console = Console(stderr=True)
     started = time.monotonic()
@@ -184,6 +207,8 @@ def assemble(plan: BenchPlan, policies: dict[str, dict]) -> dict:
         "policies": policies,
         "notes": plan.notes,
     }
+    if plan.classes:
+        result["priorities"] = {"classes": plan.classes, "max_wait_s": plan.max_wait_s}
     for res in policies.values():
         res["goodput_rate_per_model"] = policy_goodput(res["points"])
         res["goodput_time_fraction"] = policy_goodput(res["points"], "time_fraction_attainment")

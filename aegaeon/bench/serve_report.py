@@ -125,9 +125,35 @@ def print_run(result: dict, console: Console) -> None:
                 ", ".join(f"{k}×{v}" for k, v in p["errors"].items()) or "",
             )  # fmt: skip
     console.print(table)
+    print_classes(result, console)
     for name, res in result["policies"].items():
         console.print(f"goodput {name}: λ/model {res.get('goodput_rate_per_model')}"
                       + (f"  ({res['error']})" if res.get("error") else ""))  # fmt: skip
+
+
+def print_classes(result: dict, console: Console) -> None:
+    """With priority classes: per policy, rate and class, strict attainment (measured and
+    simulated), the longest first-token wait and the share within the maximum wait."""
+    priorities = result.get("priorities")
+    if not priorities:
+        return
+    table = Table(title=f"by priority class — classes {priorities['classes']}, maximum wait "
+                        f"{_fmt(priorities['max_wait_s'])} s")  # fmt: skip
+    for col in ("policy", "λ/model", "class", "reqs", "strict", "sim", "TTFT p99",
+                "max first-token wait", "within max wait", "sim within"):  # fmt: skip
+        table.add_column(col, justify="right" if col not in ("policy", "class") else "left")
+    for name, res in result["policies"].items():
+        for p in res["points"]:
+            simulated = p.get("sim", {}).get("by_class", {})
+            for cls, c in p.get("by_class", {}).items():
+                sim = simulated.get(cls, {})
+                table.add_row(
+                    name, f"{p['rate_per_model']:g}", cls, str(c["requests"]),
+                    _pct(c["attainment"]), _pct(sim.get("attainment")), _fmt(c["ttft_s"]["p99"]),
+                    _fmt(c["max_first_token_wait_s"]), _pct(c["within_max_wait"]),
+                    _pct(sim.get("within_max_wait")),
+                )  # fmt: skip
+    console.print(table)
 
 
 def cdf(values: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from aegaeon.bench.serve_models import device_budget, model_specs, write_bench_models
+from aegaeon.bench.serve_priority import MAX_WAIT_IN_TTFT, by_class, classes_for, with_classes
 from aegaeon.bench.serve_replay import Replay, isolated_latency, replay, warm_up
 from aegaeon.bench.serve_sim import (
     add_path_overhead,
@@ -61,6 +62,7 @@ class BenchPlan:
     isolated: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     engine_cost: Estimator | None = None  # the in-process engine's times, fitted once
+    classes: dict[str, str] = field(default_factory=dict)  # --priorities: model → class
     run_index: int = 0  # which of --repeat's runs is in progress
 
     @classmethod
@@ -84,8 +86,38 @@ class BenchPlan:
                    rates, traces, scale, policies, url=args.url.rstrip("/") if args.url else None)  # fmt: skip
         if args.slo_ttft and args.slo_tbt:
             plan.slo = Slo(args.slo_ttft, args.slo_tbt)
+        if args.priorities:
+            plan.set_classes(args.priorities)
         plan.notes += _notes(plan)
         return plan
+
+    def set_classes(self, spec: str) -> None:
+        """Each model's class (``--priorities``): in the specs the simulator's policy gets and,
+        for a stack this command starts, in the models directory's lifecycle book, where the
+        model-store reads it (with ``--url`` the running stack's classes are its own)."""
+        try:
+            self.classes = classes_for(list(self.specs), spec)
+        except ValueError as exc:
+            raise SystemExit(f"bench serve: {exc}") from None
+        self.specs = with_classes(self.specs, self.classes)
+        if self.url is None and self.models_dir is not None:
+            from aegaeon.model_store.lifecycle import record_serving
+
+            for name, cls in self.classes.items():
+                record_serving(self.models_dir, name, priority=cls)
+        else:
+            self.notes.append("--priorities with --url labels the report and the simulator only: "
+                              "the running stack serves with the classes its store holds")  # fmt: skip
+
+    @property
+    def max_wait_s(self) -> float | None:
+        """The scheduler's maximum wait: --max-wait, else with classes a multiple of the TTFT
+        SLO (None: the scheduler's default)."""
+        if self.args.max_wait is not None:
+            return float(self.args.max_wait)
+        if self.classes and self.slo is not None:
+            return MAX_WAIT_IN_TTFT * self.slo.ttft_s
+        return None
 
     @property
     def largest(self) -> str:
@@ -153,6 +185,8 @@ class BenchPlan:
         extra = ["--arena-bytes", str(self.arena_bytes)]
         if self.slo is not None:
             extra += ["--slo-ttft", repr(self.slo.ttft_s), "--slo-tbt", repr(self.slo.tbt_s)]
+        if self.max_wait_s is not None:
+            extra += ["--max-wait", repr(self.max_wait_s)]
         return extra
 
 
@@ -317,6 +351,8 @@ async def _sweep(
                  "wall_s": run.wall_s, "records": run.records}  # fmt: skip
         if nats_url:
             point["switches"] = switch_summary(switches)
+        if plan.classes and plan.max_wait_s is not None:
+            point["by_class"] = by_class(run.records, plan.classes, plan.slo, plan.max_wait_s)
         points.append(point)
         views = "  ".join(f"{key} {point[key]:.0%}" for key in
                           ("attainment", "time_fraction_attainment", "artifact_qos") if key in point)  # fmt: skip
@@ -383,7 +419,7 @@ def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -
         for point in res["points"]:
             trace = plan.traces[point["rate_per_model"]]
             point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), cost,
-                                             plan.slo, plan.args.drain)  # fmt: skip
+                                             plan.slo, plan.args.drain, plan.max_wait_s)  # fmt: skip
 
 
 def strip_records(policies: dict[str, dict]) -> None:

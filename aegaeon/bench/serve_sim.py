@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aegaeon.bench.serve_priority import by_class
 from aegaeon.protocol import SamplingParams
 from aegaeon.scheduler.estimators import (
     Estimator,
@@ -136,6 +137,7 @@ def path_overhead(
 def simulate_measured(
     trace: Sequence[TraceRequest], policy_name: str, models: dict[str, ModelSpec],
     instances: Sequence[InstanceView], cost: Estimator, slo: Slo, drain_s: float,
+    max_wait_s: float | None = None,
 ) -> dict:  # fmt: skip
     """Attainment the simulator predicts for one policy on the run's trace and instances.
 
@@ -145,7 +147,12 @@ def simulate_measured(
     unfinished, as in the replay."""
     policy_estimator = load_estimator(None, dict(models))
     policy = policy_class(policy_name)(dict(models), slo, policy_estimator)
+    if max_wait_s is not None:
+        policy.max_wait_s = max_wait_s
     views = [replace(v) for v in instances]
     result = simulate(trace, policy, views, cost, slo, drain_s=drain_s)
     found = {key: result.metrics[key] for key in ATTAINMENT_VIEWS if key in result.metrics}
+    classes = {name: spec.priority for name, spec in models.items()}
+    if max_wait_s is not None and len(set(classes.values())) > 1:
+        found["by_class"] = by_class(result.records, classes, slo, max_wait_s)
     return found | {"switches": result.switches, "rejected": result.rejected}

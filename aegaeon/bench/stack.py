@@ -27,6 +27,7 @@ from rich.table import Table
 from aegaeon.bench.client import StreamTiming, percentile, stream_completion
 from aegaeon.bench.stack_process import StackProcess
 from aegaeon.bench.watch import Watcher
+from aegaeon.children import exit_on_sigterm
 from aegaeon.protocol import TokenBatch
 from aegaeon.subjects import Subjects
 
@@ -167,6 +168,7 @@ def _print(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    exit_on_sigterm()
     if args.url:
         subjects = Subjects(args.prefix)
         result = asyncio.run(_measure(args, args.url.rstrip("/"), args.models_dir, args.nats_url, subjects))  # fmt: skip

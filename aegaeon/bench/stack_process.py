@@ -17,6 +17,7 @@ from types import TracebackType
 
 import httpx
 
+from aegaeon.children import parent_death_hook
 from aegaeon.servers import ServerProcess, free_port, start_nats
 from aegaeon.subjects import Subjects
 
@@ -71,6 +72,7 @@ class StackProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
+            preexec_fn=parent_death_hook(),  # a killed benchmark leaves no stack behind
         )
         try:
             self.wait_ready()
@@ -82,17 +84,7 @@ class StackProcess:
     def wait_ready(self) -> None:
         """Block until ``/health`` answers 200 (or the stack dies / the timeout passes)."""
         assert self.process is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"aegaeon up exited ({self.process.returncode}); see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"stack not healthy after {self.ready_timeout} s; see {self.log}")
+        wait_healthy(self.url, self.process, self.ready_timeout, f"see {self.log}")
 
     @property
     def log(self) -> Path:
@@ -124,3 +116,19 @@ class StackProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float, hint: str = "") -> None:
+    """Until ``url``/health answers 200; RuntimeError if ``process`` (its ``aegaeon up``) exits
+    first, TimeoutError after ``timeout`` s (``hint``: where to look)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"aegaeon up exited ({process.returncode}); {hint}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"stack not healthy after {timeout} s; {hint}")

@@ -4,9 +4,17 @@
     aegaeon sim --gpus 8 --policy aegaeon          # attainment at a fixed GPU count
     aegaeon sim --paper --json paper.json          # the paper's end-to-end study (sim/paper.py)
     aegaeon sim --paper --quick --json q.json      # the same, SLO ×1 and 3 model counts a rate
+    aegaeon sim --nodes 32 --models 500 --duration 120 --json fleet.json
+                                                   # a 256-GPU fleet: GPUs needed per policy
+                                                   # with and without locality (sim/fleet.py)
 
 Every policy is offered the same layouts at each GPU count (``--prefill`` pins one); the layout
 behind each result is printed and written with it.
+
+With ``--nodes`` (or ``--locality``) the GPUs sit on nodes (``--gpus-per-node``) whose host
+memory caches weights (``--host-cache-gb``, LRU, warm at the start) and fetches the others over
+the network (``--network-gbs``) before the host → device copy; the search stops at the fleet's
+size, and each policy runs with the locality hint and without it (``--locality``).
 
 The cost model is a roofline of ``--gpu`` or, with ``--profile``, the fitted profiles that
 ``aegaeon profile`` wrote. The trace is Poisson (or Gamma with ``--cv``) per model with
@@ -25,6 +33,7 @@ from aegaeon.scheduler.policies.base import ModelSpec, Slo
 from aegaeon.sim.engine import SimResult
 from aegaeon.sim.hardware import DEVICES, DeviceSpec, device_spec, paper_models
 from aegaeon.sim.layout import has_roles
+from aegaeon.sim.nodes import NodeSetup
 from aegaeon.sim.run import POLICIES, Deployment, best_at, run_deployment
 from aegaeon.sim.study import ALL_POLICIES, VIEWS, Setting, gpus_needed
 from aegaeon.workload import SHAREGPT, TraceRequest, generate_trace, load_sharegpt
@@ -48,6 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharegpt", help="ShareGPT JSON to sample lengths from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metric", default="attainment", choices=VIEWS)
+    parser.add_argument("--nodes", type=int, help="a fleet of this many nodes with host weight "
+                        "caches; the GPU search stops at nodes × --gpus-per-node")  # fmt: skip
+    parser.add_argument("--gpus-per-node", type=int, help="default: the --gpu server's (8)")
+    parser.add_argument("--host-cache-gb", type=float, help="weights each node's host memory "
+                        "caches, GB (default: half the server's DRAM, 1 TiB)")  # fmt: skip
+    parser.add_argument("--network-gbs", type=float, help="GB/s a node fetches weights at from "
+                        "the model store or a peer (default: 80%% of a 200 Gb/s NIC, 20)")  # fmt: skip
+    parser.add_argument("--locality", choices=("on", "off", "both"), help="policies told what "
+                        "each node caches, or not (the sim charges fetches either way), or "
+                        "each policy run both ways (the default with --nodes)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1, help="--nodes: searches run at once, "
+                        "each in its own process (one a core at most)")  # fmt: skip
     parser.add_argument("--paper", action="store_true", help="the paper's end-to-end study")
     parser.add_argument("--quick", action="store_true", help="--paper: SLO ×1, 3 counts a rate")
     parser.add_argument("--json", help="write the results here")
@@ -80,6 +101,10 @@ def single(args: argparse.Namespace) -> dict:
     cost = load_estimator(args.profile, models, device=device.name)
     policies = args.policy or list(ALL_POLICIES)
     setting = Setting(args.models, args.rate, slo, device, args.duration, args.seed)
+    if getattr(args, "nodes", None) or getattr(args, "locality", None):
+        from aegaeon.sim.fleet import fleet_study
+
+        return fleet_study(args, trace, models, cost, setting, policies)
     if args.gpus:
         results = {}
         for policy in policies:
@@ -103,14 +128,15 @@ def single(args: argparse.Namespace) -> dict:
 def _at_gpus(
     args: argparse.Namespace, trace: list[TraceRequest], policy: str,
     models: dict[str, ModelSpec], device: DeviceSpec, cost: Estimator, slo: Slo,
+    nodes: NodeSetup | None = None,
 ) -> tuple[SimResult, Deployment]:  # fmt: skip
     """The run at ``--gpus``: the pinned layout, or the best of those offered."""
     if args.prefill is not None:
         layout = Deployment(args.gpus, args.prefill if has_roles(policy) else 0)
-        return run_deployment(trace, policy, layout, models, device, cost, slo), layout
+        return run_deployment(trace, policy, layout, models, device, cost, slo, nodes), layout
 
     def run(deployment: Deployment) -> SimResult:
-        return run_deployment(trace, policy, deployment, models, device, cost, slo)
+        return run_deployment(trace, policy, deployment, models, device, cost, slo, nodes)
 
     layout, res = best_at(args.gpus, policy, run, args.metric)
     return res, layout

@@ -7,7 +7,9 @@
   co-location by memory).
 - :class:`HostLink`: the host↔device link of one instance. A background weight copy (prefetch)
   and a KV move (swap in/out, hand-off) that run at once share it fairly: while both run each
-  goes at half speed, so each is delayed by the overlap, ``min(kv_s, copy_left_s)``.
+  goes at half speed, so each is delayed by the overlap, ``min(kv_s, copy_left_s)``. On a fleet
+  a copy may start later than asked, once its weights have reached the node
+  (:mod:`aegaeon.sim.nodes`); a KV move before that start does not share the link with it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Residency:
         self.budget = budget_bytes
         self.slots = slots
         self.models: OrderedDict[str, int] = OrderedDict()
+        self.pinned: str | None = None  # never evicted (Engine.pin)
 
     def __contains__(self, model: str) -> bool:
         return model in self.models
@@ -42,15 +45,22 @@ class Residency:
             self.touch(model)
             return
         while self._full(size):
-            # One slot: the running model's own slot is overwritten (Engine._free_slot).
-            victim = next((m for m in self.models if m != keep), next(iter(self.models)))
+            # One slot, or the pinned model in the only other one: the running model's own
+            # slot is overwritten (Engine._free_slot).
+            free = [m for m in self.models if m not in (keep, self.pinned)]
+            victim = next(iter(free or [m for m in self.models if m != self.pinned] or self.models))
             del self.models[victim]
         self.models[model] = size
 
-    @property
-    def can_prefetch(self) -> bool:
-        """A prefetch needs a slot besides the running model's (Engine.prefetch)."""
-        return self.slots is None or self.slots >= 2
+    def can_prefetch(self, current: str | None) -> bool:
+        """A prefetch needs a slot besides the running model's that the pinned model does not
+        hold (Engine.start_prefetch)."""
+        if self.slots is None:
+            return True
+        pinned_elsewhere = (
+            self.pinned is not None and self.pinned != current and self.pinned in self
+        )
+        return self.slots - (1 if pinned_elsewhere else 0) >= 2
 
     def _full(self, size: int) -> bool:
         if not self.models:
@@ -87,17 +97,28 @@ class HostLink:
         self.copy = None
 
     def copy_left(self, t: float) -> float:
-        """Seconds the background copy still needs at ``t`` (0: done or none)."""
+        """Link seconds the background copy still needs at ``t`` (0: done or none)."""
         if self.copy is None:
             return 0.0
         return max(0.0, self.copy.end - max(t, self.copy.start))
+
+    def copy_wait(self, t: float) -> float:
+        """Seconds from ``t`` until the background copy is done (its start may be later)."""
+        if self.copy is None:
+            return 0.0
+        if self.copy.start > t:
+            return self.copy.end - t
+        return self.copy_left(t)
 
     def move_kv(self, t: float, kv_s: float) -> float:
         """A KV move of ``kv_s`` (alone) starting at ``t``: how long it takes. A copy in flight
         and the move share the link, so both are delayed by the overlap."""
         if kv_s <= 0 or not self.contention or self.copy is None:
             return kv_s
-        overlap = min(kv_s, self.copy_left(t))
+        if self.copy.start > t:  # the copy waits for its weights to reach the node
+            overlap = max(0.0, min(kv_s - (self.copy.start - t), self.copy_left(t)))
+        else:
+            overlap = min(kv_s, self.copy_left(t))
         self.copy.delay_s += overlap
         self.contended_s += overlap
         return kv_s + overlap

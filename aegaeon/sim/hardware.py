@@ -5,6 +5,10 @@ bytes over HBM bandwidth, plus the (small) matmul FLOPs per request. A prefill s
 bound: 2·params FLOPs per token, plus attention, quadratic in each prompt's length. A switch copies
 the weights over the host→device link. Efficiencies are the fractions of peak that serving engines
 reach in practice (≈80% of HBM bandwidth and of the link, ≈50% of bf16 FLOPs).
+
+:class:`NodeSpec`: the server around the accelerators (GPUs per node, host memory that caches
+weights, the network link that brings weights to a node), for fleets of many nodes
+(:mod:`aegaeon.sim.nodes`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,47 @@ DEVICES: dict[str, DeviceSpec] = {
     # A 2-core development box running fp32 demo models: memcpy-speed "link".
     "cpu": DeviceSpec("cpu", 10e9, 50e9, 5e9, 16 * GiB, bytes_per_param=4),
 }
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One server of accelerators: how many, its host memory (a share of which caches model
+    weights) and the network link that brings weights from the model store or a peer node."""
+
+    gpus: int
+    host_memory_bytes: int
+    network_bytes_per_s: float  # the storage / front-end NIC, peak
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return int(self.host_memory_bytes * HOST_CACHE_SHARE)
+
+    @property
+    def fetch_bytes_per_s(self) -> float:
+        return self.network_bytes_per_s * NETWORK_EFFICIENCY
+
+
+TiB = 1 << 40
+HOST_CACHE_SHARE = 0.5
+"""Of a node's host DRAM, the share that caches weights; the rest holds the host KV pool, pinned
+staging buffers and the OS."""
+NETWORK_EFFICIENCY = 0.8  # of a NIC's line rate that a bulk transfer reaches
+# An HGX H800/H100 server as sold (e.g. the paper's H800 nodes): 8 GPUs, 2 TB DDR5, and a
+# 200 Gb/s storage NIC beside the GPUs' compute fabric: 1 TiB of weight cache per node, weights
+# fetched at 20 GB/s. H20 and A100 servers alike (the A100 generation with 1 TB, 100 Gb/s).
+NODES: dict[str, NodeSpec] = {
+    "H800": NodeSpec(8, 2 * TiB, 25e9),
+    "H100": NodeSpec(8, 2 * TiB, 25e9),
+    "H20": NodeSpec(8, 2 * TiB, 25e9),
+    "A100": NodeSpec(8, 1 * TiB, 12.5e9),
+    "cpu": NodeSpec(1, 64 * GiB, 1.25e9),  # a development box on a 10 Gb/s LAN
+}
+
+
+def node_spec(device: str | DeviceSpec) -> NodeSpec:
+    """The server that holds ``device`` (see :data:`NODES`)."""
+    name = device.name if isinstance(device, DeviceSpec) else device_spec(device).name
+    return NODES.get(name, NODES["H800"])
 
 
 def device_spec(name: str) -> DeviceSpec:

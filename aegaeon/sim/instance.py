@@ -4,7 +4,8 @@ A turn costs, in order::
 
     control round trip (the scheduler's RunTurn → worker, TurnDone → scheduler)
     → switch (unless the model is current: a rebind if it is in a slot or its prefetch is done,
-      else the rest of the copy)
+      else the rest of the copy; on a fleet, a copy first waits for the weights to reach the
+      node's host memory, :mod:`aegaeon.sim.nodes`)
     → the plan's prefetch starts copying in the background
     → KV swap-in of requests whose KV is not on this device (sharing the link with the prefetch)
     → one prefill step for the requests not yet prefilled (their first token), and one that
@@ -33,6 +34,7 @@ import numpy as np
 from aegaeon.scheduler.estimators import TURN_OVERHEAD_PRIOR_S, Estimator
 from aegaeon.scheduler.policies.base import InstanceView, TurnPlan, TurnResult
 from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS, HostLink, Residency
+from aegaeon.sim.nodes import NodeCache
 from aegaeon.slo_metrics import RequestRecord
 from aegaeon.workload import TraceRequest
 
@@ -84,9 +86,11 @@ class SimInstance:
         slots: int | None = ENGINE_WEIGHT_SLOTS,
         control_s: float = CONTROL_OVERHEAD_S,
         contention: bool = True,
+        node: NodeCache | None = None,
     ) -> None:
         self.id = view.instance_id
         self.cost = cost
+        self.node = node  # its node's host cache (None: every model is in host memory)
         self.control_s = control_s
         self.residency = Residency(view.weight_budget_bytes, slots)
         self.link = HostLink(contention)
@@ -96,10 +100,17 @@ class SimInstance:
         self.busy_s = 0.0
         self.switch_s = 0.0  # of busy_s: switching, moving KV, stepping
         self.kv_move_s = 0.0
+        self.fetch_wait_s = 0.0  # of switch_s: waiting for weights to reach the node
 
     def _copy_s(self, model: str) -> float:
         p = self.cost.profiles[model]
         return p.weight_bytes / p.link_bytes_per_s
+
+    def _in_host(self, model: str, t: float) -> float:
+        """When ``model``'s weights are in host memory, ready to copy (``t`` off a fleet)."""
+        if self.node is None:
+            return t
+        return self.node.ready_at(model, self.cost.profiles[model].weight_bytes, t)
 
     def switch_cost(self, model: str, now: float) -> float:
         """Make ``model`` current; the time the turn waits for it (also in ``last_switch``)."""
@@ -111,13 +122,16 @@ class SimInstance:
         size, copy_s = profile.weight_bytes, self._copy_s(model)
         flight = self.link.copy
         if flight is not None and flight.model == model:
-            left = self.link.copy_left(now)
+            left, wait = self.link.copy_left(now), self.link.copy_wait(now)
             copied = int(size * min(1.0, left / copy_s)) if copy_s > 0 else 0
-            info = SwitchInfo(model, profile.switch_fixed_s + left, copied, size - copied)
+            info = SwitchInfo(model, profile.switch_fixed_s + wait, copied, size - copied)
+            self.fetch_wait_s += wait - left
         elif model in self.residency:
             info = SwitchInfo(model, profile.switch_fixed_s, 0, 0)
         else:
-            info = SwitchInfo(model, profile.switch_fixed_s + copy_s, size, 0)
+            fetch = self._in_host(model, now) - now
+            info = SwitchInfo(model, profile.switch_fixed_s + fetch + copy_s, size, 0)
+            self.fetch_wait_s += fetch
         if flight is not None and flight.model != model and self.link.copy_left(now) > 0:
             self.residency.drop(flight.model)  # the copy stops half done: that slot is garbage
         self.link.abandon_copy()
@@ -130,10 +144,11 @@ class SimInstance:
     def start_prefetch(self, model: str, t: float) -> None:
         """Copy ``model`` into the free slot in the background from ``t`` (as the worker does
         while the turn runs); nothing to do when it is current or already in a slot."""
-        if model == self.current or model in self.residency or not self.residency.can_prefetch:
+        if (model == self.current or model in self.residency
+                or not self.residency.can_prefetch(self.current)):  # fmt: skip
             return
         self.residency.admit(model, self.cost.profiles[model].weight_bytes, keep=self.current)
-        self.link.start_copy(model, t, self._copy_s(model))
+        self.link.start_copy(model, self._in_host(model, t), self._copy_s(model))
 
     def execute(
         self, plan: TurnPlan, requests: dict[str, SimRequest], now: float
@@ -142,6 +157,7 @@ class SimInstance:
         for request_id in plan.drop_kv:
             lost = requests[request_id]
             lost.kv_on, lost.kv_lost = None, lost.generated > 0
+        self.residency.pinned = plan.pinned
         batch = [requests[r] for r in plan.request_ids if not requests[r].done]
         begin = now + self.control_s
         switch = self.switch_cost(plan.model, begin)

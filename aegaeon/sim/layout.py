@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from aegaeon.scheduler.policies.base import InstanceRole, InstanceView, ModelSpec
 from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS
 from aegaeon.sim.hardware import DeviceSpec
+from aegaeon.sim.nodes import node_of
 
 GPUS_PER_NODE = 8
 PREFILL_PER_NODE = (1, 2, 3)  # of 8 GPUs; 3 : 5 is the paper's layout
@@ -108,14 +109,15 @@ def weight_budget(policy_name: str, device: DeviceSpec, models: dict[str, ModelS
 
 def instance_views(
     deployment: Deployment, device: DeviceSpec, models: dict[str, ModelSpec],
-    policy_name: str = "static-mux",
+    policy_name: str = "static-mux", per_node: int | None = None,
 ) -> list[InstanceView]:  # fmt: skip
     """The instances of a deployment; every GPU gets the same memory split. Prefill instances
-    are spread over the nodes (the first ones of each node)."""
+    are spread over the nodes (the first ones of each node). ``per_node``: GPUs a node, and
+    each view names its node (GPU i on node i // per_node; the last may be partial)."""
     usable = device.memory_bytes * USABLE_MEMORY
     weights = weight_budget(policy_name, device, models)
     biggest_kv = max(m.kv_bytes_per_token for m in models.values())
-    prefill = set(_spread(deployment.gpus, deployment.prefill))
+    prefill = set(_spread(deployment.gpus, deployment.prefill, per_node or GPUS_PER_NODE))
     views = []
     for i in range(deployment.gpus):
         role: InstanceRole = "both"
@@ -123,7 +125,8 @@ def instance_views(
             role = "prefill" if i in prefill else "decode"
         views.append(InstanceView(f"g{i:03d}", role=role,
                                   kv_capacity_tokens=int((usable - weights) // biggest_kv),
-                                  weight_budget_bytes=weights))  # fmt: skip
+                                  weight_budget_bytes=weights,
+                                  node=node_of(i, per_node) if per_node else None))  # fmt: skip
     return views
 
 

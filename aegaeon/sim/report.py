@@ -35,6 +35,34 @@ def print_setting(out: dict) -> None:
     Console().print(table)
 
 
+def print_fleet(out: dict) -> None:
+    """A fleet of nodes: a row per policy and locality mode, with what was fetched."""
+    s, n = out["setting"], out["setting"]["nodes"]
+    table = Table(
+        caption="GPUs: fewest reaching the target on the fleet (— : none); * the run stopped "
+        "once the target was out of reach (attainment so far)",
+        title=f"{s['models']} models · λ={s['rate_per_model']}/s each · {s['requests']} requests "
+        f"· {n['count'] or '—'} nodes × {n['gpus_per_node']} {s['device']} · host cache "
+        f"{n['host_cache_gb']:.0f} GB/node · fetch {n['fetch_gb_per_s']:.3g} GB/s · SLO TTFT "
+        f"{s['slo']['ttft_s']}s TBT {s['slo']['tbt_s']}s",
+    )
+    for col in ("policy", "locality", "GPUs", "layout", "strict", "fetches", "fetched TB",
+                "fetch wait s", "runs", "wall s"):  # fmt: skip
+        table.add_column(col)
+    for policy, modes in out["policies"].items():
+        for mode, row in modes.items():
+            m = row.get("metrics", row)
+            fetched = row.get("fetches") or {}
+            tb = fetched.get("fetched_gb")
+            strict = _fmt(m["attainment"]) + ("*" if row.get("stopped_early") else "")
+            table.add_row(policy, "on" if mode == "locality" else "off", _fmt(row["gpus"]),
+                          row["layout"]["name"], strict,
+                          _fmt(fetched.get("fetches")), _fmt(tb / 1000 if tb is not None else None),
+                          _fmt(row.get("fetch_wait_s")), _fmt(row.get("runs", 1)),
+                          _fmt(row.get("wall_s")))  # fmt: skip
+    Console().print(table)
+
+
 def print_paper(out: dict) -> None:
     """The paper study: attainment on 16 GPUs per point (artifact QoS / strict, and the layout
     that gave the artifact QoS), then the figures."""

@@ -16,6 +16,7 @@ from aegaeon.sim.device import ENGINE_WEIGHT_SLOTS
 from aegaeon.sim.engine import SimResult, simulate
 from aegaeon.sim.hardware import DeviceSpec
 from aegaeon.sim.layout import Deployment, instance_views, layouts_for, residency
+from aegaeon.sim.nodes import Fleet, NodeSetup
 from aegaeon.slo_metrics import ATTAINMENT_TARGET
 from aegaeon.workload import TraceRequest
 
@@ -57,12 +58,22 @@ def run_deployment(
     device: DeviceSpec,
     cost: Estimator,
     slo: Slo,
+    nodes: NodeSetup | None = None,
+    stop_below: float | None = None,
 ) -> SimResult:
     """One simulated run at paper scale: the policy's instances hold what its original system
-    would (:func:`aegaeon.sim.layout.residency`)."""
+    would (:func:`aegaeon.sim.layout.residency`). ``nodes``: the GPUs sit on nodes whose host
+    caches start warm and fill over the network (:mod:`aegaeon.sim.nodes`); None: every model
+    is in every instance's host memory. ``stop_below``: stop once strict attainment cannot reach
+    it (:func:`aegaeon.sim.engine.simulate`)."""
     policy = POLICIES[policy_name](dict(models), slo, fresh(cost))
-    views = instance_views(deployment, device, models, policy_name)
-    return simulate(trace, policy, views, cost, slo, slots=residency(policy_name))
+    per_node = nodes.gpus_per_node if nodes else None
+    views = instance_views(deployment, device, models, policy_name, per_node)
+    fleet = None
+    if nodes is not None:
+        fleet = Fleet.of(views, {m: s.weight_bytes for m, s in models.items()}, nodes)
+    return simulate(trace, policy, views, cost, slo, slots=residency(policy_name), fleet=fleet,
+                    stop_below=stop_below)  # fmt: skip
 
 
 def simulate_policy(

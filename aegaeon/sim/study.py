@@ -6,13 +6,16 @@ at each GPU count; :mod:`aegaeon.sim.paper` runs the paper's study.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies.base import ModelSpec, Slo
 from aegaeon.sim.hardware import DeviceSpec, paper_models, roofline_profile
-from aegaeon.sim.run import POLICIES, Deployment, Metric, fewest_gpus, run_deployment
+from aegaeon.sim.nodes import NodeSetup
+from aegaeon.sim.run import POLICIES, Deployment, Metric, Needed, fewest_gpus, run_deployment
+from aegaeon.slo_metrics import ATTAINMENT_TARGET, summarize
 from aegaeon.workload import TraceRequest, generate_trace
 
 PAPER_POLICIES = ("aegaeon", "request-level", "sllm-plus", "static-mux", "dedicated")
@@ -54,29 +57,47 @@ def gpus_needed(
     policies: Sequence[str] = ALL_POLICIES,
     metric: Metric = "attainment",
     on_run: Callable[[], None] | None = None,
+    nodes: NodeSetup | None = None,
+    fleet_gpus: int | None = None,
 ) -> dict[str, dict]:
     """Fewest GPUs per policy reaching ≥ 90% ``metric`` on ``trace`` (dedicated: one per model,
-    checked, not searched; the others searched in [1, models])."""
+    checked, not searched; the others searched in [1, models]). ``nodes``: the GPUs sit on
+    nodes with host caches (:mod:`aegaeon.sim.nodes`); ``fleet_gpus`` caps the search (and
+    dedicated's check) at a fleet's size. With either, each result also says what was fetched,
+    how many runs its search took and their wall time."""
     n = len(models)
+    high = min(n, fleet_gpus) if fleet_gpus else n
+    fleet = nodes is not None or bool(fleet_gpus)
+    # A fleet's search stops a strict run once it cannot pass: same answer, far fewer events.
+    stop = ATTAINMENT_TARGET if fleet and metric == "attainment" else None
     out: dict[str, dict] = {}
     for policy in policies:
 
-        def run(deployment: Deployment, policy: str = policy):
-            result = run_deployment(
-                trace, policy, deployment, models, setting.device, cost, setting.slo
-            )
+        def run(deployment: Deployment, policy: str = policy, stop: float | None = stop):
+            result = run_deployment(trace, policy, deployment, models, setting.device, cost,
+                                    setting.slo, nodes, stop)  # fmt: skip
             if on_run:
                 on_run()
             return result
 
-        if policy == "dedicated":
-            result = run(Deployment(n))
-            ok = result.metrics[metric] >= 0.9
-            out[policy] = summary(n if ok else None, Deployment(n), result.metrics, n)
-            continue
-        guess = max(1, round(n * GUESS_SHARE.get(policy, 0.5)))
-        needed = fewest_gpus(policy, run, 1, n, guess=guess, metric=metric)
-        out[policy] = summary(needed.gpus, needed.deployment, needed.result.metrics, n)
+        started = time.monotonic()
+        if policy == "dedicated":  # one run, in full
+            result = run(Deployment(high), stop=None)
+            ok = high == n and result.metrics[metric] >= 0.9
+            out[policy] = summary(n if ok else None, Deployment(high), result.metrics, n)
+            needed = Needed(n if ok else None, Deployment(high), result, 1)
+        else:
+            guess = max(1, min(high, round(n * GUESS_SHARE.get(policy, 0.5))))
+            needed = fewest_gpus(policy, run, 1, high, guess=guess, metric=metric)
+            metrics = needed.result.metrics
+            if stop is not None:  # the search measured only pass or fail: the answer in full
+                metrics = summarize(needed.result.records, setting.slo)
+            out[policy] = summary(needed.gpus, needed.deployment, metrics, n)
+        if fleet:
+            out[policy].update(fetches=needed.result.fetches, runs=needed.runs,
+                               fetch_wait_s=round(needed.result.fetch_wait_s, 1),
+                               stopped_early=needed.result.stopped_early,
+                               search_wall_s=round(time.monotonic() - started, 1))  # fmt: skip
     return out
 
 

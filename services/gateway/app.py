@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import admin_router
 from .errors import APIError, install_handlers
 from .routes import router
 from .service import Gateway
@@ -37,6 +38,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     app.state.settings = settings
     install_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     _drop_422_from_schema(app)
     return app

@@ -9,9 +9,14 @@
     tpm = 100000                # tokens per minute, prompt + completion (optional)
     models = ["demo-tiny"]      # allowed models (optional; absent: all)
     max_in_flight = 64          # requests in flight at once (optional; AEGAEON_MAX_IN_FLIGHT_PER_KEY)
+    admin = true                # may deploy, drain and remove models (optional; default false)
 
-With no file configured, access is open (the embedded development default), and the gateway
-refuses to listen on a non-loopback address that way unless told ``--insecure-open``. A file,
+Only ``admin`` keys may call the admin API (``/v1/aegaeon/models``: deploy, drain, remove); they
+manage every model (their ``models`` list limits only what they may use and see).
+
+With no file configured, access is open (the embedded development default, the admin API
+included), and the gateway refuses to listen on a non-loopback address that way unless told
+``--insecure-open``. A file,
 once configured, is enforced: one that lists no keys refuses every request, and one that does not
 parse or holds a malformed entry stops the gateway at start with the file and entry named.
 """
@@ -31,19 +36,32 @@ from .limits import Limit
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One configured key, by name; ``models`` None means every model."""
+    """One configured key, by name; ``models`` None means every model; ``admin``: may call the
+    admin API."""
 
     name: str
     sha256: str
     limit: Limit = field(default_factory=Limit)
     models: frozenset[str] | None = None
+    admin: bool = False
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
 
-ANONYMOUS = ApiKey(name="anonymous", sha256="")
-"""The caller when access is open."""
+ANONYMOUS = ApiKey(name="anonymous", sha256="", admin=True)
+"""The caller when access is open: whoever reaches an open gateway (loopback, or a network the
+operator opened with --insecure-open) may do everything, the admin API included."""
+
+
+def admin_refusal(key: ApiKey) -> str | None:
+    """Why ``key`` may not call the admin API (None: it may)."""
+    if key.admin:
+        return None
+    return (
+        f"The API key '{key.name}' may not manage models: the admin API needs a key with "
+        "'admin = true' in the keys file."
+    )
 
 
 class AuthError(Exception):
@@ -135,9 +153,13 @@ def _parse_key(entry: object) -> ApiKey:
         not isinstance(models, list) or not all(isinstance(m, str) for m in models)
     ):
         raise TypeError("models must be a list of model names")
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):
+        raise TypeError("admin must be true or false")
     return ApiKey(
         name=name,
         sha256=digest.lower(),
+        admin=admin,
         limit=Limit(
             rpm=_positive(entry, "rpm"),
             tpm=_positive(entry, "tpm"),

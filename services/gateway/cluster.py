@@ -1,32 +1,79 @@
 """What the gateway knows of the rest of the system: the model registry (from the model-store,
-cached a few seconds) and liveness and residency (from worker heartbeats and scheduler state).
+cached a few seconds and updated at once by its ``registry.changed`` news: lifecycle states
+included), liveness and residency (from worker heartbeats and scheduler state), and
+the recent switches, preemptions and hand-offs (from worker events) for the runtime view.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.msg import Msg
 
 from aegaeon.bus import Bus
-from aegaeon.protocol import Heartbeat, ListModels, ModelInfo, ModelList, SchedulerState
+from aegaeon.protocol import (
+    Heartbeat,
+    ListModels,
+    ModelChanged,
+    ModelInfo,
+    ModelList,
+    SchedulerState,
+    WorkerEvent,
+)
+from aegaeon.runtime_view import RECENT_EVENTS, event_record, runtime_document
 
 FRESH_S = 5.0
 """A heartbeat or scheduler state older than this means that part is gone."""
 
 
 class ModelDirectory:
-    """The registered models, asked of the model-store at most once per ``ttl_s``."""
+    """The registered models, asked of the model-store at most once per ``ttl_s``; a lifecycle
+    move (``registry.changed``, or this gateway's own admin call) applies at once."""
 
-    def __init__(self, bus: Bus, ttl_s: float = 2.0, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, bus: Bus, ttl_s: float = 2.0, timeout_s: float = 5.0,
+        on_removed: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self.bus = bus
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
+        self.on_removed = on_removed  # what else forgets a removed model (its tokenizer)
         self._models: dict[str, ModelInfo] = {}
         self._fetched = float("-inf")
         self._lock = asyncio.Lock()
+        self._subscription: Any = None
+
+    async def watch(self) -> None:
+        """Follow the model-store's lifecycle news."""
+        self._subscription = await self.bus.subscribe(
+            self.bus.subjects.registry_changed, ModelChanged, self._on_changed
+        )
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+            self._subscription = None
+
+    async def _on_changed(self, change: ModelChanged, _msg: Msg) -> None:
+        if change.removed:
+            self.forget(change.model.name)
+        else:
+            self.apply(change.model)
+
+    def apply(self, info: ModelInfo) -> None:
+        """``info`` as it is now (a deploy, drain or class set answered, or announced)."""
+        self._models[info.name] = info
+
+    def forget(self, name: str) -> None:
+        """A removed model: its requests are unknown from now on."""
+        self._models.pop(name, None)
+        if self.on_removed is not None:
+            self.on_removed(name)
 
     async def all(self) -> list[ModelInfo]:
         """Every registered model. Raises TimeoutError / NoRespondersError when the store is
@@ -65,12 +112,15 @@ class ClusterView:
 
     heartbeats: dict[str, tuple[float, Heartbeat]] = field(default_factory=dict)
     scheduler: tuple[float, SchedulerState] | None = None
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    watchers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)  # event streams
     _subscriptions: list = field(default_factory=list)
 
     async def start(self, bus: Bus) -> None:
         self._subscriptions = [
             await bus.subscribe(bus.subjects.heartbeat, Heartbeat, self.on_heartbeat),
             await bus.subscribe(bus.subjects.scheduler_state, SchedulerState, self.on_state),
+            await bus.subscribe(bus.subjects.all_worker_events, WorkerEvent, self.on_event),
         ]
 
     async def stop(self) -> None:
@@ -84,12 +134,39 @@ class ClusterView:
     async def on_state(self, state: SchedulerState, _msg: Msg) -> None:
         self.scheduler = (time.monotonic(), state)
 
+    async def on_event(self, event: WorkerEvent, _msg: Msg) -> None:
+        record = event_record(event, time.time())
+        if record is None:
+            return
+        self.recent.append(record)
+        for queue in list(self.watchers):
+            if queue.qsize() < RECENT_EVENTS:  # a stream that stopped reading misses events
+                queue.put_nowait(record)
+
+    def runtime(
+        self, visible: Callable[[str], bool], registry: Iterable[ModelInfo] = ()
+    ) -> dict[str, Any]:
+        """The runtime view (``aegaeon.runtime_view``) from what was heard lately and the
+        registered models, of the models ``visible`` says the viewer may see."""
+        state = self.scheduler[1] if self.scheduler_alive() and self.scheduler else None
+        return runtime_document(
+            self.live_workers(), state, self.recent, time.time(), visible, registry
+        )
+
     def live_workers(self) -> list[Heartbeat]:
         now = time.monotonic()
         return [b for seen, b in self.heartbeats.values() if now - seen <= FRESH_S]
 
     def scheduler_alive(self) -> bool:
         return self.scheduler is not None and time.monotonic() - self.scheduler[0] <= FRESH_S
+
+    def queues(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(model → requests waiting for a first token, model → decoding), from the scheduler's
+        last state; empty when no live scheduler has said."""
+        if not self.scheduler_alive():
+            return {}, {}
+        assert self.scheduler is not None
+        return self.scheduler[1].queued, self.scheduler[1].running
 
     def residency(self) -> dict[str, list[str]]:
         """model → workers it is resident on, from both sources."""

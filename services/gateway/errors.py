@@ -1,9 +1,12 @@
 """OpenAI-shaped errors and the handlers that make every failure one (DESIGN.md §9).
 
 Body: ``{"error": {"message", "type", "param", "code"}}``. Bad input is 400 (FastAPI's 422 and
-malformed JSON included), 401 no/invalid key, 403 model not allowed for the key, 404 unknown
-model, 413 too long, 429 rate limit and 503 overload (both with Retry-After). An unexpected fault
-is a 500 with a generic message: the stack trace goes to the log, never to the client.
+malformed JSON included), 401 no/invalid key, 403 model not allowed for the key (or the admin
+API for a key without ``admin``), 404 unknown model, 409 a conflict with a model's lifecycle
+state (draining or failed; a name taken; a removal with requests in flight), 413 too long, 429 rate limit and 503 overload (both with Retry-After). A 409 carries
+``x-should-retry: false``: OpenAI's clients retry a 409 on their own, and no retry can succeed
+until an operator acts. An unexpected fault is a 500 with a generic message: the stack trace
+goes to the log, never to the client.
 """
 
 from __future__ import annotations
@@ -68,9 +71,10 @@ class APIError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        headers = {"x-should-retry": "false"} if self.status == 409 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
 
     def response(self) -> JSONResponse:
         # Every error answer passes here (handlers, the body limit), so it is counted here.

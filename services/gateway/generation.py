@@ -23,7 +23,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from aegaeon.bus import Bus
-from aegaeon.protocol import CancelRequest, SubmitReply, SubmitRequest, TokenEvent
+from aegaeon.protocol import (
+    CancelRequest,
+    RequestStatus,
+    SubmitReply,
+    SubmitRequest,
+    TokenEvent,
+)
 from aegaeon.state import REQUEST_TTL_S, Keys
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
@@ -57,6 +63,7 @@ class Piece:
     token_ids: list[int]
     logprobs: list[Logprob]
     finish_reason: str | None = None
+    status: RequestStatus | None = None  # before the first token: where the request is
 
 
 class EngineError(APIError):
@@ -95,6 +102,7 @@ class Generation:
         self.stop = StopMatcher(prepared.stops)
         self.finish_reason: str | None = None
         self.submitted = False
+        self.queued_ahead = 0  # at admission: requests before it waiting for a first token
         self.failed = False  # the engine reported an error
         self.closed = False
         self.stream = services.router.open(prepared.request_id)
@@ -156,11 +164,17 @@ class Generation:
             )
         self.submitted = True
         self.timings.submitted = time.time()
+        self.queued_ahead = reply.queued_ahead
 
-    async def pieces(self) -> AsyncIterator[Piece]:
-        """Output until the request ends. Raises EngineError / APIError on failure."""
+    async def pieces(self, statuses: bool = False) -> AsyncIterator[Piece]:
+        """Output until the request ends; with ``statuses``, also where it waits before its
+        first token (pieces with a ``status`` only). Raises EngineError / APIError on failure."""
         while self.finish_reason is None:
             event = await self._next_event()
+            if event.status is not None and not event.token_ids and event.finish_reason is None:
+                if statuses:
+                    yield Piece("", [], [], status=event.status)
+                continue
             piece = await self._piece(event)
             if piece.text or piece.token_ids or piece.finish_reason:
                 yield piece

@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aegaeon.priority import Priority
+from aegaeon.serving import MAX_PIN
+
 MAX_TOKENS_LIMIT = 1 << 20
 
 
@@ -169,17 +172,95 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """One registered model; ``resident_on`` lists workers holding it, ``state`` is
-    ``resident`` or ``cold``."""
+    """One registered model. ``state``: its lifecycle state (only ``ready`` takes requests;
+    ``state_reason`` says why it ``failed``); ``residency`` is ``resident`` on the workers
+    ``resident_on`` lists, or ``cold``; ``cached_on``: the model-store whose host cache holds its
+    weights (the store that answered); ``queued``: its requests waiting for a first token,
+    ``running``: decoding (the scheduler's last state; 0 when it is not known); ``priority``:
+    its class against other models' work, which the scheduler's policies weigh; ``pin``: the
+    worker instances that keep it resident (0: not pinned)."""
 
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
-    state: Literal["resident", "cold"]
+    state: Literal["loading", "ready", "draining", "failed"]
+    state_reason: str | None
+    residency: Literal["resident", "cold"]
     resident_on: list[str]
-    context_length: int
     cached: bool
+    cached_on: list[str]
+    context_length: int
+    dtype: str
+    queued: int
+    running: int
+    priority: Priority
+    pin: int
+
+
+class DeployModelRequest(_Request):
+    """``POST /v1/aegaeon/models``: register a model folder or ``.gguf`` file (a path on the
+    model-store's node) under ``name`` (default: the folder's or file's name), in priority class
+    ``priority``, pinned on ``pin`` worker instances (0: not pinned)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    priority: Priority = "normal"
+    pin: int = Field(default=0, ge=0, le=MAX_PIN)
+
+
+class SetPriorityRequest(_Request):
+    """``POST /v1/aegaeon/models/{name}/priority``: the model's class against other models'
+    work (``low``, ``normal``, ``high``)."""
+
+    priority: Priority
+
+
+class PinRequest(_Request):
+    """``POST /v1/aegaeon/models/{name}/pin``: how many worker instances keep the model resident
+    (the aegaeon policy pins it on that many; 0 unpins it)."""
+
+    instances: int = Field(ge=0, le=MAX_PIN)
+
+
+class DeletedModel(BaseModel):
+    """``DELETE /v1/aegaeon/models/{name}`` (as OpenAI's model deletion answers); ``note``: what
+    became of its folder in the models directory."""
+
+    id: str
+    object: Literal["model"]
+    deleted: bool
+    note: str
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (as vLLM's): a completion ``prompt`` or a chat's ``messages``."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=4096)
+    add_special_tokens: bool = True  # a prompt's BOS and friends (a chat's come from its template)
+
+
+class TokenizeResponse(BaseModel):
+    """The prompt's token ids, their count and the model's context length."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[int] = Field(max_length=MAX_TOKENS_LIMIT)
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of the tokens (special tokens left out, as in completions)."""
+
+    prompt: str
 
 
 class ModelsResponse(BaseModel):

@@ -14,7 +14,7 @@ from typing import Literal
 from aegaeon.protocol import ModelInfo, SamplingParams
 
 from .errors import APIError, bad_request
-from .openai_types import ChatCompletionRequest, CompletionRequest
+from .openai_types import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from .tokenization import ModelTokenizer
 
 Kind = Literal["chat", "completion"]
@@ -81,6 +81,18 @@ async def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: Model
     return ids
 
 
+async def tokenize(body: TokenizeRequest, tok: ModelTokenizer) -> list[int]:
+    """``/tokenize``: exactly what a completion (``prompt``) or a chat (``messages``, through
+    the template, ready for the assistant's turn) would be given as its prompt."""
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("Give either prompt or messages.", param="prompt")
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return await _maybe_thread(sum(len(m["content"]) for m in messages), tok.encode_chat, messages)  # fmt: skip
+    text = body.prompt or ""
+    return await _maybe_thread(len(text), lambda t: tok.encode(t, body.add_special_tokens), text)
+
+
 async def _maybe_thread(size: int, fn, arg):
     if size > LONG_TEXT:
         return await asyncio.to_thread(fn, arg)
@@ -120,15 +132,17 @@ def max_new_tokens(
 def sampling_params(
     body: ChatCompletionRequest | CompletionRequest, max_tokens: int, tok: ModelTokenizer
 ) -> SamplingParams:
-    """OpenAI sampling fields → the engine's SamplingParams (temperature 0 is greedy)."""
+    """OpenAI sampling fields → the engine's SamplingParams (temperature 0 is greedy); a field
+    the request leaves out takes the model's generation_config.json value, else OpenAI's."""
+    model = tok.sampling_defaults
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=model.get("temperature", 1.0) if body.temperature is None else body.temperature,
+        top_p=model.get("top_p", 1.0) if body.top_p is None else body.top_p,
         seed=None if body.seed is None else body.seed % (1 << 63),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        top_k=body.top_k or 0,
+        top_k=int(model.get("top_k", 0)) if body.top_k is None else body.top_k,
         # The engine stops at the model's own EOS unless told otherwise; the tokenizer's EOS
         # ids are added here because a chat template may end turns with another token.
         stop_token_ids=[] if body.ignore_eos else list(tok.eos_token_ids),

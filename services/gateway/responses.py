@@ -3,12 +3,15 @@
 Streams look exactly like OpenAI's: a chat stream opens with a role delta, sends content
 deltas, ends with an empty delta carrying ``finish_reason``; with ``include_usage`` every chunk
 has ``"usage": null`` and one last chunk has no choices and the usage; then ``data: [DONE]``.
+Before the first token, comment lines say where the request waits (queued, loading weights).
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from aegaeon.protocol import RequestStatus
 
 from .generation import Logprob, Piece
 from .prepare import Prepared
@@ -19,6 +22,15 @@ DONE = "data: [DONE]\n\n"
 
 def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def sse_comment(status: RequestStatus) -> str:
+    """Where a request waits, as an SSE comment line (``: aegaeon queued position=2``):
+    valid SSE that clients which do not look for it, the official openai one included, skip."""
+    fields = {"position": status.position, "model": status.model,
+              "bytes_done": status.bytes_done, "bytes_total": status.bytes_total}  # fmt: skip
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    return f": aegaeon {status.state} {text}".rstrip() + "\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

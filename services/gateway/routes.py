@@ -1,33 +1,38 @@
-"""The HTTP routes: OpenAI's endpoints, /v1/models and /health."""
+"""The HTTP routes: OpenAI's endpoints, /v1/models, vLLM's /tokenize and /detokenize, the
+runtime view (/v1/aegaeon/runtime and its event stream), /health. The admin API is
+``admin.py``'s."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from aegaeon.protocol import ModelInfo
-
 from .auth import ApiKey
 from .errors import APIError
+from .model_cards import model_card
 from .observe import RequestObserver
 from .openai_types import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelsResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
-from .prepare import Kind
+from .prepare import Kind, tokenize
+from .runtime_types import RuntimeResponse
 from .service import Gateway
-from .streaming import complete, stream
+from .streaming import SSE_HEADERS, complete, event_stream, stream
 
 bearer = HTTPBearer(auto_error=False, description="An API key (when keys are configured).")
 
@@ -37,6 +42,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Bad input (malformed JSON, wrong types, out of range, unsupported, too long)",
         401: "Missing or invalid API key",
         404: "Unknown model",
+        409: "The model is draining or failed to load",
         413: "Body or prompt too large",
         429: "Rate limit reached (Retry-After)",
         500: "The engine failed on this request",
@@ -109,31 +115,16 @@ async def completions(body: CompletionRequest, request: Request, key: ApiKey = D
     return await _serve(request, "completion", body, key)
 
 
-def _card(info: ModelInfo, where: dict[str, list[str]]) -> dict[str, Any]:
-    workers = where.get(info.name, [])
-    return {
-        "id": info.name,
-        "object": "model",
-        "created": info.created or int(time.time()),
-        "owned_by": "aegaeon",
-        "state": "resident" if workers else "cold",
-        "resident_on": workers,
-        "context_length": info.context_length,
-        "cached": info.cached,
-    }
-
-
 @router.get(
     "/v1/models",
     response_model=ModelsResponse,
     responses={k: v for k, v in _ERRORS.items() if k in (401, 503)},
-    summary="Every registered model, resident or cold",
+    summary="Every registered model: its state (loading, ready, draining, failed), residency",
 )
 async def list_models(request: Request, key: ApiKey = Depends(caller)):
     gw = gateway(request)
     models = sorted(await gw.registry(), key=lambda m: m.name)
-    where = gw.cluster.residency()
-    cards = [_card(m, where) for m in models if key.allows(m.name)]
+    cards = [model_card(m, gw.cluster) for m in models if key.allows(m.name)]
     return JSONResponse({"object": "list", "data": cards})
 
 
@@ -146,7 +137,64 @@ async def list_models(request: Request, key: ApiKey = Depends(caller)):
 async def get_model(model: str, request: Request, key: ApiKey = Depends(caller)):
     gw = gateway(request)
     info = await gw.resolve(model, key)
-    return JSONResponse(_card(info, gw.cluster.residency()))
+    return JSONResponse(model_card(info, gw.cluster))
+
+
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses={k: v for k, v in _ERRORS.items() if k in (400, 401, 404, 503)},
+    summary="A prompt or a chat as the model's token ids (as vLLM's /tokenize)",
+)
+async def tokenize_route(body: TokenizeRequest, request: Request, key: ApiKey = Depends(caller)):
+    gw = gateway(request)
+    info = await gw.resolve(body.model, key)
+    ids = await tokenize(body, await gw.tokenizer(info))
+    return JSONResponse({"count": len(ids), "max_model_len": info.context_length, "tokens": ids})
+
+
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses={k: v for k, v in _ERRORS.items() if k in (400, 401, 404, 503)},
+    summary="Token ids as text (as vLLM's /detokenize)",
+)
+async def detokenize_route(
+    body: DetokenizeRequest, request: Request, key: ApiKey = Depends(caller)
+):
+    gw = gateway(request)
+    tok = await gw.tokenizer(await gw.resolve(body.model, key))
+    if any(t < 0 or t >= tok.vocab_size for t in body.tokens):
+        raise APIError(400, f"Token ids must be in [0, {tok.vocab_size}).", param="tokens")
+    return JSONResponse({"prompt": tok.decode(body.tokens)})
+
+
+@router.get(
+    "/v1/aegaeon/runtime",
+    response_model=RuntimeResponse,
+    responses={k: v for k, v in _ERRORS.items() if k in (401,)},
+    summary="Workers, resident models, queues, the round's α and recent switches",
+)
+async def runtime(request: Request, key: ApiKey = Depends(caller)):
+    gw = gateway(request)
+    try:
+        registry = await gw.models.all()
+    except Exception:  # no model-store reachable: the view without lifecycle states
+        registry = []
+    return JSONResponse(gw.cluster.runtime(key.allows, registry))
+
+
+# Not in the schema: the stream never ends (a schema fuzzer would wait on it forever).
+@router.get("/v1/aegaeon/events", include_in_schema=False)
+async def runtime_events(request: Request, key: ApiKey = Depends(caller)):
+    """Switches, preemptions and hand-offs as they happen (of the models this key may use), one
+    SSE ``data`` line each (JSON, as in the runtime view's ``recent``), with a comment line
+    every 15 s while nothing happens."""
+    return StreamingResponse(
+        event_stream(request, gateway(request).cluster, key.allows),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -1,9 +1,9 @@
 """The gateway's core: its connections and the admission path of a request.
 
 ``open()`` runs the checks in the order that sheds load cheapest first: admission, in all and per
-key (503), the key's request rate (429), model (404), tokenization and context (400/413), the
-key's token rate (429), then the Redis record and the submit. Any failure releases what was
-taken, so a refused request leaves nothing behind.
+key (503), the key's request rate (429), model (404; not ready: 503 loading, 409 draining or
+failed), tokenization and context (400/413), the key's token rate (429), then the Redis record
+and the submit. Any failure releases what was taken, so a refused request leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import redis.asyncio as aioredis
 
 from aegaeon.bus import Bus, connect_redis
+from aegaeon.lifecycle import serving_refusal
 from aegaeon.protocol import ModelInfo
 from aegaeon.state import Keys
 
@@ -68,8 +69,11 @@ class Gateway:
         await self.router.start(self._bus, s.gateway_id)
         self._bus.reconnect_listeners.append(self.router.on_reconnect)
         await self.cluster.start(self._bus)
-        self._models = ModelDirectory(self._bus, ttl_s=s.models_ttl_s)
         self._tokenizers = TokenizerCache(self._bus, s.tokenizer_cache_dir)
+        self._models = ModelDirectory(
+            self._bus, ttl_s=s.models_ttl_s, on_removed=self._tokenizers.forget
+        )
+        await self._models.watch()
         self._warming = asyncio.create_task(self._warm_tokenizers())
 
     async def _warm_tokenizers(self) -> None:
@@ -90,6 +94,8 @@ class Gateway:
                 await self._warming
         await self.router.stop()
         await self.cluster.stop()
+        if self._models is not None:
+            await self._models.stop()
         if self._bus is not None:
             await self._bus.close()
         if self._redis is not None:
@@ -139,6 +145,16 @@ class Gateway:
             )
         return info
 
+    @staticmethod
+    def check_serving(info: ModelInfo) -> None:
+        """Refuse a request of a model that is not ready (loading, draining, failed)."""
+        refusal = serving_refusal(info.name, info.state, info.state_reason)
+        if refusal is not None:
+            raise APIError(
+                refusal.status, refusal.message, code=refusal.code, param="model",
+                retry_after=refusal.retry_after,
+            )  # fmt: skip
+
     async def tokenizer(self, info: ModelInfo) -> ModelTokenizer:
         assert self._tokenizers is not None, "gateway not started"
         try:
@@ -178,6 +194,7 @@ class Gateway:
     ) -> Prepared:
         check_supported(body)
         info = await self.resolve(body.model, key)
+        self.check_serving(info)
         tok = await self.tokenizer(info)
         ids = await prompt_ids(body, tok)
         limit = self.settings.max_prompt_tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 from fastapi import Request
@@ -18,9 +18,13 @@ from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from aegaeon.protocol import RequestStatus
+from aegaeon.runtime_view import shows
+
+from .cluster import ClusterView
 from .errors import APIError
 from .generation import Generation, Piece
-from .responses import DONE, ResponseBuilder, sse
+from .responses import DONE, ResponseBuilder, sse, sse_comment
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,11 @@ async def sse_body(generation: Generation, builder: ResponseBuilder) -> AsyncIte
         first = builder.first_chunk()
         if first:
             yield first
-        async for piece in generation.pieces():
+        yield sse_comment(RequestStatus("queued", position=generation.queued_ahead))
+        async for piece in generation.pieces(statuses=True):
+            if piece.status is not None:
+                yield sse_comment(piece.status)
+                continue
             chunk = builder.chunk(piece)
             if chunk:
                 yield chunk
@@ -117,3 +125,27 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+EVENTS_KEEPALIVE_S = 15.0
+
+
+async def event_stream(
+    request: Request, cluster: ClusterView, visible: Callable[[str], bool]
+) -> AsyncIterator[str]:
+    """The runtime view's events (those naming only ``visible`` models) as SSE until the client
+    goes away (``/v1/aegaeon/events``)."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    cluster.watchers.add(queue)
+    try:
+        yield ": aegaeon events\n\n"  # headers and a first line at once
+        while not await request.is_disconnected():
+            try:
+                record = await asyncio.wait_for(queue.get(), EVENTS_KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if shows(record, visible):
+                yield sse(record)
+    finally:
+        cluster.watchers.discard(queue)

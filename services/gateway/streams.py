@@ -70,10 +70,15 @@ class RequestStream:
             )
 
     def put(self, event: TokenEvent) -> None:
-        """Queue an event, trimming tokens already seen (a recovery re-run may resend them)."""
+        """Queue an event, trimming tokens already seen (a recovery re-run may resend them).
+        A status (where a request waiting for its first token is) matters only until then."""
         if self.ended:
             return
         self.last_event_at = time.monotonic()
+        if event.status is not None and not event.token_ids and event.finish_reason is None:
+            if self.received == 0 and self.filling is None and not event.error:
+                self.queue.put_nowait(event)
+            return
         if self.filling is not None or event.start > self.received:
             # Tokens went missing in transit: the client must never see a gap. Fill it from
             # Redis; what arrives meanwhile waits its turn.

@@ -11,8 +11,9 @@ import asyncio
 import json
 import logging
 import re
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from aegaeon.bus import Bus
 from aegaeon.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,10 +58,13 @@ class ModelTokenizer:
     tokenizer: Any
     eos_token_ids: list[int]
     vocab_size: int
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """The model's own defaults for fields a request leaves out (generation_config.json)."""
 
-    def encode(self, text: str) -> list[int]:
-        """A completion prompt, with the model's usual special tokens (BOS)."""
-        return list(self.tokenizer(text)["input_ids"])
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """A completion prompt, with the model's usual special tokens (BOS) unless not
+        ``special``."""
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation through the model's chat template, ready for the assistant's turn.
@@ -113,7 +119,31 @@ def load_tokenizer(folder: Path) -> ModelTokenizer:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return ModelTokenizer(tokenizer, eos_ids(folder, tokenizer), len(tokenizer))
+    defaults = sampling_defaults(folder)
+    return ModelTokenizer(tokenizer, eos_ids(folder, tokenizer), len(tokenizer), defaults)
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")
+"""generation_config.json fields that stand in for a request's missing ones (as vLLM does)."""
+
+
+def sampling_defaults(folder: Path) -> dict[str, float]:
+    """The model's default sampling values, from generation_config.json: only numbers in range
+    are taken (a bad file changes nothing rather than failing every request)."""
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        log.warning("%s: unreadable; no default sampling values", path)
+        return {}
+    limits = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (0, 1 << 20)}
+    out: dict[str, float] = {}
+    for key in SAMPLING_DEFAULTS:
+        value = config.get(key) if isinstance(config, dict) else None
+        low, high = limits[key]
+        if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+            out[key] = value
+    return out
 
 
 def eos_ids(folder: Path, tokenizer: Any) -> list[int]:
@@ -146,6 +176,14 @@ class TokenizerCache:
                 folder = await self._folder(info)
                 self._loaded[info.name] = await asyncio.to_thread(load_tokenizer, folder)
             return self._loaded[info.name]
+
+    def forget(self, model: str) -> None:
+        """A removed model: its tokenizer goes (one deployed again under its name loads its
+        own), with the files fetched for it."""
+        self._loaded.pop(model, None)
+        self._locks.pop(model, None)
+        if _TOKEN.fullmatch(model):  # a model name: never a path out of the cache dir
+            shutil.rmtree(self.cache_dir / model, ignore_errors=True)
 
     async def _folder(self, info: ModelInfo) -> Path:
         local = Path(info.path)

@@ -35,10 +35,11 @@ from aegaeon.gpu_worker.requests import (
 from aegaeon.gpu_worker.runners.fallback import (
     FallbackRunner,
 )
+from aegaeon.gpu_worker.runners.gemma import GemmaRunner
 from aegaeon.gpu_worker.runners.llama import LlamaRunner
 from aegaeon.gpu_worker.slots import WeightSlots
 from aegaeon.gpu_worker.stepping import Stepping
-from aegaeon.gpu_worker.weights_loader import ModelError, ModelSpec, load_spec
+from aegaeon.gpu_worker.weights_loader import GEMMA_TYPES, ModelError, ModelSpec, load_spec
 
 from aegaeon.config import shm_dir
 from aegaeon.protocol import SamplingParams
@@ -96,7 +97,7 @@ class Engine(Stepping):
         self.swap_stream = torch.cuda.Stream(self.device) if cuda else None
         self.slots = WeightSlots(self.arena, self.dtype, config.copy_chunk_bytes)
         self.specs: dict[str, ModelSpec] = {}
-        self._native: dict[str, LlamaRunner] = {}  # one skeleton per architecture
+        self._native: dict[str, LlamaRunner] = {}  # one skeleton per architecture (Gemma's too)
         self._fallback = FallbackRunner(self.device, self.dtype)
         self._paged: dict[str, PagedKV] = {}
         self._requests: dict[str, Request] = {}
@@ -138,6 +139,17 @@ class Engine(Stepping):
     def _forget_weights(self, name: str) -> None:
         self.slots.forget(name)
 
+    def unload_model(self, name: str) -> None:
+        """Forget a removed model: its weight slot (resident or prefetched, a copy into it
+        stopped), its host mapping, its registration. Raises ValueError while requests of it are
+        held (their KV and next steps need it)."""
+        held = self.request_ids(name)
+        if held:
+            raise ValueError(f"model {name!r} still has {len(held)} requests here: not unloaded")
+        self._forget_weights(name)
+        self.specs.pop(name, None)
+        self._paged.pop(name, None)
+
     def invalidate_weights(self) -> None:
         """Forget what the weight slots hold (someone wrote over them); the next switch copies."""
         self.slots.invalidate()
@@ -159,11 +171,25 @@ class Engine(Stepping):
         """
         self.slots.start_prefetch(self._spec(name))
 
+    def pin(self, name: str | None) -> None:
+        """Keep ``name``'s weights in a slot once they are there (None: keep none): a model the
+        scheduler serves on this instance whenever it can, never evicted by others' switches."""
+        self.slots.pinned = name
+
     def prefetch(self, name: str) -> None:
         """Stage a model's weights in the non-resident slot and wait until they are there."""
         self.start_prefetch(name)
         if self.slots.prefetching == name:
             self.slots.finish_prefetch()
+
+    def weights_loaded(self, name: str) -> tuple[int, int]:
+        """(bytes of ``name``'s weights in a slot, its weight bytes): how far its copy is, for a
+        waiting request's progress (read from any thread; (0, 0) for a model not registered)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            return 0, 0
+        total = spec.index.data_bytes
+        return self.slots.copied_bytes(name, total), total
 
     def switch_to(self, name: str) -> SwitchStats:
         """Make ``name`` resident. Prefetched: rebind views only. Being prefetched: wait for the
@@ -187,7 +213,8 @@ class Engine(Stepping):
         model_type = spec.hf_config.model_type
         runner = self._native.get(model_type)
         if runner is None:
-            runner = self._native[model_type] = LlamaRunner(self.device, self.dtype)
+            runner_class = GemmaRunner if model_type in GEMMA_TYPES else LlamaRunner
+            runner = self._native[model_type] = runner_class(self.device, self.dtype)
         runner.bind(spec.hf_config, views)
 
     # ------------------------------------------------------------------ requests

@@ -9,10 +9,16 @@ import os
 import socket
 import time
 
-from aegaeon.gpu_worker.sizing import CPU_RAM_SHARE, CUDA_FREE_SHARE, plan_memory
+from aegaeon.gpu_worker.sizing import (
+    CPU_RAM_SHARE,
+    CUDA_FREE_SHARE,
+    ENGINE_DTYPES,
+    engine_dtype,
+    plan_memory,
+)
 
 from aegaeon.bus import Bus, connect_redis
-from aegaeon.config import BusConfig
+from aegaeon.config import BusConfig, default_store_id
 from aegaeon.metrics import serve_metrics
 from aegaeon.protocol import ListModels, ModelInfo, ModelList
 from aegaeon.runtime import run_process
@@ -28,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="this worker's id: letters, digits, '_' and '-' (default host-pid)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
+    parser.add_argument("--store-id", type=subject_token, default=default_store_id(),
+                        help="the model-store of this node (its --store-id; default: the node "
+                        "name): asked for the host cache, whose files this worker maps")  # fmt: skip
+    parser.add_argument("--dtype", default="auto", choices=["auto", *ENGINE_DTYPES],
+                        help="what the worker computes in (default auto: the registered models' "
+                        "own dtype when they share one — float32 ones run in bfloat16 on CUDA — "
+                        "else float32 on the CPU, bfloat16 on CUDA; other models are converted "
+                        "at their switch)")  # fmt: skip
     parser.add_argument("--arena-bytes", type=int, default=None, help="device memory arena size")
     parser.add_argument("--weight-budget-bytes", type=int, default=None)
     parser.add_argument("--host-kv-bytes", type=int, default=None)
@@ -80,12 +94,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     serve_metrics(args.metrics_port)
     config = BusConfig()
     bus = await Bus.connect(config, name=f"worker-{args.worker_id}")
-    engine_config = EngineConfig(device=args.device, block_size=args.block_size)
+    models = await registered_models(bus)
+    dtype = engine_dtype(models, args.dtype, cuda=args.device.startswith("cuda"))
+    converted = sorted(m.name for m in models if m.dtype != dtype)
+    log.info("computing in %s%s", dtype, f" (converted at their switch: {', '.join(converted)})" if converted else "")  # fmt: skip
+    engine_config = EngineConfig(device=args.device, dtype=dtype, block_size=args.block_size)
     if args.host_kv_bytes is not None:
         engine_config.host_kv_bytes = args.host_kv_bytes
     plan = plan_memory(
-        await registered_models(bus),
-        engine_dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        models,
+        engine_dtype=dtype,
         slots=engine_config.weight_slots,
         device_bytes=device_bytes(args.device),
         arena_bytes=args.arena_bytes,
@@ -97,7 +115,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     engine_config.weight_budget_bytes = plan.weight_budget_bytes
     engine = Engine(engine_config)
     redis = connect_redis(config)
-    worker = WorkerService(args.worker_id, args.role, engine, bus, redis)
+    worker = WorkerService(args.worker_id, args.role, engine, bus, redis, store_id=args.store_id)
     runner = asyncio.create_task(worker.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -20,6 +20,8 @@ KV_MIN_BYTES = 256 << 20
 CUDA_FREE_SHARE = 0.9
 CPU_RAM_SHARE = 0.25
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+"""What a worker computes in (``--dtype``); "auto" picks one from the registered models."""
 
 
 def _align(value: int) -> int:
@@ -33,6 +35,21 @@ def slot_need(model: ModelInfo, engine_dtype: str) -> int:
     if model.dtype != engine_dtype:
         need += _align(model.num_parameters * DTYPE_BYTES.get(engine_dtype, 4))
     return need
+
+
+def engine_dtype(models: list[ModelInfo], requested: str, cuda: bool) -> str:
+    """The dtype a worker computes in. ``requested`` wins unless it is "auto"; then the models'
+    own dtype when they all share one of the engine's dtypes (a bf16 or fp16 checkpoint is
+    served as it is stored, on the CPU too: nothing is converted at a switch), except float32 on
+    CUDA, and otherwise the device's default: float32 on the CPU (every checkpoint dtype
+    converts to it exactly), bfloat16 on CUDA."""
+    if requested != "auto":
+        return requested
+    default = "bfloat16" if cuda else "float32"
+    stored = {m.dtype for m in models}
+    if len(stored) == 1 and (only := stored.pop()) in ENGINE_DTYPES and not (cuda and only == "float32"):  # fmt: skip
+        return only
+    return default
 
 
 @dataclass(frozen=True)

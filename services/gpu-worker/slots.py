@@ -12,10 +12,13 @@ chunk boundary:
 - CPU (and CUDA from pageable pages, whose copies block the caller): chunk by chunk.
 
 A switch to the model being prefetched waits only for what is left; one to a model already in
-a slot rebinds views; anything else is copied in the foreground. Rules that keep steps exact:
-the resident slot is never a copy target; a slot is marked as holding a model only once its
-copy has completed; views (and any dtype conversion) are made only after that; a foreground
-copy first stops the background copy into the same slot.
+a slot rebinds views; anything else is copied in the foreground. A *pinned* model (the
+scheduler keeps it resident on this instance) is never overwritten: once it fills the only
+slot besides the resident one, other models switch through the resident slot, in the
+foreground, and nothing else is prefetched. Rules that keep steps exact: the resident slot is
+never a background copy target (only a foreground switch overwrites it); a slot is marked as
+holding a model only once its copy has completed; views (and any dtype conversion) are made
+only after that; a foreground copy first stops the background copy into the same slot.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ class WeightSlots:
         self._resident: int | None = None
         self._host: dict[str, HostWeights] = {}
         self._copy: _Copy | None = None
+        self.pinned: str | None = None  # never overwritten while it holds a slot
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._executor: ThreadPoolExecutor | None = None
@@ -148,6 +152,15 @@ class WeightSlots:
         """The model whose background copy has been started and not yet used by a switch."""
         return self._copy.model if self._copy is not None else None
 
+    def copied_bytes(self, name: str, total: int) -> int:
+        """How much of ``name``'s ``total`` bytes of weights is in a slot: all once a copy has
+        completed, the part copied so far while one runs (read from any thread, for a progress
+        report), else 0."""
+        copy = self._copy
+        if copy is not None and copy.model == name:
+            return copy.done_bytes()
+        return total if name in self.models else 0
+
     # ------------------------------------------------------------------ prefetch
 
     def start_prefetch(self, spec: ModelSpec) -> None:
@@ -155,8 +168,11 @@ class WeightSlots:
         name = spec.name
         if len(self.models) < 2 or name in self.models or self.prefetching == name:
             return
+        slot = self._free_slot()
+        if slot == self._resident:  # the pinned model holds the only other slot
+            return
         self._stop_copy()
-        self._copy = self._begin(spec, self._free_slot())
+        self._copy = self._begin(spec, slot)
 
     def finish_prefetch(self) -> None:
         """Wait for the background copy in flight (if any); the slot then holds its model."""
@@ -180,11 +196,12 @@ class WeightSlots:
             waited, prefetched = 0, self._background[slot]
         else:
             self._stop_copy()  # it may target the very slot this copy overwrites
-            copy = self._begin(spec, self._free_slot())
+            copy = self._copy = self._begin(spec, self._free_slot())  # seen by copied_bytes
             try:
                 copy.wait()
             except BaseException:
                 self._keep_host(copy)
+                self._copy = None
                 raise
             self._complete(copy)
             waited, prefetched, slot = copy.nbytes, 0, copy.slot
@@ -232,12 +249,19 @@ class WeightSlots:
     # ------------------------------------------------------------------ internals
 
     def _free_slot(self) -> int:
-        """A slot that is not resident: an empty one if any, else the first."""
-        others = [i for i in range(len(self.models)) if i != self._resident]
+        """A slot that is neither resident nor the pinned model's: an empty one if any, else
+        the first. With none (one slot, or the pinned model in the only other one) the
+        resident slot, which only a foreground switch overwrites (nothing prefetches then)."""
+        others = [i for i in range(len(self.models))
+                  if i != self._resident and not self._holds_pinned(i)]  # fmt: skip
         if not others:
-            return 0  # one slot: a switch overwrites the resident model (nothing prefetches)
+            resident = self._resident
+            return resident if resident is not None and not self._holds_pinned(resident) else 0
         empty = [i for i in others if self.models[i] is None]
         return (empty or others)[0]
+
+    def _holds_pinned(self, slot: int) -> bool:
+        return self.pinned is not None and self.models[slot] == self.pinned
 
     def _begin(self, spec: ModelSpec, slot: int) -> _Copy:
         self._clear(slot)  # holds nothing until the copy completes

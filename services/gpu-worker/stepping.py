@@ -6,6 +6,14 @@ batch whose forward pass raises is run again one request at a time, so that only
 that still fails alone ends (with an ``error`` output) while the others get their token. The
 failed forward is rolled back first (blocks it gave to prefills are returned), so the retry
 computes exactly what the batch would have.
+
+A request whose KV was dropped (host pool full) or that was recovered from its tokens so far
+gets its KV back by *replay* in half precision: its prompt's prefill, then one decode step per
+token it had produced — the very operations that built the KV the first time. One prefill over
+prompt and outputs would be faster, but attention over a longer query block rounds differently
+from a one-token decode (seen on AVX2 CPUs in bf16: a K/V bit flipped in the next layer, then a
+token), so only replay keeps the tokens bitwise those of the uninterrupted run. In float32 the
+one prefill is kept: its rounding differences stay far below a greedy near-tie.
 """
 
 from __future__ import annotations
@@ -91,10 +99,38 @@ class Stepping(Preemption):
                 self._free_device(request)
             raise
 
+    @property
+    def _replays(self) -> bool:
+        """Whether dropped KV is rebuilt by replay (half precision; see the module docstring)."""
+        return self.dtype != torch.float32
+
     def _native_forward(
         self, batch: list[Request], prefill: list[Request], kv: PagedKV
     ) -> torch.Tensor:
         runner = self._native[self.specs[batch[0].model].hf_config.model_type]
+        replayed = {r.request_id: self._replay(runner, r, kv)
+                    for r in prefill if r.outputs and self._replays}  # fmt: skip
+        if not replayed:
+            return self._native_batch(runner, batch, prefill, kv)
+        rest = [r for r in batch if r.request_id not in replayed]
+        if rest:
+            fresh = [r for r in prefill if r.request_id not in replayed]
+            logits = self._native_batch(runner, rest, fresh, kv)
+            replayed.update({r.request_id: logits[i] for i, r in enumerate(rest)})
+        return torch.stack([replayed[r.request_id] for r in batch])
+
+    def _replay(self, runner: LlamaRunner, request: Request, kv: PagedKV) -> torch.Tensor:
+        """Rebuild a request's KV as it was first built — its prompt's prefill, then a decode step
+        per token it produced — and return the logits after its last token."""
+        logits = runner.prefill([request.prompt], [request.blocks], kv)
+        tokens = request.tokens
+        for length in range(len(request.prompt) + 1, len(tokens) + 1):
+            logits = runner.decode([tokens[length - 1]], [length], [request.blocks], kv)
+        return logits[0]
+
+    def _native_batch(
+        self, runner: LlamaRunner, batch: list[Request], prefill: list[Request], kv: PagedKV
+    ) -> torch.Tensor:
         if len(prefill) == len(batch):
             return runner.prefill([r.tokens for r in batch], [r.blocks for r in batch], kv)
         if not prefill:
@@ -122,6 +158,10 @@ class Stepping(Preemption):
         rows, caches = [], []
         for request in batch:
             past = request.fallback_kv
+            if past is None and request.outputs and self._replays:  # see the module docstring
+                logits, past = self._fallback.forward(request.prompt, None)
+                for token in request.outputs[:-1]:
+                    logits, past = self._fallback.forward([token], past)
             logits, cache = self._fallback.forward(
                 request.tokens[-1:] if past else request.tokens, past
             )

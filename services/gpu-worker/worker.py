@@ -13,27 +13,33 @@ mid-turn land between two steps — at a token boundary — without a message pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from aegaeon.gpu_worker.delivery import CLIENT_ERROR, HeldRequest, TokenDelivery
+from aegaeon.gpu_worker.energy import EnergyMeter, energy_meter
+from aegaeon.gpu_worker.progress import report_loading
+from nats.errors import NoRespondersError
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from aegaeon import metrics
 from aegaeon.bus import Bus, context_from
 from aegaeon.config import node_name
+from aegaeon.fencing_token import EpochFence
 from aegaeon.protocol import (
     AbortRequest,
     AssignRequest,
     Drain,
     EnsureCached,
+    EvictModel,
     Heartbeat,
     KVImported,
     ModelReply,
@@ -49,31 +55,18 @@ from aegaeon.protocol import (
     WorkerError,
     WorkerRole,
 )
-from aegaeon.state import REQUEST_TTL_S, Keys
+from aegaeon.state import Keys
 from aegaeon.telemetry import RequestTrace, link_to, record_span, tracer
 
 log = logging.getLogger(__name__)
 
-CLIENT_ERROR = "the server failed while generating this request; it was stopped"
-"""What a client is told when the engine fails its request: the cause (exception text, which can
-name internals) goes to the worker's log and to the scheduler's RequestDone, not to the client."""
 _tracer = tracer(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
 ENSURE_TIMEOUT_S = 120.0
-
-
-@dataclass
-class HeldRequest:
-    """What the shell remembers of a request the engine holds: where its tokens go."""
-
-    request_id: str
-    model: str
-    gateway_id: str
-    produced: int  # tokens of the output so far (incl. any sent before a recovery)
-    trace: RequestTrace | None = None  # its gateway's trace: the request's spans go there
-    prefilled: bool = False  # its KV exists here (on the device or in the host pool)
-    swapped: bool = False  # its KV is in the host pool: the next step brings it back
+ENSURE_LEASE_S = 60.0
+"""How long the store keeps a model's file for this worker after ensuring it: until the copy
+that follows has mapped it (a mapped file survives an eviction)."""
 
 
 @dataclass
@@ -101,8 +94,10 @@ class WorkerService:
         engine: Any,
         bus: Bus,
         redis: aioredis.Redis,
+        store_id: str | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self.store_id = store_id  # this node's model-store; None: any store answers
         self.incarnation = uuid.uuid4().hex
         self.node = node_name()
         self.role = role
@@ -112,6 +107,7 @@ class WorkerService:
         self.keys = Keys(bus.config.prefix)
         self.subjects = bus.subjects
         self.held: dict[str, HeldRequest] = {}
+        self.delivery = TokenDelivery(worker_id, bus, redis, self.held)
         self.registered: dict[str, str] = {}  # model → host-cache path registered with the engine
         self.turn: TurnState | None = None
         # A RunTurn received but still queued (behind an assign that loads a model): heartbeats
@@ -121,10 +117,12 @@ class WorkerService:
         self._commands: asyncio.Queue[Any] = asyncio.Queue()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._stopped = asyncio.Event()
-        self._redis_writes: asyncio.Task | None = None
         self._prefetch_wanted: str | None = None  # the model the scheduler named last
         self._restaged_for: int | None = None  # a PrefetchModel came after this turn's RunTurn
+        self._pinned: str | None = None  # the model the engine keeps in a slot (RunTurn.pinned)
+        self._fence = EpochFence()  # the newest scheduler term heard: older ones are ignored
         self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
+        self.energy: EnergyMeter | None = None  # set in run() where the GPU counts energy
 
     # ------------------------------------------------------------------ plumbing
 
@@ -134,6 +132,7 @@ class WorkerService:
 
     async def run(self) -> None:
         """Serve until ``stop()``: heartbeats, the command loop, the subscription."""
+        self.energy = energy_meter(str(self.engine.stats().device))
         sub = await self.bus.subscribe(
             self.subjects.worker_cmd(self.worker_id), WorkerCommand, self._on_command
         )
@@ -163,6 +162,10 @@ class WorkerService:
         self.stop()
 
     async def _on_command(self, command: Any, msg: Any) -> None:
+        if not self._fence.admits(msg.headers):
+            log.warning("dropped %s from an older scheduler term than %d (a deposed leader)",
+                        type(command).__name__, self._fence.newest)  # fmt: skip
+            return
         # Preempt and PrefetchModel must not wait behind a running turn: one raises a flag, the
         # other starts a background copy that is meant to overlap that turn.
         if isinstance(command, PrefetchModel):
@@ -185,6 +188,7 @@ class WorkerService:
             RunTurn: self._run_turn,
             AbortRequest: lambda c, _ctx: self._abort(c),
             Drain: lambda _c, _ctx: self.drain(),
+            EvictModel: lambda c, _ctx: self._evict(c.model),
         }
         while True:
             command, context = await self._commands.get()
@@ -245,20 +249,29 @@ class WorkerService:
             metrics.sample_gpus([int(index)])
 
     async def _ensure_model(self, model: str) -> None:
-        """Make sure the model is in the host cache and registered with the engine."""
-        reply = await self.bus.request(
-            self.subjects.models("ensure"),
-            EnsureCached(model),
-            ModelReply,
-            timeout=ENSURE_TIMEOUT_S,
-        )
+        """Make sure the model is in this node's host cache and registered with the engine."""
+        reply = await self._ask_store(EnsureCached(model, lease_s=ENSURE_LEASE_S))
         if reply.model is None or not reply.model.cache_path:
             raise RuntimeError(f"model-store cannot provide {model!r}: {reply.error or 'no cache'}")
-        if self.registered.get(model) != reply.model.cache_path:
+        # Not registered yet, its cache file changed, or unloaded by an eviction that overtook
+        # this registration (a prefetch's): register it (again).
+        if self.registered.get(model) != reply.model.cache_path or model not in self.engine.specs:
             await self._on_engine(
                 self.engine.register_model, model, reply.model.path, reply.model.cache_path
             )
             self.registered[model] = reply.model.cache_path
+
+    async def _ask_store(self, request: EnsureCached) -> ModelReply:
+        """This node's model-store (its cache paths are in shared memory this worker can map);
+        with no store of that id answering, any store (one node, or an id not set alike)."""
+        shared = self.subjects.models("ensure")
+        if self.store_id:
+            local = self.subjects.models(f"ensure.{self.store_id}")
+            try:
+                return await self.bus.request(local, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
+            except NoRespondersError:
+                log.warning("no model-store %r answers %s: asking any store", self.store_id, local)
+        return await self.bus.request(shared, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
 
     async def _assign(self, command: AssignRequest, context: Context | None = None) -> None:
         if command.request_id in self.held:
@@ -326,6 +339,17 @@ class WorkerService:
             RequestDone(self.worker_id, command.request_id, "abort", held.produced),
         )
 
+    async def _evict(self, model: str) -> None:
+        """A drained model is being removed: forget it. Commands run one at a time, so this
+        never lands while a turn runs; a later deploy under the same name registers afresh."""
+        if self._prefetch_wanted == model:
+            self._prefetch_wanted = None
+        await self._on_engine(self.engine.unload_model, model)
+        self.registered.pop(model, None)
+        with contextlib.suppress(KeyError):  # never sampled here: no series to remove
+            metrics.RESIDENT_MODELS.remove(self.worker_id, model)
+        log.info("evicted %s", model)
+
     def _start_prefetch(self, model: str) -> None:
         """Stage ``model`` in the engine's free weight slot in the background: the host-cache
         round trip runs in a task (a turn's first step must not wait for it) and the copy then
@@ -343,10 +367,26 @@ class WorkerService:
         except Exception as exc:  # a hint: the switch copies in the foreground instead
             log.warning("prefetch of %s not started: %s", model, exc)
 
-    async def _switch(self, model: str) -> Any:
-        """Make ``model`` resident; returns the engine's SwitchStats (None when already resident)."""
+    async def _switch(self, model: str, request_ids: Sequence[str] = ()) -> Any:
+        """Make ``model`` resident; returns the engine's SwitchStats (None when already resident).
+        Requests of the turn still waiting for a first token hear how far the loading is."""
         if self.engine.resident_model == model and model in self.registered:
             return None
+        waiting = {r: h.gateway_id for r in request_ids if (h := self.held.get(r)) and h.produced == 0}  # fmt: skip
+        loaded = self.engine.weights_loaded(model)
+        reporting = None
+        if waiting and (loaded[0] < loaded[1] or model not in self.registered):
+            publish = lambda gateway, batch: self.bus.publish(self.subjects.tokens(gateway), batch)  # noqa: E731
+            reporting = asyncio.create_task(
+                report_loading(publish, waiting, model, lambda: self.engine.weights_loaded(model))
+            )
+        try:
+            return await self._switch_now(model)
+        finally:
+            if reporting is not None:
+                reporting.cancel()
+
+    async def _switch_now(self, model: str) -> Any:
         await self._ensure_model(model)
         with _tracer.start_as_current_span("aegaeon.switch") as span:
             stats = await self._on_engine(self.engine.switch_to, model)
@@ -373,6 +413,8 @@ class WorkerService:
 
     async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
+        if self.energy is not None:
+            self.energy.turn_started()
         if self._queued_turn == command.turn_id:
             self._queued_turn = None
         done = TurnDone(self.worker_id, command.turn_id, command.model, steps=0, elapsed_s=0.0)
@@ -382,9 +424,12 @@ class WorkerService:
                         "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s},
         ) as turn.span:  # fmt: skip
             try:
+                if command.pinned != self._pinned:  # before the switch, which must keep it
+                    await self._on_engine(self.engine.pin, command.pinned)
+                    self._pinned = command.pinned
                 for rid in command.drop_kv:  # before the switch, as an unloading instance would
                     await self._drop_kv(rid)
-                switch = await self._switch(command.model)
+                switch = await self._switch(command.model, command.request_ids)
                 if switch is not None:
                     done.switch_s, done.switch_bytes = float(switch.seconds), int(switch.bytes)
                     done.prefetched_bytes = int(switch.prefetched_bytes)
@@ -405,9 +450,22 @@ class WorkerService:
                 done.progress = {rid: h.produced for rid, h in self.held.items()}
                 done.prefilled = turn.prefilled
                 self.turn = None
+                self._charge_energy(turn)
                 self._end_turn_spans(turn, done)
-                await self._flush_redis()
+                await self.delivery.flush()
                 await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
+
+    def _charge_energy(self, turn: TurnState) -> None:
+        """The turn's GPU energy to its model (where NVML counts energy)."""
+        if self.energy is None:
+            return
+        model = turn.command.model
+        joules = self.energy.turn_ended(model, sum(turn.tokens.values()))
+        if joules is not None:
+            metrics.ENERGY.labels(model).inc(joules)
+            per_token = self.energy.models[model].per_token
+            if per_token is not None:
+                metrics.ENERGY_PER_OUTPUT_TOKEN.labels(model).set(per_token)
 
     async def _drop_kv(self, request_id: str) -> None:
         held = self.held.get(request_id)
@@ -482,7 +540,7 @@ class WorkerService:
             elapsed = time.monotonic() - t0
             self._observe_step(turn, batch, outputs, t0_ns, elapsed, host_free)
             done.steps += 1
-            finished = await self._deliver(outputs)
+            finished = await self.delivery.deliver(outputs)
             # What the step cost the turn, its tokens' delivery included (the estimators learn
             # the pace of tokens from it, not the engine's time alone).
             spent = time.monotonic() - t0
@@ -571,84 +629,6 @@ class WorkerService:
                                 "aegaeon.kv_swap.bytes": moved,
                                 "aegaeon.kv_swap.requests": len(still_here)})  # fmt: skip
 
-    # ------------------------------------------------------------------ output
-
-    async def _deliver(self, outputs: Sequence[Any]) -> list[str]:
-        """Publish one step's tokens to each owning gateway; returns the finished request ids."""
-        per_gateway: dict[str, list[TokenEvent]] = defaultdict(list)
-        finished: list[str] = []
-        redis_tokens: dict[str, list[int]] = defaultdict(list)
-        failed: dict[str, str] = {}
-        for out in outputs:
-            held = self.held.get(out.request_id)
-            if held is None:
-                continue
-            if out.error is not None:  # this request alone failed in the engine: end it
-                failed[out.request_id] = out.error
-                per_gateway[held.gateway_id].append(
-                    TokenEvent(out.request_id, out.index, [], finish_reason="error",
-                               error=CLIENT_ERROR)
-                )  # fmt: skip
-                finished.append(out.request_id)
-                continue
-            logprobs = (
-                [(float(out.logprob), [(int(t), float(p)) for t, p in out.top_logprobs])]
-                if out.logprob is not None and out.top_logprobs is not None and out.top_logprobs
-                else ([(float(out.logprob), [])] if out.logprob is not None else [])
-            )
-            per_gateway[held.gateway_id].append(
-                TokenEvent(
-                    out.request_id,
-                    out.index,
-                    [int(out.token_id)],
-                    logprobs,
-                    finish_reason=out.finish_reason,
-                )
-            )
-            held.produced = out.index + 1
-            redis_tokens[out.request_id].append(int(out.token_id))
-            if out.finish_reason is not None:
-                finished.append(out.request_id)
-        for gateway_id, events in per_gateway.items():
-            batch = TokenBatch(events, sent_at=time.time())
-            await self.bus.publish(self.subjects.tokens(gateway_id), batch)
-        await self._append_tokens(redis_tokens)
-        for rid in finished:
-            held = self.held.pop(rid)
-            await self.bus.publish(
-                self.subjects.worker_events(self.worker_id),
-                RequestDone(self.worker_id, rid, _reason(outputs, rid), held.produced,
-                            failed.get(rid, "")),
-            )  # fmt: skip
-        return finished
-
-    async def _append_tokens(self, tokens: dict[str, list[int]]) -> None:
-        """Record sent tokens in Redis for recovery, overlapped with the next engine step but kept
-        in order (each write waits for the previous one)."""
-        if not tokens:
-            return
-        previous = self._redis_writes
-
-        async def write() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for rid, ids in tokens.items():
-                        key = self.keys.output_tokens(rid)
-                        pipe.rpush(key, *ids)
-                        pipe.expire(key, REQUEST_TTL_S)
-                    await pipe.execute()
-            except Exception as exc:  # Redis restarting: recovery then re-runs from less
-                log.warning("could not record tokens in Redis: %s", exc)
-
-        self._redis_writes = asyncio.create_task(write())
-
-    async def _flush_redis(self) -> None:
-        if self._redis_writes is not None:
-            await asyncio.gather(self._redis_writes, return_exceptions=True)
-            self._redis_writes = None
-
     async def _report_error(self, command: Any, exc: Exception) -> None:
         """A command failed: tell the scheduler; end the affected requests with an error."""
         message = f"{type(exc).__name__}: {exc}"
@@ -676,10 +656,3 @@ class WorkerService:
             await self.bus.publish(
                 events, RequestDone(self.worker_id, rid, "error", produced, message)
             )
-
-
-def _reason(outputs: Sequence[Any], request_id: str) -> Any:
-    for out in outputs:
-        if out.request_id == request_id and out.finish_reason is not None:
-            return out.finish_reason
-    return "stop"

@@ -1,7 +1,10 @@
 """``aegaeon models add`` and ``aegaeon models list``: the registry from the command line.
 
 Registering a model makes it appear as a folder in the models directory: a symlink named after the
-model, pointing at the Hugging Face folder. A running model-store picks it up on its next scan.
+model, pointing at the Hugging Face folder, or, for a ``.gguf`` file, a folder converted from it
+(``gguf_import``). A running model-store picks it up on its next scan. ``--priority`` and ``--pin``
+record the model's serving settings in the models directory's lifecycle book
+(``lifecycle.record_serving``).
 When this user's ``aegaeon up`` runs, its workers' heartbeats say how large a model they can hold,
 and a larger one is refused here with what would fit (not at its first request).
 """
@@ -19,9 +22,14 @@ import msgspec
 
 from aegaeon.capacity import largest_slot, too_large
 from aegaeon.config import default_state_dir, local_bus_config
-from aegaeon.protocol import Heartbeat, decode
+from aegaeon.lifecycle import LifecycleError
+from aegaeon.priority import PRIORITIES
+from aegaeon.protocol import Heartbeat, ModelInfo, decode
+from aegaeon.serving import pin_argument, settings_text
 from aegaeon.subjects import Subjects
 
+from .gguf_import import import_gguf, is_gguf_file, name_from_file
+from .lifecycle import LifecycleBook, record_serving
 from .registry import ModelError, RegistryScanner, check_name, check_supported, describe
 
 
@@ -36,31 +44,74 @@ def add_arguments_for(words: tuple[str, ...], parser: argparse.ArgumentParser) -
         help="the registry's folder (default: $AEGAEON_HOME/models, i.e. ~/.aegaeon/models)",
     )  # fmt: skip
     if words[-1] == "add":
-        parser.add_argument("path", type=Path, help="a Hugging Face model folder")
-        parser.add_argument("--name", default=None, help="the model's name (default: folder name)")
+        parser.add_argument("path", type=Path, help="a Hugging Face model folder or a .gguf file")
+        parser.add_argument(
+            "--name", default=None, help="the model's name (default: the folder's or file's name)"
+        )
+        parser.add_argument(
+            "--priority", choices=PRIORITIES, default=None,
+            help="its priority class against other models' work (default: as recorded, normal)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--pin", type=pin_argument, default=None, metavar="N",
+            help="keep it resident on N worker instances (the aegaeon policy; 0 unpins; "
+                 "default: as recorded, 0)",
+        )  # fmt: skip
     else:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def check_servable(folder: Path, name: str, slot_bytes: int | None) -> ModelInfo:
+    """The checks a model passes to be registered: readable config and safetensors headers, an
+    architecture the engine can build, and (when known) a size some worker's weight slot holds."""
+    info = describe(folder, name)
+    check_supported(info)
+    if slot_bytes and info.weight_bytes > slot_bytes:
+        raise ModelError(too_large(name, info.weight_bytes, slot_bytes))
+    return info
+
+
+class NameTaken(ModelError):
+    """Something already stands in the models directory under the model's name."""
+
+
+def _refuse_taken(entry: Path, name: str) -> None:
+    if entry.exists() or entry.is_symlink():
+        raise NameTaken(f"a model named {name!r} is already registered ({entry}); pick --name")
+
+
+def model_name(path: Path, name: str | None = None) -> str:
+    """The name ``path`` registers as: ``name``, else the folder's name or the GGUF file's stem
+    (made a valid name). Raises ModelError for an invalid name."""
+    if name:
+        return check_name(name)
+    return check_name(name_from_file(path) if is_gguf_file(path) else path.name)
 
 
 def register(
     path: Path, models_dir: Path, name: str | None = None, slot_bytes: int | None = None
 ) -> Path:
-    """Validate ``path`` and link it into ``models_dir`` as ``name``. Raises ModelError.
+    """Validate ``path`` and add it to ``models_dir`` as ``name``: a Hugging Face folder is linked,
+    a ``.gguf`` file is converted into a folder there. Raises ModelError.
     ``slot_bytes``: the largest weight slot of the running workers, when known (a model larger
     than every slot is refused now rather than at its first request)."""
     path = path.expanduser().resolve()
+    if is_gguf_file(path):
+        gguf_name = model_name(path, name)
+        _refuse_taken(models_dir / gguf_name, gguf_name)
+        return import_gguf(
+            path,
+            models_dir / gguf_name,
+            lambda folder: check_servable(folder, gguf_name, slot_bytes),
+        )
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder")
-    name = check_name(name or path.name)
-    info = describe(path, name)  # config and every safetensors header must be readable
-    check_supported(info)
-    if slot_bytes and info.weight_bytes > slot_bytes:
-        raise ModelError(too_large(name, info.weight_bytes, slot_bytes))
+    name = model_name(path, name)
+    check_servable(path, name, slot_bytes)  # config and every safetensors header must be readable
     link = models_dir / name
     if link.is_symlink() and link.resolve() == path:
         return link  # already registered: adding twice is harmless
-    if link.exists() or link.is_symlink():
-        raise ModelError(f"a model named {name!r} is already registered ({link}); pick --name")
+    _refuse_taken(link, name)
     models_dir.mkdir(parents=True, exist_ok=True)
     link.symlink_to(path, target_is_directory=True)
     return link
@@ -76,19 +127,20 @@ def _size(nbytes: int) -> str:
 
 
 def print_registry(models_dir: Path, as_json: bool) -> None:
-    """Every model of ``models_dir`` with its size, and every folder refused, with why."""
+    """Every model of ``models_dir`` with its size and serving settings, and every folder
+    refused, with why."""
     registry = RegistryScanner(models_dir).scan()
+    book = LifecycleBook(models_dir)
     if as_json:
-        models = [msgspec.to_builtins(m) for m in registry.models.values()]
+        models = [msgspec.to_builtins(m) | {"priority": book.priority(m.name), "pin": book.pin(m.name)}
+                  for m in registry.models.values()]  # fmt: skip
         print(json.dumps({"models": models, "problems": registry.problems}, indent=2))
         return
-    header = (
-        f"{'NAME':<24} {'ARCHITECTURE':<24} {'PARAMS':>10} {'WEIGHTS':>11} {'CONTEXT':>8} DTYPE"
-    )
+    header = f"{'NAME':<24} {'ARCHITECTURE':<24} {'PARAMS':>10} {'WEIGHTS':>11} {'CONTEXT':>8} {'DTYPE':<9} {'PRIORITY':<8} PIN"  # fmt: skip
     print(header)
     for m in registry.models.values():
         params = f"{m.num_parameters / 1e6:.1f}M"
-        print(f"{m.name:<24} {m.architecture:<24} {params:>10} {_size(m.weight_bytes):>11} {m.context_length:>8} {m.dtype}")  # fmt: skip
+        print(f"{m.name:<24} {m.architecture:<24} {params:>10} {_size(m.weight_bytes):>11} {m.context_length:>8} {m.dtype:<9} {book.priority(m.name):<8} {book.pin(m.name)}")  # fmt: skip
     for name, why in registry.problems.items():
         print(f"{name:<24} NOT SERVABLE: {why}")
     if not registry.models and not registry.problems:
@@ -135,8 +187,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         link = register(args.path, models_dir, args.name, running_workers_slot())
+        if args.priority is not None or args.pin is not None:
+            record_serving(models_dir, link.name, args.priority, args.pin)
     except ModelError as exc:
         print(f"aegaeon models add: refused: {exc}", file=sys.stderr)
         return 1
-    print(f"registered {link.name} → {link.resolve()} in {models_dir}")
+    except LifecycleError as exc:
+        print(f"aegaeon models add: registered, but its serving settings were not recorded: {exc.message}", file=sys.stderr)  # fmt: skip
+        return 1
+    settings = settings_text(args.priority, args.pin)
+    recorded = f" ({settings})" if settings else ""
+    print(f"registered {link.name} → {link.resolve()} in {models_dir}{recorded}")
     return 0

@@ -4,7 +4,9 @@ Each cached model is ONE single-file safetensors (``layout.py``) at ``<root>/<mo
 where ``root`` is ``shm_dir()/aegaeon-<store-id>``. A worker maps that file and copies its data
 section to its device in one bulk copy. Files are written to a hidden temp name and renamed into
 place, so a reader never sees half a model; eviction only ever removes finished files (a worker
-that has one mapped keeps its mapping: unlinking does not pull pages from under a live mmap).
+that has one mapped keeps its mapping: unlinking does not pull pages from under a live mmap), and
+never one under a lease: ``ensure(info, lease_s)`` keeps the file at least that long, so the
+worker that asked can map it before another model's load evicts it.
 
 Thread-safe: ``ensure`` runs in worker threads of the service; two callers asking for the same
 model share one load.
@@ -16,8 +18,10 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +65,8 @@ class CacheEntry:
     path: Path
     nbytes: int
     signature: str
+    leased_until: float = 0.0  # the cache's clock: not evicted before
+    last_used: float = 0.0  # the cache's clock: the last ensure that asked for it
 
 
 def write_merged(layout: MergedLayout, target: Path) -> None:
@@ -95,11 +101,14 @@ def _copy_range(source: Path, offset: int, out, out_offset: int, nbytes: int, bu
 class HostCache:
     """Weights of recently used models in shared memory, at most ``capacity_bytes`` in total."""
 
-    def __init__(self, root: str | Path, capacity_bytes: int) -> None:
+    def __init__(
+        self, root: str | Path, capacity_bytes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"host cache capacity must be positive, got {capacity_bytes}")
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
+        self.clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
         self._loading: dict[str, threading.Event] = {}
@@ -124,10 +133,16 @@ class HostCache:
         with self._lock:
             return list(self._entries)
 
+    def contents(self) -> tuple[list[str], int]:
+        """Cached models (least recently used first) and :attr:`used_bytes`, read together."""
+        with self._lock:
+            return list(self._entries), self.used_bytes
+
     # ------------------------------------------------------------------ ensure
 
-    def ensure(self, info: ModelInfo) -> Path:
-        """Make ``info``'s weights resident in the cache (load if needed) and return the file."""
+    def ensure(self, info: ModelInfo, lease_s: float = 0.0) -> Path:
+        """Make ``info``'s weights resident in the cache (load if needed) and return the file,
+        kept at least ``lease_s`` seconds (the asker maps it meanwhile)."""
         try:
             signature = weights_signature(info.path)
         except (WeightsError, OSError) as exc:
@@ -138,6 +153,8 @@ class HostCache:
                 entry = self._entries.get(info.name)
                 if entry is not None and entry.signature == signature:
                     self._entries.move_to_end(info.name)  # the hit path reads no file
+                    entry.last_used = self.clock()
+                    entry.leased_until = max(entry.leased_until, entry.last_used + lease_s)
                     HOST_CACHE_HITS.inc()
                     return entry.path
                 waiting = self._loading.get(info.name)
@@ -148,7 +165,7 @@ class HostCache:
                 waiting.wait()  # another thread is loading this model: share its result
             else:
                 layout = self._plan(info, signature)  # headers are read outside the lock
-        return self._load(info, signature, layout, done)
+        return self._load(info, signature, layout, done, lease_s)
 
     def _plan(self, info: ModelInfo, signature: str) -> MergedLayout:
         try:
@@ -168,11 +185,14 @@ class HostCache:
         stale = self._entries.get(name)
         if stale is not None:
             self._remove(stale)  # its weights changed on disk
-        while self.used_bytes + nbytes > self.capacity_bytes and self._entries:
-            self._remove(next(iter(self._entries.values())))
+        now = self.clock()
+        evictable = [e for e in self._entries.values() if e.leased_until <= now]  # LRU first
+        while self.used_bytes + nbytes > self.capacity_bytes and evictable:
+            self._remove(evictable.pop(0))
         if self.used_bytes + nbytes > self.capacity_bytes:
             raise CacheError(
-                f"host cache full: {name} needs {nbytes} bytes while other models are loading"
+                f"host cache full: {name} needs {nbytes} bytes while other models are loading "
+                "or leased to workers mapping them; retry, or raise --cache-bytes"
             )
         free = shutil.disk_usage(self.root).free
         if nbytes > free:
@@ -184,7 +204,7 @@ class HostCache:
         done = self._loading[name] = threading.Event()
         return done
 
-    def _load(self, info: ModelInfo, signature: str, layout: MergedLayout, done: threading.Event) -> Path:  # fmt: skip
+    def _load(self, info: ModelInfo, signature: str, layout: MergedLayout, done: threading.Event, lease_s: float) -> Path:  # fmt: skip
         target = self.root / f"{info.name}.safetensors"
         HOST_CACHE_MISSES.inc()
         try:
@@ -193,8 +213,9 @@ class HostCache:
             raise CacheError(f"cannot cache {info.name}: {exc}") from None
         else:
             with self._lock:
+                now = self.clock()
                 self._entries[info.name] = CacheEntry(
-                    info.name, target, layout.file_bytes, signature
+                    info.name, target, layout.file_bytes, signature, now + lease_s, now
                 )
             log.info("cached %s (%d bytes) at %s", info.name, layout.file_bytes, target)
             return target
@@ -206,6 +227,17 @@ class HostCache:
             done.set()
 
     # ------------------------------------------------------------------ removal
+
+    def evict_idle(self, keep_alive_s: float) -> list[str]:
+        """Drop every model no ensure asked for in ``keep_alive_s`` seconds (and not leased):
+        the shared memory goes back to the node. Returns their names."""
+        with self._lock:
+            now = self.clock()
+            idle = [e for e in self._entries.values()
+                    if now - e.last_used >= keep_alive_s and e.leased_until <= now]  # fmt: skip
+            for entry in idle:
+                self._remove(entry)
+            return [e.name for e in idle]
 
     def evict(self, name: str) -> bool:
         """Drop ``name`` from the cache; False when it was not cached."""
@@ -241,7 +273,7 @@ class HostCache:
             except (WeightsError, KeyError):
                 path.unlink(missing_ok=True)
                 continue
-            entry = CacheEntry(path.stem, path, path.stat().st_size, signature)
+            entry = CacheEntry(path.stem, path, path.stat().st_size, signature, 0.0, self.clock())
             self._entries[entry.name] = entry
         while self.used_bytes > self.capacity_bytes and self._entries:
             self._remove(next(iter(self._entries.values())))

@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import logging
 import shutil
-import socket
 
 import psutil
 
 from aegaeon.bus import Bus
-from aegaeon.config import BusConfig, shm_dir
+from aegaeon.config import BusConfig, default_store_id, shm_dir
 from aegaeon.metrics import serve_metrics
 from aegaeon.runtime import run_process
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
@@ -39,10 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="host cache capacity (default: 8 GiB or half the free RAM, whichever is less)",
     )  # fmt: skip
     parser.add_argument(
-        "--store-id", default=socket.gethostname().split(".")[0] or "store",
-        help="names this store's shared-memory folder (aegaeon-<id>)",
+        "--store-id", default=default_store_id(),
+        help="names this store's shared-memory folder (aegaeon-<id>) and its node-local ensure "
+        "subject; the workers of its node use the same id (default: the node name)",
     )  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
+    parser.add_argument(
+        "--keep-alive-s", type=float, default=None,
+        help="drop a model from the host cache when no worker asked for it this long "
+        "(default: keep it until the cache needs the room)",
+    )  # fmt: skip
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -55,6 +60,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     cache = HostCache(cache_root(args.store_id), capacity)
     bus = await Bus.connect(BusConfig(), name=f"model-store-{args.store_id}")
     service = ModelStoreService(bus, RegistryScanner(args.models_dir), cache, args.store_id)
+    sweeper = asyncio.create_task(_evict_idle(cache, args.keep_alive_s)) if args.keep_alive_s else None  # fmt: skip
     try:
         await service.start()
         registry = await service.refresh()
@@ -66,10 +72,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             log.warning("skipping %s: %s", name, why)
         await stop.wait()
     finally:
+        if sweeper is not None:
+            sweeper.cancel()
         await service.stop()
         await bus.close()
         cache.close()
         shutdown_tracing()
+
+
+async def _evict_idle(cache: HostCache, keep_alive_s: float) -> None:
+    """Every quarter of the keep-alive (at most 30 s): drop the models idle that long."""
+    while True:
+        await asyncio.sleep(min(keep_alive_s / 4, 30.0))
+        for name in await asyncio.to_thread(cache.evict_idle, keep_alive_s):
+            log.info("%s idle for %.0f s: dropped from the host cache", name, keep_alive_s)
 
 
 def run_model_store_process(args: argparse.Namespace) -> int:

@@ -1,8 +1,13 @@
-"""The model-store's NATS shell: answers ``models.list|describe|ensure|prefetch|file``.
+"""The model-store's NATS shell: answers ``models.list|describe|ensure|prefetch|file`` and the
+admin API's verbs ``models.deploy|drain|remove|serving`` (``admin.py``).
 
 Registry scans and cache loads are file I/O, so they run in threads; the event loop only decodes,
 dispatches and replies. Workers' heartbeats tell the store how much weight memory the largest
 worker has, so a model no worker can hold is refused with a clear error instead of failing later.
+Every model it describes carries its lifecycle state and serving settings (``lifecycle.py``'s
+book: ``ready``, ``normal`` and unpinned when unmarked) and which store's cache it speaks of.
+Every second it tells the scheduler what its host cache holds and on which node
+(``models.heartbeat``), for locality-aware placement.
 """
 
 from __future__ import annotations
@@ -20,23 +25,33 @@ from opentelemetry import trace
 
 from aegaeon import metrics
 from aegaeon.bus import Bus, context_from
+from aegaeon.capacity import largest_slot
+from aegaeon.config import node_name
 from aegaeon.protocol import (
+    DeployModel,
     DescribeModel,
+    DrainModel,
     EnsureCached,
     FetchFile,
     FileChunk,
     Heartbeat,
     ListModels,
+    ModelChanged,
     ModelInfo,
     ModelList,
     ModelReply,
     PrefetchHint,
+    RemoveModel,
+    SetServing,
+    StoreHeartbeat,
     decode,
     encode,
 )
 from aegaeon.telemetry import tracer
 
+from .admin import LifecycleVerbs
 from .host_cache import CacheError, HostCache
+from .lifecycle import LifecycleBook
 from .registry import Registry, RegistryScanner
 
 log = logging.getLogger(__name__)
@@ -48,6 +63,8 @@ MAX_SERVED_FILE = 64 * 1024 * 1024
 """FetchFile serves small files (tokenizer, config); weights move through shared memory."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 HEARTBEAT_FRESH_S = 30.0
+STORE_HEARTBEAT_INTERVAL_S = 1.0
+"""How often the store says what its cache holds (the scheduler forgets it after 3 silent)."""
 RESCAN_INTERVAL_S = 1.0
 QUEUE = "model-store"
 
@@ -56,18 +73,23 @@ class ModelStoreService:
     """Registry + host cache behind NATS. ``await start()``, later ``await stop()``."""
 
     def __init__(
-        self, bus: Bus, scanner: RegistryScanner, cache: HostCache, store_id: str | None = None
-    ) -> None:
+        self, bus: Bus, scanner: RegistryScanner, cache: HostCache, store_id: str | None = None,
+        node: str | None = None,
+    ) -> None:  # fmt: skip
         self.bus = bus
         self.store_id = store_id
+        self.node = node or node_name()  # the workers' Heartbeat.node on this store's host
         self.scanner = scanner
         self.cache = cache
         self._registry = Registry()
         self._scanned_at = float("-inf")
         self._scan_lock = asyncio.Lock()
-        self._budgets: dict[str, tuple[int, float]] = {}  # worker id → (weight budget, seen at)
+        self._budgets: dict[str, tuple[Heartbeat, float]] = {}  # worker id → (last beat, seen at)
         self._prefetches: set[asyncio.Task] = set()
         self._subscriptions: list[Any] = []
+        self._beating: asyncio.Task | None = None
+        self.book = LifecycleBook(scanner.models_dir)
+        self.lifecycle = LifecycleVerbs(self, self.book)
 
     async def start(self) -> None:
         """Subscribe to every verb; a queue group lets several stores share the load."""
@@ -77,6 +99,10 @@ class ModelStoreService:
             "ensure": (EnsureCached, self.on_ensure),
             "prefetch": (PrefetchHint, self.on_prefetch),
             "file": (FetchFile, self.on_file),
+            "deploy": (DeployModel, self.lifecycle.on_deploy),
+            "drain": (DrainModel, self.lifecycle.on_drain),
+            "remove": (RemoveModel, self.lifecycle.on_remove),
+            "serving": (SetServing, self.lifecycle.on_set_serving),
         }
         for verb, (message_type, handler) in handlers.items():
             subject = self.bus.subjects.models(verb)
@@ -91,16 +117,26 @@ class ModelStoreService:
         self._subscriptions.append(
             await self.bus.subscribe(self.bus.subjects.heartbeat, Heartbeat, self.on_heartbeat)
         )
+        self._subscriptions.append(
+            await self.bus.subscribe(
+                self.bus.subjects.registry_changed, ModelChanged, self.on_registry_changed
+            )
+        )
         await self.bus.nc.flush()  # the server knows every subscription before start() returns
         await self.refresh(force=True)
+        self.lifecycle.resume_loads()
+        self._beating = asyncio.create_task(self._beat())
 
     async def stop(self) -> None:
         """Stop answering and wait for prefetches in flight (their files are finished, not cut)."""
+        if self._beating is not None:
+            self._beating.cancel()
+            self._beating = None
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()
-        if self._prefetches:
-            await asyncio.gather(*self._prefetches, return_exceptions=True)
+        if self._prefetches or self.lifecycle.loads:
+            await asyncio.gather(*self._prefetches, *self.lifecycle.loads, return_exceptions=True)
 
     def _responder(self, message_type: Any, handler: Callable[[Any], Awaitable[Any]]):
         """Decode, run ``handler``, reply. Bad input gets an error reply, never silence."""
@@ -117,7 +153,7 @@ class ModelStoreService:
             try:
                 request = decode(msg.data, message_type)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                return ModelReply(error=f"malformed {message_type.__name__}: {exc}")
+                return ModelReply(error=f"malformed {message_type.__name__}: {exc}", status=400)
             try:
                 return await handler(request)
             except Exception as exc:  # a bug must not take the store down
@@ -126,12 +162,37 @@ class ModelStoreService:
 
         return on_message
 
+    # ------------------------------------------------------------------ heartbeat
+
+    def heartbeat(self) -> StoreHeartbeat:
+        """What this store's host cache holds now."""
+        cached, used = self.cache.contents()
+        return StoreHeartbeat(
+            store_id=self.store_id or self.node,
+            node=self.node,
+            time=time.time(),
+            cached=cached,
+            cache_bytes_free=max(0, self.cache.capacity_bytes - used),
+            cache_bytes_total=self.cache.capacity_bytes,
+            interval_s=STORE_HEARTBEAT_INTERVAL_S,
+        )
+
+    async def _beat(self) -> None:
+        """Publish :meth:`heartbeat` every interval until stopped; one failure is logged."""
+        while True:
+            try:
+                await self.bus.publish(self.bus.subjects.store_heartbeat, self.heartbeat())
+            except Exception:
+                log.exception("store heartbeat failed")
+            await asyncio.sleep(STORE_HEARTBEAT_INTERVAL_S)
+
     # ------------------------------------------------------------------ registry
 
     async def refresh(self, force: bool = False) -> Registry:
         """The registry, re-scanned at most once a second (or now, with ``force``)."""
         async with self._scan_lock:
             if force or time.monotonic() - self._scanned_at >= RESCAN_INTERVAL_S:
+                self.book.reload_if_changed()  # another store sharing the directory moved one
                 self._registry = await asyncio.to_thread(self.scanner.scan)
                 self._scanned_at = time.monotonic()
                 metrics.REGISTERED_MODELS.set(len(self._registry.models))
@@ -144,13 +205,22 @@ class ModelStoreService:
             info = (await self.refresh(force=True)).models.get(name)
         return info
 
-    def _with_cache_state(self, info: ModelInfo) -> ModelInfo:
+    def current(self, info: ModelInfo) -> ModelInfo:
+        """``info`` with its lifecycle state, its serving settings and what this store's host
+        cache holds of it."""
         path = self.cache.cached_path(info.name)
         return msgspec.structs.replace(
-            info, cached=path is not None, cache_path=str(path) if path else None
+            info,
+            cached=path is not None,
+            cache_path=str(path) if path else None,
+            cache_store=self.store_id,
+            state=self.book.state(info.name, registered=True) or "ready",
+            state_reason=self.book.reason(info.name),
+            priority=self.book.priority(info.name),
+            pin=self.book.pin(info.name),
         )
 
-    async def _unknown(self, name: str) -> ModelReply:
+    async def unknown(self, name: str) -> ModelReply:
         registry = await self.refresh()
         why = registry.problems.get(name)
         if why:
@@ -161,25 +231,25 @@ class ModelStoreService:
 
     async def on_list(self, _request: ListModels) -> ModelList:
         registry = await self.refresh()
-        return ModelList([self._with_cache_state(m) for m in registry.models.values()])
+        return ModelList([self.current(m) for m in registry.models.values()])
 
     async def on_describe(self, request: DescribeModel) -> ModelReply:
         info = await self.lookup(request.name)
         if info is None:
-            return await self._unknown(request.name)
-        return ModelReply(model=self._with_cache_state(info))
+            return await self.unknown(request.name)
+        return ModelReply(model=self.current(info))
 
     async def on_ensure(self, request: EnsureCached) -> ModelReply:
         info = await self.lookup(request.name)
         if info is None:
-            return await self._unknown(request.name)
+            return await self.unknown(request.name)
         too_large = self.check_fits_workers(info)
         if too_large:
             return ModelReply(error=too_large)
         result = "hit" if self.cache.cached_path(info.name) is not None else "miss"
         start = time.monotonic()
         try:
-            path = await asyncio.to_thread(self.cache.ensure, info)
+            path = await asyncio.to_thread(self.cache.ensure, info, request.lease_s)
         except CacheError as exc:
             return ModelReply(error=str(exc))
         elapsed = time.monotonic() - start
@@ -204,17 +274,30 @@ class ModelStoreService:
     async def on_file(self, request: FetchFile) -> FileChunk:
         info = await self.lookup(request.name)
         if info is None:
-            return FileChunk(error=(await self._unknown(request.name)).error)
+            return FileChunk(error=(await self.unknown(request.name)).error)
         return await asyncio.to_thread(read_chunk, Path(info.path), request)
 
     async def on_heartbeat(self, beat: Heartbeat, _msg: Msg) -> None:
         if beat.weight_budget_bytes > 0:
-            self._budgets[beat.worker_id] = (beat.weight_budget_bytes, time.monotonic())
+            self._budgets[beat.worker_id] = (beat, time.monotonic())
+
+    async def on_registry_changed(self, change: ModelChanged, _msg: Msg) -> None:
+        """A store (this one too) moved a model: see it now; a removed one leaves this cache."""
+        if change.removed:
+            self.cache.evict(change.model.name)
+        await self.refresh(force=True)
+
+    def _fresh_beats(self) -> list[Heartbeat]:
+        now = time.monotonic()
+        return [beat for beat, seen in self._budgets.values() if now - seen < HEARTBEAT_FRESH_S]
+
+    def largest_slot(self) -> int | None:
+        """The largest weight slot among live workers (None: none has reported)."""
+        return max((largest_slot(beat) for beat in self._fresh_beats()), default=None)
 
     def check_fits_workers(self, info: ModelInfo) -> str:
         """An error message when no live worker can hold the model's weights, else ''."""
-        now = time.monotonic()
-        budgets = [b for b, seen in self._budgets.values() if now - seen < HEARTBEAT_FRESH_S]
+        budgets = [beat.weight_budget_bytes for beat in self._fresh_beats()]
         if not budgets or info.weight_bytes <= max(budgets):
             return ""  # no worker has reported yet: let the worker decide
         return (

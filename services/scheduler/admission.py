@@ -9,18 +9,18 @@ import logging
 import time
 from typing import Any
 
-from aegaeon.scheduler.books import TrackedRequest, model_spec
-from aegaeon.scheduler.core import ServiceCore
+from aegaeon.scheduler.books import TrackedRequest, waiting_ahead, waiting_positions
+from aegaeon.scheduler.models import ModelRegistry
 
 from aegaeon.bus import context_from
 from aegaeon.capacity import largest_slot, too_large
 from aegaeon.protocol import (
     AbortRequest,
     CancelRequest,
-    ListModels,
-    ModelList,
+    RequestStatus,
     SubmitReply,
     SubmitRequest,
+    status_batches,
 )
 from aegaeon.telemetry import RequestTrace, tracer
 
@@ -28,30 +28,9 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 
-class Admission(ServiceCore):
-    """Requests in: the model registry, admission checks, the Redis queue of a previous run,
-    cancels."""
-
-    async def _load_models(self, wait_s: float = 0.0) -> None:
-        """Ask the model-store for the registry; new models are told to the policy."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                reply = await self.bus.request(
-                    self.subjects.models("list"), ListModels(), ModelList, timeout=2.0
-                )
-                break
-            except Exception as exc:  # no model-store (yet): try again later
-                if time.monotonic() >= deadline:
-                    log.debug("model list unavailable: %s", exc)
-                    return
-                await asyncio.sleep(0.2)
-        for info in reply.models:
-            spec = model_spec(info)
-            if self.models.get(info.name) != spec:
-                self.models[info.name] = spec
-                if self.policy is not None:
-                    self.policy.add_model(spec)
+class Admission(ModelRegistry):
+    """Requests in: admission checks (the model registry and its lifecycle states are
+    ``models.py``'s), the Redis queue of a previous run, cancels."""
 
     async def _on_submit(self, request: SubmitRequest, msg: Any) -> None:
         # A child of the gateway's span: the request's trace shows its admission here.
@@ -61,8 +40,8 @@ class Admission(ServiceCore):
             await self._submit(request, msg)
 
     async def _submit(self, request: SubmitRequest, msg: Any) -> None:
-        if request.model not in self.models:
-            await self._load_models()  # it may have been registered a moment ago
+        if request.model not in self.models or self._loading(request.model):
+            await self._load_models()  # registered or ready a moment ago (a change not heard)
         await self._wait_for_a_worker()
         rejection = self._check_admission(request)
         if rejection is None and request.request_id not in self.requests:
@@ -72,8 +51,25 @@ class Admission(ServiceCore):
                 await self.store.forget_queued(request.request_id)
             else:
                 self._traces[request.request_id] = RequestTrace(context_from(msg))
-        await self.bus.reply(msg, rejection or SubmitReply(accepted=True))
+        if rejection is None:
+            tracked = self.requests[request.request_id]
+            position = tracked.reported_position = waiting_ahead(self.requests, tracked)
+            rejection = SubmitReply(accepted=True, queued_ahead=position)
+        await self.bus.reply(msg, rejection)
         await self._dispatch()
+
+    async def _report_positions(self) -> None:
+        """Tell each gateway where its requests still waiting for a first token now stand in the
+        queue (only those whose place changed since they were last told): their streams show it."""
+        moved = []
+        for request_id, position in waiting_positions(self.requests).items():
+            tracked = self.requests[request_id]
+            if tracked.reported_position != position:
+                tracked.reported_position = position
+                status = RequestStatus("queued", position=position, model=tracked.submit.model)
+                moved.append((request_id, tracked.submit.gateway_id, status))
+        for gateway_id, batch in status_batches(moved).items():
+            await self.bus.publish(self.subjects.tokens(gateway_id), batch)
 
     async def _wait_for_a_worker(self) -> None:
         """Just after a (re)start the workers' heartbeats have not arrived yet: wait one
@@ -87,6 +83,9 @@ class Admission(ServiceCore):
         spec = self.models.get(request.model)
         if spec is None:
             return SubmitReply(False, f"model {request.model!r} does not exist", 404)
+        refusal = self._model_refusal(request.model)  # loading, draining, failed
+        if refusal is not None:
+            return SubmitReply(False, refusal.message, refusal.status, refusal.retry_after)
         if not request.prompt_token_ids or request.sampling.max_tokens < 1:
             return SubmitReply(False, "empty prompt or max_tokens < 1", 400)
         used = len(request.prompt_token_ids) + len(request.output_token_ids)

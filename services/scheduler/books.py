@@ -10,6 +10,7 @@ The policy decides *what* runs; these books know *where the bytes are*::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, TurnPlan
@@ -32,9 +33,15 @@ class TrackedRequest:
     # its host pool (``kv``); the decode worker imports it, then the source is told to free it.
     kv: KVHandle | None = None
     kv_source: str | None = None
+    reported_position: int | None = None  # the queue position its gateway was last told
+    # The gateway stamps arrival on the wall clock; the scheduler's ``now`` is monotonic. The
+    # policy compares them (a group's first-token deadline against the time left in a turn),
+    # so the view carries the arrival on the monotonic clock, converted once when tracked.
+    arrival: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.generated = max(self.generated, len(self.submit.output_token_ids))
+        self.arrival = self.submit.arrival_time - time.time() + time.monotonic()
 
     @property
     def request_id(self) -> str:
@@ -53,7 +60,7 @@ class TrackedRequest:
             model=self.submit.model,
             prompt_len=len(self.submit.prompt_token_ids),
             max_tokens=self.submit.sampling.max_tokens,
-            arrival=self.submit.arrival_time,
+            arrival=self.arrival,
             generated=self.generated,
         )
 
@@ -87,6 +94,7 @@ def instance_view(beat: Heartbeat) -> InstanceView:
         kv_capacity_tokens=beat.kv_blocks_total * beat.kv_block_size or (1 << 20),
         weight_budget_bytes=beat.weight_budget_bytes or (1 << 40),
         resident_model=beat.resident_model,
+        node=beat.node or None,
     )
 
 
@@ -108,6 +116,23 @@ def counts_by_model(requests: dict[str, TrackedRequest]) -> tuple[dict[str, int]
     return queued, running
 
 
+def _queue_order(tracked: TrackedRequest) -> tuple[float, str]:
+    return tracked.submit.arrival_time, tracked.request_id
+
+
+def waiting_positions(requests: dict[str, TrackedRequest]) -> dict[str, int]:
+    """Each request still waiting for its first token → how many admitted before it (by
+    arrival) wait too: its place in the queue, whichever worker will serve it."""
+    waiting = sorted((t for t in requests.values() if not t.started), key=_queue_order)
+    return {tracked.request_id: position for position, tracked in enumerate(waiting)}
+
+
+def waiting_ahead(requests: dict[str, TrackedRequest], tracked: TrackedRequest) -> int:
+    """``tracked``'s entry of :func:`waiting_positions`, in one pass (no sort: at admission)."""
+    order = _queue_order(tracked)
+    return sum(1 for t in requests.values() if not t.started and _queue_order(t) < order)
+
+
 def worker_state(worker: WorkerBook) -> WorkerState:
     """One worker as SchedulerState reports it."""
     beat = worker.heartbeat
@@ -124,4 +149,5 @@ def worker_state(worker: WorkerBook) -> WorkerState:
 
 def model_spec(info: ModelInfo) -> ModelSpec:
     """The model-store's description as the policy's view of a model."""
-    return ModelSpec(info.name, info.weight_bytes, info.kv_bytes_per_token, info.context_length)
+    return ModelSpec(info.name, info.weight_bytes, info.kv_bytes_per_token, info.context_length,
+                     info.priority, info.pin)  # fmt: skip

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aegaeon.scheduler.books import TrackedRequest, WorkerBook
+from aegaeon.scheduler.locality import DEFAULT_FETCH_BYTES_PER_S, NodeCaches
 from aegaeon.scheduler.policies.base import ModelSpec, Policy, Slo, TurnPlan, TurnResult
 from aegaeon.scheduler.store import RequestStore
 
 from aegaeon.bus import Bus
-from aegaeon.protocol import AbortRequest, SubmitReply, TokenBatch, TokenEvent
+from aegaeon.priority import DEFAULT_MAX_WAIT_S
+from aegaeon.protocol import AbortRequest, ModelState, SubmitReply, TokenBatch, TokenEvent
 from aegaeon.telemetry import RequestTrace
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,16 @@ class SchedulerConfig:
     state_interval_s: float = 1.0
     check_interval_s: float = 0.25
     models_wait_s: float = 5.0  # at start, how long to wait for the model-store
+    # The locality hint's price of a model a node's host cache lacks: its bytes at this rate.
+    fetch_bytes_per_s: float = DEFAULT_FETCH_BYTES_PER_S
+    # A first token's wait past which a model's priority class stops counting (no starvation).
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 0 or self.turn_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.fetch_bytes_per_s <= 0:
+            raise ValueError("fetch_bytes_per_s must be positive")
         if self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
 
@@ -67,10 +75,14 @@ class ServiceCore(ABC):
         self.store = store
         self.estimator_factory = estimator_factory
         self.models: dict[str, ModelSpec] = {}
+        self.model_states: dict[str, tuple[ModelState, str]] = {}  # lifecycle state, reason
         self.policy: Policy | None = None
         self.estimator: Any = None  # the policy's step-time estimator (None: its default)
         self.requests: dict[str, TrackedRequest] = {}
         self.workers: dict[str, WorkerBook] = {}
+        # What each node's host cache holds (model-store heartbeats): the policy's locality hint
+        # once a store is heard.
+        self.node_caches = NodeCaches(self.models, config.fetch_bytes_per_s)
         self._deferred_cancel: set[str] = set()  # ended mid-turn: tell the policy after turn_done
         # request id → the gateway's trace context: spans and commands for one request name it,
         # not whichever request's handler happened to trigger the dispatch.

@@ -87,6 +87,7 @@ class Dispatch(ServiceCore):
             prefill_only=plan.prefill_only,
             export_kv=self._exports(plan, worker.worker_id),
             drop_kv=list(plan.drop_kv),
+            pinned=plan.pinned,
         )
         spans = self._dispatch_spans(plan, turn_id, worker.worker_id, started_ns)
         # The worker's turn span goes under the batch's first request (the others link to it).

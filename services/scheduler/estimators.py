@@ -68,6 +68,18 @@ class Estimator:
         self.scales: dict[tuple[str, str], float] = {}  # (kind, model) → measured / predicted
         self.turn_overhead = TURN_OVERHEAD_PRIOR_S  # EWMA of a turn's control round trip
 
+    def add_model(self, spec: ModelSpec) -> None:
+        """A model registered after start (or registered again with other weights): the
+        roofline default for it until its measurements scale it (a profile's entry of the
+        same size is kept)."""
+        known = self.profiles.get(spec.name)
+        if known is None or (known.weight_bytes, known.kv_bytes_per_token) != (
+            spec.weight_bytes, spec.kv_bytes_per_token,
+        ):  # fmt: skip
+            from aegaeon.sim.hardware import roofline_profile
+
+            self.profiles[spec.name] = roofline_profile(spec, self.device)
+
     def _scale(self, kind: str, model: str) -> float:
         return self.scales.get((kind, model), 1.0)
 

@@ -1,6 +1,8 @@
 """Worker liveness and recovery: heartbeats add workers to the policy; a silent, restarted or
 drained worker is retired and its requests re-run elsewhere from the tokens in Redis; a turn
-whose TurnDone was lost (or never comes) is ended so the worker gets the next one."""
+whose TurnDone was lost (or never comes) is ended so the worker gets the next one. The
+model-stores' heartbeats say what each node caches: the policy's locality hint while any store
+is heard (``locality.py``), none otherwise."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from aegaeon.scheduler.books import TrackedRequest, WorkerBook, instance_view, r
 from aegaeon.scheduler.core import ServiceCore
 from aegaeon.scheduler.policies.base import TurnResult
 
-from aegaeon.protocol import Heartbeat
+from aegaeon.protocol import Heartbeat, StoreHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,29 @@ class Liveness(ServiceCore):
             return
         await self._dispatch()
 
+    async def _on_store_heartbeat(self, beat: StoreHeartbeat, _msg: Any) -> None:
+        if beat.store_id not in self.node_caches.stores:
+            log.info("model-store %s on node %s: %d models cached",
+                     beat.store_id, beat.node, len(beat.cached))  # fmt: skip
+        self.node_caches.heard(beat, time.monotonic())
+        self._set_locality()
+
+    def _set_locality(self) -> None:
+        """The policy weighs where weights are only while some store says what it caches."""
+        if self.policy is None:
+            return
+        locality = self.node_caches if self.node_caches.known else None
+        if (locality is None) != (self.policy.locality is None):
+            log.info("locality-aware placement %s", "on" if locality is not None else "off")
+        self.policy.locality = locality
+
     async def _check_workers(self) -> None:
-        """Dead workers (silent too long) lose their requests to others; stuck turns end."""
+        """Dead workers (silent too long) lose their requests to others; stuck turns end;
+        silent model-stores' caches are forgotten."""
         now = time.monotonic()
+        for store_id in self.node_caches.expire(now):
+            log.warning("model-store %s silent: forgetting what it caches", store_id)
+        self._set_locality()
         for worker in list(self.workers.values()):
             if now - worker.last_seen > self.config.heartbeat_timeout_s:
                 await self._retire(worker.worker_id, "silent (dead)")

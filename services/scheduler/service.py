@@ -9,10 +9,14 @@ then does its I/O; asyncio runs one coroutine at a time, so the state is never s
     requests.cancel ──► policy.cancel, AbortRequest to the holder ──────────────────┤   idle worker →
     every 0.25 s ─────► dead workers → re-run their requests elsewhere; stuck turns ┘   next_turn →
                                                                                          Assign…, RunTurn
+    registry.changed ─► a model's lifecycle state (not ready: its new requests are refused)
+    models.heartbeat ─► what each node's host cache holds: the policy's locality hint
+    scheduler.unload ─► nothing of a drained model left? refuse it, EvictModel to every worker
 
-One concern per module: ``admission`` (submit, resume, cancel), ``dispatch`` (turns and
-assignments out), ``turns`` (worker events in, the prefill → decode KV hand-off), ``liveness``
-(heartbeats, recovery); ``core`` holds the books they share and ends requests.
+One concern per module: ``models`` (the registry, lifecycle states, unloading a drained model),
+``admission`` (submit, resume, cancel), ``dispatch`` (turns and assignments out), ``turns``
+(worker events in, the prefill → decode KV hand-off), ``liveness`` (heartbeats, recovery);
+``core`` holds the books they share and ends requests; ``locality`` what each node caches.
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ from aegaeon.scheduler.policies import make_policy
 from aegaeon.scheduler.turns import TurnEvents
 
 from aegaeon import metrics
-from aegaeon.protocol import CancelRequest, Heartbeat, SchedulerState, SubmitRequest, WorkerEvent
+from aegaeon.protocol import (
+    CancelRequest,
+    Heartbeat,
+    ModelChanged,
+    SchedulerState,
+    StoreHeartbeat,
+    SubmitRequest,
+    UnloadModel,
+    WorkerEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +65,20 @@ class SchedulerService(Admission, Dispatch, TurnEvents, Liveness):
             self.config.policy, dict(self.models), self.config.slo, estimator,
             **self.config.policy_options,
         )  # fmt: skip
+        self.policy.max_wait_s = self.config.max_wait_s
         self.estimator = estimator if estimator is not None else getattr(self.policy, "est", None)
         subs = [
             await self.bus.subscribe(self.subjects.heartbeat, Heartbeat, self._on_heartbeat),
             await self.bus.subscribe(self.subjects.all_worker_events, WorkerEvent, self._on_event),
             await self.bus.subscribe(self.subjects.submit, SubmitRequest, self._on_submit),
             await self.bus.subscribe(self.subjects.cancel, CancelRequest, self._on_cancel),
+            await self.bus.subscribe(
+                self.subjects.registry_changed, ModelChanged, self._on_model_changed
+            ),
+            await self.bus.subscribe(self.subjects.unload_model, UnloadModel, self._on_unload),
+            await self.bus.subscribe(
+                self.subjects.store_heartbeat, StoreHeartbeat, self._on_store_heartbeat
+            ),
         ]
         loops = [
             self._every(self.config.check_interval_s, self._check_workers),
@@ -97,11 +118,13 @@ class SchedulerService(Admission, Dispatch, TurnEvents, Liveness):
             queued=queued,
             running=running,
             alpha=float(alpha) if alpha is not None else None,
+            cached=self.node_caches.by_node(),
         )
 
     async def _publish_state(self) -> None:
         state = self.state()
         await self.bus.publish(self.subjects.scheduler_state, state)
+        await self._report_positions()
         for model in self.models:
             metrics.NUM_REQUESTS_WAITING.labels(model).set(state.queued.get(model, 0))
             metrics.NUM_REQUESTS_RUNNING.labels(model).set(state.running.get(model, 0))

@@ -20,3 +20,17 @@ def run_all(engine: Engine, ids: list[str]) -> dict[str, list]:
         for out in engine.step(live):
             got[out.request_id].append(out)
     return got
+
+
+def decode_swapping(engine: Engine, model: str, prompt: list[int], at: tuple[int, ...] = (3, 7)) -> list:  # fmt: skip
+    """One request alone; its KV swapped out (and the device KV overwritten with NaN, so it must
+    come back from the host copy) before each step in ``at``; its outputs."""
+    engine.switch_to(model)
+    engine.add_request("r", model, prompt, GREEDY)
+    outs = []
+    for step in range(NEW_TOKENS):
+        if step in at:
+            engine.swap_out(["r"])
+            engine.arena.kv.fill_(float("nan"))
+        outs += engine.step(["r"])
+    return outs

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from engine_helpers import GREEDY, MODELS, NATIVE, NEW_TOKENS, PROMPTS, run_all
+from engine_helpers import GREEDY, MODELS, NATIVE, NEW_TOKENS, PROMPTS, decode_swapping, run_all
 
 
 def _tokens(outs: list) -> list[int]:
@@ -104,15 +104,7 @@ def test_swap_or_drop_in_mid_decode_gives_bit_identical_logprobs(make_engine, mo
     reference_engine.switch_to(model)
     reference_engine.add_request("r", model, PROMPTS[0], GREEDY)
     reference = run_all(reference_engine, ["r"])["r"]
-    engine = make_engine(host_kv_bytes=1 << 20)
-    engine.switch_to(model)
-    engine.add_request("r", model, PROMPTS[0], GREEDY)
-    outs = []
-    for step in range(NEW_TOKENS):
-        if step in (3, 7):
-            engine.swap_out(["r"])
-            engine.arena.kv.fill_(float("nan"))  # the KV must come back from the host copy
-        outs += engine.step(["r"])
+    outs = decode_swapping(make_engine(host_kv_bytes=1 << 20), model, PROMPTS[0])
     assert [(o.token_id, o.logprob) for o in outs] == [(o.token_id, o.logprob) for o in reference]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aegaeon.gpu_worker.sizing import KV_MIN_BYTES, plan_memory, slot_need
+from aegaeon.gpu_worker.sizing import KV_MIN_BYTES, engine_dtype, plan_memory, slot_need
 
 from aegaeon.protocol import ModelInfo
 
@@ -49,3 +49,23 @@ def test_an_explicit_arena_keeps_half_for_weights_and_names_the_flag_to_raise() 
 def test_with_no_registered_model_the_arena_is_split_in_half() -> None:
     plan = plan_memory([], engine_dtype="float32", slots=2, device_bytes=4 * GiB)
     assert (plan.arena_bytes, plan.weight_budget_bytes, plan.refused) == (4 * GiB, 2 * GiB, {})
+
+
+def test_half_precision_checkpoints_are_served_in_their_own_dtype_on_the_cpu_too() -> None:
+    bf16 = [model("a", GiB, "bfloat16"), model("b", GiB, "bfloat16")]
+    assert engine_dtype(bf16, "auto", cuda=False) == "bfloat16"
+    assert engine_dtype(bf16, "auto", cuda=True) == "bfloat16"
+    fp16 = [model("c", GiB, "float16")]
+    assert engine_dtype(fp16, "auto", cuda=False) == "float16"
+    assert slot_need(fp16[0], engine_dtype(fp16, "auto", cuda=False)) < GiB + 4096  # no copy
+
+
+def test_mixed_or_float32_fleets_get_the_device_default_and_a_flag_wins() -> None:
+    mixed = [model("a", GiB, "bfloat16"), model("c", GiB, "float16")]
+    assert engine_dtype(mixed, "auto", cuda=False) == "float32"  # both convert to it exactly
+    assert engine_dtype(mixed, "auto", cuda=True) == "bfloat16"
+    fp32 = [model("d", GiB)]
+    assert engine_dtype(fp32, "auto", cuda=False) == "float32"
+    assert engine_dtype(fp32, "auto", cuda=True) == "bfloat16"
+    assert engine_dtype([], "auto", cuda=False) == "float32"
+    assert engine_dtype(fp32, "float16", cuda=False) == "float16"

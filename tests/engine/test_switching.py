@@ -47,3 +47,23 @@ def test_requests_of_a_model_that_is_not_resident_are_refused(make_engine):
     engine.add_request("r", "demo-qwen2", PROMPTS[0], GREEDY)
     with pytest.raises(ValueError, match="resident"):
         engine.step(["r"])
+
+
+def test_a_pinned_model_stays_in_its_slot_through_other_models_switches(
+    make_engine, references, device
+):
+    engine = make_engine()
+    engine.pin("demo-llama")
+    engine.switch_to("demo-llama")
+    engine.prefetch("demo-qwen2")  # the free slot: prefetching still works beside it
+    assert engine.switch_to("demo-qwen2").bytes == 0
+    for other in ("demo-gpt2", "demo-mistral", "demo-qwen2"):
+        engine.prefetch("demo-llama")  # a no-op: it holds its slot
+        stats = engine.switch_to(other)
+        assert stats.bytes > 0  # others switch through the slot the pinned model leaves
+        assert "demo-llama" in engine.slots.models
+    stats = engine.switch_to("demo-llama")
+    assert stats.bytes == 0  # never copied again: a rebind
+    engine.add_request("r", "demo-llama", PROMPTS[0], GREEDY)
+    tokens = [out.token_id for out in run_all(engine, ["r"])["r"]]
+    assert tokens == references("demo-llama", device)[0][0]  # its weights intact in the slot

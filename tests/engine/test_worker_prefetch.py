@@ -32,7 +32,9 @@ def test_turn_prefetches_the_next_model_and_its_switch_copies_nothing_while_wait
                                  host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path),
                                  copy_chunk_bytes=1 << 20))  # fmt: skip
     try:
-        events, tokens = asyncio.run(_two_turns(engine, demo_models_dir, nats_server, redis_server))
+        events, tokens, token_events = asyncio.run(
+            _two_turns(engine, demo_models_dir, nats_server, redis_server)
+        )
     finally:
         engine.close()
     turns = [e for e in events if isinstance(e, TurnDone)]
@@ -45,9 +47,14 @@ def test_turn_prefetches_the_next_model_and_its_switch_copies_nothing_while_wait
     )  # fmt: skip
     for model, rid in ((FIRST, "a"), (NEXT, "b")):
         assert tokens[rid] == references(model, device)[0][0]
+    # The cold model's request heard it load before its first token; the prefetched one's not.
+    first = token_events["a"][0]
+    assert first.status is not None and not first.token_ids
+    assert (first.status.state, first.status.model) == ("loading", FIRST)
+    assert [e for e in token_events["b"] if e.status is not None] == []
 
 
-async def _two_turns(engine: Engine, models: Path, nats_server, redis_server) -> tuple[list, dict]:
+async def _two_turns(engine: Engine, models: Path, nats_server, redis_server) -> tuple[list, dict, dict]:  # fmt: skip
     async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
         await w.send(AssignRequest("a", FIRST, PROMPTS[0], GREEDY, GATEWAY, 0.0))
         await w.send(RunTurn(1, FIRST, ["a"], quota_s=1e6, prefetch_model=NEXT))
@@ -56,7 +63,7 @@ async def _two_turns(engine: Engine, models: Path, nats_server, redis_server) ->
         await w.send(AssignRequest("b", NEXT, PROMPTS[0], GREEDY, GATEWAY, 0.0))
         await w.send(RunTurn(2, NEXT, ["b"], quota_s=1e6))
         assert isinstance(await w.turn_ended(), TurnDone)
-    return w.events, w.tokens
+    return w.events, w.tokens, w.token_events
 
 
 async def _prefetch_done(engine: Engine, model: str) -> None:

@@ -36,8 +36,15 @@ class WorkerHarness:
     ``await w.turn_ended()``; ``w.events`` (every worker event), ``w.tokens`` (request → token
     ids) and ``w.token_events`` (request → its TokenEvents) fill as they arrive."""
 
-    def __init__(self, engine: Engine, models: Path, nats_url: str, redis_url: str) -> None:
+    def __init__(
+        self, engine: Engine, models: Path, nats_url: str, redis_url: str,
+        store_id: str | None = None, local_store: str | None = None,
+    ) -> None:  # fmt: skip
+        """``store_id``: the worker's model-store id; ``local_store``: the id of a store that
+        answers on its node-local subject too (beside the shared one)."""
         self.engine, self.models = engine, models
+        self.store_id, self.local_store = store_id, local_store
+        self.ensured: list[str] = []  # the subject of each ensure the worker sent
         self.config = BusConfig(nats_url=nats_url, redis_url=redis_url,
                                 prefix="wh" + uuid.uuid4().hex[:8])  # fmt: skip
         self.events: list[Any] = []
@@ -48,10 +55,11 @@ class WorkerHarness:
     async def __aenter__(self) -> WorkerHarness:
         self.bus = bus = await Bus.connect(self.config, name="test-worker-harness")
         self.redis = aioredis.Redis.from_url(self.config.redis_url)
-        self.worker = WorkerService(WORKER, "both", self.engine, bus, self.redis)
+        self.worker = WorkerService(WORKER, "both", self.engine, bus, self.redis, self.store_id)
         ready = asyncio.Event()  # the worker's first heartbeat follows its command subscription
 
         async def ensure(request: EnsureCached, msg: Any) -> None:
+            self.ensured.append(msg.subject)
             folder = self.models / request.name
             info = ModelInfo(request.name, "", "", str(folder), 0, 0, 0, "float32",
                              cached=True, cache_path=str(folder / "model.safetensors"))  # fmt: skip
@@ -72,6 +80,15 @@ class WorkerHarness:
 
         self.subs = [
             await bus.subscribe(bus.subjects.models("ensure"), EnsureCached, ensure),
+            *(
+                [
+                    await bus.subscribe(
+                        bus.subjects.models(f"ensure.{self.local_store}"), EnsureCached, ensure
+                    )
+                ]
+                if self.local_store
+                else []
+            ),
             await bus.subscribe(bus.subjects.worker_events(WORKER), WorkerEvent, on_event),
             await bus.subscribe(bus.subjects.tokens(GATEWAY), TokenBatch, on_tokens),
             await bus.subscribe(bus.subjects.heartbeat, Heartbeat, on_heartbeat),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -66,8 +67,9 @@ class Stack:
         return [k async for k in self.redis.scan_iter(f"{self.prefix}:req:*")]
 
     async def settle(self) -> None:
-        """Wait until no request is in flight in the gateway."""
-        for _ in range(200):
+        """Wait (up to 30 s: a busy machine) until no request is in flight in the gateway."""
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
             if self.gateway.admission.in_flight == 0:
                 return
             await asyncio.sleep(0.01)

@@ -10,7 +10,9 @@ import pytest
 from aegaeon.gateway.auth import hash_key
 from openai import AsyncOpenAI, AuthenticationError, NotFoundError
 
-from .conftest import serve_stack
+from aegaeon.protocol import RequestDone, SwitchDone, TurnDone
+
+from .conftest import CONTEXT, serve_stack
 from .fake_backend import Script
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,7 +155,8 @@ async def test_models_lists_every_registered_model_even_when_nothing_is_loaded(s
     listed = await api.models.list()
     cards = {m.id: m.model_dump() for m in listed.data}
     assert set(cards) == {"tiny", "cold-one"}
-    assert all(c["state"] == "cold" and c["resident_on"] == [] for c in cards.values())
+    assert all(c["residency"] == "cold" and c["resident_on"] == [] for c in cards.values())
+    assert all(c["state"] == "ready" and c["state_reason"] is None for c in cards.values())
     assert all(c["owned_by"] == "aegaeon" for c in cards.values())
 
 
@@ -175,8 +178,103 @@ async def test_models_shows_where_a_model_is_resident(stack):
             return cards if cards["tiny"]["resident_on"] else None
 
         cards = await poll(cards_once_resident)
-    assert cards["tiny"]["state"] == "resident" and cards["tiny"]["resident_on"] == ["w7"]
-    assert cards["cold-one"]["state"] == "cold"
+    assert cards["tiny"]["residency"] == "resident" and cards["tiny"]["resident_on"] == ["w7"]
+    assert cards["cold-one"]["residency"] == "cold"
+
+
+async def test_a_model_card_carries_its_queue_dtype_and_context(stack):
+    await stack.backend.beat("w7", resident="tiny", queued={"tiny": 3}, running={"tiny": 2})
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+
+        async def card_once_queued():
+            card = (await http.get("/v1/models/tiny")).json()
+            return card if card["queued"] else None
+
+        card = await poll(card_once_queued)
+        cold = (await http.get("/v1/models/cold-one")).json()
+    assert (card["queued"], card["running"], card["dtype"]) == (3, 2, "float32")
+    assert card["context_length"] == CONTEXT
+    assert (cold["queued"], cold["running"]) == (0, 0)
+
+
+async def test_the_runtime_view_and_its_event_stream_show_what_workers_do(stack):
+    bus = stack.backend.bus
+    switch = SwitchDone("w7", None, "tiny", 0.01, 1024, prefetched_bytes=4096)
+    preemption = TurnDone("w7", 1, "tiny", steps=3, elapsed_s=0.1, swapped_out=["r1"])
+    async with (
+        httpx.AsyncClient(base_url=stack.base_url, timeout=10) as http,
+        http.stream("GET", "/v1/aegaeon/events") as events,
+    ):
+        lines = aiter(events.aiter_lines())
+        assert (await anext(lines)).startswith(": aegaeon events")  # subscribed
+        for event in (switch, RequestDone("w7", "r0", "length", 3), preemption):
+            await bus.publish(bus.subjects.worker_events("w7"), event)
+        streamed = []
+        while len(streamed) < 2:
+            line = await asyncio.wait_for(anext(lines), 10)
+            if line.startswith("data: "):
+                streamed.append(json.loads(line.removeprefix("data: ")))
+        await stack.backend.beat("w7", resident="tiny", queued={"tiny": 1}, running={"tiny": 2})
+
+        async def view_once_heard():
+            view = (await http.get("/v1/aegaeon/runtime")).json()
+            return view if view["workers"] and view["scheduler"]["alive"] else None
+
+        view = await poll(view_once_heard)
+    assert [e["kind"] for e in streamed] == ["switch", "preemption"]  # a request end is not shown
+    assert streamed[0]["to_model"] == "tiny" and streamed[0]["prefetched_bytes"] == 4096
+    assert streamed[1]["requests"] == ["r1"]
+    assert [w["worker_id"] for w in view["workers"]] == ["w7"]
+    registered = {"state": "ready", "priority": "normal", "pin": 0}  # idle ones are listed too
+    assert view["models"] == [
+        {"model": "cold-one", **registered, "queued": 0, "running": 0, "resident_on": []},
+        {"model": "tiny", **registered, "queued": 1, "running": 2, "resident_on": ["w7"]},
+    ]
+    assert [e["kind"] for e in view["recent"]] == ["switch", "preemption"]
+
+
+async def test_a_key_sees_in_the_runtime_view_only_the_models_it_may_use(keyed_stack):
+    bus = keyed_stack.backend.bus
+    await bus.publish(bus.subjects.worker_events("w7"), SwitchDone("w7", None, "tiny", 0.01, 1))
+    await keyed_stack.backend.beat("w7", resident="tiny", queued={"tiny": 1, "cold-one": 2})
+    async with httpx.AsyncClient(base_url=keyed_stack.base_url, timeout=10) as http:
+
+        async def view(key: str):
+            return (await http.get("/v1/aegaeon/runtime", headers=auth(key))).json()
+
+        async def alices_once_heard():
+            seen = await view("sk-alice")
+            return seen if seen["recent"] and seen["workers"] and seen["models"] else None
+
+        alice = await poll(alices_once_heard)
+        bob = await view("sk-bob")  # may use cold-one only
+        anonymous = await http.get("/v1/aegaeon/runtime")
+    assert {m["model"] for m in alice["models"]} == {"tiny", "cold-one"}
+    assert [m["model"] for m in bob["models"]] == ["cold-one"] and bob["recent"] == []
+    assert bob["workers"][0]["resident_model"] is None and alice["workers"][0]["resident_model"] == "tiny"  # fmt: skip
+    assert anonymous.status_code == 401
+
+
+async def test_tokenize_and_detokenize_answer_as_vllm_does(stack, tiny_tokenizer):
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        prompt = await http.post("/tokenize", json={"model": "tiny", "prompt": "héllo wörld"})
+        bare = await http.post("/tokenize", json={"model": "tiny", "prompt": "héllo wörld",
+                                                  "add_special_tokens": False})  # fmt: skip
+        messages = [{"role": "user", "content": "hi there"}]
+        chat = await http.post("/tokenize", json={"model": "tiny", "messages": messages})
+        both = await http.post("/tokenize", json={"model": "tiny", "prompt": "x", "messages": messages})  # fmt: skip
+        text = await http.post("/detokenize", json={"model": "tiny", "tokens": prompt.json()["tokens"]})  # fmt: skip
+        out_of_range = await http.post("/detokenize", json={"model": "tiny", "tokens": [10**9]})
+        unknown = await http.post("/tokenize", json={"model": "nope", "prompt": "x"})
+    assert prompt.json() == {"count": len(tiny_tokenizer("héllo wörld")["input_ids"]),
+                             "max_model_len": CONTEXT,
+                             "tokens": tiny_tokenizer("héllo wörld")["input_ids"]}  # fmt: skip
+    assert bare.json()["tokens"] == tiny_tokenizer("héllo wörld", add_special_tokens=False)["input_ids"]  # fmt: skip
+    rendered = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert chat.json()["tokens"] == tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert text.json() == {"prompt": "héllo wörld"}
+    assert both.status_code == out_of_range.status_code == 400
+    assert unknown.status_code == 404
 
 
 async def test_health_is_503_until_a_scheduler_and_a_worker_are_seen(stack):
@@ -235,6 +333,6 @@ async def test_prompt_over_the_configured_token_limit_is_413(nats_server, redis_
 async def test_one_model_can_be_retrieved_and_an_unknown_one_is_404(stack):
     api = AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="x", max_retries=0)
     card = await api.models.retrieve("cold-one")
-    assert card.id == "cold-one" and card.model_dump()["state"] == "cold"
+    assert card.id == "cold-one" and card.model_dump()["residency"] == "cold"
     with pytest.raises(NotFoundError):
         await api.models.retrieve("nope")

@@ -247,5 +247,6 @@ async def test_submit_without_answer_is_503_and_cancels_in_case_it_was_taken(
         assert response.status_code == 503 and "retry-after" in response.headers
         await stack.settle()
         rid = stack.backend.submitted[-1].request_id
+        await stack.backend.cancels_of(rid)
         assert [c.request_id for c in stack.backend.cancelled] == [rid]
         assert await stack.request_keys() == []

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from aegaeon.protocol import SubmitReply
+from aegaeon.protocol import RequestStatus, SubmitReply
 
 from .fake_backend import Script
 
@@ -42,6 +42,38 @@ async def test_chat_stream_text_equals_decode_of_the_generated_tokens(stack, tin
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
     )
     assert tiny_tokenizer.decode(submitted.prompt_token_ids) == expected_prompt
+
+
+async def test_a_waiting_stream_says_where_it_is_in_comments_the_openai_client_skips(
+    stack, tiny_tokenizer
+):
+    stack.backend.script = Script(queued_ahead=2, statuses=[
+        RequestStatus("queued", position=1, model="tiny"),
+        RequestStatus("loading", model="tiny", bytes_done=0, bytes_total=1000),
+    ])  # fmt: skip
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=stack.base_url) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        lines = [line async for line in response.aiter_lines() if line]
+    content = next(i for i, line in enumerate(lines) if '"content":"' in line and '"content":""' not in line)  # fmt: skip
+    assert lines[:content] == [
+        lines[0],  # the role delta
+        ": aegaeon queued position=2",
+        ": aegaeon queued position=1 model=tiny",
+        ": aegaeon loading model=tiny bytes_done=0 bytes_total=1000",
+    ]
+    assert lines[0].startswith("data: ") and not any(line.startswith(":") for line in lines[content:])  # fmt: skip
+    stream = await client(stack).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == expected_text(stack, tiny_tokenizer, 10**6)
+    reply = await client(stack).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content == text
 
 
 async def test_chat_without_stream_returns_message_and_usage(stack, tiny_tokenizer):
@@ -88,7 +120,7 @@ async def test_stop_string_ends_the_output_before_it_and_cancels_the_worker(stac
     assert reply.choices[0].finish_reason == "stop"
     await stack.settle()
     rid = stack.backend.submitted[-1].request_id
-    assert any(c.request_id == rid and c.reason == "stop" for c in stack.backend.cancelled)
+    assert [c.reason for c in await stack.backend.cancels_of(rid)] == ["stop"]
 
 
 async def test_streamed_stop_string_is_never_sent_even_in_part(stack):
@@ -160,11 +192,7 @@ async def test_client_disconnect_mid_stream_sends_cancel(stack):
                 if line.startswith("data: {"):
                     break  # one chunk seen: hang up
     rid = stack.backend.submitted[-1].request_id
-    for _ in range(200):
-        if any(c.request_id == rid for c in stack.backend.cancelled):
-            break
-        await asyncio.sleep(0.01)
-    assert [c.reason for c in stack.backend.cancelled if c.request_id == rid] == ["abort"]
+    assert [c.reason for c in await stack.backend.cancels_of(rid)] == ["abort"]
     await stack.settle()
     record = await stack.redis.hgetall(stack.gateway.keys.request(rid))
     assert record[b"state"] == b"cancelled"
@@ -177,11 +205,7 @@ async def test_client_disconnect_while_queued_sends_cancel(stack):
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/completions", json=body, timeout=0.5)
     rid = stack.backend.submitted[-1].request_id
-    for _ in range(200):
-        if any(c.request_id == rid for c in stack.backend.cancelled):
-            break
-        await asyncio.sleep(0.01)
-    assert any(c.request_id == rid for c in stack.backend.cancelled)
+    assert await stack.backend.cancels_of(rid)
     await stack.settle()
 
 
@@ -259,4 +283,4 @@ async def test_a_bug_while_streaming_ends_the_stream_with_an_error_chunk(stack, 
     assert '"server_error"' in events[-2] and "formatting bug" not in response.text
     await stack.settle()
     rid = stack.backend.submitted[-1].request_id
-    assert any(c.request_id == rid for c in stack.backend.cancelled)
+    assert await stack.backend.cancels_of(rid)

@@ -46,7 +46,10 @@ async def test_gateway_process_serves_and_stops_on_sigterm(
     argv = [sys.executable, "-m", "aegaeon.cli", "serve", "gateway", "--port", str(port)]
     proc = subprocess.Popen([*argv, "--gateway-id", "gw-proc"], env=env)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        # A first completion loads the tokenizer (transformers' import: seconds on a busy
+        # machine); what is tested is that it is served, not how fast.
+        timeout = httpx.Timeout(60.0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as http:
             for _ in range(300):
                 await backend.beat("w0")
                 try:

@@ -7,7 +7,7 @@ import asyncio
 from aegaeon.gateway import streams
 from aegaeon.gateway.streams import Recorded, RequestStream, StreamRouter
 
-from aegaeon.protocol import TokenBatch, TokenEvent
+from aegaeon.protocol import RequestStatus, TokenBatch, TokenEvent
 
 
 def drain(stream: RequestStream) -> list[TokenEvent]:
@@ -28,6 +28,19 @@ def test_resent_tokens_are_trimmed_and_pure_duplicates_dropped():
     assert events[1].start == 3 and events[1].logprobs == [(-2.0, []), (-3.0, [])]
     assert events[-1].finish_reason == "length"
     assert stream.received == 5
+
+
+def test_a_status_is_passed_on_only_until_the_first_token():
+    stream = RequestStream("r")
+    queued, loading = RequestStatus("queued", position=2), RequestStatus("loading", model="m")
+    stream.put(TokenEvent("r", 0, [], status=queued))
+    stream.put(TokenEvent("r", 0, [], status=loading))
+    stream.put(TokenEvent("r", 0, [7]))
+    stream.put(TokenEvent("r", 0, [], status=queued))  # late (another scheduler tick): dropped
+    stream.put(TokenEvent("r", 1, [8], finish_reason="length"))
+    events = drain(stream)
+    assert [e.status for e in events] == [queued, loading, None, None]
+    assert [e.token_ids for e in events] == [[], [], [7], [8]] and stream.received == 2
 
 
 def test_a_duplicate_that_carries_the_end_is_kept_for_its_finish_reason():

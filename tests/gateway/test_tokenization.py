@@ -49,6 +49,28 @@ def test_generation_config_eos_wins_over_config_and_tokenizer(tiny_model, tmp_pa
     assert load_tokenizer(folder).eos_token_ids == [3, 4]
 
 
+def test_a_request_missing_sampling_fields_takes_the_models_generation_config(tiny_model, tmp_path):
+    from aegaeon.gateway.openai_types import ChatCompletionRequest
+    from aegaeon.gateway.prepare import sampling_params
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    (folder / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "do_sample": True})
+    )
+    tok = load_tokenizer(folder)
+    messages = [{"role": "user", "content": "hi"}]
+    left_out = sampling_params(ChatCompletionRequest(model="m", messages=messages), 8, tok)
+    assert (left_out.temperature, left_out.top_p, left_out.top_k) == (0.6, 0.9, 20)
+    asked = ChatCompletionRequest(model="m", messages=messages, temperature=0, top_p=1, top_k=0)
+    given = sampling_params(asked, 8, tok)
+    assert (given.temperature, given.top_p, given.top_k) == (0.0, 1.0, 0)
+    # Values out of range (or not numbers) are not defaults; OpenAI's apply instead.
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": -1, "top_p": "x"}))
+    fallback = sampling_params(ChatCompletionRequest(model="m", messages=messages), 8, load_tokenizer(folder))  # fmt: skip
+    assert (fallback.temperature, fallback.top_p, fallback.top_k) == (1.0, 1.0, 0)
+
+
 def test_chat_uses_the_model_template_and_falls_back_without_one(tiny_model, tmp_path):
     tok = load_tokenizer(tiny_model)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

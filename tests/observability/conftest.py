@@ -80,4 +80,4 @@ def stream_chat(
 def cold_models(base_url: str) -> list[str]:
     """Models resident on no worker (their next request needs a switch)."""
     cards = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"]
-    return sorted(card["id"] for card in cards if card["state"] == "cold")
+    return sorted(card["id"] for card in cards if card["residency"] == "cold")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 import uuid
 from collections import defaultdict
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aegaeon.scheduler import liveness
 from aegaeon.scheduler.estimators import load_estimator
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import (
@@ -61,12 +63,35 @@ GATEWAY = "gw1"
 CONTEXT = 64
 
 
-async def wait_for(condition, timeout: float = 5.0, what: str = "condition") -> None:
+async def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` (a function; it may return an awaitable, e.g. a Redis read) every
+    20 ms until it gives something truthy, and return that. The deadline is generous: the
+    awaited event comes in well under a second, but CI machines are often busy."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+FINAL_STATES = (b"finished", b"cancelled", b"error")
+
+
+async def final_state(harness: Harness, rid: str) -> bytes:
+    """``rid``'s state in Redis once the scheduler has written its end there. The scheduler
+    tells the gateway (and the worker) first and writes Redis after, so a test that saw the
+    end on the bus waits for the write before it reads what it says."""
+
+    async def ended() -> bytes | None:
+        state = await harness.redis.hget(harness.keys.request(rid), "state")
+        return state if state in FINAL_STATES else None
+
+    return await wait_for(ended, what=f"the scheduler to write {rid}'s end to Redis")
 
 
 class FakeWorker:
@@ -203,6 +228,7 @@ class Harness:
         self.states: list[SchedulerState] = []
         self.workers: list[FakeWorker] = []
         self.model_names = ["a", "b"]  # what the fake model-store has registered
+        self.model_states: dict[str, Any] = {}  # name → lifecycle state (absent: ready)
         self._schedulers: list[tuple[asyncio.Event, asyncio.Task, Bus]] = []
 
     async def open(self) -> Harness:
@@ -217,7 +243,8 @@ class Harness:
     async def _list_models(self, _query: Any, msg: Any) -> None:
         models = [
             ModelInfo(name, "LlamaForCausalLM", "llama", f"/models/{name}", 1 << 20, 1 << 18,
-                      CONTEXT, "float32", kv_bytes_per_token=256)
+                      CONTEXT, "float32", kv_bytes_per_token=256,
+                      state=self.model_states.get(name, "ready"))
             for name in self.model_names
         ]  # fmt: skip
         await self.bus.reply(msg, ModelList(models))
@@ -238,7 +265,7 @@ class Harness:
         settings: dict[str, Any] = {
             "policy": "round-robin",
             "policy_options": {"quota_s": 0.05},
-            "heartbeat_timeout_s": 0.8,
+            "heartbeat_timeout_s": 1.5,  # 15 beats: a loaded CI machine stalls, it does not die
             "check_interval_s": 0.05,
             "state_interval_s": 0.1,
             "models_wait_s": 2.0,
@@ -251,13 +278,13 @@ class Harness:
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         self._schedulers.append((stop, task, bus))
-        await asyncio.wait_for(service.ready.wait(), 5.0)
+        await asyncio.wait_for(service.ready.wait(), 30.0)
         return service
 
     async def stop_scheduler(self, index: int = -1) -> None:
         stop, task, bus = self._schedulers.pop(index)
         stop.set()
-        await asyncio.wait_for(task, 5.0)
+        await asyncio.wait_for(task, 30.0)
         await bus.close()
 
     async def submit(
@@ -317,9 +344,11 @@ async def test_finished_request_leaves_the_queue_and_its_metadata_expires(harnes
     await harness.submit("r1", max_tokens=2)
     await wait_for(lambda: harness.finished("r1"))
     redis, keys = harness.redis, harness.keys
-    deadline = time.monotonic() + 3
-    while await redis.hexists(keys.queue, "r1") and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+
+    async def dequeued() -> bool:
+        return not await redis.hexists(keys.queue, "r1")
+
+    await wait_for(dequeued, what="r1 to leave the Redis queue")
     assert not await redis.hexists(keys.queue, "r1")
     assert await redis.hget(keys.request("r1"), "state") == b"finished"
     assert await redis.hget(keys.request("r1"), "finish_reason") == b"length"
@@ -359,6 +388,22 @@ async def test_the_decode_times_workers_report_teach_the_estimator(harness):
     assert service.estimator.decode_time("a", [20]) == pytest.approx(0.5, rel=0.2)
 
 
+async def test_waiting_requests_hear_their_queue_position_until_their_first_token(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False  # turns wait until the test runs them
+    await harness.scheduler()
+    replies = [await harness.submit(rid, model) for rid, model in (("r1", "a"), ("r2", "b"), ("r3", "b"))]  # fmt: skip
+    assert [r.queued_ahead for r in replies] == [0, 1, 2]
+    await wait_for(lambda: worker.of_type(RunTurn), what="the first turn")
+    await worker.run_turn(worker.of_type(RunTurn)[0])  # r1's first token: the others move up
+
+    def positions(rid: str) -> list[int | None]:
+        return [e.status.position for e in harness.tokens[rid] if e.status is not None]
+
+    await wait_for(lambda: positions("r2") == [0] and positions("r3") == [1], what="new places")
+    assert positions("r1") == [] and all(not e.token_ids for rid in ("r2", "r3") for e in harness.tokens[rid])  # fmt: skip
+
+
 async def test_unknown_model_is_rejected_with_404(harness):
     await harness.worker("w1")
     await harness.scheduler()
@@ -370,8 +415,13 @@ async def test_a_model_larger_than_every_workers_weight_slot_is_refused_clearly(
     worker = await harness.worker("w1")
     # The test models have 1 MiB of weights: the whole budget would hold one, a slot does not.
     worker.weight_budget_bytes, worker.slot_bytes = 3 << 19, 3 << 18
-    await asyncio.sleep(0.3)  # a heartbeat with the budget
-    await harness.scheduler()
+    service = await harness.scheduler()
+
+    def budget_heard() -> bool:
+        book = service.workers.get("w1")
+        return book is not None and book.heartbeat.slot_bytes == 3 << 18
+
+    await wait_for(budget_heard, what="the scheduler to hear a heartbeat of w1 with its budget")
     reply = await harness.submit("r1")
     assert (reply.accepted, reply.status) == (False, 400)
     assert "largest weight slot" in reply.reason and "--arena-bytes" in reply.reason
@@ -412,17 +462,21 @@ async def test_cancel_sends_abort_to_the_worker_holding_the_request(harness):
     await wait_for(lambda: worker.of_type(AbortRequest), what="abort")
     assert worker.of_type(AbortRequest)[0].request_id == "r1"
     await wait_for(lambda: "r1" not in worker.held)
-    await asyncio.sleep(0.1)
+    state = await final_state(harness, "r1")  # written after the abort went out
     assert not await harness.redis.hexists(harness.keys.queue, "r1")
-    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"cancelled"
+    assert state == b"cancelled"
 
 
-async def test_turn_without_turn_done_frees_the_worker_after_the_timeout(harness):
+async def test_turn_without_turn_done_frees_the_worker_after_the_timeout(harness, monkeypatch):
+    # The fake worker's heartbeats name no turn, so after LOST_TURN_GRACE_S (3 s) the turn would
+    # also end as lost: put that out of reach, and only the turn timeout can free the worker
+    # (however long a busy machine takes to get there).
+    monkeypatch.setattr(liveness, "LOST_TURN_GRACE_S", 3600.0)
     worker = await harness.worker("w1")
     worker.answer = False
     await harness.scheduler(turn_timeout_s=0.3)
     await harness.submit("r1")
-    await wait_for(lambda: len(worker.of_type(RunTurn)) >= 2, timeout=3, what="a second turn")
+    await wait_for(lambda: len(worker.of_type(RunTurn)) >= 2, what="a second turn")
 
 
 async def test_worker_error_for_a_request_ends_it_with_an_error_event(harness):
@@ -460,7 +514,7 @@ async def test_dead_workers_requests_continue_on_another_worker_after_the_tokens
     second = await harness.worker("w2")
     await harness.scheduler()
     assert (await harness.submit("r1", max_tokens=5)).accepted
-    await wait_for(lambda: harness.finished("r1"), timeout=5, what="r1 to finish on w2")
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish on w2")
     assigned = second.of_type(AssignRequest)
     assert [a.request_id for a in assigned] == ["r1"]
     assert assigned[0].output_token_ids == [1000, 1001]  # what the client already has
@@ -477,12 +531,11 @@ async def test_request_whose_tokens_all_went_out_before_a_crash_just_ends(harnes
     def closing_events() -> list[tuple[int, str | None]]:
         return [(e.start, e.finish_reason) for e in harness.tokens["r1"] if not e.token_ids]
 
-    await wait_for(closing_events, timeout=5, what="the scheduler's finish event")
+    await wait_for(closing_events, what="the scheduler's finish event")
     assert closing_events() == [(2, "length")]
     assert harness.stream("r1") == expected_stream(2)
     assert second.of_type(AssignRequest) == []  # nothing left to run
-    await asyncio.sleep(0.1)
-    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"finished"
+    assert await final_state(harness, "r1") == b"finished"
 
 
 async def test_when_no_worker_is_left_the_gateway_gets_an_error_event(harness):
@@ -490,13 +543,13 @@ async def test_when_no_worker_is_left_the_gateway_gets_an_error_event(harness):
     only.die_after_turns = 1
     await harness.scheduler()
     await harness.submit("r1", max_tokens=5)
-    await wait_for(lambda: harness.finished("r1"), timeout=5, what="error event")
+    await wait_for(lambda: harness.finished("r1"), what="error event")
     last = harness.tokens["r1"][-1]
     assert last.finish_reason == "error" and last.error
     assert last.start == 1  # after the token the client already has
-    await asyncio.sleep(0.1)
+    state = await final_state(harness, "r1")  # written after the error event went out
     assert not await harness.redis.hexists(harness.keys.queue, "r1")
-    assert await harness.redis.hget(harness.keys.request("r1"), "state") == b"error"
+    assert state == b"error"
 
 
 async def test_restarted_scheduler_resumes_the_redis_queue(harness):
@@ -528,13 +581,18 @@ async def test_restarted_scheduler_resumes_the_redis_queue(harness):
 
 async def test_draining_worker_hands_its_requests_to_another_worker(harness):
     first = await harness.worker("w1")
-    await harness.scheduler()
+    service = await harness.scheduler()
     first.answer = False
     await harness.submit("r1", max_tokens=3)
     await wait_for(lambda: first.of_type(RunTurn), what="turn on w1")
     second = await harness.worker("w2")
     first.draining = True  # the next heartbeats say so; the turn in flight still ends
-    await asyncio.sleep(0.3)
+
+    def drain_heard() -> bool:  # before the TurnDone: else w1 would get the next turn
+        book = service.workers.get("w1")
+        return book is not None and book.draining and "w2" in service.workers
+
+    await wait_for(drain_heard, what="the scheduler to hear w1 draining and w2 joining")
     await first.run_turn(first.of_type(RunTurn)[0])  # one token
     await wait_for(lambda: harness.finished("r1"), what="r1 to finish on w2")
     assert [a.output_token_ids for a in second.of_type(AssignRequest)] == [[1000]]
@@ -621,10 +679,25 @@ async def test_scheduler_survives_a_redis_restart(nats_server, tmp_path):
     h = await Harness(nats_server.url, redis_server.url).open()
     try:
         await h.worker("w1")
-        await h.scheduler()
+        service = await h.scheduler()
+        failed: list[str] = []  # what the scheduler's Redis attempts that failed were for
+        retry = service.store._retry
+
+        async def noting_failures(what: str, op: Any, default: Any) -> Any:
+            async def attempt() -> Any:
+                try:
+                    return await op()
+                except Exception:
+                    failed.append(what)
+                    raise
+
+            return await retry(what, attempt, default)
+
+        service.store._retry = noting_failures  # type: ignore[method-assign]
         redis_server.kill()
         pending = asyncio.create_task(h.submit("r1", max_tokens=2))
-        await asyncio.sleep(0.5)  # the scheduler is retrying its write now
+        # Once one attempt has failed, the scheduler is retrying its write.
+        await wait_for(lambda: "persist r1" in failed, what="the scheduler's write of r1 to fail")
         redis_server = start_redis(tmp_path / "r2", port=port)
         assert (await pending).accepted
         await wait_for(lambda: h.finished("r1"), what="r1 to finish after the outage")
@@ -641,13 +714,17 @@ async def test_scheduler_keeps_serving_after_a_nats_restart(redis_server, tmp_pa
     h = await Harness(nats.url, redis_server.url).open()
     try:
         await h.worker("w1")
-        await h.scheduler(heartbeat_timeout_s=3.0)
+        service = await h.scheduler(heartbeat_timeout_s=3.0)
         nats.stop()
-        await asyncio.sleep(0.5)
+        await wait_for(
+            lambda: not h.bus.nc.is_connected and not service.bus.nc.is_connected,
+            what="the test client and the scheduler to lose NATS",
+        )
         nats = start_nats(tmp_path / "n2", port=port)
         await wait_for(lambda: h.bus.nc.is_connected, what="test client reconnected")
         reply = None
-        for _ in range(50):  # until the scheduler's subscriptions are back on the new server
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:  # until the scheduler's subscriptions are back
             with contextlib.suppress(Exception):
                 reply = await h.bus.request(
                     h.bus.subjects.submit,

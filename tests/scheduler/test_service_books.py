@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aegaeon.scheduler.books import (
     TrackedRequest,
     WorkerBook,
@@ -33,6 +35,14 @@ def test_resubmitted_request_counts_the_tokens_already_sent_as_generated():
     view = tracked("r1", "a", outputs=[5, 6]).view()
     assert (view.prompt_len, view.generated, view.context_len, view.max_tokens) == (3, 2, 5, 9)
     assert not view.prefilled
+
+
+def test_the_policy_sees_the_gateways_wall_clock_arrival_on_the_schedulers_monotonic_clock():
+    # The policy compares arrival-based deadlines with the monotonic ``now`` the service gives
+    # it (a decode turn cut short for a waiting group): both must be on one clock.
+    submit = SubmitRequest("r1", "a", [1], SamplingParams(max_tokens=9), "gw", time.time() - 2.0)
+    arrival = TrackedRequest(submit).view().arrival
+    assert time.monotonic() - 2.5 < arrival <= time.monotonic() - 2.0 + 0.5
 
 
 def test_requests_without_a_first_token_count_as_queued_the_others_as_running():

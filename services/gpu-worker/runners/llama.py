@@ -1,25 +1,31 @@
-"""The native runner for the Llama family (Llama incl. GQA and rope scaling, Qwen2, Mistral).
+"""The native runner for the Llama family (Llama incl. GQA and rope scaling, Qwen2, Mistral,
+Qwen3 with its per-head q/k norms, Phi-3 with its fused projections).
 
 It computes what transformers' modeling code computes, in the same order (so fp32 logits agree
 within 1e-4), but over the paged KV region and with tensors that are views into the arena:
 
     x = embed(tokens)
     for each layer:  x += o(attn(rope(q(rms(x))), rope(k(rms(x))), v(rms(x))))   (K, V paged)
+                     (Qwen3: q and k each RMS-normed per head before the rope)
                      x += down(silu(gate(rms(x))) * up(rms(x)))
     logits = lm_head(rms(x)[last position of each request])
 
+Each layer belongs to an attention kind (its sliding window and rope); the embedding, the norm,
+the attention call and the logits are methods a subclass overrides (runners/gemma.py).
 One instance per architecture is created once; ``bind`` points it at another model's weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from aegaeon.gpu_worker.paged_kv import PagedKV
+from aegaeon.gpu_worker.weights_loader import activation
 
 
 @dataclass
@@ -39,6 +45,10 @@ class _Layer:
     qkv: torch.Tensor | None = None  # q, k, v as one matrix when they lie back to back
     qkv_bias: torch.Tensor | None = None
     gate_up: torch.Tensor | None = None  # gate then up, likewise
+    qk_norm: torch.Tensor | None = None  # Qwen3: [heads + kv_heads, D], q's rows then k's
+    post_attn_norm: torch.Tensor | None = None  # Gemma 2/3: each sublayer's output is normed
+    post_mlp_norm: torch.Tensor | None = None  # before its residual add
+    kind: int = 0  # index into the runner's attention kinds (window and rope)
 
     def __post_init__(self) -> None:
         biases = (self.q_bias, self.k_bias, self.v_bias)
@@ -75,14 +85,38 @@ def _back_to_back(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def rope_inv_freq(config: Any, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling, exactly as transformers computes them."""
+@dataclass
+class AttentionKind:
+    """What the layers of one attention kind share: the sliding window and the rope.
+
+    The Llama family has one kind; Gemma 2 and 3 interleave local (windowed) and global layers,
+    and Gemma 3's local layers rotate with their own rope base.
+    """
+
+    window: int | None
+    inv_freq: torch.Tensor
+    rope_scaling: float
+    inv_freq2: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        # cat(freqs, freqs) == positions * cat(inv_freq, inv_freq): one op per step instead of two
+        self.inv_freq2 = torch.cat((self.inv_freq, self.inv_freq))
+
+
+def rope_inv_freq(
+    config: Any, device: torch.device, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, exactly as transformers computes them
+    (``layer_type``: the entry of a per-layer-type ``rope_parameters``, as in Gemma 3)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        per_type = {"layer_type": layer_type} if layer_type is not None else {}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **per_type)
         return inv_freq.float(), float(scaling)
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -91,6 +125,15 @@ def rope_inv_freq(config: Any, device: torch.device) -> tuple[torch.Tensor, floa
         torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     )
     return 1.0 / (base**exponents), 1.0
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+"""MLP activations by their transformers name (``gelu_pytorch_tanh``: Gemma's)."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -114,18 +157,9 @@ class LlamaRunner:
         self.kv_heads = getattr(c, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.eps = c.rms_norm_eps
-        self.sliding_window = (
-            getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
-        )
-        acts: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            "silu": F.silu,
-            "gelu": F.gelu,
-            "relu": F.relu,
-        }
-        self.act = acts[c.hidden_act]
-        self.inv_freq, self.rope_scaling = rope_inv_freq(c, self.device)
-        # cat(freqs, freqs) == positions * cat(inv_freq, inv_freq): one op per step instead of two
-        self._inv_freq2 = torch.cat((self.inv_freq, self.inv_freq))
+        self.scale = self.head_dim**-0.5
+        self.act = ACTIVATIONS[activation(c)]
+        self.kinds, kind_of_layer = self._attention_kinds(c)
         self._eps = torch.tensor(self.eps, dtype=torch.float32, device=self.device)
         self.embed = tensors["model.embed_tokens.weight"]
         self.norm = tensors["model.norm.weight"]
@@ -135,17 +169,34 @@ class LlamaRunner:
         self.layers = [
             self._layer(tensors, f"model.layers.{i}.") for i in range(c.num_hidden_layers)
         ]
+        for layer, kind in zip(self.layers, kind_of_layer, strict=True):
+            layer.kind = kind
 
-    @staticmethod
-    def _layer(t: dict[str, torch.Tensor], p: str) -> _Layer:
+    def _attention_kinds(self, config: Any) -> tuple[list[AttentionKind], list[int]]:
+        """The attention kinds and each layer's kind (here: one kind for every layer)."""
+        c = config
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None  # fmt: skip
+        kind = AttentionKind(window, *rope_inv_freq(c, self.device))
+        return [kind], [0] * c.num_hidden_layers
+
+    def _layer(self, t: dict[str, torch.Tensor], p: str) -> _Layer:
         a, m = p + "self_attn.", p + "mlp."
-        return _Layer(
+        if a + "qkv_proj.weight" in t:  # Phi-3: row slices of the fused matrices are views
+            q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            q, k, v = t[a + "qkv_proj.weight"].split([q_rows, kv_rows, kv_rows])
+            gate, up = t[m + "gate_up_proj.weight"].chunk(2)
+        else:
+            q, k, v = t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]
+            gate, up = t[m + "gate_proj.weight"], t[m + "up_proj.weight"]
+        layer = _Layer(
             t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"],
-            t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"],
-            t[a + "o_proj.weight"], t[m + "gate_proj.weight"], t[m + "up_proj.weight"],
-            t[m + "down_proj.weight"],
+            q, k, v, t[a + "o_proj.weight"], gate, up, t[m + "down_proj.weight"],
             t.get(a + "q_proj.bias"), t.get(a + "k_proj.bias"), t.get(a + "v_proj.bias"),
         )  # fmt: skip
+        if a + "q_norm.weight" in t:  # one weight per head row, so q and k norm in one op
+            q_norm = t[a + "q_norm.weight"].expand(self.heads, -1)
+            layer.qk_norm = torch.cat((q_norm, t[a + "k_norm.weight"].expand(self.kv_heads, -1)))
+        return layer
 
     # ------------------------------------------------------------------ building blocks
 
@@ -157,12 +208,17 @@ class LlamaRunner:
         h = h * torch.add(self._eps, squares, alpha=1.0 / h.shape[-1]).rsqrt_()
         return weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)
+
+    def _rope(
+        self, positions: torch.Tensor, kind: AttentionKind
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions of any shape S -> [*S, head_dim] (float32 math, as in HF)."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        freqs = positions.to(torch.float32)[..., None] * kind.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-        return cos, (emb.sin() * self.rope_scaling).to(self.dtype)
+        cos = (emb.cos() * kind.rope_scaling).to(self.dtype)
+        return cos, (emb.sin() * kind.rope_scaling).to(self.dtype)
 
     def _qkv(
         self, layer: _Layer, h: torch.Tensor
@@ -177,8 +233,15 @@ class LlamaRunner:
         if layer.gate_up is not None:
             gate_up = F.linear(h, layer.gate_up)
             inter = gate_up.shape[-1] // 2
-            return F.linear(self.act(gate_up[..., :inter]) * gate_up[..., inter:], layer.down)
-        return F.linear(self.act(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+            out = F.linear(self.act(gate_up[..., :inter]) * gate_up[..., inter:], layer.down)
+        else:
+            out = F.linear(self.act(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+        return out if layer.post_mlp_norm is None else self._rms(out, layer.post_mlp_norm)
+
+    def _attn_out(self, layer: _Layer, attn: torch.Tensor) -> torch.Tensor:
+        """Attention's contribution to the residual stream: o(attn), post-normed where set."""
+        out = F.linear(attn, layer.o)
+        return out if layer.post_attn_norm is None else self._rms(out, layer.post_attn_norm)
 
     def _decode_qkv(
         self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -188,11 +251,15 @@ class LlamaRunner:
         if layer.qkv is not None:  # one matmul, and q and k rotated together
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(batch, heads + 2 * kv_heads, dim)
             qk = qkv[:, : heads + kv_heads]
+            if layer.qk_norm is not None:
+                qk = self._rms(qk, layer.qk_norm)
             qk = qk * cos + qk.roll(half, -1) * sin
             v = qkv[:, heads + kv_heads :].reshape(batch, -1)
             return qk[:, :heads], qk[:, heads:].reshape(batch, -1), v
         q = F.linear(h, layer.q, layer.q_bias).view(batch, heads, dim)
         k = F.linear(h, layer.k, layer.k_bias).view(batch, kv_heads, dim)
+        if layer.qk_norm is not None:
+            q, k = self._rms(q, layer.qk_norm[:heads]), self._rms(k, layer.qk_norm[heads:])
         q = q * cos + q.roll(half, -1) * sin
         k = k * cos + k.roll(half, -1) * sin
         return q, k.view(batch, -1), F.linear(h, layer.v, layer.v_bias)
@@ -205,16 +272,22 @@ class LlamaRunner:
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
+    def _decode_attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, kv_heads, groups, D] against keys/values [B, kv_heads, longest, D]."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+
     def _visible(
-        self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_len: torch.Tensor, window: int | None
     ) -> torch.Tensor:
         """Bool mask [B,1,Lq,Lk]: causal, within the request's length, within the sliding window."""
         mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] < k_len[:, None, None])
-        if self.sliding_window:
-            mask &= k_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window
+        if window:
+            mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
         return mask[:, None]
 
     def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
@@ -236,43 +309,51 @@ class LlamaRunner:
         lens = torch.tensor(lengths, device=self.device)
         valid = pos < lens[:, None]
         bases = kv.padded_bases(tables, lengths)[valid]
-        mask = self._visible(pos, pos, lens)
-        cos, sin = self._rope(pos)
-        cos, sin = cos[:, None], sin[:, None]
-        x = F.embedding(ids, self.embed)
+        masks = [self._visible(pos, pos, lens, kind.window) for kind in self.kinds]
+        ropes = [self._rope(pos[:, None], kind) for kind in self.kinds]  # [B, 1, L, D]
+        x = self._embed(ids)
         for li, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.kind]
             q, k, v = self._qkv(layer, self._rms(x, layer.ln1))
-            q = q.view(batch, longest, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, longest, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q.view(batch, longest, self.heads, self.head_dim)
+            k = k.view(batch, longest, self.kv_heads, self.head_dim)
+            if layer.qk_norm is not None:
+                q = self._rms(q, layer.qk_norm[: self.heads])
+                k = self._rms(k, layer.qk_norm[self.heads :])
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(batch, longest, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv.write(
                 li, bases, k.transpose(1, 2)[valid].flatten(1), v.transpose(1, 2)[valid].flatten(1)
             )
-            x = x + F.linear(self._attend(q, k, v, mask), layer.o)
+            x = x + self._attn_out(layer, self._attend(q, k, v, masks[layer.kind]))
             x = x + self._mlp(layer, x)
         last = x[torch.arange(batch, device=self.device), lens - 1]
         return self._logits(last)
 
-    def _decode_rope(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_rope(
+        self, q_pos: torch.Tensor, kind: AttentionKind
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [B, 1, head_dim] for ``x * cos + swap_halves(x) * sin``,
         which equals transformers' ``x * cos + rotate_half(x) * sin`` bit for bit."""
-        emb = q_pos.to(torch.float32)[:, None, None] * self._inv_freq2
+        emb = q_pos.to(torch.float32)[:, None, None] * kind.inv_freq2
         cos, sin = emb.cos(), emb.sin()
-        if self.rope_scaling != 1.0:
-            cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
+        if kind.rope_scaling != 1.0:
+            cos, sin = cos * kind.rope_scaling, sin * kind.rope_scaling
         half = self.head_dim // 2
         sin[..., :half].neg_()
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _decode_mask(self, valid: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def _decode_mask(
+        self, valid: torch.Tensor, lens: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
         """Additive [B, 1, 1, longest]: a decode query at length-1 sees keys < length (and the
         window). Built once per step in the float form attention would convert a bool mask to
         in every layer."""
-        if self.sliding_window:
+        if window:
             k_pos = torch.arange(valid.shape[1], device=self.device)
-            valid = valid & (k_pos > (lens[:, None] - 1 - self.sliding_window))
+            valid = valid & (k_pos > (lens[:, None] - 1 - window))
         mask = torch.zeros(valid.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~valid, float("-inf"))[:, None, None]
 
@@ -285,18 +366,16 @@ class LlamaRunner:
         batch, heads, kv_heads, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
         lens = torch.tensor(lengths, device=self.device)
         index = kv.step_index(tables, lengths)
-        mask = self._decode_mask(index.valid, lens)
-        cos, sin = self._decode_rope(lens - 1)
-        scale = dim**-0.5
-        x = F.embedding(torch.tensor(tokens, device=self.device), self.embed)
+        masks = [self._decode_mask(index.valid, lens, kind.window) for kind in self.kinds]
+        ropes = [self._decode_rope(lens - 1, kind) for kind in self.kinds]
+        x = self._embed(torch.tensor(tokens, device=self.device))
         for li, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.kind]
             q, k, v = self._decode_qkv(layer, self._rms(x, layer.ln1), cos, sin)
             kv.write_step(li, index, k, v)
             keys, values = kv.read_step(li, index)
-            out = F.scaled_dot_product_attention(
-                q.view(batch, kv_heads, heads // kv_heads, dim), keys, values,
-                attn_mask=mask, scale=scale,
-            )  # fmt: skip
-            x = x + F.linear(out.reshape(batch, -1), layer.o)
+            grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
+            out = self._decode_attend(grouped, keys, values, masks[layer.kind])
+            x = x + self._attn_out(layer, out.reshape(batch, -1))
             x = x + self._mlp(layer, x)
         return self._logits(x)

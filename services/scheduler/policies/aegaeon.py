@@ -13,6 +13,10 @@ request's KV goes to (through the host KV pool): the one already decoding that m
 An instance of role "both" does both. A request whose model it is already decoding rides along
 in that batch's next turn (no switch of its own); other requests form groups. Groups and batches
 are taken earliest deadline first.
+
+A model with ``ModelSpec.pin = N`` is pinned on N instances: they keep its weights in a slot
+(``TurnPlan.pinned``; the worker never evicts it) and its requests are prefilled and decoded
+there (:meth:`~.aegaeon_lanes.AegaeonBase._assign_pins`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import deque
 from aegaeon.scheduler.policies.aegaeon_lanes import GROUP_CAP, Lane
 from aegaeon.scheduler.policies.base import (
     InstanceView,
+    ModelSpec,
     Rejection,
     RequestView,
     TurnPlan,
@@ -41,9 +46,18 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     # ------------------------------------------------------------ membership
 
+    def add_model(self, spec: ModelSpec) -> None:
+        super().add_model(spec)
+        self._assign_pins()
+
+    def remove_model(self, name: str) -> None:
+        super().remove_model(name)
+        self._assign_pins()  # its instances no longer keep it
+
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
         self.lanes[instance.instance_id] = Lane()
+        self._assign_pins()
         pending, self.unplaced = self.unplaced, deque()
         for request_id in pending:
             request = self.requests.get(request_id)
@@ -54,7 +68,9 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     def remove_instance(self, instance_id: str) -> list[RequestView]:
         self.lanes.pop(instance_id, None)
-        return super().remove_instance(instance_id)
+        lost = super().remove_instance(instance_id)
+        self._assign_pins()
+        return lost
 
     def submit(self, request: RequestView, now: float) -> Rejection | None:
         if request.model not in self.models:
@@ -70,6 +86,8 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
         view, lane = self.instances.get(instance_id), self.lanes.get(instance_id)
         if view is None or lane is None or view.busy:
             return None
+        if lane.groups:
+            self._order_groups(lane, now)  # a group may have waited past the maximum wait
         if view.role == "prefill":
             return self._prefill_turn(instance_id, now)
         if view.role == "decode":

@@ -71,6 +71,7 @@ class AegaeonBase(Policy):
         self.lanes: dict[str, Lane] = {}
         self.unplaced: deque[str] = deque()  # arrived while no instance could take it
         self.last_alpha: float = 0.0
+        self.pins: dict[str, str] = {}  # instance → the model it keeps resident (ModelSpec.pin)
         self.qmax_s = qmax_for(slo.ttft_s)  # the longest quota
         self.alone_quota_s = min(self.qmax_s, max(slo.ttft_s / 8, 10 * slo.tbt_s))
 
@@ -84,6 +85,37 @@ class AegaeonBase(Policy):
 
     @abstractmethod
     def _upcoming_model(self, instance_id: str, running: str) -> str | None: ...
+
+    @abstractmethod
+    def _order_groups(self, lane: Lane, now: float) -> None: ...
+
+    # ------------------------------------------------------------ pinning
+
+    def _assign_pins(self) -> None:
+        """Each model with ``pin = N`` is kept on N instances, one model per instance (the
+        engine's second slot stays free for the others). Pins that still hold stay where they
+        are; new ones go to unpinned instances, those already holding the model first, then
+        "both" before "decode" before "prefill", in join order. Fewer instances than pins:
+        the higher classes, then names, first."""
+        wanted = {m: s.pin for m, s in self.models.items() if s.pin > 0}
+        kept: dict[str, str] = {}
+        for instance_id, model in self.pins.items():
+            if instance_id in self.instances and sum(m == model for m in kept.values()) < wanted.get(model, 0):  # fmt: skip
+                kept[instance_id] = model
+        role_order = {"both": 0, "decode": 1, "prefill": 2}
+        for model in sorted(wanted, key=lambda m: (self.class_rank(m), m)):
+            free = [i for i in self.instances if i not in kept]
+            free.sort(key=lambda i: (self.instances[i].resident_model != model,
+                                     role_order[self.instances[i].role]))  # fmt: skip
+            missing = wanted[model] - sum(m == model for m in kept.values())
+            for instance_id in free[: max(0, missing)]:
+                kept[instance_id] = model
+        self.pins = kept
+
+    def _pinned_first(self, candidates: list[str], model: str) -> list[str]:
+        """The candidates pinned to ``model`` when there are any (it is served there), else all."""
+        pinned = [i for i in candidates if self.pins.get(i) == model]
+        return pinned or candidates
 
     # ------------------------------------------------------------ readings
 
@@ -148,6 +180,9 @@ class AegaeonBase(Policy):
 
     def _start(self, instance_id: str, plan: TurnPlan, now: float, work_s: float) -> None:
         view, lane = self.instances[instance_id], self.lanes[instance_id]
+        plan.pinned = self.pins.get(instance_id)
+        if plan.prefetch_model is None and plan.pinned not in (None, plan.model):
+            plan.prefetch_model = plan.pinned  # nothing else to stage: bring the pinned one back
         switch = self.est.switch_time(plan.model) if plan.model != view.resident_model else 0.0
         lane.busy_until = now + switch + work_s
         lane.running, lane.staged, lane.running_shift = plan.model, plan.prefetch_model, 0.0

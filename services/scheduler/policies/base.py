@@ -14,26 +14,46 @@ against a cost model. Both call it the same way::
     lost = policy.remove_instance(instance_id)       # worker died → requests to re-run
 
 A driver asks ``next_turn`` for every idle instance after each event (a policy returns None
-when that instance has nothing to do now), then ``prefetch_now`` for every busy one.
+when that instance has nothing to do now), then ``prefetch_now`` for every busy one. A policy
+returns None only for an instance that holds no work, and that call changes nothing: the
+simulator relies on it to ask only the instances an event gave work.
+
+Models have priority classes (``ModelSpec.priority``, :mod:`aegaeon.priority`): where a policy
+orders work of several models, a higher class goes first, and a request that has waited
+``max_wait_s`` (a driver may set it) for its first token goes before every class
+(:meth:`Policy.ranks`). With one class throughout, every policy orders as it would without them.
+
+Where weights are is an optional hint: a driver that knows which node each instance is on
+(``InstanceView.node``) and what each node's host memory caches sets ``policy.locality`` (a
+:class:`WeightLocality`); placement then prefers instances whose node already holds the model
+and weighs the time to bring it there (:meth:`Policy.fetch_s`). Without it (None, the default)
+every policy places exactly as if weights were everywhere.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
+
+from aegaeon.priority import DEFAULT_MAX_WAIT_S, DEFAULT_PRIORITY, rank
 
 InstanceRole = Literal["prefill", "decode", "both"]
 
 
 @dataclass
 class ModelSpec:
-    """What a policy knows of a model: its size (switch cost) and KV footprint per token."""
+    """What a policy knows of a model: its size (switch cost), KV footprint per token, its
+    priority class against other models' work (:mod:`aegaeon.priority`), and on how many
+    instances it is pinned (kept in a weight slot, served there first)."""
 
     name: str
     weight_bytes: int
     kv_bytes_per_token: int
     context_length: int = 4096
+    priority: str = "normal"
+    pin: int = 0  # instances that keep it resident (policies that pin: aegaeon)
 
 
 @dataclass
@@ -44,7 +64,7 @@ class RequestView:
     model: str
     prompt_len: int
     max_tokens: int
-    arrival: float
+    arrival: float  # on the driver's clock: the one of every ``now`` the policy is given
     generated: int = 0  # tokens produced so far (the first comes from prefill)
     prefilled: bool = False
     instance_id: str | None = None  # where its KV lives / where it is queued
@@ -64,6 +84,7 @@ class InstanceView:
     weight_budget_bytes: int = 1 << 40  # weights that fit on the device at once
     resident_model: str | None = None
     busy: bool = False
+    node: str | None = None  # the server it is on (host memory, network link); None: unknown
 
 
 @dataclass
@@ -75,7 +96,8 @@ class TurnPlan:
     ``prefetch_model`` is staged during the turn. ``handoff`` maps request ids whose KV must go
     to another instance after this turn (prefill → decode) to that instance's id. ``drop_kv``:
     requests whose KV the instance drops before the turn (recomputed when they run again), as a
-    ServerlessLLM instance loses its requests' KV when it unloads their model.
+    ServerlessLLM instance loses its requests' KV when it unloads their model. ``pinned``: the
+    model the instance keeps in a weight slot (never evicted by other models' switches).
     """
 
     instance_id: str
@@ -88,6 +110,7 @@ class TurnPlan:
     max_steps: int | None = None
     handoff: dict[str, str] = field(default_factory=dict)
     drop_kv: list[str] = field(default_factory=list)
+    pinned: str | None = None
 
 
 @dataclass
@@ -134,10 +157,21 @@ class StepTimeEstimator(Protocol):
     def switch_time(self, model: str) -> float: ...
 
 
+class WeightLocality(Protocol):
+    """Where model weights are: what a switch on a node costs beyond the host → device copy."""
+
+    def fetch_s(self, node: str, model: str) -> float:
+        """Seconds until ``model``'s weights are in ``node``'s host memory if asked for now: 0
+        when the node caches them, else the transfer from the model store or a peer node."""
+        ...
+
+
 class Policy(ABC):
     """A scheduling policy. Subclasses set ``name`` (the ``--policy`` value)."""
 
     name: ClassVar[str]
+    locality: WeightLocality | None = None  # set by a driver that knows the nodes' caches
+    max_wait_s: float = DEFAULT_MAX_WAIT_S  # a first token's wait past which classes stop counting
 
     def __init__(
         self,
@@ -152,12 +186,56 @@ class Policy(ABC):
         self.requests: dict[str, RequestView] = {}
 
     def add_model(self, spec: ModelSpec) -> None:
-        """A model was registered after start."""
+        """A model was registered after start (or its spec changed: its class, its pin)."""
         self.models[spec.name] = spec
+
+    def remove_model(self, name: str) -> None:
+        """A model left the registry; the driver calls this only once none of its requests is
+        queued or running here."""
+        self.models.pop(name, None)
 
     def add_instance(self, instance: InstanceView) -> None:
         """A worker joined."""
         self.instances[instance.instance_id] = instance
+
+    def class_rank(self, model: str) -> int:
+        """The rank of ``model``'s priority class (0: the highest)."""
+        spec = self.models.get(model)
+        return rank(spec.priority if spec is not None else DEFAULT_PRIORITY)
+
+    def starving(self, request: RequestView, now: float) -> bool:
+        """It has waited ``max_wait_s`` for its first token."""
+        return not request.prefilled and now - request.arrival >= self.max_wait_s
+
+    def ranks(self, request_ids: Iterable[str], now: float) -> dict[str, int]:
+        """Each request's rank for ordering work of several models (lower goes first): its
+        model's class rank, or -1, before every class, once it is :meth:`starving` — so no
+        class starves another. Within a rank the policy's own order decides. Among requests of
+        one class every rank is the same: the policy's order alone, as without classes."""
+        own = {r: self.class_rank(self.requests[r].model) for r in request_ids}
+        if len(set(own.values())) <= 1:
+            return own
+        return {r: -1 if self.starving(self.requests[r], now) else k for r, k in own.items()}
+
+    def fetch_s(self, instance_id: str, model: str) -> float:
+        """Seconds to bring ``model``'s weights to the node of ``instance_id`` before its
+        host → device copy (0: cached there, or no locality hint, or node unknown)."""
+        view = self.instances.get(instance_id)
+        if self.locality is None or view is None or view.node is None:
+            return 0.0
+        return self.locality.fetch_s(view.node, model)
+
+    def fetch_times(self, instance_ids: Iterable[str], model: str) -> dict[str, float]:
+        """:meth:`fetch_s` of each instance, the hint asked once per node."""
+        by_node: dict[str | None, float] = {}
+        out = {}
+        for instance_id in instance_ids:
+            view = self.instances.get(instance_id)
+            node = view.node if view is not None else None
+            if node not in by_node:
+                by_node[node] = self.fetch_s(instance_id, model)
+            out[instance_id] = by_node[node]
+        return out
 
     def remove_instance(self, instance_id: str) -> list[RequestView]:
         """A worker left or died: forget it and return the requests it held, reset so that

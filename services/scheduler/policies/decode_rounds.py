@@ -10,6 +10,8 @@ Within a round batches go most urgent first (earliest next-token deadline), so a
 does not wait for the round to come back to it. Quotas come from :mod:`.quota` with ``c`` the
 switch time a round really pays (measured where workers reported it), and a round is capped at
 ROUND_SHARE of the TTFT target on every instance (:func:`.quota.capped_round` says why).
+A batch's quota is weighted by its model's priority class (:data:`aegaeon.priority.QUOTA_WEIGHT`)
+before that cap, which keeps the weighted ratios.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from aegaeon.scheduler.policies.quota import (
     prefetched_round_quotas,
 )
 
+from aegaeon.priority import quota_weight
+
 
 class DecodeRounds(AegaeonBase):
     """Algorithm 2: where a request decodes, and the quota of each decode turn."""
@@ -33,35 +37,55 @@ class DecodeRounds(AegaeonBase):
         member costs a batch little, a new batch costs its lane a whole step and a switch per
         round, so spreading a model over lanes under load would only add to every lane's α.
         Among several, and otherwise, the instance whose rotation load (α before its 0.5
-        floor) stays lowest with it, which balances TBT headroom."""
-        best, best_key = None, (2, float("inf"))
-        context = request.context_len + 1
-        for instance_id, view in self.instances.items():
-            if view.role not in ("decode", "both"):
-                continue
-            batches = self.lanes[instance_id].batches
-            models = [b.model for b in batches]
-            steps = [self._step_time(b) for b in batches]
-            room = next(
-                (i for i, b in enumerate(batches)
-                 if b.model == request.model and self._fits(b, request, view.kv_capacity_tokens)),
-                None,
-            )  # fmt: skip
-            if room is not None:
-                steps[room] = self.est.decode_time(
-                    request.model, [*self._lens(batches[room]), context]
-                )
-            else:
-                models.append(request.model)
-                steps.append(self.est.decode_time(request.model, [context]))
-            alpha = self._raw_alpha(models, steps)
-            key = (0 if room is not None else 1, alpha)
-            if key < best_key:
-                best, best_key = instance_id, key
+        floor) stays lowest with it, which balances TBT headroom. With a locality hint, the
+        time to bring the model's weights to the instance's node counts once in that round's
+        switch time ``c``: a node that caches it wins among otherwise equal lanes.
+
+        Lanes with room are found first and only they are priced when there are any (they
+        win whatever the others' α): the same answer as pricing every lane."""
+        decoding = [(i, v) for i, v in self.instances.items() if v.role in ("decode", "both")]
+        if self.pins:
+            pinned = set(self._pinned_first([i for i, _ in decoding], request.model))
+            decoding = [(i, v) for i, v in decoding if i in pinned]
+        rooms = {i: self._room(i, request) for i, _ in decoding}
+        with_room = [i for i, _ in decoding if rooms[i] is not None]
+        best, best_alpha = None, float("inf")
+        for instance_id in with_room or [i for i, _ in decoding]:
+            alpha = self._alpha_with(instance_id, request, rooms[instance_id])
+            if best is None or alpha < best_alpha:
+                best, best_alpha = instance_id, alpha
         return best
 
-    def _raw_alpha(self, models: list[str], steps: list[float]) -> float:
+    def _room(self, instance_id: str, request: RequestView) -> int | None:
+        """The first batch of the request's model on this lane with room for it."""
+        capacity = self.instances[instance_id].kv_capacity_tokens
+        batches = self.lanes[instance_id].batches
+        return next(
+            (i for i, b in enumerate(batches)
+             if b.model == request.model and self._fits(b, request, capacity)),
+            None,
+        )  # fmt: skip
+
+    def _alpha_with(self, instance_id: str, request: RequestView, room: int | None) -> float:
+        """The lane's rotation load (α before its floor) with the request in batch ``room``,
+        or in a new batch of its own."""
+        batches = self.lanes[instance_id].batches
+        models = [b.model for b in batches]
+        steps = [self._step_time(b) for b in batches]
+        context = request.context_len + 1
+        if room is not None:
+            steps[room] = self.est.decode_time(request.model, [*self._lens(batches[room]), context])
+        else:
+            models.append(request.model)
+            steps.append(self.est.decode_time(request.model, [context]))
+        if self.locality is None:
+            return self._raw_alpha(models, steps)
+        return self._raw_alpha(models, steps, self.fetch_s(instance_id, request.model))
+
+    def _raw_alpha(self, models: list[str], steps: list[float], fetch_s: float = 0.0) -> float:
         c = sum(cyclic_switch_costs(models, self._switch_times(models)))
+        if fetch_s:
+            c += fetch_s
         n_min = min(self.slo.tbt_s / t for t in steps)
         return c / (n_min * self.qmax_s) + sum(t / self.slo.tbt_s for t in steps)
 
@@ -142,6 +166,11 @@ class DecodeRounds(AegaeonBase):
         )
         if c <= 0:
             quotas = [self.alone_quota_s] * len(models)
+        weights = [
+            quota_weight(self.models[m].priority) if m in self.models else 1.0 for m in models
+        ]
+        if any(w != 1.0 for w in weights):  # a higher class: more tokens per round
+            quotas = [q * w for q, w in zip(quotas, weights, strict=True)]
         cap = ROUND_SHARE * self.slo.ttft_s
         quotas, capped_alpha = capped_round(quotas, steps, c, self.slo.tbt_s, cap)
         self.last_alpha = max(alpha, capped_alpha or 0.0)

@@ -1,8 +1,10 @@
 """The ``dedicated`` baseline: one model per instance, never a switch.
 
-Models are bound to instances as instances join, in registration order. It needs as many
-instances as models; a request for a model with no instance of its own is rejected (503), so
-the shortfall is visible rather than hidden in a queue.
+Models are bound to instances as instances join, in registration order. With a locality hint
+they are bound at the first request instead, once the instances have joined, each to a free
+instance whose node caches it when there is one. It needs as many instances as models; a
+request for a model with no instance of its own is rejected (503), so the shortfall is visible
+rather than hidden in a queue.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ class DedicatedPolicy(ServingPolicy):
 
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
-        self._bind()
+        if self.locality is None:  # with a hint: at the next request, to choose among them all
+            self._bind()
 
     def remove_instance(self, instance_id: str) -> list[RequestView]:
         lost = super().remove_instance(instance_id)
@@ -34,7 +37,11 @@ class DedicatedPolicy(ServingPolicy):
         free = [i for i in self.instances if i not in taken]
         for model in self.models:
             if model not in self.owner and free:
-                self.owner[model] = free.pop(0)
+                pick = 0
+                if self.locality is not None:
+                    near = self.fetch_times(free, model)
+                    pick = min(range(len(free)), key=lambda k: near[free[k]])
+                self.owner[model] = free.pop(pick)
 
     def route(self, request: RequestView, now: float) -> str | Rejection:
         self._bind()  # models may have been added since

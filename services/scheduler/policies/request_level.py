@@ -10,7 +10,14 @@ Routing on arrival, in order of preference:
 3. else it queues: on an instance where its model already waits (it will share that batch),
    else on the one with the fewest requests.
 
-Each instance serves its queue **FCFS by arrival**. When the model it serves has no admissible
+With a locality hint (``Policy.locality``), as ServerlessLLM's locality-aware allocation
+picks the server that starts the model soonest: a scale-out goes to the idle instance whose
+node brings the weights soonest (a node caching them first), then as above; a request that
+queues goes, among the least loaded, where the weights are soonest.
+
+Each instance serves its queue **FCFS by arrival** (within a priority class: a higher class's
+oldest request goes first, and a request waiting past the maximum wait before every class; see
+:meth:`Policy.ranks`). When the model it serves has no admissible
 request left, it switches to the model of the oldest request waiting on it, whatever its model,
 and a *period* of that model begins. A period admits, by continuous batching: every request of
 the model that waited when the period began, and a later arrival of the model only while no
@@ -77,10 +84,27 @@ class RequestLevelPolicy(ServingPolicy):
         if warm:
             return min(warm, key=self.load)
         idle = [i for i, v in self.instances.items() if not self.queues[i] and not v.busy]
+        if self.locality is not None:
+            return self._route_near(idle, request.model)
         if idle:
             return min(idle, key=self._eviction_order)
-        waiting = [i for i in self.instances if request.model in self.models_waiting(i)]
+        waiting = [i for i in self.instances if self._waits(i, request.model)]
         return min(waiting or self.instances, key=self.load)
+
+    def _waits(self, instance_id: str, model: str) -> bool:
+        """A request of ``model`` waits on the instance."""
+        return any(self.requests[r].model == model for r in self.queues[instance_id])
+
+    def _route_near(self, idle: list[str], model: str) -> str:
+        """Routes 2 and 3 with the time to bring the weights to each node weighed in: the
+        soonest node first among idle instances, among the least loaded ones else."""
+        if idle:
+            near = self.fetch_times(idle, model)
+            return min(idle, key=lambda i: (near[i], *self._eviction_order(i)))
+        pool = [i for i in self.instances if self._waits(i, model)] or list(self.instances)
+        least = min(self.load(i) for i in pool)
+        pool = [i for i in pool if self.load(i) == least]
+        return min(pool, key=self.fetch_times(pool, model).__getitem__)
 
     def serving(self, view: InstanceView) -> str | None:
         """The model the instance serves now (its period's, else the resident one)."""
@@ -120,27 +144,34 @@ class RequestLevelPolicy(ServingPolicy):
         if not queue:
             return None
         period = self.period.get(view.instance_id)
-        admitted = self.admissible(view.instance_id, period) if period else []
+        admitted = self.admissible(view.instance_id, period, now) if period else []
         if period is None or not admitted:
-            model = self.requests[queue[0]].model
+            ranks = self.ranks(queue, now)  # one class throughout: the oldest request's model
+            head = min(range(len(queue)), key=lambda i: (ranks[queue[i]], i))
+            model = self.requests[queue[head]].model
             waited = max(self.requests[r].arrival for r in queue if self.requests[r].model == model)
             period = (model, waited)
             self.period[view.instance_id] = period
-            admitted = self.admissible(view.instance_id, period)
+            admitted = self.admissible(view.instance_id, period, now)
         started = [r for r in admitted if self.requests[r].prefilled]
         fresh = [r for r in admitted if not self.requests[r].prefilled]
         return period[0], self.fit(view, started + fresh)
 
-    def admissible(self, instance_id: str, period: tuple[str, float]) -> list[str]:
+    def admissible(self, instance_id: str, period: tuple[str, float], now: float) -> list[str]:
         """The period model's requests on the instance that may run now, in arrival order:
         started ones, those waiting when the period began, and later ones that arrived
-        before the oldest request of another model still waiting."""
+        before the oldest request of another model still waiting (of another model whose
+        rank is as high as the period's: a lower class waits for the higher's arrivals, until
+        it is starving)."""
         model, waited = period
         queue = self.queues[instance_id]
+        mine = self.class_rank(model)
+        ranks = self.ranks(queue, now)
         other = min(
-            (self.requests[r].arrival for r in queue if self.requests[r].model != model),
+            (self.requests[r].arrival for r in queue
+             if self.requests[r].model != model and ranks[r] <= mine),
             default=float("inf"),
-        )
+        )  # fmt: skip
         out = []
         for request_id in queue:
             request = self.requests[request_id]

@@ -59,7 +59,7 @@ class RoundRobinPolicy(Policy):
     def submit(self, request: RequestView, now: float) -> Rejection | None:
         if request.model not in self.models:
             return Rejection(f"unknown model {request.model!r}", status=404)
-        instance = self._least_loaded()
+        instance = self._least_loaded(request.model)
         if instance is None:
             return Rejection("no worker available", status=503, retry_after=1.0)
         request.instance_id = instance.instance_id
@@ -67,12 +67,16 @@ class RoundRobinPolicy(Policy):
         self._queues[instance.instance_id].setdefault(request.model, []).append(request.request_id)
         return None
 
-    def _least_loaded(self) -> InstanceView | None:
-        """Fewest requests held; instances that can decode ("both") first, ids break ties."""
+    def _least_loaded(self, model: str) -> InstanceView | None:
+        """Fewest requests held; instances that can decode ("both") first, ids break ties
+        (after, with a locality hint, the time to bring the model's weights to the node)."""
         candidates = [i for i in self.instances.values() if i.role == "both"]
         candidates = candidates or list(self.instances.values())
         if not candidates:
             return None
+        if self.locality is not None:
+            return min(candidates, key=lambda i: (self._load(i.instance_id),
+                       self.fetch_s(i.instance_id, model), i.instance_id))  # fmt: skip
         return min(candidates, key=lambda i: (self._load(i.instance_id), i.instance_id))
 
     def _load(self, instance_id: str) -> int:

@@ -18,6 +18,9 @@ comparison: such a model goes where it overflows the budget least, and that inst
 exceeds its budget: it switches weights in and out among its own members (never outside its set),
 paying the switch each time, as ``request-level`` would.
 
+With a locality hint (``Policy.locality``) a model goes, among equally loaded instances, to
+one whose node already caches it (its first load, and any move, is then a host → device copy).
+
 Rates: the ``rates`` option (requests/s per model) when the driver knows them; else learned
 online from arrival counts (equal at first, so the first placement goes by size). The
 placement is recomputed when the arrivals reach REPLACE_PER_MODEL per model, then at each
@@ -34,6 +37,7 @@ device running one batch at a time.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from aegaeon.scheduler.policies.base import (
     InstanceView,
@@ -56,10 +60,12 @@ def place(
     instances: list[str],
     budgets: dict[str, int],
     overflow: bool = False,
+    fetch_s: Callable[[list[str], str], dict[str, float]] | None = None,
 ) -> dict[str, str]:
     """model → instance: busiest first (rate × size) onto the least-loaded instance that still
     has weight budget for it. One that fits nowhere is left out, or with ``overflow`` goes where
-    it overflows the budget least."""
+    it overflows the budget least. ``fetch_s(instances, model)``: with a locality hint, the time
+    to bring the weights to each instance's node; among equally loaded instances the soonest."""
     left = dict(budgets)
     load = dict.fromkeys(instances, 0.0)
     count = dict.fromkeys(instances, 0)
@@ -67,7 +73,12 @@ def place(
     work = {m: rates.get(m, 0.0) * sizes[m] for m in sizes}
     for model in sorted(sizes, key=lambda m: (-work[m], -sizes[m], m)):
         fitting = [i for i in instances if left[i] >= sizes[model]]
-        if fitting:
+        if fitting and fetch_s is not None:  # the fetch breaks ties of (load, count) only
+            least = min((load[i], count[i]) for i in fitting)
+            ties = [i for i in fitting if (load[i], count[i]) == least]
+            near = fetch_s(ties, model)
+            target = min(ties, key=lambda i: (near[i], -left[i], i))
+        elif fitting:
             target = min(fitting, key=lambda i: (load[i], count[i], -left[i], i))
         elif overflow:  # over budget wherever it goes: where it overflows least
             target = min(instances, key=lambda i: (-left[i], load[i], i))
@@ -128,7 +139,8 @@ class StaticMuxPolicy(ServingPolicy):
         ids = list(self.instances)
         sizes = {m: spec.weight_bytes for m, spec in self.models.items()}
         budgets = {i: self.instances[i].weight_budget_bytes for i in ids}
-        self.target = place(self.rates(), sizes, ids, budgets, self.overflow) if ids else {}
+        near = self.fetch_times if self.locality is not None else None
+        self.target = place(self.rates(), sizes, ids, budgets, self.overflow, near) if ids else {}
         busy = {r.model for r in self.requests.values()}
         for model, instance_id in self.target.items():
             gone = self.owner.get(model) not in self.instances
