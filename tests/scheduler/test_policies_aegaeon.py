@@ -19,21 +19,9 @@ from aegaeon.scheduler.policies.quota import (
     exposed_switch_costs,
     round_quotas,
 )
+from fixed_costs import FixedCosts
 
 SLO = Slo(ttft_s=10.0, tbt_s=0.1)
-
-
-class FixedCosts:
-    """An estimator with round numbers: decode 10 ms/step, prefill 100 ms, switch 1 s."""
-
-    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
-        return 0.1
-
-    def decode_time(self, model: str, context_lens: list[int]) -> float:
-        return 0.01
-
-    def switch_time(self, model: str) -> float:
-        return 1.0
 
 
 def models(*names: str) -> dict[str, ModelSpec]:

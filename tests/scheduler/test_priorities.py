@@ -9,6 +9,7 @@ from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, Slo
 from aegaeon.scheduler.policies.request_level import RequestLevelPolicy
 from aegaeon.scheduler.policies.sllm_plus import SllmPlusPolicy
+from fixed_costs import FixedCosts
 
 from aegaeon.priority import check_priority, rank
 from aegaeon.sim.engine import simulate
@@ -16,19 +17,6 @@ from aegaeon.workload import TraceRequest
 
 SLO = Slo(ttft_s=10.0, tbt_s=0.1)
 GB = 1 << 30
-
-
-class FixedCosts:
-    """Decode 10 ms/step, prefill 100 ms, switch 1 s."""
-
-    def prefill_time(self, model: str, prompt_lens: list[int]) -> float:
-        return 0.1
-
-    def decode_time(self, model: str, context_lens: list[int]) -> float:
-        return 0.01
-
-    def switch_time(self, model: str) -> float:
-        return 1.0
 
 
 def specs(**classes: str) -> dict[str, ModelSpec]:
