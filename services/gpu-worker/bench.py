@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from aegaeon.gpu_worker.arena import map_host_weights
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.runners.llama import attention_kernels
 
 from aegaeon.protocol import SamplingParams
 
@@ -138,9 +139,9 @@ def reload_figures(model_dir: Path, device: str, dtype: str, switch_s: float) ->
             "inprocess_reload_s": warm, "inprocess_reload_over_switch": warm / switch_s}  # fmt: skip
 
 
-def _engine_decode(engine: Engine, model: str, batch: int) -> float:
+def _engine_decode(engine: Engine, model: str, batch: int, tag: str = "") -> float:
     sampling = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
-    ids = [f"bench-{batch}-{i}" for i in range(batch)]
+    ids = [f"bench-{tag}{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         engine.add_request(rid, model, [(7 * i + j) % 500 + 1 for j in range(PROMPT_LEN)], sampling)
     engine.step(ids)  # prefill
@@ -184,10 +185,12 @@ def measure_decode(engine: Engine, model: str) -> dict[str, float]:
     hf: Any = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=engine.dtype)
     hf = hf.to(engine.device).eval()
     out: dict[str, float] = {}
-    _engine_decode(engine, model, 1)  # warm-up
     for batch in BATCHES:
+        # Each side warms up at this batch size first (transformers: inside _hf_decode): the
+        # first call at a new shape picks and loads its kernels.
+        _engine_decode(engine, model, batch, tag="warm-up-")
         out[f"decode_tok_s_b{batch}"] = _engine_decode(engine, model, batch)
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_kernels(engine.device):  # the engine's choice
             out[f"hf_decode_tok_s_b{batch}"] = _hf_decode(hf, engine.device, batch)
         out[f"decode_over_hf_b{batch}"] = (
             out[f"decode_tok_s_b{batch}"] / out[f"hf_decode_tok_s_b{batch}"]

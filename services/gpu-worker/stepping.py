@@ -27,7 +27,7 @@ from aegaeon.gpu_worker.paged_kv import PagedKV
 from aegaeon.gpu_worker.preemption import Preemption
 from aegaeon.gpu_worker.requests import Request, TokenOutput
 from aegaeon.gpu_worker.runners.fallback import FallbackRunner
-from aegaeon.gpu_worker.runners.llama import LlamaRunner
+from aegaeon.gpu_worker.runners.llama import LlamaRunner, attention_kernels
 from aegaeon.gpu_worker.sampler import choose, finish_reason, is_plain_greedy
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Stepping(Preemption):
         if not batch:
             return []
         self._clock += 1
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_kernels(self.device):
             try:
                 if self.specs[batch[0].model].kind == "fallback":
                     logits = self._fallback_step(batch)

@@ -65,7 +65,11 @@ def family_models(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]], li
     for model_type, extra in FAMILIES.items():
         torch.manual_seed(len(model_type))
         config = AutoConfig.for_model(model_type, **SMALL, **extra)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        # Eager attention: transformers' own definition of each family. Where SDPA is Gemma 2's
+        # default (transformers 5.17), scores are not soft-capped: other tokens than eager's.
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         _spread_weights(model)
         folder = tmp_path_factory.mktemp("families") / model_type
         model.save_pretrained(folder)
