@@ -10,8 +10,8 @@ requests, command other workers or forge the scheduler's replies::
                  drain|remove|serving,                  (the runtime view), registry.changed,
                  scheduler.unload (requests)            _INBOX.>
     scheduler    worker.*.cmd, tokens.*,                requests.submit|cancel, worker.heartbeat,
-                 scheduler.state, models.prefetch,      worker.*.events, scheduler.unload,
-                 models.list (request); replies         registry.changed, models.heartbeat, _INBOX.>
+                 scheduler.state, models.prefetch|      worker.*.events, scheduler.unload,
+                 evict, models.list (request); replies  registry.changed, models.heartbeat, _INBOX.>
     worker       worker.heartbeat, worker.*.events,     worker.*.cmd, _INBOX.>
                  tokens.*, models.list|ensure|ensure.* (requests)
     model-store  registry.changed, models.heartbeat;    models.*, models.ensure.*, worker.heartbeat,
@@ -81,6 +81,7 @@ def role_permissions(role: str, subjects: Subjects) -> Permissions:
                 s.tokens("*"),
                 s.scheduler_state,
                 s.models("prefetch"),
+                s.models("evict"),
                 s.models("list"),
             ),
             subscribe=(

@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("models", "remove"): ("aegaeon.model_admin", "remove a drained model from the system"),
     ("models", "priority"): ("aegaeon.model_admin", "set a model's priority class"),
     ("models", "pin"): ("aegaeon.model_admin", "keep a model resident on N worker instances"),
+    ("models", "keep-alive"): ("aegaeon.model_admin", "evict a model once idle this long"),
     ("bench", "engine"): ("aegaeon.gpu_worker.bench", "benchmark switching, decode and KV swap"),
     ("bench", "stack"): ("aegaeon.bench.stack", "benchmark the gateway + NATS path"),
     ("bench", "load"): (

@@ -1,5 +1,5 @@
-"""``aegaeon models deploy|drain|remove|priority|pin``: the gateway's admin API from the command
-line.
+"""``aegaeon models deploy|drain|remove|priority|pin|keep-alive``: the gateway's admin API from
+the command line.
 
 It speaks HTTP to a gateway (``--gateway``, by default the local ``aegaeon up`` one, as
 ``aegaeon top`` does) with ``--api-key`` (default ``$AEGAEON_API_KEY``): a key with
@@ -21,7 +21,13 @@ from typing import Any
 import httpx
 
 from aegaeon.priority import PRIORITIES
-from aegaeon.serving import pin_argument, pin_text, settings_text
+from aegaeon.serving import (
+    keep_alive_argument,
+    keep_alive_text,
+    pin_argument,
+    pin_text,
+    settings_text,
+)
 
 DEPLOY_TIMEOUT_S = 900.0  # a .gguf file is converted before the gateway answers
 TIMEOUT_S = 60.0
@@ -48,6 +54,9 @@ def add_arguments_for(words: tuple[str, ...], parser: argparse.ArgumentParser) -
     if words[-1] == "pin":
         parser.add_argument("instances", type=pin_argument, metavar="N",
                             help="worker instances that keep it resident (the aegaeon policy); 0 unpins")  # fmt: skip
+    if words[-1] == "keep-alive":
+        parser.add_argument("seconds", type=keep_alive_argument, metavar="IDLE",
+                            help="idle time before it leaves the workers and host caches: seconds, or 90s, 5m, 2h, 1d; 0 keeps it")  # fmt: skip
 
 
 def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
@@ -68,6 +77,8 @@ def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | Non
         return "POST", f"/v1/aegaeon/models/{args.name}/priority", {"priority": args.priority}
     if verb == "pin":
         return "POST", f"/v1/aegaeon/models/{args.name}/pin", {"instances": args.instances}
+    if verb == "keep-alive":
+        return "POST", f"/v1/aegaeon/models/{args.name}/keep_alive", {"seconds": args.seconds}
     return "DELETE", f"/v1/aegaeon/models/{args.name}", None
 
 
@@ -88,6 +99,8 @@ def result_text(verb: str, body: dict[str, Any]) -> str:
         return f"{name} is now {body['priority']} priority ({body['state']})"
     if verb == "pin":
         return f"{name} is now {pin_text(body['pin'])} ({body['state']})"
+    if verb == "keep-alive":
+        return f"{name} is now {keep_alive_text(body['keep_alive_s'])} ({body['state']})"
     if verb == "drain":
         in_flight = body["queued"] + body["running"]
         return (

@@ -406,6 +406,7 @@ class ModelInfo(msgspec.Struct, omit_defaults=True):
     cache_store: str | None = None
     priority: Priority = "normal"  # its class against other models' work (aegaeon.priority)
     pin: int = 0  # instances that keep it resident (the aegaeon policy's pinning)
+    keep_alive_s: float = 0.0  # idle this long: evicted from workers and host caches (0: never)
 
 
 class ListModels(msgspec.Struct, tag="list"):
@@ -436,6 +437,13 @@ class EnsureCached(msgspec.Struct, tag="ensure_cached"):
 
 class PrefetchHint(msgspec.Struct, tag="prefetch"):
     """scheduler → model-store (``models.prefetch``): this model is likely needed soon."""
+
+    name: str
+
+
+class EvictIdle(msgspec.Struct, tag="evict_idle"):
+    """scheduler → every model-store (``models.evict``, no queue group, no reply): ``name`` sat
+    idle past its keep-alive; drop it from the host cache unless a worker's lease holds it."""
 
     name: str
 
@@ -482,13 +490,15 @@ class SetServing(msgspec.Struct, tag="serving", omit_defaults=True):
     """gateway → model-store (``models.serving``): change a registered model's serving settings
     (``aegaeon.serving``), in any state: those given, the others as they are (None). ``priority``:
     its class (``aegaeon.priority``); ``pin``: the worker instances that keep it resident (0
-    unpins). Recorded in the lifecycle book and announced as ModelChanged. Reply: ModelReply with
-    the model as it is now, or an error with its HTTP ``status`` (404 unknown model; 400 an
-    unknown class, a pin out of range, or nothing to set)."""
+    unpins); ``keep_alive_s``: the idle time after which it is evicted (0: never). Recorded in
+    the lifecycle book and announced as ModelChanged. Reply: ModelReply with the model as it is
+    now, or an error with its HTTP ``status`` (404 unknown model; 400 an unknown class, a pin or
+    keep-alive out of range, or nothing to set)."""
 
     name: str
     priority: Priority | None = None
     pin: int | None = None
+    keep_alive_s: float | None = None
 
 
 class ModelReply(msgspec.Struct, omit_defaults=True):

@@ -95,6 +95,7 @@ def runtime_document(
         {"model": m, "state": known[m].state if m in known else None,
          "priority": known[m].priority if m in known else None,
          "pin": known[m].pin if m in known else None,
+         "keep_alive_s": known[m].keep_alive_s if m in known else None,
          "queued": queued.get(m, 0), "running": running.get(m, 0),
          "resident_on": resident.get(m, [])}
         for m in sorted({*known, *queued, *running, *resident}) if visible(m)

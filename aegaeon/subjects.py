@@ -64,7 +64,8 @@ class Subjects:
     def models(self, verb: str) -> str:
         """anyone ↔ model-store, request/reply: verb is list, describe, ensure, prefetch, file;
         the gateway's admin API also asks deploy, drain, remove (lifecycle) and serving (a
-        model's serving settings: priority class, pin)."""
+        model's serving settings: priority class, pin, keep-alive); the scheduler tells every
+        store (no queue group) evict: a model idle past its keep-alive."""
         return f"{self.prefix}.models.{verb}"
 
     @property

@@ -281,6 +281,57 @@ def assert_no_redis_key_keeps(stack: Stack, name: str) -> None:
         client.close()
 
 
+def test_a_model_idle_past_its_keep_alive_leaves_the_worker_and_the_host_cache_and_serves_again(
+    stack: Stack, demo_models_dir: Path
+) -> None:
+    model, prompt = "demo-qwen2", OTHERS["demo-qwen2"]
+    expected = greedy_text(demo_models_dir, model, tuple(prompt), 16)
+
+    def cached() -> list[Path]:
+        return list(stack.shm.rglob(f"{model}.safetensors"))
+
+    async def serve_once(http: httpx.AsyncClient) -> str:
+        served = await http.post("/v1/completions", json=body(model, prompt, 16, stream=False))
+        assert served.status_code == 200, served.text
+        return served.json()["choices"][0]["text"]
+
+    async def card(http: httpx.AsyncClient) -> dict:
+        return (await http.get(f"/v1/models/{model}")).json()
+
+    async def run() -> tuple[str, str, dict]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=180) as http:
+            first = await serve_once(http)
+
+            async def resident() -> bool:
+                return bool((await card(http))["resident_on"]) and bool(cached())
+
+            await until(resident, f"{model} resident on the worker and in the host cache")
+            done = await asyncio.to_thread(aegaeon, "models", "keep-alive", model, "1s", url=stack.url)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert f"{model} is now evicted after 1 s idle" in done.stdout
+
+            async def off_the_worker() -> bool:
+                return not (await card(http))["resident_on"]
+
+            async def out_of_the_cache() -> bool:
+                return not cached()
+
+            await until(off_the_worker, f"{model} evicted from the worker")
+            # The store keeps the file while the worker's lease from its last load runs (60 s:
+            # the time a worker has to map what it asked for).
+            await until(out_of_the_cache, f"{model} evicted from the host cache", timeout=120)
+            again = await serve_once(http)  # loaded again, as any cold model is
+            reset = await http.post(f"/v1/aegaeon/models/{model}/keep_alive", json={"seconds": 0})
+            assert reset.status_code == 200, reset.text
+            return first, again, reset.json()
+
+    first, again, reset = asyncio.run(run())
+    assert first == again == expected
+    assert reset["keep_alive_s"] == 0
+    scheduler_log = (stack.home / "logs" / "scheduler.log").read_text(errors="replace")
+    assert f"{model} idle for 1 s (its keep-alive): evicted" in scheduler_log
+
+
 def test_no_service_was_refused_a_subject(stack: Stack) -> None:
     """Every new subject (lifecycle verbs, news, unload) is in its roles' NATS permissions."""
     logs = {p.name: p.read_text(errors="replace") for p in (stack.home / "logs").glob("*.log")}

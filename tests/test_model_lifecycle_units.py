@@ -16,7 +16,14 @@ from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook, record_serv
 from aegaeon.cli import COMMANDS
 from aegaeon.lifecycle import MOVES, LifecycleError, next_state, serving_refusal
 from aegaeon.model_admin import error_text, load_outcome, request_of, result_text
-from aegaeon.serving import MAX_PIN, check_pin, pin_argument
+from aegaeon.serving import (
+    MAX_KEEP_ALIVE_S,
+    MAX_PIN,
+    check_keep_alive,
+    check_pin,
+    keep_alive_argument,
+    pin_argument,
+)
 
 STATES = (None, "loading", "ready", "draining", "failed")
 
@@ -211,6 +218,39 @@ def test_a_pin_count_is_a_whole_number_from_0_to_the_bound_on_the_command_line_t
             pin_argument(word)
 
 
+def test_a_keep_alive_is_seconds_from_0_to_the_bound_with_units_on_the_command_line() -> None:
+    assert [check_keep_alive(v) for v in (0, 1, 2.5, MAX_KEEP_ALIVE_S)] == [0.0, 1.0, 2.5, MAX_KEEP_ALIVE_S]  # fmt: skip
+    for bad in (-1, MAX_KEEP_ALIVE_S + 1, True, "5", float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match="keep-alive must be a number of seconds from 0"):
+            check_keep_alive(bad)
+    words = {"90": 90.0, "90s": 90.0, "5m": 300.0, "2h": 7200.0, "1d": 86400.0, "0": 0.0}
+    assert {w: keep_alive_argument(w) for w in words} == words
+    for word in ("-1", "31d", "soon", "", "m"):
+        with pytest.raises(argparse.ArgumentTypeError, match="keep-alive must be"):
+            keep_alive_argument(word)
+
+
+def test_the_book_keeps_a_keep_alive_beside_the_other_settings_and_reads_a_bad_one_as_0(
+    tmp_path: Path, caplog
+) -> None:
+    book = LifecycleBook(tmp_path)
+    assert book.keep_alive_s("m") == 0.0  # unmarked: never evicted for idling
+    book.set_serving("m", True, pin=1)
+    book.set_serving("m", True, keep_alive_s=300)  # the pin stays
+    assert (LifecycleBook(tmp_path).keep_alive_s("m"), LifecycleBook(tmp_path).pin("m")) == (300.0, 1)  # fmt: skip
+    with pytest.raises(LifecycleError) as bad:
+        book.set_serving("m", True, keep_alive_s=-5)
+    assert bad.value.status == 400 and "keep-alive must be" in bad.value.message
+    assert LifecycleBook(tmp_path).keep_alive_s("m") == 300.0  # nothing changed
+    (tmp_path / "n").mkdir()
+    record_serving(tmp_path, "n", keep_alive_s=60)
+    assert LifecycleBook(tmp_path).keep_alive_s("n") == 60.0
+    (tmp_path / MARKS_FILE).write_text(json.dumps({"m": {"state": "ready", "keep_alive_s": "1h"}}))
+    with caplog.at_level(logging.ERROR, logger="aegaeon.model_store.lifecycle"):
+        assert LifecycleBook(tmp_path).keep_alive_s("m") == 0.0
+    assert "m: keep-alive must be" in caplog.text and "reads as 0" in caplog.text
+
+
 def test_removing_an_entry_unlinks_a_link_deletes_an_import_and_hides_any_other_folder(tmp_path: Path) -> None:  # fmt: skip
     target = tmp_path / "elsewhere"
     target.mkdir()
@@ -236,7 +276,7 @@ def args(*words: str, **options) -> argparse.Namespace:
 
 
 def test_the_model_words_are_registered_beside_add_and_list() -> None:
-    for verb in ("deploy", "drain", "remove", "priority", "pin"):
+    for verb in ("deploy", "drain", "remove", "priority", "pin", "keep-alive"):
         assert COMMANDS[("models", verb)][0] == "aegaeon.model_admin"
     assert ("models", "add") in COMMANDS and ("models", "list") in COMMANDS
 
@@ -252,6 +292,7 @@ def test_each_command_calls_its_admin_route(tmp_path: Path, monkeypatch) -> None
     assert request_of(args("drain", name="n"))[:2] == ("POST", "/v1/aegaeon/models/n/drain")
     assert request_of(args("priority", name="n", priority="low")) == ("POST", "/v1/aegaeon/models/n/priority", {"priority": "low"})  # fmt: skip
     assert request_of(args("pin", name="n", instances=2)) == ("POST", "/v1/aegaeon/models/n/pin", {"instances": 2})  # fmt: skip
+    assert request_of(args("keep-alive", name="n", seconds=300.0)) == ("POST", "/v1/aegaeon/models/n/keep_alive", {"seconds": 300.0})  # fmt: skip
     assert request_of(args("remove", name="n"))[:2] == ("DELETE", "/v1/aegaeon/models/n")
 
 
@@ -265,6 +306,8 @@ def test_the_cli_prints_what_happened_and_the_gateways_reason() -> None:
     assert result_text("priority", {**card, "priority": "high"}) == "n is now high priority (loading)"  # fmt: skip
     assert result_text("pin", {**card, "pin": 1}) == "n is now pinned on 1 instance (loading)"
     assert result_text("pin", card) == "n is now unpinned (loading)"
+    assert result_text("keep-alive", {**card, "keep_alive_s": 300.0}) == "n is now evicted after 300 s idle (loading)"  # fmt: skip
+    assert result_text("keep-alive", {**card, "keep_alive_s": 0.0}) == "n is now kept until the room is needed (loading)"  # fmt: skip
     assert "aegaeon models remove n" in result_text("drain", {**card, "state": "draining"})
     assert result_text("remove", {"id": "n", "note": "removed the link"}) == "removed n: removed the link"  # fmt: skip
     assert load_outcome(card) is None

@@ -332,6 +332,20 @@ def test_a_model_idle_past_its_keep_alive_leaves_the_cache(models_dir: Path, tmp
     assert cache.evict_idle(300) == ["tiny-b"] and cache.names() == []
 
 
+def test_a_model_the_scheduler_calls_idle_leaves_the_cache_once_no_lease_holds_it(models_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    a = describe(models_dir / "tiny-a")
+    now = [0.0]
+    cache = HostCache(tmp_path / "cache", 10**8, clock=lambda: now[0])
+    path = cache.ensure(a, lease_s=30)  # a worker maps it now
+    assert cache.last_used("tiny-a") == 0.0
+    now[0] = 10.0
+    assert cache.evict_unless_leased("tiny-a") == 20.0 and path.exists()  # 20 s of lease left
+    now[0] = 30.0
+    assert cache.evict_unless_leased("tiny-a") is None and not path.exists()
+    assert cache.names() == [] and cache.last_used("tiny-a") is None
+    assert cache.evict_unless_leased("tiny-a") is None  # no longer cached
+
+
 async def test_the_store_drops_idle_models_on_its_own(models_dir: Path, tmp_path: Path) -> None:
     from aegaeon.model_store.main import _evict_idle
 

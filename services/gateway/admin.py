@@ -1,5 +1,5 @@
 """The admin API: deploy, drain and remove models, and set their serving settings (priority
-class, pin), while the system serves (admin keys only).
+class, pin, keep-alive), while the system serves (admin keys only).
 
 ::
 
@@ -7,6 +7,7 @@ class, pin), while the system serves (admin keys only).
     POST   /v1/aegaeon/models/{name}/drain                   ─► models.drain  ─► 200, draining
     POST   /v1/aegaeon/models/{name}/priority {"priority"}   ─► models.serving ─► 200
     POST   /v1/aegaeon/models/{name}/pin {"instances"}       ─► models.serving ─► 200
+    POST   /v1/aegaeon/models/{name}/keep_alive {"seconds"}  ─► models.serving ─► 200
     DELETE /v1/aegaeon/models/{name}  ─► models.describe: draining or failed, else 409
                                       ─► scheduler.unload: nothing of it queued or running, else
                                          409; the scheduler refuses it and workers evict it
@@ -48,6 +49,7 @@ from .openai_types import (
     DeletedModel,
     DeployModelRequest,
     ErrorResponse,
+    KeepAliveRequest,
     ModelCard,
     PinRequest,
     SetPriorityRequest,
@@ -66,7 +68,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Not a servable model (unreadable, unsupported, too large for the workers' "
-        "slots), an unknown priority class, or a pin count out of range",
+        "slots), an unknown priority class, or a pin count or keep-alive out of range",
         401: "Missing or invalid API key",
         403: "The key is not an admin key",
         404: "Unknown model",
@@ -206,6 +208,20 @@ async def pin_model(
 ):
     gw = gateway(request)
     info = await set_serving(gw, SetServing(name, pin=body.instances))
+    return JSONResponse(model_card(info, gw.cluster))
+
+
+@admin_router.post(
+    "/v1/aegaeon/models/{name}/keep_alive",
+    response_model=ModelCard,
+    responses={k: v for k, v in _ERRORS.items() if k != 409},
+    summary="Evict a model from the workers and host caches once idle this long (0: never)",
+)
+async def set_model_keep_alive(
+    name: str, body: KeepAliveRequest, request: Request, _key: ApiKey = Depends(admin_caller)
+):
+    gw = gateway(request)
+    info = await set_serving(gw, SetServing(name, keep_alive_s=body.seconds))
     return JSONResponse(model_card(info, gw.cluster))
 
 

@@ -33,4 +33,5 @@ def model_card(info: ModelInfo, cluster: ClusterView) -> dict[str, Any]:
         "running": running.get(info.name, 0),
         "priority": info.priority,
         "pin": info.pin,
+        "keep_alive_s": info.keep_alive_s,
     }

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from aegaeon.priority import Priority
-from aegaeon.serving import MAX_PIN
+from aegaeon.serving import MAX_KEEP_ALIVE_S, MAX_PIN
 
 MAX_TOKENS_LIMIT = 1 << 20
 
@@ -178,7 +178,8 @@ class ModelCard(BaseModel):
     weights (the store that answered); ``queued``: its requests waiting for a first token,
     ``running``: decoding (the scheduler's last state; 0 when it is not known); ``priority``:
     its class against other models' work, which the scheduler's policies weigh; ``pin``: the
-    worker instances that keep it resident (0: not pinned)."""
+    worker instances that keep it resident (0: not pinned); ``keep_alive_s``: the idle time after
+    which it is evicted from the workers and host caches (0: never)."""
 
     id: str
     object: Literal["model"]
@@ -196,6 +197,7 @@ class ModelCard(BaseModel):
     running: int
     priority: Priority
     pin: int
+    keep_alive_s: float
 
 
 class DeployModelRequest(_Request):
@@ -221,6 +223,14 @@ class PinRequest(_Request):
     (the aegaeon policy pins it on that many; 0 unpins it)."""
 
     instances: int = Field(ge=0, le=MAX_PIN)
+
+
+class KeepAliveRequest(_Request):
+    """``POST /v1/aegaeon/models/{name}/keep_alive``: how long the model may sit idle (nothing
+    of it queued or running) before it leaves the workers' weight slots and the host caches;
+    0 keeps it until another model needs the room."""
+
+    seconds: float = Field(ge=0, le=MAX_KEEP_ALIVE_S)
 
 
 class DeletedModel(BaseModel):

@@ -10,8 +10,9 @@ move publishes.
     drain  ─► draining (the scheduler and gateways refuse new requests of it)
     remove ─► (the gateway had the scheduler unload it first) folder out, host cache out,
               mark out ─► absent
-    serving ─► the model's priority class and pin in its mark (any state; the scheduler's
-               policies weigh the class and keep a pinned model resident)
+    serving ─► the model's priority class, pin and keep-alive in its mark (any state; the
+               scheduler's policies weigh the class and keep a pinned model resident, and it
+               evicts a model idle past its keep-alive)
 
 Every move is checked by ``aegaeon.lifecycle`` and recorded in the book (``lifecycle.py``)
 before it is announced, so a store that restarts, or another store sharing the directory,
@@ -166,11 +167,13 @@ class LifecycleVerbs:
         info = await self.service.lookup(request.name)
         self.book.reload_if_changed()  # a store sharing the directory may have written since
         try:
-            self.book.set_serving(request.name, info is not None, request.priority, request.pin)
+            self.book.set_serving(request.name, info is not None, request.priority, request.pin,
+                                  request.keep_alive_s)  # fmt: skip
         except LifecycleError as exc:
             return refused(exc.status, exc.message)
         assert info is not None  # an absent model was refused above
-        log.info("%s is now %s", request.name, settings_text(request.priority, request.pin))
+        settings = settings_text(request.priority, request.pin, request.keep_alive_s)
+        log.info("%s is now %s", request.name, settings)
         await self.announce(request.name)
         return ModelReply(model=self.service.current(info))
 

@@ -239,6 +239,25 @@ class HostCache:
                 self._remove(entry)
             return [e.name for e in idle]
 
+    def last_used(self, name: str) -> float | None:
+        """When an ensure last asked for ``name`` (the cache's clock); None: not cached."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.last_used if entry is not None else None
+
+    def evict_unless_leased(self, name: str) -> float | None:
+        """Drop ``name`` unless a lease holds it: None when it is not (or no longer) cached,
+        else the seconds until its lease ends."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return None
+            held = entry.leased_until - self.clock()
+            if held > 0:
+                return held
+            self._remove(entry)
+            return None
+
     def evict(self, name: str) -> bool:
         """Drop ``name`` from the cache; False when it was not cached."""
         with self._lock:

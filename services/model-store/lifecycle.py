@@ -8,7 +8,7 @@ small JSON file, ``<models-dir>/.aegaeon-lifecycle.json`` (the registry skips do
 through a temp file and a rename::
 
     {"my-model": {"state": "draining", "reason": "", "origin": "link", "priority": "high",
-                  "pin": 2}}
+                  "pin": 2, "keep_alive_s": 600.0}}
 
 Why there and not in Redis: the models directory already is the registry's durable truth (a
 folder there is a registered model), the model-store is the only writer of both and has no Redis
@@ -32,7 +32,7 @@ from typing import Any, Literal
 from aegaeon.lifecycle import Action, LifecycleError, next_state
 from aegaeon.priority import DEFAULT_PRIORITY, PRIORITIES, Priority, check_priority
 from aegaeon.protocol import ModelState
-from aegaeon.serving import check_pin
+from aegaeon.serving import check_keep_alive, check_pin
 
 from .registry import NAME_PATTERN
 
@@ -55,6 +55,7 @@ class Mark:
     origin: Origin = "link"
     priority: Priority = DEFAULT_PRIORITY
     pin: int = 0
+    keep_alive_s: float = 0.0
 
 
 class LifecycleBook:
@@ -93,6 +94,11 @@ class LifecycleBook:
         mark = self._marks.get(name)
         return mark.pin if mark is not None else 0
 
+    def keep_alive_s(self, name: str) -> float:
+        """The idle time after which ``name`` is evicted (0, never, when none was set)."""
+        mark = self._marks.get(name)
+        return mark.keep_alive_s if mark is not None else 0.0
+
     def loading(self) -> list[str]:
         """Models whose load has not ended (a store that restarts resumes them)."""
         return [name for name, mark in self._marks.items() if mark.state == "loading"]
@@ -121,14 +127,15 @@ class LifecycleBook:
         return target
 
     def set_serving(
-        self, name: str, registered: bool, priority: str | None = None, pin: int | None = None
-    ) -> None:
+        self, name: str, registered: bool, priority: str | None = None, pin: int | None = None,
+        keep_alive_s: float | None = None,
+    ) -> None:  # fmt: skip
         """Record the serving settings given of ``name`` (None: leave it as it is), whatever its
-        state. Raises LifecycleError: 400 an unknown class, a pin out of range or nothing given,
-        404 an absent model, 500 a file that cannot be written; nothing changed."""
-        settings = _checked_settings(name, priority, pin)
+        state. Raises LifecycleError: 400 an unknown class, a pin or keep-alive out of range or
+        nothing given, 404 an absent model, 500 a file that cannot be written; nothing changed."""
+        settings = _checked_settings(name, priority, pin, keep_alive_s)
         if not settings:
-            raise LifecycleError(400, f"Nothing to set for '{name}': give a priority class or a pin count.")  # fmt: skip
+            raise LifecycleError(400, f"Nothing to set for '{name}': give a priority class, a pin count or a keep-alive.")  # fmt: skip
         if not registered:
             raise LifecycleError(404, f"The model '{name}' is not registered.")
         old = self._marks.get(name) or Mark("ready")  # unmarked: as found in the directory
@@ -170,8 +177,9 @@ class LifecycleBook:
 
 
 def record_serving(
-    models_dir: str | Path, name: str, priority: str | None = None, pin: int | None = None
-) -> None:
+    models_dir: str | Path, name: str, priority: str | None = None, pin: int | None = None,
+    keep_alive_s: float | None = None,
+) -> None:  # fmt: skip
     """Set the serving settings given of the model ``name`` of ``models_dir`` without a running
     store (no bus): ``aegaeon models add --priority --pin``, and benchmarks that write their own
     models directory before starting a stack. A store already running there reads them at its
@@ -179,10 +187,12 @@ def record_serving(
     through the admin API. Raises LifecycleError: 404 no such model folder, 400 a setting out of
     range or none given, 500 an unwritable file."""
     registered = NAME_PATTERN.match(name) is not None and (Path(models_dir) / name).is_dir()
-    LifecycleBook(models_dir).set_serving(name, registered, priority, pin)
+    LifecycleBook(models_dir).set_serving(name, registered, priority, pin, keep_alive_s)
 
 
-def _checked_settings(name: str, priority: str | None, pin: int | None) -> dict[str, Any]:
+def _checked_settings(
+    name: str, priority: str | None, pin: int | None, keep_alive_s: float | None = None
+) -> dict[str, Any]:
     """The serving settings given (not None), checked: the fields of a Mark to replace."""
     settings: dict[str, Any] = {}
     try:
@@ -190,6 +200,8 @@ def _checked_settings(name: str, priority: str | None, pin: int | None) -> dict[
             settings["priority"] = check_priority(priority)
         if pin is not None:
             settings["pin"] = check_pin(pin)
+        if keep_alive_s is not None:
+            settings["keep_alive_s"] = check_keep_alive(keep_alive_s)
     except ValueError as exc:
         raise LifecycleError(400, f"Invalid serving setting for '{name}': {exc}.") from None
     return settings
@@ -221,7 +233,13 @@ def _mark(path: Path, name: str, entry: dict[str, Any]) -> Mark:
     except ValueError as exc:
         log.error("%s: %s: %s: reads as 0 (not pinned)", path, name, exc)
         pin = 0
-    return Mark(entry["state"], entry.get("reason", ""), entry.get("origin", "link"), priority, pin)  # fmt: skip
+    keep_alive_s = entry.get("keep_alive_s", 0.0)
+    try:
+        keep_alive_s = check_keep_alive(keep_alive_s)
+    except ValueError as exc:
+        log.error("%s: %s: %s: reads as 0 (never evicted for idling)", path, name, exc)
+        keep_alive_s = 0.0
+    return Mark(entry["state"], entry.get("reason", ""), entry.get("origin", "link"), priority, pin, keep_alive_s)  # fmt: skip
 
 
 def remove_entry(models_dir: Path, name: str, origin: Origin | None) -> str:

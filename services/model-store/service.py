@@ -32,6 +32,7 @@ from aegaeon.protocol import (
     DescribeModel,
     DrainModel,
     EnsureCached,
+    EvictIdle,
     FetchFile,
     FileChunk,
     Heartbeat,
@@ -86,6 +87,7 @@ class ModelStoreService:
         self._scan_lock = asyncio.Lock()
         self._budgets: dict[str, tuple[Heartbeat, float]] = {}  # worker id → (last beat, seen at)
         self._prefetches: set[asyncio.Task] = set()
+        self._evictions: set[asyncio.Task] = set()  # idle models waiting for their lease to end
         self._subscriptions: list[Any] = []
         self._beating: asyncio.Task | None = None
         self.book = LifecycleBook(scanner.models_dir)
@@ -117,6 +119,10 @@ class ModelStoreService:
         self._subscriptions.append(
             await self.bus.subscribe(self.bus.subjects.heartbeat, Heartbeat, self.on_heartbeat)
         )
+        # Every store (no queue group): each node's cache holds its own copy.
+        self._subscriptions.append(
+            await self.bus.subscribe(self.bus.subjects.models("evict"), EvictIdle, self.on_evict)
+        )
         self._subscriptions.append(
             await self.bus.subscribe(
                 self.bus.subjects.registry_changed, ModelChanged, self.on_registry_changed
@@ -135,6 +141,8 @@ class ModelStoreService:
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()
+        for task in self._evictions:
+            task.cancel()
         if self._prefetches or self.lifecycle.loads:
             await asyncio.gather(*self._prefetches, *self.lifecycle.loads, return_exceptions=True)
 
@@ -218,6 +226,7 @@ class ModelStoreService:
             state_reason=self.book.reason(info.name),
             priority=self.book.priority(info.name),
             pin=self.book.pin(info.name),
+            keep_alive_s=self.book.keep_alive_s(info.name),
         )
 
     async def unknown(self, name: str) -> ModelReply:
@@ -258,6 +267,27 @@ class ModelStoreService:
             {"aegaeon.model": info.name, "aegaeon.host_cache.result": result}
         )
         return ModelReply(model=msgspec.structs.replace(info, cached=True, cache_path=str(path)))
+
+    async def on_evict(self, request: EvictIdle, _msg: Any) -> None:
+        """A model idle past its keep-alive (the scheduler's word): out of this node's cache,
+        in a task of its own (it may wait for a lease)."""
+        task = asyncio.create_task(self._evict_idle(request.name), name=f"evict {request.name}")
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
+
+    async def _evict_idle(self, name: str) -> None:
+        """Drop ``name`` once no worker's lease holds it (a lease covers an ensure's answer until
+        the worker has mapped the file), unless an ensure asks for it meanwhile: then it is in
+        use again, and its next idle spell ends it."""
+        used = self.cache.last_used(name)
+        while used is not None:
+            held = await asyncio.to_thread(self.cache.evict_unless_leased, name)
+            if held is None:
+                log.info("%s idle past its keep-alive: dropped from the host cache", name)
+                return
+            await asyncio.sleep(held)
+            if self.cache.last_used(name) != used:
+                return
 
     async def on_prefetch(self, request: PrefetchHint) -> ModelReply | None:
         """Warm the cache in the background; the hint needs no answer (one is sent if asked)."""

@@ -76,6 +76,7 @@ class ServiceCore(ABC):
         self.estimator_factory = estimator_factory
         self.models: dict[str, ModelSpec] = {}
         self.model_states: dict[str, tuple[ModelState, str]] = {}  # lifecycle state, reason
+        self.keep_alive_s: dict[str, float] = {}  # each model's idle time before eviction
         self.policy: Policy | None = None
         self.estimator: Any = None  # the policy's step-time estimator (None: its default)
         self.requests: dict[str, TrackedRequest] = {}

@@ -64,6 +64,7 @@ class ModelRegistry(ServiceCore):
             if self.policy is not None:
                 self.policy.add_model(spec)
         self.model_states[info.name] = (info.state, info.state_reason)
+        self.keep_alive_s[info.name] = info.keep_alive_s
 
     def _forget_model(self, name: str) -> None:
         """Removed: its requests are refused as unknown, and once none of it is queued or
@@ -71,6 +72,7 @@ class ModelRegistry(ServiceCore):
         model stops being kept anywhere."""
         self.models.pop(name, None)
         self.model_states.pop(name, None)
+        self.keep_alive_s.pop(name, None)
         queued, running = counts_by_model(self.requests)
         if self.policy is not None and name not in queued and name not in running:
             self.policy.remove_model(name)

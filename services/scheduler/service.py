@@ -12,11 +12,14 @@ then does its I/O; asyncio runs one coroutine at a time, so the state is never s
     registry.changed ─► a model's lifecycle state (not ready: its new requests are refused)
     models.heartbeat ─► what each node's host cache holds: the policy's locality hint
     scheduler.unload ─► nothing of a drained model left? refuse it, EvictModel to every worker
+    every 0.25 s ─────► a model idle past its keep-alive: EvictModel to every worker, EvictIdle
+                        to every model-store (models.evict)
 
 One concern per module: ``models`` (the registry, lifecycle states, unloading a drained model),
 ``admission`` (submit, resume, cancel), ``dispatch`` (turns and assignments out), ``turns``
 (worker events in, the prefill → decode KV hand-off), ``liveness`` (heartbeats, recovery);
-``core`` holds the books they share and ends requests; ``locality`` what each node caches.
+``core`` holds the books they share and ends requests; ``locality`` what each node caches;
+``keep_alive`` evicts models idle past their keep-alive.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from aegaeon.scheduler.admission import Admission
 from aegaeon.scheduler.books import counts_by_model, worker_state
 from aegaeon.scheduler.core import EstimatorFactory, SchedulerConfig
 from aegaeon.scheduler.dispatch import Dispatch
+from aegaeon.scheduler.keep_alive import KeepAlive
 from aegaeon.scheduler.liveness import Liveness
 from aegaeon.scheduler.policies import make_policy
 from aegaeon.scheduler.turns import TurnEvents
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EstimatorFactory", "SchedulerConfig", "SchedulerService"]
 
 
-class SchedulerService(Admission, Dispatch, TurnEvents, Liveness):
+class SchedulerService(Admission, Dispatch, TurnEvents, Liveness, KeepAlive):
     """The control plane. Build it, then ``await run(stop_event)``."""
 
     # ================================================================== life cycle
@@ -82,6 +86,7 @@ class SchedulerService(Admission, Dispatch, TurnEvents, Liveness):
         ]
         loops = [
             self._every(self.config.check_interval_s, self._check_workers),
+            self._every(self.config.check_interval_s, self._evict_idle_models),
             self._every(self.config.state_interval_s, self._publish_state),
             self._every(self.config.models_refresh_s, self._load_models),
             self._resume(),

@@ -225,7 +225,12 @@ async def test_the_runtime_view_and_its_event_stream_show_what_workers_do(stack)
     assert streamed[0]["to_model"] == "tiny" and streamed[0]["prefetched_bytes"] == 4096
     assert streamed[1]["requests"] == ["r1"]
     assert [w["worker_id"] for w in view["workers"]] == ["w7"]
-    registered = {"state": "ready", "priority": "normal", "pin": 0}  # idle ones are listed too
+    registered = {
+        "state": "ready",
+        "priority": "normal",
+        "pin": 0,
+        "keep_alive_s": 0.0,
+    }  # idle ones are listed too
     assert view["models"] == [
         {"model": "cold-one", **registered, "queued": 0, "running": 0, "resident_on": []},
         {"model": "tiny", **registered, "queued": 1, "running": 2, "resident_on": ["w7"]},

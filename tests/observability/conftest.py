@@ -81,3 +81,15 @@ def cold_models(base_url: str) -> list[str]:
     """Models resident on no worker (their next request needs a switch)."""
     cards = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"]
     return sorted(card["id"] for card in cards if card["residency"] == "cold")
+
+
+def models_in_no_slot(base_url: str) -> list[str]:
+    """Cold models that no worker's other weight slot holds either (their next switch copies
+    weights): a worker's last switch left the model it switched away from in that slot."""
+    runtime = httpx.get(f"{base_url}/v1/aegaeon/runtime", timeout=10).json()
+    last_switch: dict[str, dict] = {}
+    for event in runtime["recent"]:  # oldest first
+        if event["kind"] == "switch":
+            last_switch[event["worker_id"]] = event
+    staged = {e["from_model"] for e in last_switch.values()}
+    return [m for m in cold_models(base_url) if m not in staged]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import ObservedStack, cold_models, stream_chat
+from .conftest import ObservedStack, cold_models, models_in_no_slot, stream_chat
 from .otlp_receiver import SERVER_KIND, SpanRecord
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def only(spans: list[SpanRecord], name: str) -> SpanRecord:
 
 
 def test_one_trace_holds_the_gateway_scheduler_and_worker_spans_of_a_request(observed):
-    model = cold_models(observed.stack.url)[0]  # cold: its turn must switch it in
+    model = models_in_no_slot(observed.stack.url)[0]  # its turn must copy it in
     trace_id, client_span = traced_request(observed, model, max_tokens=6)
     # Each service exports on its own schedule: wait for the model-store's span and for the
     # spans of every turn (all 6 tokens' decode-turn spans, a decode turn's dispatch).

@@ -12,6 +12,7 @@ from aegaeon.scheduler.estimators import load_estimator
 from test_service import CONTEXT, expected_stream, harness, wait_for
 
 from aegaeon.protocol import (
+    EvictIdle,
     EvictModel,
     ModelChanged,
     ModelInfo,
@@ -106,3 +107,28 @@ async def test_a_model_deployed_after_start_is_planned_by_the_aegaeon_policy_and
     assert (await harness.submit("r1", "fresh", max_tokens=3)).accepted
     await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
     assert harness.stream("r1") == expected_stream(3)
+
+
+async def test_a_model_idle_past_its_keep_alive_is_evicted_once_and_a_pinned_one_never(harness):
+    """Keep-alive (services/scheduler/keep_alive.py): once a's request ended and a stayed idle for
+    its keep-alive, every worker gets EvictModel(a) and every model-store EvictIdle(a), once; b,
+    idle as long with the same keep-alive but pinned, is kept."""
+    told: list[str] = []
+
+    async def on_evict(message: EvictIdle, _msg) -> None:
+        told.append(message.name)
+
+    await harness.bus.subscribe(harness.bus.subjects.models("evict"), EvictIdle, on_evict)
+    worker = await harness.worker("w1", tokens_per_turn=4)
+    await harness.scheduler()
+    for name, pin in (("a", 0), ("b", 1)):
+        info = ModelInfo(name, "LlamaForCausalLM", "llama", f"/models/{name}", 1 << 20, 1 << 18,
+                         CONTEXT, "float32", kv_bytes_per_token=256, pin=pin, keep_alive_s=0.5)  # fmt: skip
+        await harness.bus.publish(harness.bus.subjects.registry_changed, ModelChanged(info))
+    assert (await harness.submit("r1", "a", max_tokens=4)).accepted
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    await wait_for(lambda: worker.of_type(EvictModel), what="a's eviction")
+    await asyncio.sleep(1.0)  # two more keep-alives: neither a again nor b
+    assert [c.model for c in worker.of_type(EvictModel)] == ["a"]
+    assert told == ["a"]
+    assert harness.stream("r1") == expected_stream(4)
