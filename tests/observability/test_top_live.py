@@ -23,6 +23,10 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 COLUMNS, ROWS = 160, 60
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A pseudo-terminal of COLUMNS × ROWS running one command; everything it draws is kept
     (escape sequences stripped) for the test to read."""
@@ -32,8 +36,10 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS),
                "LINES": str(ROWS)}  # fmt: skip
+        # As a shell starts a foreground job: Ctrl-C's SIGINT at its default, even when this
+        # suite runs in the background (where SIGINT is ignored, and children inherit that).
         self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                        start_new_session=True)  # fmt: skip
+                                        start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
         os.close(slave)
         self._master = master
         self._chunks: list[str] = []
