@@ -183,46 +183,41 @@ async def drain_model(name: str, request: Request, _key: ApiKey = Depends(admin_
     return JSONResponse(model_card(await drain(gw, name), gw.cluster))
 
 
-@admin_router.post(
-    "/v1/aegaeon/models/{name}/priority",
-    response_model=ModelCard,
-    responses={k: v for k, v in _ERRORS.items() if k != 409},
-    summary="Set a model's priority class (low, normal, high): the scheduler's policies weigh it",
-)
+def _serving_route(setting: str, summary: str):
+    """The decorator of ``POST /v1/aegaeon/models/{name}/<setting>``: one serving setting."""
+    return admin_router.post(
+        f"/v1/aegaeon/models/{{name}}/{setting}",
+        response_model=ModelCard,
+        responses={k: v for k, v in _ERRORS.items() if k != 409},
+        summary=summary,
+    )
+
+
+async def _serving_card(request: Request, settings: SetServing) -> JSONResponse:
+    """Set what ``settings`` gives; the model's card as it is now."""
+    gw = gateway(request)
+    return JSONResponse(model_card(await set_serving(gw, settings), gw.cluster))
+
+
+@_serving_route("priority", "Set a model's priority class (low, normal, high): the scheduler's policies weigh it")  # fmt: skip
 async def set_model_priority(
     name: str, body: SetPriorityRequest, request: Request, _key: ApiKey = Depends(admin_caller)
 ):
-    gw = gateway(request)
-    info = await set_serving(gw, SetServing(name, priority=body.priority))
-    return JSONResponse(model_card(info, gw.cluster))
+    return await _serving_card(request, SetServing(name, priority=body.priority))
 
 
-@admin_router.post(
-    "/v1/aegaeon/models/{name}/pin",
-    response_model=ModelCard,
-    responses={k: v for k, v in _ERRORS.items() if k != 409},
-    summary="Pin a model on N worker instances (0 unpins): the aegaeon policy keeps it resident",
-)
+@_serving_route("pin", "Pin a model on N worker instances (0 unpins): the aegaeon policy keeps it resident")  # fmt: skip
 async def pin_model(
     name: str, body: PinRequest, request: Request, _key: ApiKey = Depends(admin_caller)
 ):
-    gw = gateway(request)
-    info = await set_serving(gw, SetServing(name, pin=body.instances))
-    return JSONResponse(model_card(info, gw.cluster))
+    return await _serving_card(request, SetServing(name, pin=body.instances))
 
 
-@admin_router.post(
-    "/v1/aegaeon/models/{name}/keep_alive",
-    response_model=ModelCard,
-    responses={k: v for k, v in _ERRORS.items() if k != 409},
-    summary="Evict a model from the workers and host caches once idle this long (0: never)",
-)
+@_serving_route("keep_alive", "Evict a model from the workers and host caches once idle this long (0: never)")  # fmt: skip
 async def set_model_keep_alive(
     name: str, body: KeepAliveRequest, request: Request, _key: ApiKey = Depends(admin_caller)
 ):
-    gw = gateway(request)
-    info = await set_serving(gw, SetServing(name, keep_alive_s=body.seconds))
-    return JSONResponse(model_card(info, gw.cluster))
+    return await _serving_card(request, SetServing(name, keep_alive_s=body.seconds))
 
 
 @admin_router.delete(
