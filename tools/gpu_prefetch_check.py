@@ -17,6 +17,7 @@ Prints one JSON object (also written to ``--json``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -145,6 +146,23 @@ def prefetch_part(model_dir: Path, model: str, device: str) -> dict[str, object]
         engine.close()
 
 
+def leftover_device_memory() -> int:
+    """Bytes still allocated on the device after an engine closed (0 when nothing leaked); the
+    largest tensors still alive and what refers to them are printed, to find the holder."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated()
+    if held > 1 << 30:
+        alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
+        alive.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+        for tensor in alive[:3]:
+            print("alive:", tuple(tensor.shape), tensor.dtype, tensor.untyped_storage().nbytes())
+            for referrer in gc.get_referrers(tensor):
+                if referrer is not alive:
+                    print("   held by", type(referrer).__name__, repr(referrer)[:300])
+    return held
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models-dir", required=True)
@@ -162,6 +180,10 @@ def main() -> int:
     if not args.handoff_only:
         result.update(prefetch_part(model_dir, args.model, args.device))
         print(json.dumps(result, indent=2), flush=True)  # kept even if the hand-off fails
+    if args.device == "cuda":
+        held = leftover_device_memory()
+        result["device_bytes_held_after_close"] = held
+        print(f"device memory still allocated after the engine closed: {held / 2**30:.2f} GiB")
     # Two engines of one slot each, beside each other on the one device.
     weights = load_spec(args.model, model_dir).weight_bytes
     kv = 4 << 30 if args.device == "cuda" else 256 << 20

@@ -70,6 +70,10 @@ class Arena:
     def weight_bytes(self) -> int:
         return self.slot_bytes * len(self.slots)
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view into this arena (a weight slot or the KV region)."""
+        return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+
     def release(self) -> None:
         empty = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.buffer, self.slots, self.kv = empty, [], empty

@@ -190,6 +190,10 @@ def measure_decode(engine: Engine, model: str) -> dict[str, float]:
         # first call at a new shape picks and loads its kernels.
         _engine_decode(engine, model, batch, tag="warm-up-")
         out[f"decode_tok_s_b{batch}"] = _engine_decode(engine, model, batch)
+        if engine.graphs.enabled:  # CUDA: the same steps launched kernel by kernel, beside
+            engine.graphs.enabled = False
+            out[f"decode_tok_s_b{batch}_no_graphs"] = _engine_decode(engine, model, batch, "eager-")
+            engine.graphs.enabled = True
         with torch.inference_mode(), attention_kernels(engine.device):  # the engine's choice
             out[f"hf_decode_tok_s_b{batch}"] = _hf_decode(hf, engine.device, batch)
         out[f"decode_over_hf_b{batch}"] = (

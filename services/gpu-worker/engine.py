@@ -32,6 +32,7 @@ from aegaeon.gpu_worker.requests import (
     SwitchStats,
     TokenOutput,
 )
+from aegaeon.gpu_worker.runners.cuda_graphs import DecodeGraphs
 from aegaeon.gpu_worker.runners.fallback import (
     FallbackRunner,
 )
@@ -72,6 +73,7 @@ class EngineConfig:
     host_kv_dir: str | None = None  # default aegaeon.config.shm_dir()
     slab_bytes: int | None = None  # KV slab size; default 2 MiB on CPU, 64 MiB on CUDA
     copy_chunk_bytes: int = 32 * MiB  # weight copies go in chunks: a prefetch stops between two
+    cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (runners/cuda_graphs.py)
 
 
 class Engine(Stepping):
@@ -99,6 +101,9 @@ class Engine(Stepping):
         self.specs: dict[str, ModelSpec] = {}
         self._native: dict[str, LlamaRunner] = {}  # one skeleton per architecture (Gemma's too)
         self._fallback = FallbackRunner(self.device, self.dtype)
+        self.graphs = DecodeGraphs(
+            self.device, self.arena.holds, config.cuda_graphs, self.slots.copy_thread_busy
+        )
         self._paged: dict[str, PagedKV] = {}
         self._requests: dict[str, Request] = {}
         self._order = 0
@@ -216,6 +221,7 @@ class Engine(Stepping):
             runner_class = GemmaRunner if model_type in GEMMA_TYPES else LlamaRunner
             runner = self._native[model_type] = runner_class(self.device, self.dtype)
         runner.bind(spec.hf_config, views)
+        self.graphs.bound(runner)
 
     # ------------------------------------------------------------------ requests
 
@@ -300,6 +306,7 @@ class Engine(Stepping):
         self.host_kv.close()
         # Every view into the arena goes before the arena: a bound runner, a KV view or a slot
         # view left behind would keep the whole allocation alive after close().
+        self.graphs.clear()
         self._native.clear()
         self._paged.clear()
         self._fallback = FallbackRunner(self.device, self.dtype)

@@ -17,6 +17,34 @@ from aegaeon.gpu_worker.weights_loader import KVShape
 
 
 @dataclass
+class StepInputs:
+    """What one decode step reads from the host, as device tensors of fixed shape: each request's
+    token, length and block table. Everything else the step needs is computed from these on the
+    device, so a CUDA graph captured with one set of these tensors replays with new values.
+
+    ``blocks`` holds each request's block offsets (elements), padded with its first block;
+    ``longest`` positions are read per request (at least every request's length); ``aligned``:
+    every block starts at a multiple of the row size.
+    """
+
+    tokens: torch.Tensor  # [B] int64
+    lengths: torch.Tensor  # [B] int64: the new token is at position length-1
+    blocks: torch.Tensor  # [B, W] int64
+    longest: int
+    aligned: bool
+
+    def to(self, device: torch.device) -> StepInputs:
+        return StepInputs(self.tokens.to(device), self.lengths.to(device),
+                          self.blocks.to(device), self.longest, self.aligned)  # fmt: skip
+
+    def copy_(self, other: StepInputs) -> None:
+        """Take ``other``'s values (same shapes): a captured graph's inputs before a replay."""
+        self.tokens.copy_(other.tokens, non_blocking=True)
+        self.lengths.copy_(other.lengths, non_blocking=True)
+        self.blocks.copy_(other.blocks, non_blocking=True)
+
+
+@dataclass
 class StepIndex:
     """Where one decode step writes and reads every layer's K/V rows, computed once per step.
 
@@ -76,33 +104,51 @@ class PagedKV:
         pos = torch.where(pos < lens, pos, 0)
         return table.gather(1, pos // self.block_size) + (pos % self.block_size) * self.row
 
-    def step_index(self, tables: list[list[int]], lengths: list[int]) -> StepIndex:
-        """Rows every layer touches in a decode step (the new token is at position length-1).
+    def step_inputs(
+        self,
+        tokens: list[int],
+        lengths: list[int],
+        tables: list[list[int]],
+        width: int | None = None,
+    ) -> StepInputs:
+        """A decode step's inputs as host tensors; ``width`` blocks per request (default: what
+        the longest request needs) and ``width * block_size`` positions read when given."""
+        needed = -(-max(lengths) // self.block_size)
+        cols = width or needed
+        padded = [t[:cols] + [t[0]] * (cols - len(t[:cols])) for t in tables]
+        aligned = all(o % self.row == 0 for table in tables for o in table)
+        return StepInputs(
+            torch.tensor(tokens, dtype=torch.int64),
+            torch.tensor(lengths, dtype=torch.int64),
+            torch.tensor(padded, dtype=torch.int64),
+            cols * self.block_size if width else max(lengths),
+            aligned,
+        )
+
+    def step_index(self, step: StepInputs) -> StepIndex:
+        """Rows every layer touches in a decode step, from the step's device tensors alone
+        (tensor operations only: a CUDA graph captures them).
 
         Positions past a request's length read its token 0: real, finite memory (a block's
         unwritten rows may hold anything, NaN included), masked by the caller.
         """
-        device, bs, row = self.region.device, self.block_size, self.row
-        longest = max(lengths)
-        width = -(-longest // bs)
-        aligned = all(o % row == 0 for table in tables for o in table)
-        unit = row if aligned else 1  # indices count rows of the tiles, or elements
-        padded = [t[:width] + [t[0]] * (width - len(t[:width])) for t in tables]
-        blocks = torch.tensor(padded, dtype=torch.int64, device=device)
-        if aligned:
-            blocks = blocks // row
-        step = torch.arange(0, bs * row // unit, row // unit, device=device)
-        per_pos = (blocks[:, :, None] + step).view(len(tables), -1)[:, :longest]
-        valid = torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]
+        device, bs, row, longest = self.region.device, self.block_size, self.row, step.longest
+        unit = row if step.aligned else 1  # indices count rows of the tiles, or elements
+        blocks = step.blocks // unit if step.aligned else step.blocks
+        batch = blocks.shape[0]
+        offsets = torch.arange(0, bs * row // unit, row // unit, device=device)
+        per_pos = (blocks[:, :, None] + offsets).view(batch, -1)[:, :longest]
+        valid = torch.arange(longest, device=device) < step.lengths[:, None]
         per_pos = torch.where(valid, per_pos, per_pos[:, :1])
         layer = self._layer_offsets[:, :, None] // unit  # [layers, 2, 1]
         read = (per_pos.view(1, 1, -1) + layer).view(self.shape.layers, -1)
-        new = [t[(n - 1) // bs] // unit + (n - 1) % bs * row // unit for t, n in zip(tables, lengths, strict=True)]  # fmt: skip
-        write = torch.tensor(new, dtype=torch.int64, device=device) + layer
-        if aligned:
-            return StepIndex(self.tiles, write, read, None, valid, len(tables), longest)
+        last = step.lengths - 1
+        new = blocks.gather(1, (last // bs)[:, None])[:, 0] + last % bs * (row // unit)
+        write = new + layer
+        if step.aligned:
+            return StepIndex(self.tiles, write, read, None, valid, batch, longest)
         elems = (write[..., None] + self._cols).view(self.shape.layers, -1)
-        return StepIndex(self.window, write, read, elems, valid, len(tables), longest)
+        return StepIndex(self.window, write, read, elems, valid, batch, longest)
 
     def write_step(self, layer: int, index: StepIndex, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new K and V rows ([B, kv_heads * head_dim]) of ``layer``."""

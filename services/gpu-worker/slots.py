@@ -95,6 +95,10 @@ class _Copy:
                 event.record(stream)
                 self._events.append((self.nbytes, event))
 
+    def queued(self) -> bool:
+        """The copy thread is done with this copy (queued it all, stopped, or failed)."""
+        return self._future.done()
+
     def done_bytes(self) -> int:
         done = self._done
         for end, event in list(self._events):  # a stream completes its work in order
@@ -151,6 +155,12 @@ class WeightSlots:
     def prefetching(self) -> str | None:
         """The model whose background copy has been started and not yet used by a switch."""
         return self._copy.model if self._copy is not None else None
+
+    def copy_thread_busy(self) -> bool:
+        """Whether the copy thread is still mapping, pinning or queueing a copy (its device
+        copies may still run after: nothing but this thread's API calls is in the way of a
+        CUDA graph capture)."""
+        return self._copy is not None and not self._copy.queued()
 
     def copied_bytes(self, name: str, total: int) -> int:
         """How much of ``name``'s ``total`` bytes of weights is in a slot: all once a copy has

@@ -26,6 +26,7 @@ from aegaeon.gpu_worker.kv_cache import blocks_needed
 from aegaeon.gpu_worker.paged_kv import PagedKV
 from aegaeon.gpu_worker.preemption import Preemption
 from aegaeon.gpu_worker.requests import Request, TokenOutput
+from aegaeon.gpu_worker.runners.cuda_graphs import DecodeGraphs
 from aegaeon.gpu_worker.runners.fallback import FallbackRunner
 from aegaeon.gpu_worker.runners.llama import LlamaRunner, attention_kernels
 from aegaeon.gpu_worker.sampler import choose, finish_reason, is_plain_greedy
@@ -38,6 +39,7 @@ class Stepping(Preemption):
 
     _native: dict[str, LlamaRunner]  # one skeleton per architecture
     _fallback: FallbackRunner
+    graphs: DecodeGraphs  # decode steps through CUDA graphs where they apply
     _clock: int
     abort: Callable[[str], None]  # Engine's: forgets a finished request
 
@@ -125,7 +127,9 @@ class Stepping(Preemption):
         logits = runner.prefill([request.prompt], [request.blocks], kv)
         tokens = request.tokens
         for length in range(len(request.prompt) + 1, len(tokens) + 1):
-            logits = runner.decode([tokens[length - 1]], [length], [request.blocks], kv)
+            logits = self.graphs.decode(
+                runner, [tokens[length - 1]], [length], [request.blocks], kv
+            )
         return logits[0]
 
     def _native_batch(
@@ -136,8 +140,8 @@ class Stepping(Preemption):
         if not prefill:
             self._finish_swap_in()
             lengths = [len(r.tokens) for r in batch]
-            return runner.decode(
-                [r.tokens[-1] for r in batch], lengths, [r.blocks for r in batch], kv
+            return self.graphs.decode(
+                runner, [r.tokens[-1] for r in batch], lengths, [r.blocks for r in batch], kv
             )
         rows: dict[str, torch.Tensor] = {}
         if prefill:
@@ -147,8 +151,8 @@ class Stepping(Preemption):
         self._finish_swap_in()
         if decode:
             lengths = [len(r.tokens) for r in decode]
-            logits = runner.decode(
-                [r.tokens[-1] for r in decode], lengths, [r.blocks for r in decode], kv
+            logits = self.graphs.decode(
+                runner, [r.tokens[-1] for r in decode], lengths, [r.blocks for r in decode], kv
             )
             rows.update({r.request_id: logits[i] for i, r in enumerate(decode)})
         return torch.stack([rows[r.request_id] for r in batch])

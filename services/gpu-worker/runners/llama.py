@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from aegaeon.gpu_worker.paged_kv import PagedKV
+from aegaeon.gpu_worker.paged_kv import PagedKV, StepInputs
 from aegaeon.gpu_worker.weights_loader import activation
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -371,17 +371,22 @@ class LlamaRunner:
         return mask.masked_fill_(~valid, float("-inf"))[:, None, None]
 
     def decode(self, tokens: list[int], lengths: list[int], tables: list[list[int]], kv: PagedKV) -> torch.Tensor:  # fmt: skip
-        """One new token per request (at position length-1, KV for earlier ones cached).
+        """One new token per request (at position length-1, KV for earlier ones cached)."""
+        return self.decode_step(kv.step_inputs(tokens, lengths, tables).to(self.device), kv)
+
+    def decode_step(self, step: StepInputs, kv: PagedKV) -> torch.Tensor:
+        """``decode`` from the step's device tensors: tensor operations only, no host sync, so
+        a CUDA graph captures it (runners/cuda_graphs.py).
 
         Query heads are grouped per KV head ([B, kv_heads, groups, D], the one query position
         standing in the sequence axis), so attention reads each KV head once, no repeat.
         """
-        batch, heads, kv_heads, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
-        lens = torch.tensor(lengths, device=self.device)
-        index = kv.step_index(tables, lengths)
+        batch, heads, kv_heads, dim = step.tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        lens = step.lengths
+        index = kv.step_index(step)
         masks = [self._decode_mask(index.valid, lens, kind.window) for kind in self.kinds]
         ropes = [self._decode_rope(lens - 1, kind) for kind in self.kinds]
-        x = self._embed(torch.tensor(tokens, device=self.device))
+        x = self._embed(step.tokens)
         for li, layer in enumerate(self.layers):
             cos, sin = ropes[layer.kind]
             q, k, v = self._decode_qkv(layer, self._rms(x, layer.ln1), cos, sin)
