@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-budget-bytes", type=int, default=None)
     parser.add_argument("--host-kv-bytes", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="CUDA: launch each decode kernel from Python instead of replaying "
+                        "captured graphs (slower; for diagnosis)")  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
     parser.add_argument(
         "--threads",
@@ -98,7 +101,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     dtype = engine_dtype(models, args.dtype, cuda=args.device.startswith("cuda"))
     converted = sorted(m.name for m in models if m.dtype != dtype)
     log.info("computing in %s%s", dtype, f" (converted at their switch: {', '.join(converted)})" if converted else "")  # fmt: skip
-    engine_config = EngineConfig(device=args.device, dtype=dtype, block_size=args.block_size)
+    engine_config = EngineConfig(device=args.device, dtype=dtype, block_size=args.block_size,
+                                 cuda_graphs=args.cuda_graphs)  # fmt: skip
     if args.host_kv_bytes is not None:
         engine_config.host_kv_bytes = args.host_kv_bytes
     plan = plan_memory(
