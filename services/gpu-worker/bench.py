@@ -194,6 +194,10 @@ def measure_decode(engine: Engine, model: str) -> dict[str, float]:
             engine.graphs.enabled = False
             out[f"decode_tok_s_b{batch}_no_graphs"] = _engine_decode(engine, model, batch, "eager-")
             engine.graphs.enabled = True
+            assert not engine.request_ids()  # a replay rewrites its last inputs' K/V rows
+            replays = engine.graphs.replay_seconds()
+            widest = max(n for b, n in replays if b == batch)  # the bench's lengths: one bucket
+            out[f"graph_step_ms_b{batch}"] = 1e3 * replays[(batch, widest)]
         with torch.inference_mode(), attention_kernels(engine.device):  # the engine's choice
             out[f"hf_decode_tok_s_b{batch}"] = _hf_decode(hf, engine.device, batch)
         out[f"decode_over_hf_b{batch}"] = (
@@ -233,6 +237,8 @@ def roofline_fractions(
         step_bytes = result["weight_bytes"] + batch * context * kv_per_token
         step_s = max(step_bytes / read_bytes_s, 2 * params * batch / flops_s)
         out[f"roofline_fraction_b{batch}"] = result[f"decode_tok_s_b{batch}"] * step_s / batch
+        if f"graph_step_ms_b{batch}" in result:  # the device's share: one graph replay alone
+            out[f"roofline_fraction_graph_b{batch}"] = step_s / (result[f"graph_step_ms_b{batch}"] / 1e3)  # fmt: skip
     return out
 
 

@@ -30,7 +30,8 @@ class _EagerGraph:
         self.logits = runner.decode_step(inputs, kv)
 
     def replay(self) -> None:
-        self.logits.copy_(self.runner.decode_step(self.inputs, self.kv))
+        with torch.inference_mode():  # a graph replay records nothing for autograd either
+            self.logits.copy_(self.runner.decode_step(self.inputs, self.kv))
 
 
 class EagerPadded(DecodeGraphs):
@@ -135,3 +136,13 @@ def test_no_capture_while_the_copy_thread_works(make_engine, demo_models_dir, de
     engine.graphs._busy = lambda: False  # the copy thread done: the next decode captures
     assert _serve(engine, "demo-llama", prompts[:1]) == _greedy(demo_models_dir / "demo-llama", prompts[:1], device)  # fmt: skip
     assert engine.graphs.captures == 1
+
+
+def test_replay_times_each_graph_and_leaves_later_requests_exact(make_engine, demo_models_dir, device):  # fmt: skip
+    engine = _graphed(make_engine())
+    prompts = PROMPTS[:3]
+    expected = _greedy(demo_models_dir / "demo-llama", prompts, device)
+    assert _serve(engine, "demo-llama", prompts) == expected
+    times = engine.graphs.replay_seconds(repeats=3)
+    assert set(times) == {(4, 64)} and all(t > 0 for t in times.values())
+    assert _serve(engine, "demo-llama", prompts) == expected

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, is_dataclass
@@ -196,6 +198,26 @@ class DecodeGraphs:
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
         return captured
+
+    def replay_seconds(self, repeats: int = 20) -> dict[tuple[int, int], float]:
+        """Median seconds of one replay of each graph by (batch, positions read): a decode
+        step's device time alone, without the engine's host work around it (``bench engine``).
+        A replay writes its last inputs' K/V rows again: call it only with no request alive."""
+        out = {}
+        for graph in self._graphs.values():
+            times = []
+            for _ in range(repeats):
+                self._sync()
+                start = time.perf_counter()
+                graph.graph.replay()
+                self._sync()
+                times.append(time.perf_counter() - start)
+            out[(graph.inputs.tokens.shape[0], graph.inputs.longest)] = statistics.median(times)
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def clear(self) -> None:
         """Drop every graph (before the arena they read is freed)."""
