@@ -8,127 +8,56 @@ mid-turn land between two steps — at a token boundary — without a message pe
                                                                      ├─► append tokens to Redis (recovery)
                                         quota / empty / preempt ◄────┘
                                         ──► swap_out (if asked) ──► TurnDone
+
+The state and the engine's thread are ``WorkerCore``'s (worker_core.py); switches, host-cache
+loads and prefetch are ``Residency``'s (residency.py); step metrics and request spans are
+``TurnSpans``' (turn_spans.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-from aegaeon.gpu_worker.delivery import CLIENT_ERROR, HeldRequest, TokenDelivery
-from aegaeon.gpu_worker.energy import EnergyMeter, energy_meter
-from aegaeon.gpu_worker.progress import report_loading
-from nats.errors import NoRespondersError
-from opentelemetry import trace
+from aegaeon.gpu_worker.delivery import CLIENT_ERROR, HeldRequest
+from aegaeon.gpu_worker.energy import energy_meter
+from aegaeon.gpu_worker.residency import Residency
+from aegaeon.gpu_worker.turn_spans import TurnSpans
+from aegaeon.gpu_worker.worker_core import HEARTBEAT_INTERVAL_S, TurnState
 from opentelemetry.context import Context
 
 from aegaeon import metrics
-from aegaeon.bus import Bus, context_from
-from aegaeon.config import node_name
-from aegaeon.fencing_token import EpochFence
+from aegaeon.bus import context_from
 from aegaeon.protocol import (
     AbortRequest,
     AssignRequest,
     Drain,
-    EnsureCached,
     EvictModel,
     Heartbeat,
     KVImported,
-    ModelReply,
     Preempt,
     PrefetchModel,
     RequestDone,
     RunTurn,
-    SwitchDone,
     TokenBatch,
     TokenEvent,
     TurnDone,
     WorkerCommand,
     WorkerError,
-    WorkerRole,
 )
-from aegaeon.state import Keys
-from aegaeon.telemetry import RequestTrace, link_to, record_span, tracer
+from aegaeon.telemetry import RequestTrace, record_span, tracer
 
 log = logging.getLogger(__name__)
-
 _tracer = tracer(__name__)
 
-HEARTBEAT_INTERVAL_S = 1.0
-ENSURE_TIMEOUT_S = 120.0
-ENSURE_LEASE_S = 60.0
-"""How long the store keeps a model's file for this worker after ensuring it: until the copy
-that follows has mapped it (a mapped file survives an eviction)."""
 
-
-@dataclass
-class TurnState:
-    """The turn in progress."""
-
-    command: RunTurn
-    preempted: bool = False
-    started: float = field(default_factory=time.monotonic)
-    span: trace.Span = trace.INVALID_SPAN  # ``aegaeon.turn``
-    first_step_ns: int = 0  # wall clock of the first step (after the switch), for spans
-    last_step_ns: int = 0
-    tokens: dict[str, int] = field(default_factory=dict)  # request id → tokens this turn
-    traces: dict[str, RequestTrace] = field(default_factory=dict)  # outlive a finished request
-    prefilled: list[str] = field(default_factory=list)  # requests whose prefill ran this turn
-
-
-class WorkerService:
+class WorkerService(Residency, TurnSpans):
     """One worker: an Engine behind NATS. Build with ``WorkerService(...)``, then ``await run()``."""
 
-    def __init__(
-        self,
-        worker_id: str,
-        role: WorkerRole,
-        engine: Any,
-        bus: Bus,
-        redis: aioredis.Redis,
-        store_id: str | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.store_id = store_id  # this node's model-store; None: any store answers
-        self.incarnation = uuid.uuid4().hex
-        self.node = node_name()
-        self.role = role
-        self.engine = engine
-        self.bus = bus
-        self.redis = redis
-        self.keys = Keys(bus.config.prefix)
-        self.subjects = bus.subjects
-        self.held: dict[str, HeldRequest] = {}
-        self.delivery = TokenDelivery(worker_id, bus, redis, self.held)
-        self.registered: dict[str, str] = {}  # model → host-cache path registered with the engine
-        self.turn: TurnState | None = None
-        # A RunTurn received but still queued (behind an assign that loads a model): heartbeats
-        # name it, so the scheduler does not take the worker for idle and the turn for lost.
-        self._queued_turn: int | None = None
-        self.draining = False
-        self._commands: asyncio.Queue[Any] = asyncio.Queue()
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self._stopped = asyncio.Event()
-        self._prefetch_wanted: str | None = None  # the model the scheduler named last
-        self._restaged_for: int | None = None  # a PrefetchModel came after this turn's RunTurn
-        self._pinned: str | None = None  # the model the engine keeps in a slot (RunTurn.pinned)
-        self._fence = EpochFence()  # the newest scheduler term heard: older ones are ignored
-        self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
-        self.energy: EnergyMeter | None = None  # set in run() where the GPU counts energy
-
     # ------------------------------------------------------------------ plumbing
-
-    async def _on_engine(self, fn: Any, *args: Any) -> Any:
-        """Run one engine call on the engine's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     async def run(self) -> None:
         """Serve until ``stop()``: heartbeats, the command loop, the subscription."""
@@ -248,31 +177,6 @@ class WorkerService:
             index = str(stats.device).split()[0].partition(":")[2] or "0"
             metrics.sample_gpus([int(index)])
 
-    async def _ensure_model(self, model: str) -> None:
-        """Make sure the model is in this node's host cache and registered with the engine."""
-        reply = await self._ask_store(EnsureCached(model, lease_s=ENSURE_LEASE_S))
-        if reply.model is None or not reply.model.cache_path:
-            raise RuntimeError(f"model-store cannot provide {model!r}: {reply.error or 'no cache'}")
-        # Not registered yet, its cache file changed, or unloaded by an eviction that overtook
-        # this registration (a prefetch's): register it (again).
-        if self.registered.get(model) != reply.model.cache_path or model not in self.engine.specs:
-            await self._on_engine(
-                self.engine.register_model, model, reply.model.path, reply.model.cache_path
-            )
-            self.registered[model] = reply.model.cache_path
-
-    async def _ask_store(self, request: EnsureCached) -> ModelReply:
-        """This node's model-store (its cache paths are in shared memory this worker can map);
-        with no store of that id answering, any store (one node, or an id not set alike)."""
-        shared = self.subjects.models("ensure")
-        if self.store_id:
-            local = self.subjects.models(f"ensure.{self.store_id}")
-            try:
-                return await self.bus.request(local, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
-            except NoRespondersError:
-                log.warning("no model-store %r answers %s: asking any store", self.store_id, local)
-        return await self.bus.request(shared, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
-
     async def _assign(self, command: AssignRequest, context: Context | None = None) -> None:
         if command.request_id in self.held:
             return  # a repeated assign (scheduler retry) changes nothing
@@ -339,78 +243,6 @@ class WorkerService:
             RequestDone(self.worker_id, command.request_id, "abort", held.produced),
         )
 
-    async def _evict(self, model: str) -> None:
-        """A drained model is being removed: forget it. Commands run one at a time, so this
-        never lands while a turn runs; a later deploy under the same name registers afresh."""
-        if self._prefetch_wanted == model:
-            self._prefetch_wanted = None
-        await self._on_engine(self.engine.unload_model, model)
-        self.registered.pop(model, None)
-        with contextlib.suppress(KeyError):  # never sampled here: no series to remove
-            metrics.RESIDENT_MODELS.remove(self.worker_id, model)
-        log.info("evicted %s", model)
-
-    def _start_prefetch(self, model: str) -> None:
-        """Stage ``model`` in the engine's free weight slot in the background: the host-cache
-        round trip runs in a task (a turn's first step must not wait for it) and the copy then
-        overlaps the steps. Only the most recent wish is acted on."""
-        self._prefetch_wanted = model
-        task = asyncio.create_task(self._prefetch_when_cached(model), name=f"prefetch {model}")
-        self._prefetch_tasks.add(task)
-        task.add_done_callback(self._prefetch_tasks.discard)
-
-    async def _prefetch_when_cached(self, model: str) -> None:
-        try:
-            await self._ensure_model(model)
-            if self._prefetch_wanted == model:
-                await self._on_engine(self.engine.start_prefetch, model)
-        except Exception as exc:  # a hint: the switch copies in the foreground instead
-            log.warning("prefetch of %s not started: %s", model, exc)
-
-    async def _switch(self, model: str, request_ids: Sequence[str] = ()) -> Any:
-        """Make ``model`` resident; returns the engine's SwitchStats (None when already resident).
-        Requests of the turn still waiting for a first token hear how far the loading is."""
-        if self.engine.resident_model == model and model in self.registered:
-            return None
-        waiting = {r: h.gateway_id for r in request_ids if (h := self.held.get(r)) and h.produced == 0}  # fmt: skip
-        loaded = self.engine.weights_loaded(model)
-        reporting = None
-        if waiting and (loaded[0] < loaded[1] or model not in self.registered):
-            publish = lambda gateway, batch: self.bus.publish(self.subjects.tokens(gateway), batch)  # noqa: E731
-            reporting = asyncio.create_task(
-                report_loading(publish, waiting, model, lambda: self.engine.weights_loaded(model))
-            )
-        try:
-            return await self._switch_now(model)
-        finally:
-            if reporting is not None:
-                reporting.cancel()
-
-    async def _switch_now(self, model: str) -> Any:
-        await self._ensure_model(model)
-        with _tracer.start_as_current_span("aegaeon.switch") as span:
-            stats = await self._on_engine(self.engine.switch_to, model)
-            span.set_attributes(
-                {
-                    "aegaeon.switch.from": stats.from_model or "",
-                    "aegaeon.switch.to": model,
-                    "aegaeon.switch.bytes": int(stats.bytes),
-                    "aegaeon.switch.prefetched_bytes": int(stats.prefetched_bytes),
-                    "aegaeon.switch.ms": stats.seconds * 1000.0,
-                }
-            )
-        if stats.from_model != stats.to_model:
-            metrics.MODEL_SWITCHES.labels(model).inc()
-            metrics.MODEL_SWITCH_LATENCY.labels(model).observe(stats.seconds)
-            metrics.MODEL_SWITCH_BYTES.labels(model, "waited").inc(stats.bytes)
-            metrics.MODEL_SWITCH_BYTES.labels(model, "prefetched").inc(stats.prefetched_bytes)
-            await self.bus.publish(
-                self.subjects.worker_events(self.worker_id),
-                SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes,
-                           stats.prefetched_bytes),
-            )  # fmt: skip
-        return stats
-
     async def _run_turn(self, command: RunTurn, context: Context | None = None) -> None:
         turn = self.turn = TurnState(command)
         if self.energy is not None:
@@ -455,18 +287,6 @@ class WorkerService:
                 await self.delivery.flush()
                 await self.bus.publish(self.subjects.worker_events(self.worker_id), done)
 
-    def _charge_energy(self, turn: TurnState) -> None:
-        """The turn's GPU energy to its model (where NVML counts energy)."""
-        if self.energy is None:
-            return
-        model = turn.command.model
-        joules = self.energy.turn_ended(model, sum(turn.tokens.values()))
-        if joules is not None:
-            metrics.ENERGY.labels(model).inc(joules)
-            per_token = self.energy.models[model].per_token
-            if per_token is not None:
-                metrics.ENERGY_PER_OUTPUT_TOKEN.labels(model).set(per_token)
-
     async def _drop_kv(self, request_id: str) -> None:
         held = self.held.get(request_id)
         if held is None:
@@ -486,43 +306,6 @@ class WorkerService:
                 log.info("KV of %s not exported: %s", rid, exc)
                 continue
             self.held[rid].swapped = True
-
-    def _turn_links(self, command: RunTurn, lead: Context | None) -> list[trace.Link]:
-        """Links from the turn to the traces of the batch's other requests (the span itself
-        lies in the lead request's trace)."""
-        lead_id = trace.get_current_span(lead).get_span_context().trace_id if lead else 0
-        links: list[trace.Link] = []
-        for rid in command.request_ids:
-            held = self.held.get(rid)
-            if held is not None and held.trace is not None:
-                links += [
-                    link for link in link_to(held.trace.context) if link.context.trace_id != lead_id
-                ]
-        return links
-
-    def _end_turn_spans(self, turn: TurnState, done: TurnDone) -> None:
-        """The turn's totals on its span; each request's share of it in the request's trace."""
-        command = turn.command
-        turn.span.set_attributes(
-            {"aegaeon.steps": done.steps, "aegaeon.batch_size": done.batch_size,
-             "aegaeon.switch_s": done.switch_s, "aegaeon.preempted": turn.preempted}
-        )  # fmt: skip
-        if not turn.first_step_ns:
-            return
-        links = link_to(trace.set_span_in_context(turn.span))
-        for rid, tokens in turn.tokens.items():
-            traced = turn.traces.get(rid)
-            if traced is None:
-                continue
-            record_span(
-                "aegaeon.request.decode_turn", traced.context, turn.first_step_ns,
-                turn.last_step_ns,
-                {"aegaeon.request_id": rid, "aegaeon.turn_id": command.turn_id,
-                 "aegaeon.model": command.model, "aegaeon.quota_s": command.quota_s,
-                 "aegaeon.steps": tokens, "aegaeon.batch_size": done.batch_size,
-                 "aegaeon.switch_s": done.switch_s},
-                links,
-            )  # fmt: skip
 
     async def _step_until_turn_ends(self, turn: TurnState, done: TurnDone) -> None:
         command = turn.command
@@ -553,53 +336,6 @@ class WorkerService:
             batch = [rid for rid in batch if rid in self.held]
             if command.prefill_only:
                 break
-
-    def _observe_step(
-        self, turn: TurnState, batch: list[str], outputs: Sequence[Any], t0_ns: int,
-        elapsed: float, host_free_before: int,
-    ) -> None:  # fmt: skip
-        """Metrics and per-request spans of one engine step: the prefill of requests new here,
-        the swap-in of requests whose KV came back from the host pool."""
-        end_ns = time.time_ns()
-        turn.first_step_ns = turn.first_step_ns or t0_ns
-        turn.last_step_ns = end_ns
-        model = turn.command.model
-        metrics.ENGINE_STEP.labels(model).observe(elapsed)
-        for rid in batch:  # kept for the turn's spans: a request that finished is gone from held
-            held = self.held.get(rid)
-            if held is not None and held.trace is not None:
-                turn.traces[rid] = held.trace
-        swapped_in = [rid for rid in batch if rid in self.held and self.held[rid].swapped]
-        freed = self.engine.stats().host_kv_bytes_free - host_free_before
-        if swapped_in and freed > 0:
-            metrics.KV_SWAP_BYTES.labels("in").inc(freed)
-        for rid in swapped_in:
-            self.held[rid].swapped = False
-            self._request_span(turn, "aegaeon.kv_swap", rid, t0_ns, end_ns,
-                               {"aegaeon.kv_swap.direction": "in", "aegaeon.kv_swap.bytes": freed,
-                                "aegaeon.kv_swap.requests": len(swapped_in)})  # fmt: skip
-        for out in outputs:
-            turn.tokens[out.request_id] = turn.tokens.get(out.request_id, 0) + 1
-            held = self.held.get(out.request_id)
-            if held is not None and not held.prefilled:
-                held.prefilled = True
-                turn.prefilled.append(out.request_id)
-                self._request_span(turn, "aegaeon.request.prefill", out.request_id, t0_ns,
-                                   end_ns, {"aegaeon.model": model, "aegaeon.batch_size": len(batch)})  # fmt: skip
-        for rid in self.engine.last_step_preempted:  # no KV room: it left the device
-            metrics.NUM_PREEMPTIONS.labels(model).inc()
-            if rid in self.held:
-                self.held[rid].swapped = True
-
-    def _request_span(
-        self, turn: TurnState, name: str, request_id: str, start_ns: int, end_ns: int,
-        attributes: dict[str, Any],
-    ) -> None:  # fmt: skip
-        held = self.held.get(request_id)
-        traced = turn.traces.get(request_id) or (held.trace if held is not None else None)
-        if traced is not None:
-            attributes = {"aegaeon.request_id": request_id, **attributes}
-            record_span(name, traced.context, start_ns, end_ns, attributes)
 
     async def _swap_out(self, turn: TurnState, done: TurnDone) -> None:
         model = turn.command.model

@@ -1,0 +1,125 @@
+"""Which model the worker's engine holds (mixed into ``WorkerService``): the node's host cache
+asked for a model's file, the engine's registration of it, foreground switches (with loading
+progress to requests waiting for a first token) and background prefetch into the free slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aegaeon.gpu_worker.progress import report_loading
+from aegaeon.gpu_worker.worker_core import ENSURE_LEASE_S, ENSURE_TIMEOUT_S, WorkerCore
+from nats.errors import NoRespondersError
+
+from aegaeon import metrics
+from aegaeon.protocol import EnsureCached, ModelReply, SwitchDone
+from aegaeon.telemetry import tracer
+
+log = logging.getLogger(__name__)
+
+_tracer = tracer(__name__)
+
+
+class Residency(WorkerCore):
+    """Host-cache loads, switches and prefetch of the worker's engine."""
+
+    async def _ensure_model(self, model: str) -> None:
+        """Make sure the model is in this node's host cache and registered with the engine."""
+        reply = await self._ask_store(EnsureCached(model, lease_s=ENSURE_LEASE_S))
+        if reply.model is None or not reply.model.cache_path:
+            raise RuntimeError(f"model-store cannot provide {model!r}: {reply.error or 'no cache'}")
+        # Not registered yet, its cache file changed, or unloaded by an eviction that overtook
+        # this registration (a prefetch's): register it (again).
+        if self.registered.get(model) != reply.model.cache_path or model not in self.engine.specs:
+            await self._on_engine(
+                self.engine.register_model, model, reply.model.path, reply.model.cache_path
+            )
+            self.registered[model] = reply.model.cache_path
+
+    async def _ask_store(self, request: EnsureCached) -> ModelReply:
+        """This node's model-store (its cache paths are in shared memory this worker can map);
+        with no store of that id answering, any store (one node, or an id not set alike)."""
+        shared = self.subjects.models("ensure")
+        if self.store_id:
+            local = self.subjects.models(f"ensure.{self.store_id}")
+            try:
+                return await self.bus.request(local, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
+            except NoRespondersError:
+                log.warning("no model-store %r answers %s: asking any store", self.store_id, local)
+        return await self.bus.request(shared, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
+
+    async def _evict(self, model: str) -> None:
+        """A drained model is being removed: forget it. Commands run one at a time, so this
+        never lands while a turn runs; a later deploy under the same name registers afresh."""
+        if self._prefetch_wanted == model:
+            self._prefetch_wanted = None
+        await self._on_engine(self.engine.unload_model, model)
+        self.registered.pop(model, None)
+        with contextlib.suppress(KeyError):  # never sampled here: no series to remove
+            metrics.RESIDENT_MODELS.remove(self.worker_id, model)
+        log.info("evicted %s", model)
+
+    def _start_prefetch(self, model: str) -> None:
+        """Stage ``model`` in the engine's free weight slot in the background: the host-cache
+        round trip runs in a task (a turn's first step must not wait for it) and the copy then
+        overlaps the steps. Only the most recent wish is acted on."""
+        self._prefetch_wanted = model
+        task = asyncio.create_task(self._prefetch_when_cached(model), name=f"prefetch {model}")
+        self._prefetch_tasks.add(task)
+        task.add_done_callback(self._prefetch_tasks.discard)
+
+    async def _prefetch_when_cached(self, model: str) -> None:
+        try:
+            await self._ensure_model(model)
+            if self._prefetch_wanted == model:
+                await self._on_engine(self.engine.start_prefetch, model)
+        except Exception as exc:  # a hint: the switch copies in the foreground instead
+            log.warning("prefetch of %s not started: %s", model, exc)
+
+    async def _switch(self, model: str, request_ids: Sequence[str] = ()) -> Any:
+        """Make ``model`` resident; returns the engine's SwitchStats (None when already resident).
+        Requests of the turn still waiting for a first token hear how far the loading is."""
+        if self.engine.resident_model == model and model in self.registered:
+            return None
+        waiting = {r: h.gateway_id for r in request_ids if (h := self.held.get(r)) and h.produced == 0}  # fmt: skip
+        loaded = self.engine.weights_loaded(model)
+        reporting = None
+        if waiting and (loaded[0] < loaded[1] or model not in self.registered):
+            publish = lambda gateway, batch: self.bus.publish(self.subjects.tokens(gateway), batch)  # noqa: E731
+            reporting = asyncio.create_task(
+                report_loading(publish, waiting, model, lambda: self.engine.weights_loaded(model))
+            )
+        try:
+            return await self._switch_now(model)
+        finally:
+            if reporting is not None:
+                reporting.cancel()
+
+    async def _switch_now(self, model: str) -> Any:
+        await self._ensure_model(model)
+        with _tracer.start_as_current_span("aegaeon.switch") as span:
+            stats = await self._on_engine(self.engine.switch_to, model)
+            span.set_attributes(
+                {
+                    "aegaeon.switch.from": stats.from_model or "",
+                    "aegaeon.switch.to": model,
+                    "aegaeon.switch.bytes": int(stats.bytes),
+                    "aegaeon.switch.prefetched_bytes": int(stats.prefetched_bytes),
+                    "aegaeon.switch.ms": stats.seconds * 1000.0,
+                }
+            )
+        if stats.from_model != stats.to_model:
+            metrics.MODEL_SWITCHES.labels(model).inc()
+            metrics.MODEL_SWITCH_LATENCY.labels(model).observe(stats.seconds)
+            metrics.MODEL_SWITCH_BYTES.labels(model, "waited").inc(stats.bytes)
+            metrics.MODEL_SWITCH_BYTES.labels(model, "prefetched").inc(stats.prefetched_bytes)
+            await self.bus.publish(
+                self.subjects.worker_events(self.worker_id),
+                SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes,
+                           stats.prefetched_bytes),
+            )  # fmt: skip
+        return stats
