@@ -175,9 +175,7 @@ class DecodeGraphs:
         return graph.logits
 
     def _new_pool(self) -> Any:
-        return (
-            torch.cuda.graph_pool_handle() if self.enabled and self.device.type == "cuda" else None
-        )
+        return torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def _capture(self, key: tuple[Any, ...], runner: Any, kv: PagedKV, host: StepInputs, keep: list[torch.Tensor]) -> _Graph:  # fmt: skip
         inputs = host.to(self.device)
