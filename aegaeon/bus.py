@@ -76,7 +76,7 @@ class Bus:
                 log.debug("%s: NATS error: %s", name, exc)
 
         nc = await nats.connect(
-            config.nats_url,
+            config.nats_servers,
             name=name,
             user=config.nats_user,
             password=config.nats_password,

@@ -46,12 +46,23 @@ class BusConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ValueError(f"AEGAEON_NATS_URL must be a nats:// URL, got {self.nats_url!r}")
+        for url in self.nats_servers:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(
+                    f"AEGAEON_NATS_URL must be nats:// URLs (comma-separated for a cluster), "
+                    f"got {self.nats_url!r}"
+                )
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"AEGAEON_REDIS_URL must be a redis:// URL, got {self.redis_url!r}")
         if not self.prefix.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"AEGAEON_PREFIX must be one subject token, got {self.prefix!r}")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS servers to try, in order: ``AEGAEON_NATS_URL`` may list several members of
+        a cluster, comma-separated, so a service starts while any one of them is up (once
+        connected, the client also learns the cluster's other members from the server)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
 
 CONNECTION_FILE = "connection.json"

@@ -36,6 +36,27 @@ def test_nats_server_accepts_a_connection(nats_server):
     assert asyncio.run(roundtrip()) == b"pong"
 
 
+def test_a_bus_given_several_nats_servers_connects_through_one_that_is_up(nats_server):
+    """AEGAEON_NATS_URL may list a cluster's members: the first is down, the second answers."""
+    from aegaeon.bus import Bus
+    from aegaeon.servers import free_port
+
+    down = f"nats://127.0.0.1:{free_port()}"
+    config = BusConfig(nats_url=f"{down}, {nats_server.url}", prefix="several")
+    assert config.nats_servers == [down, nats_server.url]
+
+    async def connect() -> str:
+        bus = await Bus.connect(config, "several")
+        try:
+            return bus.nc.connected_url.geturl()
+        finally:
+            await bus.close()
+
+    assert asyncio.run(connect()) == nats_server.url
+    with pytest.raises(ValueError, match="comma-separated"):
+        BusConfig(nats_url=f"{nats_server.url},redis://127.0.0.1:1")
+
+
 def test_redis_server_stores_and_returns_a_value(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     client.set("k", "v")
