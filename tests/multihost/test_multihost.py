@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 from netns import isolated_command, namespaces_available
+from test_e2e import engine_greedy  # tests/ is on the path (its conftest.py)
 from transformers import AutoTokenizer
-
-from aegaeon.protocol import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -29,24 +28,6 @@ STREAMS = [("demo-llama", [11, 22, 33, 44]), ("demo-llama", [12, 23, 34, 45, 56]
            ("demo-qwen2", [13, 24, 35, 46]), ("demo-qwen2", [14, 25, 36, 47, 58])]  # fmt: skip
 MAX_TOKENS = 300  # ≥ 1 s per stream on one CPU thread: all are mid-stream at the crash
 DRIVER = Path(__file__).with_name("driver.py")
-
-
-def engine_greedy(models_dir: Path, model: str, prompt: list[int]) -> list[int]:
-    """The uninterrupted reference: the engine alone, greedy, eos ignored."""
-    from aegaeon.gpu_worker.engine import Engine, EngineConfig
-
-    engine = Engine(EngineConfig(device="cpu", arena_bytes=1 << 30))
-    try:
-        engine.register_model(model, models_dir / model)
-        engine.switch_to(model)
-        sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-        engine.add_request("ref", model, prompt, sampling)
-        tokens: list[int] = []
-        while len(tokens) < MAX_TOKENS:
-            tokens += [o.token_id for o in engine.step(["ref"])]
-        return tokens
-    finally:
-        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +71,5 @@ def test_a_host_crash_then_a_nats_server_crash_leave_every_stream_exact(
         assert (stream["model"], stream["prompt"]) == (model, prompt)
         assert stream["error"] is None and stream["done"], stream
         tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / model)
-        expected = tokenizer.decode(engine_greedy(demo_models_dir, model, prompt),
-                                    skip_special_tokens=True)  # fmt: skip
-        assert stream["text"] == expected, (model, prompt)
+        tokens = engine_greedy(demo_models_dir, model, prompt, MAX_TOKENS, ignore_eos=True)
+        assert stream["text"] == tokenizer.decode(tokens, skip_special_tokens=True), (model, prompt)
