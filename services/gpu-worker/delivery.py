@@ -1,6 +1,6 @@
 """Where a worker's tokens go: each step's tokens to the gateways that own the requests (one
 batch per gateway), the same tokens to Redis for recovery (written behind the next engine step,
-in order), and a RequestDone to the scheduler for each request that finished.
+in order, one write at a time), and a RequestDone to the scheduler for each request that finished.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class TokenDelivery:
         self.redis = redis
         self.keys = Keys(bus.config.prefix)
         self.held = held
-        self._redis_writes: asyncio.Task | None = None
+        self._redis_writes: asyncio.Task | None = None  # the write under way
+        self._unrecorded: dict[str, list[int]] = {}  # tokens sent, not yet handed to a write
 
     async def deliver(self, outputs: Sequence[Any]) -> list[str]:
         """Publish one step's tokens to each owning gateway; returns the finished request ids."""
@@ -93,32 +94,32 @@ class TokenDelivery:
         return finished
 
     def record(self, tokens: dict[str, list[int]]) -> None:
-        """Record sent tokens in Redis for recovery, overlapped with the next engine step but kept
-        in order (each write waits for the previous one)."""
-        if not tokens:
-            return
-        previous = self._redis_writes
+        """Record sent tokens in Redis for recovery, behind the next engine step and in order:
+        one write at a time, each taking every token recorded while the one before was under
+        way (under load one Redis round trip then carries many steps' tokens, not one each)."""
+        for request_id, ids in tokens.items():
+            self._unrecorded.setdefault(request_id, []).extend(ids)
+        if self._unrecorded and (self._redis_writes is None or self._redis_writes.done()):
+            self._redis_writes = asyncio.create_task(self._write_unrecorded())
 
-        async def write() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
+    async def _write_unrecorded(self) -> None:
+        while self._unrecorded:
+            tokens, self._unrecorded = self._unrecorded, {}
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for rid, ids in tokens.items():
-                        key = self.keys.output_tokens(rid)
+                    for request_id, ids in tokens.items():
+                        key = self.keys.output_tokens(request_id)
                         pipe.rpush(key, *ids)
                         pipe.expire(key, REQUEST_TTL_S)
                     await pipe.execute()
             except Exception as exc:  # Redis restarting: recovery then re-runs from less
                 log.warning("could not record tokens in Redis: %s", exc)
 
-        self._redis_writes = asyncio.create_task(write())
-
     async def flush(self) -> None:
-        """Wait for the Redis writes under way (a turn ends only once its tokens are recorded)."""
-        if self._redis_writes is not None:
+        """Wait until every token recorded so far is written (a turn ends only once its tokens
+        are recorded)."""
+        while self._redis_writes is not None and not self._redis_writes.done():
             await asyncio.gather(self._redis_writes, return_exceptions=True)
-            self._redis_writes = None
 
 
 def _logprobs(out: Any) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -26,7 +26,7 @@ from aegaeon.gpu_worker.delivery import CLIENT_ERROR, HeldRequest
 from aegaeon.gpu_worker.energy import energy_meter
 from aegaeon.gpu_worker.residency import Residency
 from aegaeon.gpu_worker.turn_spans import TurnSpans
-from aegaeon.gpu_worker.worker_core import HEARTBEAT_INTERVAL_S, TurnState
+from aegaeon.gpu_worker.worker_core import HEARTBEAT_INTERVAL_S, EngineStep, TurnState
 from opentelemetry.context import Context
 
 from aegaeon import metrics
@@ -308,34 +308,61 @@ class WorkerService(Residency, TurnSpans):
             self.held[rid].swapped = True
 
     async def _step_until_turn_ends(self, turn: TurnState, done: TurnDone) -> None:
+        """Step the turn's batch until its quota, its ``max_steps`` or a Preempt ends it, or it
+        empties. A step's delivery (tokens to NATS, Redis) runs while the next step computes:
+        the next step needs only to know which requests ended, and the outputs say that, so the
+        engine does not wait for the wire and the wire not for the engine. Each step computes
+        what it would have without the overlap, so tokens are unchanged; a Preempt or an abort
+        that comes during a delivery takes effect one step later."""
         command = turn.command
         batch = [rid for rid in command.request_ids if rid in self.held]
         done.batch_size = len(batch)
+        step = self._start_step(batch) if self._may_step(batch, turn, done, None) else None
         first_step_at: float | None = None
-        while batch and not turn.preempted:
-            if command.max_steps is not None and done.steps >= command.max_steps:
-                break
-            if first_step_at and time.monotonic() - first_step_at >= command.quota_s:
-                break
-            t0, t0_ns = time.monotonic(), time.time_ns()
-            host_free = self.engine.stats().host_kv_bytes_free
-            outputs = await self._on_engine(self.engine.step, batch)
-            elapsed = time.monotonic() - t0
-            self._observe_step(turn, batch, outputs, t0_ns, elapsed, host_free)
+        outputs_at = 0.0
+        while step is not None:
+            outputs = await step.outputs
+            now = time.monotonic()
+            self._observe_step(turn, step.batch, outputs, step.t0_ns, now - step.t0, step.host_free)
             done.steps += 1
-            finished = await self.delivery.deliver(outputs)
-            # What the step cost the turn, its tokens' delivery included (the estimators learn
-            # the pace of tokens from it, not the engine's time alone).
-            spent = time.monotonic() - t0
+            # What a step costs the turn: the first, from its start; each later one, the time
+            # since the previous step's tokens (the pace the batch's tokens really come at).
             if first_step_at is None:
-                first_step_at = t0  # the quota runs from the first step, after the switch
-                done.prefill_s += spent
+                first_step_at = step.t0  # the quota runs from the first step, after the switch
+                done.prefill_s += now - step.t0
             else:
-                done.decode_s += spent
-            done.finished.extend(finished)
-            batch = [rid for rid in batch if rid in self.held]
-            if command.prefill_only:
-                break
+                done.decode_s += now - outputs_at
+            outputs_at = now
+            ended = {o.request_id for o in outputs if o.finish_reason or o.error is not None}
+            batch = [rid for rid in step.batch if rid in self.held and rid not in ended]
+            step = (
+                self._start_step(batch)
+                if self._may_step(batch, turn, done, first_step_at)
+                else None
+            )
+            try:
+                done.finished.extend(await self.delivery.deliver(outputs))
+            except BaseException:
+                if step is not None:  # settle the engine before the error unwinds the turn
+                    await asyncio.gather(step.outputs, return_exceptions=True)
+                raise
+
+    def _may_step(
+        self, batch: list[str], turn: TurnState, done: TurnDone, first_step_at: float | None
+    ) -> bool:
+        """Whether the turn takes another step now."""
+        command = turn.command
+        if not batch or turn.preempted or (command.prefill_only and done.steps > 0):
+            return False
+        if command.max_steps is not None and done.steps >= command.max_steps:
+            return False
+        return first_step_at is None or time.monotonic() - first_step_at < command.quota_s
+
+    def _start_step(self, batch: list[str]) -> EngineStep:
+        """One engine step of ``batch`` on the engine's thread, started now."""
+        host_free = self.engine.stats().host_kv_bytes_free  # the engine is idle between steps
+        t0, t0_ns = time.monotonic(), time.time_ns()
+        return EngineStep(self._engine_future(self.engine.step, batch), batch, t0, t0_ns, host_free)
 
     async def _swap_out(self, turn: TurnState, done: TurnDone) -> None:
         model = turn.command.model

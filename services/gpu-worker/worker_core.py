@@ -48,6 +48,17 @@ class TurnState:
     prefilled: list[str] = field(default_factory=list)  # requests whose prefill ran this turn
 
 
+@dataclass
+class EngineStep:
+    """An engine step under way on the engine's thread: ``outputs`` resolves to its outputs."""
+
+    outputs: asyncio.Future
+    batch: list[str]
+    t0: float  # monotonic, when it was started
+    t0_ns: int  # wall clock, for spans
+    host_free: int  # the host KV pool's free bytes before it (swap-in metrics)
+
+
 class WorkerCore:
     """The worker's state; the engine is touched from its one thread only (``_on_engine``)."""
 
@@ -90,4 +101,8 @@ class WorkerCore:
 
     async def _on_engine(self, fn: Any, *args: Any) -> Any:
         """Run one engine call on the engine's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
+        return await self._engine_future(fn, *args)
+
+    def _engine_future(self, fn: Any, *args: Any) -> asyncio.Future:
+        """Queue one engine call on the engine's thread (calls run one at a time, in order)."""
+        return asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
