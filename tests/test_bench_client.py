@@ -45,6 +45,34 @@ def test_a_stream_with_a_finish_reason_and_done_is_finished_and_its_empty_last_c
     assert len(timing.token_times) == len(timing.wall_times) == 3
 
 
+def test_every_token_asks_for_logprobs_and_times_each_token_even_one_without_text() -> None:
+    """A token whose text the detokenizer holds back (half a character) comes in a chunk with
+    empty text: counted by its logprobs entry, so the k-th time is the k-th token's."""
+    asked: list[dict] = []
+
+    def chunk(value: str, tokens: list[str], finish: str | None = None) -> dict:
+        logprobs = {"tokens": tokens, "token_logprobs": [-0.1] * len(tokens)} if tokens else None
+        choice = {"index": 0, "text": value, "logprobs": logprobs, "finish_reason": finish}
+        return {"id": "cmpl-1", "choices": [choice]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content))
+        body = sse(chunk("a", ["a"]), chunk("", ["\xe2"]), chunk("é", ["\x82"]),
+                   chunk("", [], "length"), "[DONE]")  # fmt: skip
+        return httpx.Response(200, content=body)
+
+    async def go() -> StreamTiming:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await stream_completion(client, URL, "m", [20, 21], 3, every_token=True)
+
+    timing = asyncio.run(go())
+    assert asked[0]["logprobs"] == 0
+    assert classify(timing) == "finished"
+    assert len(timing.token_times) == len(timing.wall_times) == 3
+    plain = run(answer(200, sse(text("a"), text(""), text("é"), text("", "length"), "[DONE]")))
+    assert len(plain.token_times) == 2  # without logprobs only the chunks with text count
+
+
 def test_429_and_503_are_refused() -> None:
     assert classify(run(answer(429, b'{"error": {"message": "slow down"}}'))) == "refused"
     assert classify(run(answer(503, b'{"error": {"message": "busy"}}'))) == "refused"

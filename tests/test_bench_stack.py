@@ -62,7 +62,7 @@ def test_requests_that_cannot_be_paired_token_for_token_are_left_out_and_counted
     ]
     added, left_out = pair_added_latency(runs, stamps, 3)
     assert added == pytest.approx([0.1, 0.1, 0.1])
-    assert left_out == {"text chunks != max_tokens": 1, "request not finished": 1,
+    assert left_out == {"tokens != max_tokens": 1, "request not finished": 1,
                         "token without a worker stamp": 3}  # fmt: skip
     _, left_out = pair_added_latency([received("old-worker", [1.0])], stamps, 1)
     assert left_out == {"token without a worker stamp": 1}

@@ -25,8 +25,9 @@ class StreamTiming:
     """What the client saw of one streamed request.
 
     ``token_times`` (``perf_counter``) and ``wall_times`` (``time.time()``, comparable with a
-    worker's stamp on the same host) hold one entry per chunk that carried text; the final empty
-    chunk that only carries the finish reason is not a token.
+    worker's stamp on the same host) hold one entry per token where the chunks say which tokens
+    they carry (logprobs asked: ``stream_completion(every_token=True)``), else one per chunk that
+    carried text; the final empty chunk that only carries the finish reason is not a token.
     """
 
     token_times: list[float]
@@ -65,10 +66,13 @@ def percentile(values: list[float], q: float) -> float:
 
 async def stream_completion(
     client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, every_token: bool = False,
 ) -> StreamTiming:  # fmt: skip
     """One streamed /v1/completions request (token-id prompt, greedy, ``ignore_eos``); the arrival
-    time of each text-bearing chunk."""
+    time of each text-bearing chunk, or with ``every_token`` of each token: the request then asks
+    for the chosen tokens' logprobs (``logprobs: 0``), so a token whose text the detokenizer
+    still holds back (part of a multi-byte character) comes in a chunk of its own, and the k-th
+    time is the k-th token's, which per-token deadlines and pairing by index need."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -77,6 +81,8 @@ async def stream_completion(
         "stream": True,
         "ignore_eos": True,
     }
+    if every_token:
+        body["logprobs"] = 0
     timing = StreamTiming([], False, sent_at=time.perf_counter())
     try:
         async with client.stream(
@@ -117,9 +123,11 @@ async def _read_events(response: httpx.Response, timing: StreamTiming) -> bool:
         choices = chunk.get("choices") or []
         if not choices:
             continue  # the usage chunk
-        if choices[0].get("text"):
-            timing.token_times.append(time.perf_counter())
-            timing.wall_times.append(time.time())
+        logprobs = choices[0].get("logprobs")
+        tokens = len(logprobs["tokens"]) if logprobs else int(bool(choices[0].get("text")))
+        if tokens:
+            timing.token_times.extend([time.perf_counter()] * tokens)
+            timing.wall_times.extend([time.time()] * tokens)
         if choices[0].get("finish_reason") is not None:
             timing.finish_reason = choices[0]["finish_reason"]
     return False

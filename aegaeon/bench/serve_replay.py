@@ -50,7 +50,8 @@ async def _one(
     await asyncio.sleep(max(0.0, origin + request.arrival - time.perf_counter()))
     prompt = prompt_ids(request, vocab, seed)
     try:
-        return await stream_completion(client, url, request.model, prompt, request.output_len)
+        return await stream_completion(client, url, request.model, prompt, request.output_len,
+                                       every_token=True)  # fmt: skip
     finally:
         bar.update(1)
 
@@ -104,7 +105,8 @@ async def isolated_latency(
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
         await stream_completion(client, url, model, prompt, 4)
         for _ in range(repeats):
-            timing = await stream_completion(client, url, model, prompt, output_len)
+            timing = await stream_completion(client, url, model, prompt, output_len,
+                                             every_token=True)  # fmt: skip
             times = timing.token_times
             if not timing.ok or len(times) < 2:
                 raise RuntimeError(f"isolated request to {model} failed: {timing.error}")

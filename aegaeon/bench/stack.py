@@ -4,9 +4,10 @@ per token, and how many concurrent SSE streams one gateway holds.
 Added latency per token = the client's receive time − the worker's publish stamp of the same
 token (``TokenBatch.sent_at``, the same host's wall clock). The bench reads the stamps as a
 second subscriber to the gateway's token subject on NATS (it sees the same messages as the
-gateway) and pairs them with the client's chunks by (request id, token index). Only chunks that
-carry text are tokens (the last chunk, empty, only carries the finish reason); a request whose
-text chunks are not exactly ``max_tokens`` cannot be paired by index and is left out, counted.
+gateway) and pairs them with the client's tokens by (request id, token index). The requests ask
+for logprobs, so every token comes in a chunk that lists it, text or not yet (the last chunk,
+empty, only carries the finish reason); a request whose tokens are not exactly ``max_tokens``
+cannot be paired by index and is left out, counted.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def pair_added_latency(
             left_out["request not finished"] += 1
             continue
         if len(run.wall_times) != max_tokens:
-            left_out["text chunks != max_tokens"] += 1
+            left_out["tokens != max_tokens"] += 1
             continue
         for index, received in enumerate(run.wall_times):
             sent = stamps.get((run.request_id, index))
@@ -117,14 +118,14 @@ async def _measure(
         await stream_completion(client, url, model, prompts[0], 4)  # warm: model resident
         result: dict = {"model": model, "url": url, "max_tokens": args.max_tokens}
         if nats_url is None:
-            stack_runs = [await stream_completion(client, url, model, p, args.max_tokens)
-                          for p in prompts]  # fmt: skip
+            stack_runs = [await stream_completion(client, url, model, p, args.max_tokens,
+                                                  every_token=True) for p in prompts]  # fmt: skip
             result["added_latency"] = "not measured: give --nats-url to read the worker stamps"
         else:
             stamps: Stamps = {}
             async with stamp_watcher(nats_url, subjects, stamps):
-                stack_runs = [await stream_completion(client, url, model, p, args.max_tokens)
-                              for p in prompts]  # fmt: skip
+                stack_runs = [await stream_completion(client, url, model, p, args.max_tokens,
+                                                      every_token=True) for p in prompts]  # fmt: skip
                 await asyncio.sleep(0.2)  # the last batch has reached this subscriber too
             added, left_out = pair_added_latency(stack_runs, stamps, args.max_tokens)
             result |= {
