@@ -92,12 +92,14 @@ class CancelRequest(msgspec.Struct, omit_defaults=True):
 
 
 class KVHandle(msgspec.Struct, frozen=True):
-    """Where an exported request's KV lies in a host KV pool on this node (prefill → decode).
+    """Where an exported request's KV lies in a worker's host KV pool (prefill → decode).
 
     The bytes are ``num_blocks`` whole blocks of shape [layers, 2, block_size, kv_heads, head_dim]
     in ``dtype``, holding the KV of the first ``num_tokens`` tokens of prompt + outputs.
     Produced by ``Engine.export_kv``, sent in ``TurnDone.exported``, carried in
-    ``AssignRequest.kv``, consumed by ``Engine.import_kv``.
+    ``AssignRequest.kv``, consumed by ``Engine.import_kv``. On ``node`` the pool file is mapped
+    directly; a worker on another node fetches the bytes from ``endpoint`` (the exporting
+    worker's KV transfer server), which serves them only to a client presenting ``token``.
     """
 
     path: str
@@ -110,6 +112,9 @@ class KVHandle(msgspec.Struct, frozen=True):
     kv_heads: int
     head_dim: int
     dtype: str
+    node: str = ""  # the exporting worker's node ("": unknown, taken as the importer's)
+    endpoint: str = ""  # host:port of its KV transfer server ("": none, same node only)
+    token: bytes = b""  # one-time secret for this KV (the handle travels only on the bus)
 
 
 class AssignRequest(msgspec.Struct, tag="assign", omit_defaults=True):
@@ -122,9 +127,9 @@ class AssignRequest(msgspec.Struct, tag="assign", omit_defaults=True):
     gateway_id: str
     arrival_time: float
     output_token_ids: list[int] = []
-    # Prefill → decode hand-off on one node: the request's KV lies in ``kv_source``'s host KV pool;
-    # the worker copies it into its own pool and decodes without a re-prefill (then reports
-    # KVImported, after which the scheduler lets the source free it).
+    # Prefill → decode hand-off: the request's KV lies in ``kv_source``'s host KV pool; the worker
+    # copies it into its own pool (mapped on one node, over the network from another) and decodes
+    # without a re-prefill (then reports KVImported, after which the source may free it).
     kv: KVHandle | None = None
     kv_source: str | None = None
 
@@ -262,6 +267,7 @@ class KVImported(msgspec.Struct, tag="kv_imported", omit_defaults=True):
     seconds: float = 0.0
     bytes: int = 0
     message: str = ""
+    across_nodes: bool = False  # fetched from the source's KV transfer server, not mapped
 
 
 class WorkerError(msgspec.Struct, tag="error", omit_defaults=True):
@@ -300,6 +306,8 @@ class Heartbeat(msgspec.Struct, omit_defaults=True):
     # The turn being executed (None: idle). A scheduler that believes a turn is running while
     # the worker says it is idle lost the TurnDone (e.g. in a NATS restart) and moves on.
     turn_id: int | None = None
+    # host:port of its KV transfer server: exported KV reaches decode workers on other nodes.
+    kv_endpoint: str = ""
 
 
 class WorkerState(msgspec.Struct, omit_defaults=True):

@@ -47,7 +47,8 @@ def event_record(event: object, at: float) -> dict[str, Any] | None:
     if isinstance(event, KVImported):
         return {"kind": "handoff", "time": at, "worker_id": event.worker_id,
                 "source_worker": event.source_worker, "request_id": event.request_id,
-                "ok": event.ok, "seconds": event.seconds, "bytes": event.bytes}  # fmt: skip
+                "ok": event.ok, "seconds": event.seconds, "bytes": event.bytes,
+                "across_nodes": event.across_nodes}  # fmt: skip
     return None
 
 

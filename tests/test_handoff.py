@@ -81,13 +81,18 @@ def test_prefilled_kv_is_imported_by_the_decode_worker_on_the_same_node_without_
 # ------------------------------------------------------------------ the decode worker's import
 
 
+@pytest.mark.parametrize("across_nodes", [False, True], ids=["same-node", "across-nodes"])
 @pytest.mark.parametrize("source_alive", [True, False], ids=["source-alive", "source-gone"])
-async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_gone_with_identical_tokens(source_alive, demo_models_dir, nats_server, redis_server):  # fmt: skip
+async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_gone_with_identical_tokens(source_alive, across_nodes, demo_models_dir, nats_server, redis_server):  # fmt: skip
     """The worker shell around a real engine: an AssignRequest carrying a KV handle is imported
-    (no prefill in the next turn), or, when the prefill worker that exported it is gone, the
-    request is re-prefilled from prompt + tokens; either way the tokens are the engine's own."""
+    (no prefill in the next turn) — mapped from the source's pool file on one node, fetched
+    from the source's KV transfer server over TCP from another — or, when the prefill worker
+    that exported it is gone, the request is re-prefilled from prompt + tokens; either way the
+    tokens are the engine's own."""
+    import msgspec
     import redis.asyncio as aioredis
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
+    from aegaeon.gpu_worker.kv_transfer import KVTransferServer
     from aegaeon.gpu_worker.worker import WorkerService
     from test_policies_e2e import MiB, engine_greedy, full_length_prompt
 
@@ -110,8 +115,16 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     source.add_request("r", model, prompt, greedy)
     first = source.step(["r"])[0].token_id
     handle = source.export_kv("r")
+    server = None
+    if across_nodes:  # what KVHandoff._export_kv adds when the worker serves KV
+        server = KVTransferServer("127.0.0.1:0", source.host_kv.path)
+        await server.start()
+        token = server.offer("r", handle.offset, handle.nbytes)
+        handle = msgspec.structs.replace(handle, node="node-a", endpoint=server.endpoint, token=token)  # fmt: skip
     if not source_alive:
         source.close()  # its host pool (the shared-memory file) is gone with it
+        if server is not None:
+            await server.stop()
 
     config = BusConfig(nats_url=nats_server.url, redis_url=redis_server.url, prefix=f"kvimp{int(source_alive)}")  # fmt: skip
     bus = await Bus.connect(config, "test")
@@ -119,6 +132,7 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     engine = make_engine()
     worker = WorkerService("d", "decode", engine, bus, redis)
     worker.registered[model] = "registered by the test"  # no model-store here
+    worker.node = "node-b" if across_nodes else worker.node
     events: list = []
     tokens: list[int] = []
 
@@ -140,8 +154,13 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
         engine.close()
         if source_alive:
             source.close()
+            if server is not None:
+                await server.stop()
     (imported,) = [e for e in events if isinstance(e, KVImported)]
     (done,) = [e for e in events if isinstance(e, TurnDone)]
     assert (imported.ok, imported.source_worker) == (source_alive, "p"), imported
+    assert imported.across_nodes == across_nodes
+    if server is not None and source_alive:
+        assert server.bytes_sent == handle.nbytes  # over the socket, not mapped
     assert done.prefilled == ([] if source_alive else ["r"])
     assert [first, *tokens] == expected

@@ -424,6 +424,16 @@ def test_network_policies_admit_the_nats_routes_and_the_redis_replication() -> N
     assert not _admits("gateway", "nats", 6222)
 
 
+def test_workers_serve_exported_kv_from_their_pod_address_to_the_other_workers_only() -> None:
+    (worker,) = [c for _, c in containers() if c["name"] == "worker"]
+    host, port = env_value(worker, "AEGAEON_KV_TRANSFER_ADDRESS").rsplit(":", 1)
+    assert host == "$(POD_IP)"  # advertised to other nodes: the pod's own address
+    assert env_value(worker, "POD_IP") == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert int(port) in {p["containerPort"] for p in worker["ports"]}
+    assert _admits("gpu-worker", "gpu-worker", int(port))
+    assert not _admits("gateway", "gpu-worker", int(port))
+
+
 def test_the_otel_collector_runs_the_repository_config_with_its_health_check() -> None:
     config = yaml.safe_load(CONFIG_MAPS["otel-collector"]["data"]["config.yaml"])
     assert config == yaml.safe_load((K8S / "otel-collector-config.yaml").read_text())

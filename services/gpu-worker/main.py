@@ -9,6 +9,7 @@ import os
 import socket
 import time
 
+from aegaeon.gpu_worker.kv_transfer import check_reachable
 from aegaeon.gpu_worker.sizing import (
     CPU_RAM_SHARE,
     CUDA_FREE_SHARE,
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="CUDA: launch each decode kernel from Python instead of replaying "
                         "captured graphs (slower; for diagnosis)")  # fmt: skip
+    parser.add_argument("--kv-transfer-address", type=check_reachable,
+                        default=os.environ.get("AEGAEON_KV_TRANSFER_ADDRESS", ""),
+                        help="host:port this worker serves exported KV from, to decode workers "
+                        "on other nodes (port 0: any free one); the host is advertised, so give "
+                        "the address other nodes reach it at. Default $AEGAEON_KV_TRANSFER_ADDRESS "
+                        "or none: a request handed to another node is re-prefilled there")  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
     parser.add_argument(
         "--threads",
@@ -119,7 +126,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     engine_config.weight_budget_bytes = plan.weight_budget_bytes
     engine = Engine(engine_config)
     redis = connect_redis(config)
-    worker = WorkerService(args.worker_id, args.role, engine, bus, redis, store_id=args.store_id)
+    worker = WorkerService(args.worker_id, args.role, engine, bus, redis, store_id=args.store_id,
+                           kv_transfer_address=args.kv_transfer_address)  # fmt: skip
     runner = asyncio.create_task(worker.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -220,7 +220,17 @@ class Preemption:
         )  # fmt: skip
 
     def import_kv(self, request_id: str, model: str, prompt_token_ids: list[int], sampling: SamplingParams, output_token_ids: Sequence[int], handle: KVHandle) -> None:  # fmt: skip
-        """Admit a request whose KV another engine exported; its next step decodes directly."""
+        """Admit a request whose KV another engine on this node exported (its pool file is
+        mapped here); its next step decodes directly."""
+        offset = self.reserve_kv_import(request_id, model, prompt_token_ids, output_token_ids, handle)  # fmt: skip
+        source = map_file(Path(handle.path), handle.offset + handle.nbytes, shared=False)
+        self.host_kv.view(offset, handle.nbytes).copy_(source[handle.offset :])
+        self.admit_kv_import(request_id, model, prompt_token_ids, sampling, output_token_ids, handle, offset)  # fmt: skip
+
+    def reserve_kv_import(self, request_id: str, model: str, prompt_token_ids: list[int], output_token_ids: Sequence[int], handle: KVHandle) -> int:  # fmt: skip
+        """Check that ``handle``'s KV fits this engine and the request, and reserve its bytes in
+        the host pool: the offset, to be filled (``host_kv_view``) from any thread, then passed
+        to :meth:`admit_kv_import`, or given back with :meth:`release_kv_import`."""
         shape = self._spec(model).kv_shape
         mine = (self.config.block_size, shape.layers, shape.kv_heads, shape.head_dim, str(self.dtype).removeprefix("torch."))  # fmt: skip
         theirs = (handle.block_size, handle.layers, handle.kv_heads, handle.head_dim, handle.dtype)
@@ -233,8 +243,18 @@ class Preemption:
         offset = self._host_allocate(handle.nbytes)
         if offset is None:
             raise RuntimeError(f"host KV pool is full: cannot import {request_id!r}")
-        source = map_file(Path(handle.path), handle.offset + handle.nbytes, shared=False)
-        self.host_kv.view(offset, handle.nbytes).copy_(source[handle.offset :])
+        return offset
+
+    def host_kv_view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes of the host pool (a reserved import region is written through this)."""
+        return self.host_kv.view(offset, nbytes)
+
+    def release_kv_import(self, offset: int, nbytes: int) -> None:
+        """Give back a reserved import region whose bytes never arrived."""
+        self.host_kv.free(offset, nbytes)
+
+    def admit_kv_import(self, request_id: str, model: str, prompt_token_ids: list[int], sampling: SamplingParams, output_token_ids: Sequence[int], handle: KVHandle, offset: int) -> None:  # fmt: skip
+        """Admit a request whose KV now fills the reserved region at ``offset``."""
         self.add_request(request_id, model, prompt_token_ids, sampling, output_token_ids)
         self._requests[request_id].host = HostCopy(offset, handle.nbytes, handle.num_blocks)
 

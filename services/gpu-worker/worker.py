@@ -24,6 +24,7 @@ from typing import Any
 
 from aegaeon.gpu_worker.delivery import CLIENT_ERROR, HeldRequest
 from aegaeon.gpu_worker.energy import energy_meter
+from aegaeon.gpu_worker.handoff import KVHandoff
 from aegaeon.gpu_worker.residency import Residency
 from aegaeon.gpu_worker.turn_spans import TurnSpans
 from aegaeon.gpu_worker.worker_core import HEARTBEAT_INTERVAL_S, EngineStep, TurnState
@@ -37,7 +38,6 @@ from aegaeon.protocol import (
     Drain,
     EvictModel,
     Heartbeat,
-    KVImported,
     Preempt,
     PrefetchModel,
     RequestDone,
@@ -48,13 +48,13 @@ from aegaeon.protocol import (
     WorkerCommand,
     WorkerError,
 )
-from aegaeon.telemetry import RequestTrace, record_span, tracer
+from aegaeon.telemetry import RequestTrace, tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 
-class WorkerService(Residency, TurnSpans):
+class WorkerService(Residency, TurnSpans, KVHandoff):
     """One worker: an Engine behind NATS. Build with ``WorkerService(...)``, then ``await run()``."""
 
     # ------------------------------------------------------------------ plumbing
@@ -62,6 +62,8 @@ class WorkerService(Residency, TurnSpans):
     async def run(self) -> None:
         """Serve until ``stop()``: heartbeats, the command loop, the subscription."""
         self.energy = energy_meter(str(self.engine.stats().device))
+        if self.kv_transfer_address:
+            await self._start_kv_server(self.kv_transfer_address)
         sub = await self.bus.subscribe(
             self.subjects.worker_cmd(self.worker_id), WorkerCommand, self._on_command
         )
@@ -76,6 +78,7 @@ class WorkerService(Residency, TurnSpans):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._publish_heartbeat(draining=True)
+        await self._stop_kv_server()
         self._engine_thread.shutdown(wait=True)
 
     def stop(self) -> None:
@@ -157,6 +160,7 @@ class WorkerService(Residency, TurnSpans):
             num_requests=len(self.held),
             draining=draining,
             turn_id=self.turn.command.turn_id if self.turn else self._queued_turn,
+            kv_endpoint=self.kv_endpoint,
         )
         try:
             await self.bus.publish(self.subjects.heartbeat, beat)
@@ -204,40 +208,12 @@ class WorkerService(Residency, TurnSpans):
             swapped=imported,
         )
 
-    async def _import_kv(
-        self, command: AssignRequest, args: tuple[Any, ...], traced: RequestTrace | None
-    ) -> bool:
-        """Prefill → decode hand-off: copy the KV another worker on this node exported into
-        this engine's host pool. Reports KVImported either way (the source may then free its
-        copy); False: the request is re-prefilled here from prompt + tokens instead."""
-        assert command.kv is not None
-        rid, source = command.request_id, command.kv_source or ""
-        start, start_ns = time.monotonic(), time.time_ns()
-        try:
-            await self._on_engine(self.engine.import_kv, *args, command.kv)
-        except Exception as exc:  # the source died, its pool is full or gone: re-prefill
-            log.warning("KV of %s from %s not imported: %s", rid, source, exc)
-            if rid in self.engine.request_ids():
-                await self._on_engine(self.engine.abort, rid)
-            event = KVImported(self.worker_id, rid, source, ok=False,
-                               message=f"{type(exc).__name__}: {exc}")  # fmt: skip
-        else:
-            seconds = time.monotonic() - start
-            metrics.KV_HANDOFF.labels(command.model).observe(seconds)
-            event = KVImported(self.worker_id, rid, source, ok=True, seconds=seconds,
-                               bytes=command.kv.nbytes)  # fmt: skip
-            if traced is not None:
-                record_span("aegaeon.kv_handoff", traced.context, start_ns, time.time_ns(),
-                            {"aegaeon.request_id": rid, "aegaeon.kv_handoff.source": source,
-                             "aegaeon.kv_handoff.bytes": command.kv.nbytes})  # fmt: skip
-        await self.bus.publish(self.subjects.worker_events(self.worker_id), event)
-        return event.ok
-
     async def _abort(self, command: AbortRequest) -> None:
         held = self.held.pop(command.request_id, None)
         if held is None:
             return
         await self._on_engine(self.engine.abort, command.request_id)
+        self._withdraw_kv(command.request_id)
         await self.bus.publish(
             self.subjects.worker_events(self.worker_id),
             RequestDone(self.worker_id, command.request_id, "abort", held.produced),
@@ -293,19 +269,6 @@ class WorkerService(Residency, TurnSpans):
             return
         await self._on_engine(self.engine.drop_kv, request_id)
         held.prefilled = held.swapped = False  # its next step here is a prefill again
-
-    async def _export_kv(self, command: RunTurn, done: TurnDone) -> None:
-        """Leave the KV of the requests handed to a decode worker on this node in the host pool;
-        they stay held (the pool keeps their bytes) until the scheduler's AbortRequest."""
-        for rid in command.export_kv:
-            if rid not in self.held:
-                continue  # finished in this turn
-            try:
-                done.exported[rid] = await self._on_engine(self.engine.export_kv, rid)
-            except Exception as exc:  # fallback-runner model, full pool: the target re-prefills
-                log.info("KV of %s not exported: %s", rid, exc)
-                continue
-            self.held[rid].swapped = True
 
     async def _step_until_turn_ends(self, turn: TurnState, done: TurnDone) -> None:
         """Step the turn's batch until its quota, its ``max_steps`` or a Preempt ends it, or it

@@ -70,8 +70,11 @@ class WorkerCore:
         bus: Bus,
         redis: aioredis.Redis,
         store_id: str | None = None,
+        kv_transfer_address: str = "",
     ) -> None:
         self.worker_id = worker_id
+        # Where this worker serves exported KV to other nodes ("": it hands KV on its node only).
+        self.kv_transfer_address = kv_transfer_address
         self.store_id = store_id  # this node's model-store; None: any store answers
         self.incarnation = uuid.uuid4().hex
         self.node = node_name()

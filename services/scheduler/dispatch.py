@@ -103,11 +103,12 @@ class Dispatch(ServiceCore):
 
     def _exports(self, plan: TurnPlan, worker_id: str) -> list[str]:
         """Requests whose KV the prefill worker leaves in its host pool for their decode worker:
-        those whose target is on the same node (elsewhere the target re-prefills)."""
+        those whose target can reach it — on the same node, or anywhere when the prefill worker
+        serves KV over the network (elsewhere the target re-prefills)."""
         return [
             request_id
             for request_id, target in plan.handoff.items()
-            if target != worker_id and self._same_node(worker_id, target)
+            if target != worker_id and self._can_fetch_kv(worker_id, target)
         ]
 
     def _same_node(self, a: str, b: str) -> bool:
@@ -116,6 +117,13 @@ class Dispatch(ServiceCore):
         if first is None or second is None:
             return False
         return bool(first.heartbeat.node) and first.heartbeat.node == second.heartbeat.node
+
+    def _can_fetch_kv(self, source: str, target: str) -> bool:
+        """``target`` can copy KV that ``source`` exports: it maps the pool file on the same
+        node, or fetches it from ``source``'s KV transfer server."""
+        book = self.workers.get(source)
+        serves = book is not None and bool(book.heartbeat.kv_endpoint)
+        return target in self.workers and (serves or self._same_node(source, target))
 
     def _dispatch_spans(
         self, plan: TurnPlan, turn_id: int, worker_id: str, started_ns: int
@@ -213,15 +221,16 @@ class Dispatch(ServiceCore):
     def _importable_kv(
         self, tracked: TrackedRequest, worker: WorkerBook, outputs: int
     ) -> tuple[KVHandle | None, str | None]:
-        """The exported KV the assignee can import (same node as its live source, covering
-        prompt + outputs - 1 tokens), or (None, None): the worker re-prefills (or, when it is
-        the source itself, still holds the KV)."""
+        """The exported KV the assignee can import (from its live source, on its node or over
+        the network, covering prompt + outputs - 1 tokens), or (None, None): the worker
+        re-prefills (or, when it is the source itself, still holds the KV)."""
         kv, source = tracked.kv, tracked.kv_source
         usable = (
             kv is not None
             and source is not None
             and source != worker.worker_id
-            and self._same_node(source, worker.worker_id)
+            and (self._same_node(source, worker.worker_id) or bool(kv.endpoint))
+            and source in self.workers
             and kv.num_tokens == len(tracked.submit.prompt_token_ids) + outputs - 1
         )
         return (kv, source) if usable else (None, None)  # the source frees it on KVImported

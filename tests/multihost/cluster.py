@@ -22,6 +22,7 @@ NATS_HOSTS = {"nats-1": 11, "nats-2": 12, "nats-3": 13}
 REDIS_HOST, REDIS_OCTET = "state", 20
 CONTROL_HOST, CONTROL_OCTET = "control", 30
 CLIENT_PORT, ROUTE_PORT, MONITOR_PORT, GATEWAY_PORT = 4222, 6222, 8222, 8000
+KV_TRANSFER_PORT = 7400
 PREFIX = "multihost"
 GATEWAY_ID = "gw-mh"
 ARENA_BYTES = 1 << 29
@@ -69,7 +70,14 @@ class Cluster:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, worker_nodes: list[str]) -> None:
+    def start(
+        self,
+        worker_nodes: list[str],
+        roles: dict[str, str] | None = None,
+        kv_transfer: bool = False,
+    ) -> None:
+        """``roles``: a worker host → its worker's role (default both); ``kv_transfer``: each
+        worker serves exported KV to the other hosts from its own address."""
         for name, octet in NATS_HOSTS.items():
             self.nats[name] = self.network.add_host(name, octet)
         routes = ",".join(f"nats://{h.address}:{ROUTE_PORT}" for h in self.nats.values())
@@ -101,8 +109,11 @@ class Cluster:
             host.spawn("model-store", serve("model-store", "--models-dir", str(self.models_dir),
                                             "--cache-bytes", str(512 << 20)), env, self.logs)  # fmt: skip
             worker_id = f"w-{node}"
-            host.spawn("worker", serve("worker", "--worker-id", worker_id, "--threads", "1",
-                                       "--arena-bytes", str(ARENA_BYTES)), env, self.logs)  # fmt: skip
+            argv = ["--worker-id", worker_id, "--threads", "1", "--arena-bytes", str(ARENA_BYTES),
+                    "--role", (roles or {}).get(node, "both")]  # fmt: skip
+            if kv_transfer:
+                argv += ["--kv-transfer-address", f"{host.address}:{KV_TRANSFER_PORT}"]
+            host.spawn("worker", serve("worker", *argv), env, self.logs)
             self.workers[node] = WorkerHost(host, node, worker_id)
         wait_json(f"{self.gateway_url}/health", lambda h: True, 90)
 

@@ -10,7 +10,11 @@ under :func:`netns.isolated_command`): build the hosts and the cluster, then
 4. let every stream finish, and write what each returned (the test compares it with an
    uninterrupted run) and what happened, as JSON to ``--out``.
 
-Usage: ``python driver.py --models DIR --work DIR --out FILE --streams JSON``
+With ``--scenario handoff`` instead: node A's worker prefills, node B's decodes, each serving
+its exported KV from its own address; stream the completions and record every KV hand-off
+(``KVImported``) and which worker prefilled which request (``TurnDone.prefilled``).
+
+Usage: ``python driver.py --models DIR --work DIR --out FILE --streams JSON [--scenario S]``
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 from cluster import PREFIX, REDIS_HOST, Cluster
 from netns import Network
 
@@ -31,11 +36,13 @@ from aegaeon.config import BusConfig
 from aegaeon.protocol import (
     EnsureCached,
     Heartbeat,
+    KVImported,
     ModelReply,
     RequestDone,
     RunTurn,
     SchedulerState,
     StoreHeartbeat,
+    TurnDone,
     WorkerCommand,
     WorkerEvent,
 )
@@ -55,6 +62,8 @@ class Watch:
         self.state: SchedulerState | None = None
         self.commanded: list[tuple[float, str, RunTurn]] = []  # (when, worker id, turn)
         self.ended: set[str] = set()
+        self.imports: list[KVImported] = []
+        self.prefilled: list[tuple[str, str]] = []  # (worker id, request id) per prefill
 
     async def attach(self, bus: Bus) -> None:
         async def on_beat(beat: Heartbeat, _msg: Any) -> None:
@@ -69,6 +78,10 @@ class Watch:
         async def on_event(event: Any, _msg: Any) -> None:
             if isinstance(event, RequestDone):
                 self.ended.add(event.request_id)
+            elif isinstance(event, KVImported):
+                self.imports.append(event)
+            elif isinstance(event, TurnDone):
+                self.prefilled += [(event.worker_id, r) for r in event.prefilled]
 
         async def on_command(command: Any, msg: Any) -> None:
             if isinstance(command, RunTurn):  # subject: <prefix>.worker.<id>.cmd
@@ -135,7 +148,8 @@ async def stream(url: str, result: dict, max_tokens: int) -> dict:
     return result
 
 
-async def scenario(cluster: Cluster, args: argparse.Namespace, report: dict) -> None:
+async def joined(cluster: Cluster, report: dict) -> tuple[Bus, Watch]:
+    """The driver on the bus, once both stores and both workers have joined."""
     config = BusConfig(cluster.nats_url,
                        f"redis://{cluster.network.hosts[REDIS_HOST].address}:6379/0",
                        prefix=PREFIX)  # fmt: skip
@@ -143,13 +157,36 @@ async def scenario(cluster: Cluster, args: argparse.Namespace, report: dict) -> 
     watch = Watch()
     await watch.attach(bus)
     workers = {w.worker_id for w in cluster.workers.values()}
-    try:
-        await until(lambda: set(watch.stores) == set(NODES), 60, "both model-stores")
-        await until(lambda: watch.state and {w.worker_id for w in watch.state.workers} == workers,
-                    120, "both workers joined the scheduler")  # fmt: skip
-        await until(lambda: workers <= set(watch.workers), 10, "both workers' heartbeats")
-        report["nodes"] = {w: watch.workers[w].node for w in workers}
+    await until(lambda: set(watch.stores) == set(NODES), 60, "both model-stores")
+    await until(lambda: watch.state and {w.worker_id for w in watch.state.workers} == workers,
+                120, "both workers joined the scheduler")  # fmt: skip
+    await until(lambda: workers <= set(watch.workers), 10, "both workers' heartbeats")
+    report["nodes"] = {w: watch.workers[w].node for w in workers}
+    report["kv_endpoints"] = {w: watch.workers[w].kv_endpoint for w in workers}
+    return bus, watch
 
+
+async def handoff(cluster: Cluster, args: argparse.Namespace, report: dict) -> None:
+    """Prefill on node A, decode on node B: every request's KV crosses the network."""
+    bus, watch = await joined(cluster, report)
+    try:
+        streams = [new_stream(m, p) for m, p in json.loads(args.streams)]
+        results = await asyncio.wait_for(asyncio.gather(
+            *(stream(cluster.gateway_url, s, args.max_tokens) for s in streams)), 240)  # fmt: skip
+        await until(lambda: len(watch.ended) >= len(streams), 30, "every RequestDone")
+        report["streams"] = [{**r, "text": "".join(r.pop("pieces"))} for r in results]
+        report["requests"] = sorted(watch.ended)
+        report["imports"] = [msgspec.to_builtins(e) for e in watch.imports]
+        report["prefilled"] = watch.prefilled
+        report["exited"] = cluster.exited()
+    finally:
+        await bus.close()
+
+
+async def scenario(cluster: Cluster, args: argparse.Namespace, report: dict) -> None:
+    bus, watch = await joined(cluster, report)
+    workers = {w.worker_id for w in cluster.workers.values()}
+    try:
         # 1. locality: a model only node B caches is served on node B
         cached = args.cached_on_b
         reply = await bus.request(bus.subjects.models(f"ensure.{host_token('node-b')}"),
@@ -208,7 +245,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--streams", required=True, help="JSON list of [model, prompt]")
-    parser.add_argument("--cached-on-b", required=True)
+    parser.add_argument("--scenario", choices=["crash", "handoff"], default="crash")
+    parser.add_argument("--cached-on-b", default="")
     parser.add_argument("--max-tokens", type=int, default=300)
     args = parser.parse_args()
     report: dict = {}
@@ -216,9 +254,14 @@ def main() -> int:
     network = Network()
     cluster = Cluster(network, args.models, args.work)
     try:
-        cluster.start(NODES)
-        report["started_s"] = round(time.monotonic() - started, 1)
-        asyncio.run(scenario(cluster, args, report))
+        if args.scenario == "handoff":
+            cluster.start(NODES, roles={"node-a": "prefill", "node-b": "decode"}, kv_transfer=True)
+            report["started_s"] = round(time.monotonic() - started, 1)
+            asyncio.run(handoff(cluster, args, report))
+        else:
+            cluster.start(NODES)
+            report["started_s"] = round(time.monotonic() - started, 1)
+            asyncio.run(scenario(cluster, args, report))
         report["ok"] = True
     except BaseException as exc:
         report["ok"] = False

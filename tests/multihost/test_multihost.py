@@ -6,7 +6,9 @@ model-store and shared memory (``driver.py`` says what happens). Asserted here:
 - a model cached only on node B's host is served there (from the workers' turn events);
 - a worker host crashed mid-stream (every process, its /dev/shm) and then the NATS server the
   surviving worker talks through: every stream finishes with exactly the tokens of an
-  uninterrupted greedy run, the crashed host's requests having moved to the other host.
+  uninterrupted greedy run, the crashed host's requests having moved to the other host;
+- with node A's worker prefilling and node B's decoding (a second cluster), each request's KV
+  goes from A's host pool to B's over a direct connection, and B never prefills it: tokens exact.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ CACHED_ON_B = "demo-qwen2"
 STREAMS = [("demo-llama", [11, 22, 33, 44]), ("demo-llama", [12, 23, 34, 45, 56]),
            ("demo-qwen2", [13, 24, 35, 46]), ("demo-qwen2", [14, 25, 36, 47, 58])]  # fmt: skip
 MAX_TOKENS = 300  # ≥ 1 s per stream on one CPU thread: all are mid-stream at the crash
+HANDOFF_STREAMS = [("demo-llama", [11, 22, 33, 44, 55, 66, 77, 88]), ("demo-qwen2", [13, 24, 35]),
+                   ("demo-llama", [12, 23, 34])]  # fmt: skip
+HANDOFF_TOKENS = 24
 DRIVER = Path(__file__).with_name("driver.py")
 
 
-@pytest.fixture(scope="module")
-def report(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def run_driver(demo_models_dir: Path, work: Path, *options: str) -> dict:
+    """Run ``driver.py`` in private namespaces; its report, or a failure with the logs' tails."""
     why = namespaces_available()
     if why is not None:
         pytest.skip(f"needs Linux network namespaces: {why}")
-    work = tmp_path_factory.mktemp("multihost")
     out = work / "report.json"
     command = [*isolated_command(), sys.executable, str(DRIVER), "--models", str(demo_models_dir),
-               "--work", str(work), "--out", str(out), "--streams", json.dumps(STREAMS),
-               "--cached-on-b", CACHED_ON_B, "--max-tokens", str(MAX_TOKENS)]  # fmt: skip
+               "--work", str(work), "--out", str(out), *options]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=540,
                           cwd=DRIVER.parent)  # fmt: skip
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -51,6 +54,23 @@ def report(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     )
     print(json.dumps({k: v for k, v in result.items() if k != "streams"}, indent=1))
     return result
+
+
+@pytest.fixture(scope="module")
+def report(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_driver(demo_models_dir, tmp_path_factory.mktemp("multihost"),
+                      "--streams", json.dumps(STREAMS), "--cached-on-b", CACHED_ON_B,
+                      "--max-tokens", str(MAX_TOKENS))  # fmt: skip
+
+
+def assert_exact(streams: list[dict], expected: list, max_tokens: int, models_dir: Path) -> None:
+    """Each stream ended with [DONE] and exactly the text of an uninterrupted greedy run."""
+    for stream, (model, prompt) in zip(streams, expected, strict=True):
+        assert (stream["model"], stream["prompt"]) == (model, prompt)
+        assert stream["error"] is None and stream["done"], stream
+        tokenizer = AutoTokenizer.from_pretrained(models_dir / model)
+        tokens = engine_greedy(models_dir, model, prompt, max_tokens, ignore_eos=True)
+        assert stream["text"] == tokenizer.decode(tokens, skip_special_tokens=True), (model, prompt)
 
 
 def test_a_model_cached_only_on_node_b_is_served_on_node_b(report: dict) -> None:
@@ -67,9 +87,29 @@ def test_a_host_crash_then_a_nats_server_crash_leave_every_stream_exact(
     assert crash["its_requests"], "the crashed host held no stream: the crash proved nothing"
     assert report["nats_crash"]["streams_unfinished"] > 0, "the NATS crash came after the streams"
     assert report["exited"] == [], "a process the test did not kill exited"
-    for stream, (model, prompt) in zip(report["streams"], STREAMS, strict=True):
-        assert (stream["model"], stream["prompt"]) == (model, prompt)
-        assert stream["error"] is None and stream["done"], stream
-        tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / model)
-        tokens = engine_greedy(demo_models_dir, model, prompt, MAX_TOKENS, ignore_eos=True)
-        assert stream["text"] == tokenizer.decode(tokens, skip_special_tokens=True), (model, prompt)
+    assert_exact(report["streams"], STREAMS, MAX_TOKENS, demo_models_dir)
+
+
+def test_kv_prefilled_on_one_host_is_decoded_on_another_after_a_direct_transfer(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    handed = run_driver(demo_models_dir, tmp_path_factory.mktemp("handoff"), "--scenario",
+                        "handoff", "--streams", json.dumps(HANDOFF_STREAMS),
+                        "--max-tokens", str(HANDOFF_TOKENS))  # fmt: skip
+    prefill, decode = "w-node-a", "w-node-b"
+    assert handed["nodes"] == {prefill: "node-a", decode: "node-b"}
+    assert handed["kv_endpoints"][prefill].startswith("10.88.0.")  # its host's own address
+    assert handed["exited"] == []
+    assert_exact(handed["streams"], HANDOFF_STREAMS, HANDOFF_TOKENS, demo_models_dir)
+    requests = handed["requests"]
+    assert len(requests) == len(HANDOFF_STREAMS)
+    imports = {e["request_id"]: e for e in handed["imports"]}
+    assert sorted(imports) == sorted(requests), handed["imports"]
+    for event in imports.values():
+        assert event["ok"] and event.get("across_nodes"), event
+        assert (event["worker_id"], event["source_worker"]) == (decode, prefill)
+        assert event["bytes"] > 0
+    prefilled_by = {r: w for w, r in handed["prefilled"]}
+    assert prefilled_by == dict.fromkeys(requests, prefill), "prefilled on the decode host"
+    print(
+        "\nKV across hosts, per request:",
+        *(f"{e['bytes']} bytes in {e['seconds'] * 1000:.1f} ms" for e in imports.values()),
+    )

@@ -100,7 +100,7 @@ class FakeWorker:
 
     def __init__(
         self, bus: Bus, redis: aioredis.Redis, worker_id: str, tokens_per_turn: int = 1,
-        role: str = "both", node: str = "",
+        role: str = "both", node: str = "", kv_endpoint: str = "",
     ) -> None:  # fmt: skip
         self.bus, self.redis, self.worker_id = bus, redis, worker_id
         self.keys = Keys(bus.config.prefix)
@@ -114,6 +114,7 @@ class FakeWorker:
         self.crash_on_last_token = False
         self.role = role
         self.node = node  # same non-empty node: prefill exports KV, decode imports it
+        self.kv_endpoint = kv_endpoint  # set: it serves exported KV to other nodes too
         self.import_ok = True  # what a KVImported this worker sends says
         self.reports_imports = True  # False: the test sends KVImported itself (or never)
         self.turn_done_extras: dict[str, Any] = {}  # more TurnDone fields (switch bytes…)
@@ -134,6 +135,7 @@ class FakeWorker:
                 self.worker_id, "cpu", self.role, time.time(), kv_blocks_total=64,  # type: ignore[arg-type]
                 kv_blocks_free=64, num_requests=len(self.held), draining=self.draining,
                 weight_budget_bytes=self.weight_budget_bytes, slot_bytes=self.slot_bytes, node=self.node,
+                kv_endpoint=self.kv_endpoint,
             )  # fmt: skip
             await self.bus.publish(self.bus.subjects.heartbeat, beat)
             await asyncio.sleep(0.1)
@@ -177,7 +179,7 @@ class FakeWorker:
         if not self.alive:
             return
         progress = {rid: self.produced[rid] for rid in self.held}
-        exported = {rid: kv_handle(self.worker_id, self.held[rid], self.produced[rid])
+        exported = {rid: kv_handle(self.worker_id, self.held[rid], self.produced[rid], self.kv_endpoint)
                     for rid in turn.export_kv if rid in self.held}  # fmt: skip
         await self._event(
             TurnDone(self.worker_id, turn.turn_id, turn.model, steps=self.tokens_per_turn,
@@ -210,10 +212,11 @@ class FakeWorker:
         await self.bus.publish(self.bus.subjects.worker_events(self.worker_id), event)
 
 
-def kv_handle(worker_id: str, request: AssignRequest, produced: int) -> KVHandle:
+def kv_handle(worker_id: str, request: AssignRequest, produced: int, endpoint: str = "") -> KVHandle:  # fmt: skip
     """A handle to KV that only the fake workers pretend exists (prompt + outputs - 1 tokens)."""
     tokens = len(request.prompt_token_ids) + produced - 1
-    return KVHandle(f"/dev/shm/fake-{worker_id}", 0, 4096, tokens, 1, 16, 2, 2, 8, "float32")
+    return KVHandle(f"/dev/shm/fake-{worker_id}", 0, 4096, tokens, 1, 16, 2, 2, 8, "float32",
+                    endpoint=endpoint, token=b"t" * 16 if endpoint else b"")  # fmt: skip
 
 
 class Harness:

@@ -13,9 +13,9 @@ from aegaeon.protocol import AbortRequest, AssignRequest, KVImported, RunTurn
 __all__ = ["harness"]  # the fixture, shared with test_service
 
 
-async def two_roles(harness, monkeypatch, prefill_node: str = "n1", decode_node: str = "n1"):
+async def two_roles(harness, monkeypatch, prefill_node: str = "n1", decode_node: str = "n1", kv_endpoint: str = ""):  # fmt: skip
     monkeypatch.setitem(POLICIES, "test-handoff", f"{HandoffScript.__module__}:HandoffScript")
-    prefill = await harness.worker("p", role="prefill", node=prefill_node)
+    prefill = await harness.worker("p", role="prefill", node=prefill_node, kv_endpoint=kv_endpoint)
     decode = await harness.worker("d", role="decode", node=decode_node)
     await harness.scheduler(policy="test-handoff", policy_options={})
     return prefill, decode
@@ -43,6 +43,18 @@ async def test_on_one_node_the_decode_worker_gets_the_kv_handle_and_the_source_f
     decode.answer = True
     await decode.run_turn(decode.of_type(RunTurn)[0])
     await wait_for(lambda: harness.finished("r1"), what="r1 to finish on d")
+    assert harness.stream("r1") == expected_stream(3)
+
+
+async def test_across_nodes_the_kv_goes_to_the_decode_worker_when_the_prefill_worker_serves_it(harness, monkeypatch):  # fmt: skip
+    prefill, decode = await two_roles(harness, monkeypatch, "n1", "n2", kv_endpoint="10.0.0.1:7400")  # fmt: skip
+    await harness.submit("r1", max_tokens=3)
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish on d")
+    assert [t.export_kv for t in prefill.of_type(RunTurn)] == [["r1"]]
+    (assign,) = decode.of_type(AssignRequest)
+    assert assign.kv is not None and assign.kv_source == "p"
+    assert assign.kv.endpoint == "10.0.0.1:7400"
+    await wait_for(lambda: aborts(prefill) == ["r1"], what="the source to be told to free r1")
     assert harness.stream("r1") == expected_stream(3)
 
 
