@@ -124,6 +124,30 @@ def test_a_prefetch_of_an_uncached_model_copies_once_the_fetch_is_done():
     assert inst.switch_cost("B", 4.0) == pytest.approx(0.05 + 2.0)
 
 
+def test_kv_handed_to_another_node_crosses_its_network_before_the_host_copy():
+    profile = ModelProfile(prefill=(0.05, 0.0, 0.0), decode=(0.01, 0.0, 0.0), switch_fixed_s=0.0,
+                           link_bytes_per_s=float(GiB), weight_bytes=GiB,
+                           kv_bytes_per_token=GiB // 100)  # fmt: skip
+    cost = Estimator({"A": profile})
+    here, there = NodeCache(10 * GiB, GiB / 4), NodeCache(10 * GiB, GiB / 4)
+    for node in (here, there):
+        node.warm("A", GiB)
+    prefill = SimInstance(InstanceView("p"), cost, control_s=0.0, node=here)
+    local = SimInstance(InstanceView("d0"), cost, control_s=0.0, node=here)
+    remote = SimInstance(InstanceView("d1"), cost, control_s=0.0, node=there)
+    requests = {r: SimRequest(TraceRequest(r, "A", 0.0, 10, 4)) for r in ("near", "far")}
+    for r in requests:  # 10 prompt tokens: 0.1 GiB of KV each
+        plan = TurnPlan("p", "A", [r], quota_s=0.0, prefill_only=True, handoff={r: "d"})
+        prefill.execute(plan, requests, 0.0)
+    decode = {"near": local, "far": remote}
+    for instance in decode.values():
+        instance.switch_cost("A", 0.0)  # resident: the turn pays only for the KV
+    moved = {r: decode[r]._swap_in("A", [requests[r]], 5.0) for r in decode}
+    host_copy = 11 * (GiB // 100) / GiB  # prompt + the first token, over the host link
+    assert moved["near"] == pytest.approx(host_copy)
+    assert moved["far"] == pytest.approx(11 * (GiB // 100) / (GiB / 4) + host_copy)
+
+
 def test_the_simulation_counts_the_fetch_in_the_first_tokens_time():
     trace = [TraceRequest("r0", "A", 0.0, 10, 1)]
     setup = NodeSetup(1, 0, GiB / 2)  # no room to cache anything: every switch fetches

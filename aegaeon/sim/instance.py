@@ -44,7 +44,7 @@ CONTROL_OVERHEAD_S = TURN_OVERHEAD_PRIOR_S  # one definition: the estimators' pr
 class SimRequest:
     """A request's simulated life: token timestamps and where its KV is."""
 
-    __slots__ = ("done", "generated", "kv_lost", "kv_on", "times", "trace")
+    __slots__ = ("done", "generated", "kv_lost", "kv_node", "kv_on", "times", "trace")
 
     def __init__(self, trace: TraceRequest) -> None:
         self.trace = trace
@@ -53,6 +53,7 @@ class SimRequest:
         self.done = False
         self.kv_on: str | None = None  # instance holding its KV on device; None: host / none
         self.kv_lost = False  # dropped (drop_kv): its next turn recomputes it
+        self.kv_node: NodeCache | None = None  # the node whose host memory holds its KV
 
     @property
     def context(self) -> int:
@@ -197,14 +198,26 @@ class SimInstance:
         return t, result
 
     def _swap_in(self, model: str, batch: list[SimRequest], t: float) -> float:
-        tokens = sum(r.context for r in batch if r.generated and r.kv_on != self.id)
+        """KV of the batch not on this device comes in over the host link; KV a prefill left
+        in another node's host memory first crosses to this node's (the worker-to-worker
+        transfer, at this node's network rate, which it is taken to get alongside fetches)."""
+        arriving = [r for r in batch if r.generated and r.kv_on != self.id]
+        remote = sum(r.context for r in arriving if r.kv_node not in (None, self.node))
         for r in batch:
-            r.kv_on = self.id
-        return self.link.move_kv(t, self.cost.kv_move_time(model, tokens)) if tokens else 0.0
+            r.kv_on, r.kv_node = self.id, None
+        across = 0.0
+        if remote and self.node is not None:
+            kv_bytes = remote * self.cost.profiles[model].kv_bytes_per_token
+            across = kv_bytes / self.node.bandwidth
+        tokens = sum(r.context for r in arriving)
+        moved = (
+            self.link.move_kv(t + across, self.cost.kv_move_time(model, tokens)) if tokens else 0.0
+        )
+        return across + moved
 
     def _swap_out(self, model: str, leaving: list[SimRequest], t: float) -> float:
         for r in leaving:
-            r.kv_on = None
+            r.kv_on, r.kv_node = None, self.node
         tokens = sum(r.context for r in leaving)
         return self.link.move_kv(t, self.cost.kv_move_time(model, tokens)) if tokens else 0.0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aegaeon.scheduler.policies.aegaeon import GROUP_CAP, AegaeonPolicy
+from aegaeon.scheduler.policies.aegaeon_lanes import DecodeBatch
 from aegaeon.scheduler.policies.base import (
     InstanceView,
     ModelSpec,
@@ -150,6 +151,24 @@ def test_handoff_prefers_the_decode_instance_already_running_that_model():
     second = policy.next_turn("i0", 1.0)
     assert second is not None
     assert second.handoff["a1"] == first.handoff["a0"]
+
+
+def test_handoff_keeps_the_kv_on_the_prefill_node_unless_another_node_has_room_for_it():
+    policy = AegaeonPolicy(models("A", "B"), SLO, FixedCosts())
+    for instance_id, role, node in [("p2", "prefill", "n2"), ("d1", "decode", "n1"),
+                                    ("d2", "decode", "n2")]:  # fmt: skip
+        policy.add_instance(InstanceView(instance_id, role=role, node=node))  # type: ignore[arg-type]
+    policy.submit(request("a0", "A"), now=0.0)
+    first = policy.next_turn("p2", 0.0)
+    assert first is not None
+    assert first.handoff == {"a0": "d2"}  # d1 comes first and is as loaded: the node decides
+    finish_prefill(policy, first)
+    # d1 holds a batch of B with room, d2 has only A's: B's next request decodes on d1.
+    policy.lanes["d1"].batches.append(DecodeBatch("B", ["b9"]))
+    policy.submit(request("b0", "B"), now=1.0)
+    second = policy.next_turn("p2", 1.0)
+    assert second is not None
+    assert second.handoff == {"b0": "d1"}
 
 
 # ---------------------------------------------------------------- Algorithm 2

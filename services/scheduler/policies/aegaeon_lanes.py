@@ -78,7 +78,9 @@ class AegaeonBase(Policy):
     # ------------------------------------------------------------ one part asks another
 
     @abstractmethod
-    def _choose_decode_instance(self, request: RequestView) -> str | None: ...
+    def _choose_decode_instance(
+        self, request: RequestView, near: str | None = None
+    ) -> str | None: ...
 
     @abstractmethod
     def _round_time(self, lane: Lane) -> float: ...

@@ -31,7 +31,7 @@ from aegaeon.priority import quota_weight
 class DecodeRounds(AegaeonBase):
     """Algorithm 2: where a request decodes, and the quota of each decode turn."""
 
-    def _choose_decode_instance(self, request: RequestView) -> str | None:
+    def _choose_decode_instance(self, request: RequestView, near: str | None = None) -> str | None:
         """Where the request's KV goes for decoding. An instance with a batch of its model
         that has room takes it, whatever its load (as the paper's artifact dispatches): a
         member costs a batch little, a new batch costs its lane a whole step and a switch per
@@ -42,19 +42,23 @@ class DecodeRounds(AegaeonBase):
         switch time ``c``: a node that caches it wins among otherwise equal lanes.
 
         Lanes with room are found first and only they are priced when there are any (they
-        win whatever the others' α): the same answer as pricing every lane."""
+        win whatever the others' α): the same answer as pricing every lane. Between lanes of
+        equal α, one on the node of ``near`` (the prefill instance) wins: there the KV is
+        handed over in host memory, elsewhere it crosses the network (a cost far below a
+        weight fetch's, which α already counts)."""
         decoding = [(i, v) for i, v in self.instances.items() if v.role in ("decode", "both")]
         if self.pins:
             pinned = set(self._pinned_first([i for i, _ in decoding], request.model))
             decoding = [(i, v) for i, v in decoding if i in pinned]
         rooms = {i: self._room(i, request) for i, _ in decoding}
         with_room = [i for i, _ in decoding if rooms[i] is not None]
-        best, best_alpha = None, float("inf")
-        for instance_id in with_room or [i for i, _ in decoding]:
+        node = self.instances[near].node if near in self.instances else None
+
+        def rank(instance_id: str) -> tuple[float, bool]:
             alpha = self._alpha_with(instance_id, request, rooms[instance_id])
-            if best is None or alpha < best_alpha:
-                best, best_alpha = instance_id, alpha
-        return best
+            return alpha, node is None or self.instances[instance_id].node != node
+
+        return min(with_room or [i for i, _ in decoding], key=rank, default=None)
 
     def _room(self, instance_id: str, request: RequestView) -> int | None:
         """The first batch of the request's model on this lane with room for it."""

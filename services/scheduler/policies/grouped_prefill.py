@@ -161,7 +161,8 @@ class GroupedPrefill(AegaeonBase):
         plan = TurnPlan(instance_id, group.model, ids, quota_s=0.0, prefill_only=True)
         plan.prefetch_model = self._upcoming_model(instance_id, group.model)
         if self.instances[instance_id].role == "prefill":
-            targets = {r: self._choose_decode_instance(self.requests[r]) for r in ids}
+            # Decode on this node where there is room: the KV then stays in its host memory.
+            targets = {r: self._choose_decode_instance(self.requests[r], instance_id) for r in ids}
             plan.handoff = {r: d for r, d in targets.items() if d is not None}
         cost = self.est.prefill_time(group.model, self._prompt_lens(ids))
         self._start(instance_id, plan, now, cost)
