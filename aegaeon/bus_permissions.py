@@ -14,8 +14,9 @@ requests, command other workers or forge the scheduler's replies::
                  evict, models.list (request); replies  registry.changed, models.heartbeat, _INBOX.>
     worker       worker.heartbeat, worker.*.events,     worker.*.cmd, _INBOX.>
                  tokens.*, models.list|ensure|ensure.* (requests)
-    model-store  registry.changed, models.heartbeat;    models.*, models.ensure.*, worker.heartbeat,
-                 replies                                registry.changed
+    model-store  registry.changed, models.heartbeat,    models.*, models.ensure.*,
+                 models.share.* (requests); replies     models.share.*, worker.heartbeat,
+                                                        registry.changed, _INBOX.>
     observer     nothing                                worker.heartbeat, scheduler.state,
                                                         worker.*.events
 
@@ -108,8 +109,15 @@ def role_permissions(role: str, subjects: Subjects) -> Permissions:
             subscribe=(s.worker_cmd("*"), INBOX),
         ),
         "model-store": Permissions(
-            publish=(s.registry_changed, s.store_heartbeat),
-            subscribe=(s.models("*"), s.models("ensure.*"), s.heartbeat, s.registry_changed),
+            publish=(s.registry_changed, s.store_heartbeat, s.models("share.*")),
+            subscribe=(
+                s.models("*"),
+                s.models("ensure.*"),
+                s.models("share.*"),
+                s.heartbeat,
+                s.registry_changed,
+                INBOX,
+            ),
             responds=True,
         ),
         "observer": Permissions(

@@ -568,6 +568,28 @@ class StoreHeartbeat(msgspec.Struct, omit_defaults=True):
     cache_bytes_free: int = 0
     cache_bytes_total: int = 0
     interval_s: float = 1.0
+    # host:port another node's store copies cached weights from ("": it shares none).
+    transfer_endpoint: str = ""
+    peer_loads: int = 0  # misses this store filled from another node's cache, since it started
+    peer_bytes: int = 0
+
+
+class ShareCached(msgspec.Struct, omit_defaults=True):
+    """model-store → another node's model-store (``models.share.<store id>``, request): offer me
+    your cached file of ``name``, if it was made from the weights with this ``signature``."""
+
+    name: str
+    signature: str
+
+
+class SharedWeights(msgspec.Struct, omit_defaults=True):
+    """Reply to ShareCached: fetch ``nbytes`` from ``endpoint`` with ``token`` (once, within a
+    couple of minutes; the file stays leased meanwhile), or ``error``."""
+
+    endpoint: str = ""
+    token: bytes = b""
+    nbytes: int = 0
+    error: str = ""
 
 
 # ---------------------------------------------------------------- encoding

@@ -65,7 +65,8 @@ class Subjects:
         """anyone ↔ model-store, request/reply: verb is list, describe, ensure, prefetch, file;
         the gateway's admin API also asks deploy, drain, remove (lifecycle) and serving (a
         model's serving settings: priority class, pin, keep-alive); the scheduler tells every
-        store (no queue group) evict: a model idle past its keep-alive."""
+        store (no queue group) evict: a model idle past its keep-alive; a store asks another
+        node's store ``share.<store id>`` for its cached copy of a model's weights."""
         return f"{self.prefix}.models.{verb}"
 
     @property

@@ -244,6 +244,7 @@ async def test_the_services_reach_each_other_through_their_roles(clients) -> Non
     await scheduler.nc.subscribe(S.unload_model, cb=answer)
     for verb in ("list", "ensure", "file", "describe", "deploy", "drain", "remove", "serving"):
         await store.nc.subscribe(S.models(verb), cb=answer, queue="model-store")
+    await store.nc.subscribe(S.models("share.store-b"), cb=answer)  # another node's store
     prefetch = await store.nc.subscribe(S.models("prefetch"))
     commands = await worker.nc.subscribe(S.worker_cmd("*"))
     tokens = await gateway.nc.subscribe(S.tokens("*"))
@@ -259,7 +260,7 @@ async def test_the_services_reach_each_other_through_their_roles(clients) -> Non
         (gateway, S.submit), (gateway, S.models("list")), (gateway, S.models("file")),
         (scheduler, S.models("list")), (worker, S.models("list")), (worker, S.models("ensure")),
         *((gateway, S.models(v)) for v in ("describe", "deploy", "drain", "remove", "serving")),
-        (gateway, S.unload_model),
+        (gateway, S.unload_model), (store, S.models("share.store-b")),
     ]  # fmt: skip
     for client, subject in asked:
         reply = await client.nc.request(subject, b"?", timeout=REPLY_TIMEOUT_S)
@@ -309,7 +310,7 @@ DENIED_SUBSCRIBE = {
     "worker": [S.tokens("*"), S.submit, S.heartbeat, S.all_worker_events, S.scheduler_state,
                S.registry_changed],
     "scheduler": [S.tokens("*"), S.worker_cmd("*"), S.models("ensure")],
-    "model-store": [S.tokens("*"), S.worker_cmd("*"), S.submit, INBOX],
+    "model-store": [S.tokens("*"), S.worker_cmd("*"), S.submit, S.scheduler_state],
     "observer": [S.tokens("*"), S.worker_cmd("*"), S.submit, S.models("list"), INBOX, ">",
                  S.unload_model],
 }  # fmt: skip

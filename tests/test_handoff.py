@@ -92,13 +92,13 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     import msgspec
     import redis.asyncio as aioredis
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
-    from aegaeon.gpu_worker.kv_transfer import KVTransferServer
     from aegaeon.gpu_worker.worker import WorkerService
     from test_policies_e2e import MiB, engine_greedy, full_length_prompt
 
     from aegaeon.bus import Bus
     from aegaeon.config import BusConfig
     from aegaeon.protocol import AssignRequest, RunTurn, SamplingParams, TokenBatch, WorkerEvent
+    from aegaeon.transfer import TransferServer
 
     model, max_tokens = "demo-qwen2", 6
     prompt = full_length_prompt(demo_models_dir, model, 3, 14, max_tokens)
@@ -117,9 +117,9 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     handle = source.export_kv("r")
     server = None
     if across_nodes:  # what KVHandoff._export_kv adds when the worker serves KV
-        server = KVTransferServer("127.0.0.1:0", source.host_kv.path)
+        server = TransferServer("127.0.0.1:0")
         await server.start()
-        token = server.offer("r", handle.offset, handle.nbytes)
+        token = server.offer("r", source.host_kv.path, handle.offset, handle.nbytes)
         handle = msgspec.structs.replace(handle, node="node-a", endpoint=server.endpoint, token=token)  # fmt: skip
     if not source_alive:
         source.close()  # its host pool (the shared-memory file) is gone with it

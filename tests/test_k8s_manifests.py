@@ -424,12 +424,14 @@ def test_network_policies_admit_the_nats_routes_and_the_redis_replication() -> N
     assert not _admits("gateway", "nats", 6222)
 
 
-def test_workers_serve_exported_kv_from_their_pod_address_to_the_other_workers_only() -> None:
-    (worker,) = [c for _, c in containers() if c["name"] == "worker"]
-    host, port = env_value(worker, "AEGAEON_KV_TRANSFER_ADDRESS").rsplit(":", 1)
+@pytest.mark.parametrize(("name", "variable"), [("worker", "AEGAEON_KV_TRANSFER_ADDRESS"),
+                                               ("model-store", "AEGAEON_WEIGHTS_TRANSFER_ADDRESS")])  # fmt: skip
+def test_gpu_pods_serve_kv_and_cached_weights_from_their_pod_address_to_the_other_gpu_pods_only(name: str, variable: str) -> None:  # fmt: skip
+    (served,) = [c for _, c in containers() if c["name"] == name]
+    host, port = env_value(served, variable).rsplit(":", 1)
     assert host == "$(POD_IP)"  # advertised to other nodes: the pod's own address
-    assert env_value(worker, "POD_IP") == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert int(port) in {p["containerPort"] for p in worker["ports"]}
+    assert env_value(served, "POD_IP") == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert int(port) in {p["containerPort"] for p in served["ports"]}
     assert _admits("gpu-worker", "gpu-worker", int(port))
     assert not _admits("gateway", "gpu-worker", int(port))
 

@@ -3,8 +3,8 @@
 A prefill worker leaves a handed-off request's KV in its host pool (``_export_kv``) and reports
 the handle in ``TurnDone.exported``; the scheduler passes it to the decode worker in
 ``AssignRequest.kv``, whose ``_import_kv`` copies it into its own pool: mapped from the pool file
-when both run on one node, fetched over a direct connection to the prefill worker's KV transfer
-server (``kv_transfer.py``) when they do not. Either way the decode worker reports
+when both run on one node, fetched over a direct connection to the prefill worker's transfer
+server (``aegaeon/transfer.py``) when they do not. Either way the decode worker reports
 ``KVImported`` — after which the scheduler lets the source free its copy — or, when the import
 fails, re-prefills the request from prompt + tokens.
 """
@@ -17,22 +17,22 @@ import time
 from typing import Any
 
 import msgspec
-from aegaeon.gpu_worker.kv_transfer import KVTransferServer, fetch_kv
 from aegaeon.gpu_worker.worker_core import WorkerCore
 
 from aegaeon import metrics
 from aegaeon.protocol import AssignRequest, KVHandle, KVImported, RunTurn, TurnDone
 from aegaeon.telemetry import RequestTrace, record_span
+from aegaeon.transfer import TransferServer, fetch
 
 log = logging.getLogger(__name__)
 
 
 class KVHandoff(WorkerCore):
-    kv_server: KVTransferServer | None = None
+    kv_server: TransferServer | None = None
 
     async def _start_kv_server(self, address: str) -> None:
         """Serve this worker's exported KV to decode workers on other nodes from ``address``."""
-        self.kv_server = KVTransferServer(address, self.engine.host_kv.path)
+        self.kv_server = TransferServer(address)
         await self.kv_server.start()
 
     async def _stop_kv_server(self) -> None:
@@ -63,7 +63,9 @@ class KVHandoff(WorkerCore):
             if self.kv_server is None:
                 done.exported[rid] = msgspec.structs.replace(handle, node=self.node)
             else:
-                token = self.kv_server.offer(rid, handle.offset, handle.nbytes)
+                # Until the scheduler frees the KV (the decode worker may be assigned it late).
+                pool = self.engine.host_kv.path
+                token = self.kv_server.offer(rid, pool, handle.offset, handle.nbytes, float("inf"))
                 done.exported[rid] = msgspec.structs.replace(
                     handle, node=self.node, endpoint=self.kv_server.endpoint, token=token
                 )
@@ -113,7 +115,7 @@ class KVHandoff(WorkerCore):
         )
         try:
             region = self.engine.host_kv_view(offset, handle.nbytes).numpy()
-            await asyncio.to_thread(fetch_kv, handle.endpoint, handle.token, memoryview(region))
+            await asyncio.to_thread(fetch, handle.endpoint, handle.token, memoryview(region))
         except BaseException:
             await self._on_engine(self.engine.release_kv_import, offset, handle.nbytes)
             raise

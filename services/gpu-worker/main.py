@@ -9,7 +9,6 @@ import os
 import socket
 import time
 
-from aegaeon.gpu_worker.kv_transfer import check_reachable
 from aegaeon.gpu_worker.sizing import (
     CPU_RAM_SHARE,
     CUDA_FREE_SHARE,
@@ -25,6 +24,7 @@ from aegaeon.protocol import ListModels, ModelInfo, ModelList
 from aegaeon.runtime import run_process
 from aegaeon.subjects import host_token, subject_token
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
+from aegaeon.transfer import check_reachable
 
 log = logging.getLogger(__name__)
 

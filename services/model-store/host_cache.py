@@ -8,6 +8,10 @@ that has one mapped keeps its mapping: unlinking does not pull pages from under 
 never one under a lease: ``ensure(info, lease_s)`` keeps the file at least that long, so the
 worker that asked can map it before another model's load evicts it.
 
+A miss loads the model from the models directory, or — when the service found another node's
+store caching the same weights (``peers.py``) — copies that store's finished file over the
+network, checksummed, falling back to the directory if the copy fails.
+
 Thread-safe: ``ensure`` runs in worker threads of the service; two callers asking for the same
 model share one load.
 """
@@ -15,6 +19,7 @@ model share one load.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -28,9 +33,11 @@ from pathlib import Path
 from aegaeon.config import shm_dir
 from aegaeon.metrics import HOST_CACHE_BYTES, HOST_CACHE_HITS, HOST_CACHE_MISSES
 from aegaeon.protocol import ModelInfo
+from aegaeon.transfer import TransferError, fetch
 from aegaeon.weights import WeightsError, model_weight_files, read_index
 
 from .layout import MergedLayout, plan_merge
+from .peers import CopyProgress, PeerCopy
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,33 @@ def write_merged(layout: MergedLayout, target: Path) -> None:
         raise
 
 
+def copy_from_peer(peer: PeerCopy, target: Path, name: str, nbytes: int, signature: str) -> bool:
+    """Fetch another node's cache file of the model into ``target`` (through a temp file and an
+    atomic rename), checksummed, and check that its header names the same source weights.
+    False (logged) when the copy cannot be used: the caller loads from the models directory."""
+    if peer.nbytes != nbytes:
+        log.warning("store %s offers %s as %d bytes, %d expected: loading from disk",
+                    peer.store_id, name, peer.nbytes, nbytes)  # fmt: skip
+        return False
+    temp = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with temp.open("w+b") as out:
+            out.truncate(nbytes)
+            with mmap.mmap(out.fileno(), nbytes) as mapped, memoryview(mapped) as into:
+                fetch(peer.endpoint, peer.token, into, checksum=True,
+                      progress=CopyProgress(name, peer))  # fmt: skip
+        theirs = read_index(temp).metadata.get(SIGNATURE_KEY)
+        if theirs != signature:
+            raise TransferError(f"the copy was made from other weights ({theirs})")
+        os.replace(temp, target)
+        return True
+    except (OSError, WeightsError) as exc:  # TransferError is an OSError
+        log.warning("copy of %s from store %s failed (%s): loading from disk", name,
+                    peer.store_id, exc)  # fmt: skip
+        temp.unlink(missing_ok=True)
+        return False
+
+
 def _copy_range(source: Path, offset: int, out, out_offset: int, nbytes: int, buffer: bytearray) -> None:  # fmt: skip
     view = memoryview(buffer)
     out.seek(out_offset)
@@ -113,6 +147,8 @@ class HostCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
         self._loading: dict[str, threading.Event] = {}
         self._reserved: dict[str, int] = {}
+        self.peer_copies = 0  # misses filled from another node's cache (copy_from_peer)
+        self.peer_bytes = 0
         self.root.mkdir(parents=True, exist_ok=True)
         self._adopt_existing()
 
@@ -140,13 +176,18 @@ class HostCache:
 
     # ------------------------------------------------------------------ ensure
 
-    def ensure(self, info: ModelInfo, lease_s: float = 0.0) -> Path:
-        """Make ``info``'s weights resident in the cache (load if needed) and return the file,
-        kept at least ``lease_s`` seconds (the asker maps it meanwhile)."""
+    def signature(self, info: ModelInfo) -> str:
+        """:func:`weights_signature` of the model's folder, or CacheError."""
         try:
-            signature = weights_signature(info.path)
+            return weights_signature(info.path)
         except (WeightsError, OSError) as exc:
             raise CacheError(f"cannot cache {info.name}: {exc}") from None
+
+    def ensure(self, info: ModelInfo, lease_s: float = 0.0, peer: PeerCopy | None = None) -> Path:
+        """Make ``info``'s weights resident in the cache (load if needed) and return the file,
+        kept at least ``lease_s`` seconds (the asker maps it meanwhile). On a miss, ``peer``
+        (an offer of the same file from another node's cache) is tried before the disk."""
+        signature = self.signature(info)
         layout: MergedLayout | None = None
         while True:
             with self._lock:
@@ -165,7 +206,7 @@ class HostCache:
                 waiting.wait()  # another thread is loading this model: share its result
             else:
                 layout = self._plan(info, signature)  # headers are read outside the lock
-        return self._load(info, signature, layout, done, lease_s)
+        return self._load(info, signature, layout, done, lease_s, peer)
 
     def _plan(self, info: ModelInfo, signature: str) -> MergedLayout:
         try:
@@ -204,11 +245,13 @@ class HostCache:
         done = self._loading[name] = threading.Event()
         return done
 
-    def _load(self, info: ModelInfo, signature: str, layout: MergedLayout, done: threading.Event, lease_s: float) -> Path:  # fmt: skip
+    def _load(self, info: ModelInfo, signature: str, layout: MergedLayout, done: threading.Event, lease_s: float, peer: PeerCopy | None) -> Path:  # fmt: skip
         target = self.root / f"{info.name}.safetensors"
         HOST_CACHE_MISSES.inc()
         try:
-            write_merged(layout, target)
+            copied = peer is not None and copy_from_peer(peer, target, info.name, layout.file_bytes, signature)  # fmt: skip
+            if not copied:
+                write_merged(layout, target)
         except OSError as exc:
             raise CacheError(f"cannot cache {info.name}: {exc}") from None
         else:
@@ -217,7 +260,11 @@ class HostCache:
                 self._entries[info.name] = CacheEntry(
                     info.name, target, layout.file_bytes, signature, now + lease_s, now
                 )
-            log.info("cached %s (%d bytes) at %s", info.name, layout.file_bytes, target)
+                if copied:
+                    self.peer_copies += 1
+                    self.peer_bytes += layout.file_bytes
+            source = f"store {peer.store_id}" if copied and peer else "the models directory"
+            log.info("cached %s (%d bytes) at %s, from %s", info.name, layout.file_bytes, target, source)  # fmt: skip
             return target
         finally:
             with self._lock:
@@ -225,6 +272,16 @@ class HostCache:
                 self._loading.pop(info.name, None)
                 HOST_CACHE_BYTES.set(self.used_bytes)
             done.set()
+
+    def lease(self, name: str, signature: str, lease_s: float) -> CacheEntry | None:
+        """The finished file of ``name`` with this ``signature`` (None: not cached, or other
+        weights), kept at least ``lease_s`` seconds: another node's store copies it meanwhile."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.signature != signature:
+                return None
+            entry.leased_until = max(entry.leased_until, self.clock() + lease_s)
+            return entry
 
     # ------------------------------------------------------------------ removal
 

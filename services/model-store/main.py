@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 
 import psutil
@@ -14,6 +15,7 @@ from aegaeon.config import BusConfig, default_store_id, shm_dir
 from aegaeon.metrics import serve_metrics
 from aegaeon.runtime import run_process
 from aegaeon.telemetry import setup_tracing, shutdown_tracing
+from aegaeon.transfer import check_reachable
 
 from .host_cache import HostCache, cache_root
 from .registry import NAME_PATTERN, RegistryScanner
@@ -42,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="names this store's shared-memory folder (aegaeon-<id>) and its node-local ensure "
         "subject; the workers of its node use the same id (default: the node name)",
     )  # fmt: skip
+    parser.add_argument(
+        "--weights-transfer-address", type=check_reachable,
+        default=os.environ.get("AEGAEON_WEIGHTS_TRANSFER_ADDRESS", ""),
+        help="host:port this store serves its cached weights from, to the stores of other nodes "
+        "(port 0: any free one); the host is advertised, so give the address other nodes reach "
+        "it at. Default $AEGAEON_WEIGHTS_TRANSFER_ADDRESS or none: other nodes read the models "
+        "directory on their misses",
+    )  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port")
     parser.add_argument(
         "--keep-alive-s", type=float, default=None,
@@ -59,7 +69,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     capacity = args.cache_bytes or default_cache_bytes()
     cache = HostCache(cache_root(args.store_id), capacity)
     bus = await Bus.connect(BusConfig(), name=f"model-store-{args.store_id}")
-    service = ModelStoreService(bus, RegistryScanner(args.models_dir), cache, args.store_id)
+    service = ModelStoreService(bus, RegistryScanner(args.models_dir), cache, args.store_id,
+                                transfer_address=args.weights_transfer_address)  # fmt: skip
     sweeper = asyncio.create_task(_evict_idle(cache, args.keep_alive_s)) if args.keep_alive_s else None  # fmt: skip
     try:
         await service.start()

@@ -7,7 +7,8 @@ worker has, so a model no worker can hold is refused with a clear error instead 
 Every model it describes carries its lifecycle state and serving settings (``lifecycle.py``'s
 book: ``ready``, ``normal`` and unpinned when unmarked) and which store's cache it speaks of.
 Every second it tells the scheduler what its host cache holds and on which node
-(``models.heartbeat``), for locality-aware placement.
+(``models.heartbeat``), for locality-aware placement; other nodes' stores hear it too, and a
+miss here copies a peer's cached file when one holds the model (``peers.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from aegaeon.protocol import (
     PrefetchHint,
     RemoveModel,
     SetServing,
+    ShareCached,
     StoreHeartbeat,
     decode,
     encode,
@@ -53,6 +55,7 @@ from aegaeon.telemetry import tracer
 from .admin import LifecycleVerbs
 from .host_cache import CacheError, HostCache
 from .lifecycle import LifecycleBook
+from .peers import Peers
 from .registry import Registry, RegistryScanner
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class ModelStoreService:
 
     def __init__(
         self, bus: Bus, scanner: RegistryScanner, cache: HostCache, store_id: str | None = None,
-        node: str | None = None,
+        node: str | None = None, transfer_address: str = "",
     ) -> None:  # fmt: skip
         self.bus = bus
         self.store_id = store_id
@@ -92,6 +95,8 @@ class ModelStoreService:
         self._beating: asyncio.Task | None = None
         self.book = LifecycleBook(scanner.models_dir)
         self.lifecycle = LifecycleVerbs(self, self.book)
+        # Serving this cache's files to other nodes needs an id they can address.
+        self.peers = Peers(bus, cache, store_id or self.node, transfer_address if store_id else "")
 
     async def start(self) -> None:
         """Subscribe to every verb; a queue group lets several stores share the load."""
@@ -116,6 +121,16 @@ class ModelStoreService:
             local = self.bus.subjects.models(f"ensure.{self.store_id}")
             callback = self._responder(EnsureCached, self.on_ensure)
             self._subscriptions.append(await self.bus.nc.subscribe(local, cb=callback))
+        await self.peers.start()
+        if self.peers.server is not None:
+            share = self.bus.subjects.models(f"share.{self.store_id}")
+            callback = self._responder(ShareCached, self.peers.on_share)
+            self._subscriptions.append(await self.bus.nc.subscribe(share, cb=callback))
+        self._subscriptions.append(
+            await self.bus.subscribe(
+                self.bus.subjects.store_heartbeat, StoreHeartbeat, self.on_store_heartbeat
+            )
+        )
         self._subscriptions.append(
             await self.bus.subscribe(self.bus.subjects.heartbeat, Heartbeat, self.on_heartbeat)
         )
@@ -141,6 +156,7 @@ class ModelStoreService:
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()
+        await self.peers.stop()
         for task in self._evictions:
             task.cancel()
         if self._prefetches or self.lifecycle.loads:
@@ -183,6 +199,9 @@ class ModelStoreService:
             cache_bytes_free=max(0, self.cache.capacity_bytes - used),
             cache_bytes_total=self.cache.capacity_bytes,
             interval_s=STORE_HEARTBEAT_INTERVAL_S,
+            transfer_endpoint=self.peers.endpoint,
+            peer_loads=self.cache.peer_copies,
+            peer_bytes=self.cache.peer_bytes,
         )
 
     async def _beat(self) -> None:
@@ -258,7 +277,10 @@ class ModelStoreService:
         result = "hit" if self.cache.cached_path(info.name) is not None else "miss"
         start = time.monotonic()
         try:
-            path = await asyncio.to_thread(self.cache.ensure, info, request.lease_s)
+            peer = None
+            if result == "miss":  # another node's cache may hold it: a copy beats the disk
+                peer = await self.peers.ask(info, await asyncio.to_thread(self.cache.signature, info))  # fmt: skip
+            path = await asyncio.to_thread(self.cache.ensure, info, request.lease_s, peer)
         except CacheError as exc:
             return ModelReply(error=str(exc))
         elapsed = time.monotonic() - start
@@ -306,6 +328,9 @@ class ModelStoreService:
         if info is None:
             return FileChunk(error=(await self.unknown(request.name)).error)
         return await asyncio.to_thread(read_chunk, Path(info.path), request)
+
+    async def on_store_heartbeat(self, beat: StoreHeartbeat, _msg: Msg) -> None:
+        self.peers.heard(beat)
 
     async def on_heartbeat(self, beat: Heartbeat, _msg: Msg) -> None:
         if beat.weight_budget_bytes > 0:

@@ -22,7 +22,7 @@ NATS_HOSTS = {"nats-1": 11, "nats-2": 12, "nats-3": 13}
 REDIS_HOST, REDIS_OCTET = "state", 20
 CONTROL_HOST, CONTROL_OCTET = "control", 30
 CLIENT_PORT, ROUTE_PORT, MONITOR_PORT, GATEWAY_PORT = 4222, 6222, 8222, 8000
-KV_TRANSFER_PORT = 7400
+KV_TRANSFER_PORT, WEIGHTS_TRANSFER_PORT = 7400, 7401
 PREFIX = "multihost"
 GATEWAY_ID = "gw-mh"
 ARENA_BYTES = 1 << 29
@@ -74,10 +74,11 @@ class Cluster:
         self,
         worker_nodes: list[str],
         roles: dict[str, str] | None = None,
-        kv_transfer: bool = False,
+        transfers: bool = False,
     ) -> None:
-        """``roles``: a worker host → its worker's role (default both); ``kv_transfer``: each
-        worker serves exported KV to the other hosts from its own address."""
+        """``roles``: a worker host → its worker's role (default both); ``transfers``: each
+        worker serves exported KV, and each model-store its cached weights, to the other hosts
+        from its own address."""
         for name, octet in NATS_HOSTS.items():
             self.nats[name] = self.network.add_host(name, octet)
         routes = ",".join(f"nats://{h.address}:{ROUTE_PORT}" for h in self.nats.values())
@@ -106,12 +107,14 @@ class Cluster:
         for index, node in enumerate(worker_nodes):
             host = self.network.add_host(node, 41 + index, shm_bytes=768 << 20)
             env = self.env(node)
-            host.spawn("model-store", serve("model-store", "--models-dir", str(self.models_dir),
-                                            "--cache-bytes", str(512 << 20)), env, self.logs)  # fmt: skip
+            store = ["--models-dir", str(self.models_dir), "--cache-bytes", str(512 << 20)]
+            if transfers:
+                store += ["--weights-transfer-address", f"{host.address}:{WEIGHTS_TRANSFER_PORT}"]
+            host.spawn("model-store", serve("model-store", *store), env, self.logs)
             worker_id = f"w-{node}"
             argv = ["--worker-id", worker_id, "--threads", "1", "--arena-bytes", str(ARENA_BYTES),
                     "--role", (roles or {}).get(node, "both")]  # fmt: skip
-            if kv_transfer:
+            if transfers:
                 argv += ["--kv-transfer-address", f"{host.address}:{KV_TRANSFER_PORT}"]
             host.spawn("worker", serve("worker", *argv), env, self.logs)
             self.workers[node] = WorkerHost(host, node, worker_id)

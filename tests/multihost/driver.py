@@ -11,8 +11,10 @@ under :func:`netns.isolated_command`): build the hosts and the cluster, then
    uninterrupted run) and what happened, as JSON to ``--out``.
 
 With ``--scenario handoff`` instead: node A's worker prefills, node B's decodes, each serving
-its exported KV from its own address; stream the completions and record every KV hand-off
-(``KVImported``) and which worker prefilled which request (``TurnDone.prefilled``).
+its exported KV (and each store its cached weights) from its own address; first cache every
+model on node A, then ask node B's store for them (they come from node A's cache); stream the
+completions and record every KV hand-off (``KVImported``) and which worker prefilled which
+request (``TurnDone.prefilled``).
 
 Usage: ``python driver.py --models DIR --work DIR --out FILE --streams JSON [--scenario S]``
 """
@@ -148,6 +150,13 @@ async def stream(url: str, result: dict, max_tokens: int) -> dict:
     return result
 
 
+async def ensure_on(bus: Bus, node: str, model: str) -> None:
+    """``model`` in the host cache of ``node``'s store."""
+    reply = await bus.request(bus.subjects.models(f"ensure.{host_token(node)}"),
+                              EnsureCached(model), ModelReply, timeout=60)  # fmt: skip
+    assert reply.error == "", reply.error
+
+
 async def joined(cluster: Cluster, report: dict) -> tuple[Bus, Watch]:
     """The driver on the bus, once both stores and both workers have joined."""
     config = BusConfig(cluster.nats_url,
@@ -167,10 +176,30 @@ async def joined(cluster: Cluster, report: dict) -> tuple[Bus, Watch]:
 
 
 async def handoff(cluster: Cluster, args: argparse.Namespace, report: dict) -> None:
-    """Prefill on node A, decode on node B: every request's KV crosses the network."""
+    """Weights cached on node A reach node B from A's cache; then prefill on node A, decode on
+    node B: every request's KV crosses the network."""
     bus, watch = await joined(cluster, report)
     try:
         streams = [new_stream(m, p) for m, p in json.loads(args.streams)]
+        models = sorted({s["model"] for s in streams})
+        for model in models:
+            await ensure_on(bus, "node-a", model)
+
+        def all_cached_on_a() -> float | None:
+            beat = watch.stores["node-a"]
+            return beat.time if set(models) <= set(beat.cached) else None
+
+        first = await until(all_cached_on_a, 20, "node A's store to say it caches every model")
+        # One more beat: node B's store has heard the first by then.
+        await until(lambda: watch.stores["node-a"].time > first, 5, "node A's next heartbeat")
+        for model in models:
+            await ensure_on(bus, "node-b", model)
+        await until(lambda: set(models) <= set(watch.stores["node-b"].cached), 20,
+                    "node B's store to say it caches every model")  # fmt: skip
+        beat = watch.stores["node-b"]
+        report["weights"] = {"models": models, "peer_loads": beat.peer_loads,
+                             "peer_bytes": beat.peer_bytes,
+                             "endpoints": {n: s.transfer_endpoint for n, s in watch.stores.items()}}  # fmt: skip
         results = await asyncio.wait_for(asyncio.gather(
             *(stream(cluster.gateway_url, s, args.max_tokens) for s in streams)), 240)  # fmt: skip
         await until(lambda: len(watch.ended) >= len(streams), 30, "every RequestDone")
@@ -189,9 +218,7 @@ async def scenario(cluster: Cluster, args: argparse.Namespace, report: dict) -> 
     try:
         # 1. locality: a model only node B caches is served on node B
         cached = args.cached_on_b
-        reply = await bus.request(bus.subjects.models(f"ensure.{host_token('node-b')}"),
-                                  EnsureCached(cached), ModelReply, timeout=60)  # fmt: skip
-        assert reply.error == "", reply.error
+        await ensure_on(bus, "node-b", cached)
         await until(lambda: watch.state and cached in watch.state.cached.get("node-b", []), 20,
                     "the scheduler to hear node B's cache")  # fmt: skip
         report["cached_before"] = {n: sorted(s.cached) for n, s in watch.stores.items()}
@@ -255,7 +282,7 @@ def main() -> int:
     cluster = Cluster(network, args.models, args.work)
     try:
         if args.scenario == "handoff":
-            cluster.start(NODES, roles={"node-a": "prefill", "node-b": "decode"}, kv_transfer=True)
+            cluster.start(NODES, roles={"node-a": "prefill", "node-b": "decode"}, transfers=True)
             report["started_s"] = round(time.monotonic() - started, 1)
             asyncio.run(handoff(cluster, args, report))
         else:

@@ -7,8 +7,10 @@ model-store and shared memory (``driver.py`` says what happens). Asserted here:
 - a worker host crashed mid-stream (every process, its /dev/shm) and then the NATS server the
   surviving worker talks through: every stream finishes with exactly the tokens of an
   uninterrupted greedy run, the crashed host's requests having moved to the other host;
-- with node A's worker prefilling and node B's decoding (a second cluster), each request's KV
-  goes from A's host pool to B's over a direct connection, and B never prefills it: tokens exact.
+- on a second cluster, the models cached on node A reach node B's cache from A's (not from the
+  models directory); then with node A's worker prefilling and node B's decoding, each request's
+  KV goes from A's host pool to B's over a direct connection, and B never prefills it: tokens
+  exact.
 """
 
 from __future__ import annotations
@@ -90,10 +92,22 @@ def test_a_host_crash_then_a_nats_server_crash_leave_every_stream_exact(
     assert_exact(report["streams"], STREAMS, MAX_TOKENS, demo_models_dir)
 
 
-def test_kv_prefilled_on_one_host_is_decoded_on_another_after_a_direct_transfer(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
-    handed = run_driver(demo_models_dir, tmp_path_factory.mktemp("handoff"), "--scenario",
-                        "handoff", "--streams", json.dumps(HANDOFF_STREAMS),
-                        "--max-tokens", str(HANDOFF_TOKENS))  # fmt: skip
+@pytest.fixture(scope="module")
+def handed(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_driver(demo_models_dir, tmp_path_factory.mktemp("handoff"), "--scenario",
+                      "handoff", "--streams", json.dumps(HANDOFF_STREAMS),
+                      "--max-tokens", str(HANDOFF_TOKENS))  # fmt: skip
+
+
+def test_weights_cached_on_one_host_reach_another_from_its_cache(handed: dict) -> None:
+    weights = handed["weights"]
+    assert weights["models"] == sorted({m for m, _ in HANDOFF_STREAMS})
+    assert weights["peer_loads"] == len(weights["models"])  # each from node A, none from disk
+    assert weights["peer_bytes"] > 0
+    assert weights["endpoints"]["node-a"].startswith("10.88.0.")
+
+
+def test_kv_prefilled_on_one_host_is_decoded_on_another_after_a_direct_transfer(handed: dict, demo_models_dir: Path) -> None:  # fmt: skip
     prefill, decode = "w-node-a", "w-node-b"
     assert handed["nodes"] == {prefill: "node-a", decode: "node-b"}
     assert handed["kv_endpoints"][prefill].startswith("10.88.0.")  # its host's own address
