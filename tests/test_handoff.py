@@ -94,6 +94,7 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
     from aegaeon.gpu_worker.worker import WorkerService
     from test_policies_e2e import MiB, engine_greedy, full_length_prompt
+    from test_transfer import sent
 
     from aegaeon.bus import Bus
     from aegaeon.config import BusConfig
@@ -148,6 +149,8 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
         await worker._assign(AssignRequest("r", model, prompt, greedy, "gw", 0.0, [first], handle, "p"))  # fmt: skip
         await worker._run_turn(RunTurn(1, model, ["r"], quota_s=60.0))
         await wait_until(lambda: any(isinstance(e, TurnDone) for e in events), "the turn's TurnDone", events)  # fmt: skip
+        if server is not None and source_alive:
+            await sent(server, handle.nbytes)  # over the socket, not mapped
     finally:
         await bus.close()
         await redis.aclose()
@@ -160,7 +163,5 @@ async def test_decode_worker_imports_the_kv_or_re_prefills_when_the_source_is_go
     (done,) = [e for e in events if isinstance(e, TurnDone)]
     assert (imported.ok, imported.source_worker) == (source_alive, "p"), imported
     assert imported.across_nodes == across_nodes
-    if server is not None and source_alive:
-        assert server.bytes_sent == handle.nbytes  # over the socket, not mapped
     assert done.prefilled == ([] if source_alive else ["r"])
     assert [first, *tokens] == expected

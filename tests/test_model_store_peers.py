@@ -16,6 +16,7 @@ from aegaeon.model_store.host_cache import HostCache
 from aegaeon.model_store.registry import RegistryScanner
 from aegaeon.model_store.service import ModelStoreService
 from test_model_store import models_dir
+from test_transfer import sent
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
@@ -73,7 +74,8 @@ async def test_a_miss_copies_the_cache_file_of_the_node_that_holds_it(two_nodes)
     assert on_b.read_bytes() == on_a.read_bytes()
     assert (b.cache.peer_copies, b.cache.peer_bytes) == (1, on_a.stat().st_size)
     assert a.cache.peer_copies == 0
-    assert a.peers.server is not None and a.peers.server.bytes_sent == on_a.stat().st_size
+    assert a.peers.server is not None
+    await sent(a.peers.server, on_a.stat().st_size)
     beat = b.heartbeat()
     assert (beat.peer_loads, beat.peer_bytes) == (1, on_a.stat().st_size)
     assert beat.transfer_endpoint == b.peers.endpoint and beat.transfer_endpoint

@@ -190,8 +190,9 @@ async def handoff(cluster: Cluster, args: argparse.Namespace, report: dict) -> N
             return beat.time if set(models) <= set(beat.cached) else None
 
         first = await until(all_cached_on_a, 20, "node A's store to say it caches every model")
-        # One more beat: node B's store has heard the first by then.
-        await until(lambda: watch.stores["node-a"].time > first, 5, "node A's next heartbeat")
+        # Two more beats: node B's store, subscribed as the driver is, has heard the first by
+        # then even on a loaded machine (a peer's beat counts as fresh for three intervals).
+        await until(lambda: watch.stores["node-a"].time >= first + 2.0, 10, "node A's next beats")
         for model in models:
             await ensure_on(bus, "node-b", model)
         await until(lambda: set(models) <= set(watch.stores["node-b"].cached), 20,
