@@ -276,3 +276,28 @@ def test_replay_against_a_running_gateway_writes_every_metric(
     # The workers' switches were watched on NATS during the point (2 models: at least one).
     assert point["switches"]["count"] >= 1 and "prefetch_hidden_fraction" in result
     assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_the_simulators_decode_step_is_priced_as_the_live_workers_ran_it() -> None:
+    from aegaeon.scheduler.estimators import Estimator, ModelProfile
+
+    from aegaeon.bench.serve_sim import live_step_overhead
+    from aegaeon.protocol import TurnDone
+
+    # 10 ms a step alone + 1 ms per sequence in the batch, whatever the context.
+    profile = ModelProfile(prefill=(0.05, 0.0, 0.0), decode=(0.010, 0.001, 0.0),
+                           switch_fixed_s=0.0, link_bytes_per_s=1e9, weight_bytes=1,
+                           kv_bytes_per_token=1)  # fmt: skip
+    cost = Estimator({"m": profile})
+    trace = [TraceRequest("r", "m", 0.0, 40, 20)]
+    alone = cost.decode_time("m", [50]), cost.decode_time("m", [50, 50])
+    turns = [
+        TurnDone("w", 1, "m", steps=5, elapsed_s=1.0, decode_s=4 * (alone[0] + 0.004), batch_size=1),
+        TurnDone("w", 2, "m", steps=3, elapsed_s=1.0, decode_s=2 * (alone[1] + 0.010), batch_size=2),
+        TurnDone("w", 3, "m", steps=1, elapsed_s=1.0, prefill_s=0.2, batch_size=1),  # no decode
+        TurnDone("w", 4, "other", steps=9, elapsed_s=1.0, decode_s=8.0, batch_size=1),  # unknown
+    ]  # fmt: skip
+    extra, steps = live_step_overhead(turns, cost, trace) or (None, None)
+    assert steps == 6
+    assert extra == pytest.approx((4 * 0.004 + 2 * 0.010) / 6)
+    assert live_step_overhead(turns[2:3], cost, trace) is None

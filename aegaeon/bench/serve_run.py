@@ -21,6 +21,7 @@ from aegaeon.bench.serve_priority import MAX_WAIT_IN_TTFT, by_class, classes_for
 from aegaeon.bench.serve_replay import Replay, isolated_latency, replay, warm_up
 from aegaeon.bench.serve_sim import (
     add_path_overhead,
+    live_step_overhead,
     path_overhead,
     profile_engine,
     simulate_measured,
@@ -28,7 +29,7 @@ from aegaeon.bench.serve_sim import (
 from aegaeon.bench.serve_trace import PAPER_TTFT_IN_TBT, CpuScale, clamp_lengths, scaled_slo
 from aegaeon.bench.stack_process import StackProcess
 from aegaeon.bench.watch import Watcher
-from aegaeon.protocol import SwitchDone, WorkerEvent
+from aegaeon.protocol import SwitchDone, TurnDone, WorkerEvent
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
@@ -340,10 +341,13 @@ async def _sweep(
     points = []
     for rate in plan.rates:
         switches: list[SwitchDone] = []
+        turns: list[TurnDone] = []
 
-        def keep(event: object, into: list[SwitchDone] = switches) -> None:
+        def keep(event: object, into: list[SwitchDone] = switches, done: list[TurnDone] = turns) -> None:  # fmt: skip
             if isinstance(event, SwitchDone):
                 into.append(event)
+            elif isinstance(event, TurnDone):
+                done.append(event)
 
         run = await _replay_watching(plan, name, url, rate, nats_url, subjects, keep)
         point = {"rate_per_model": rate, "total_rate": rate * len(plan.specs),
@@ -351,6 +355,7 @@ async def _sweep(
                  "wall_s": run.wall_s, "records": run.records}  # fmt: skip
         if nats_url:
             point["switches"] = switch_summary(switches)
+            point["turns"] = turns  # the simulator's per-step price at this point
         if plan.classes and plan.max_wait_s is not None:
             point["by_class"] = by_class(run.records, plan.classes, plan.slo, plan.max_wait_s)
         points.append(point)
@@ -393,7 +398,8 @@ def stack_errors(logs: Path, limit: int = 8) -> dict:
 
 def fit_cost(plan: BenchPlan, console: Console) -> Estimator:
     """The CPU cost model: the in-process engine's times (fitted once) plus this run's path
-    overhead (isolated stack latency − the engine's time for the same request)."""
+    overhead (isolated stack latency − the engine's time for the same request); a point with
+    live decode turns replaces the per-step part with theirs (:func:`point_cost`)."""
     assert plan.models_dir is not None
     if plan.engine_cost is None:
         console.print("  profiling the engine in-process for the simulator's cost model …")
@@ -418,8 +424,22 @@ def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -
             continue
         for point in res["points"]:
             trace = plan.traces[point["rate_per_model"]]
-            point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), cost,
+            priced = point_cost(plan, cost, point, trace)
+            point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), priced,
                                              plan.slo, plan.args.drain, plan.max_wait_s)  # fmt: skip
+
+
+def point_cost(plan: BenchPlan, cost: Estimator, point: dict, trace: list[TraceRequest]) -> Estimator:  # fmt: skip
+    """``cost`` with the decode step priced as the live workers ran it at this point: the
+    engine's fitted step plus their measured per-step excess (``sim_step_overhead``)."""
+    assert plan.engine_cost is not None
+    live = live_step_overhead(point.get("turns", []), plan.engine_cost, trace)
+    if live is None:
+        return cost
+    extra_s, steps = live
+    point["sim_step_overhead"] = {"seconds": extra_s, "decode_steps": steps}
+    prefill_s = plan.isolated.get("stack_overhead_prefill_s", 0.0)
+    return add_path_overhead(plan.engine_cost, prefill_s, extra_s)
 
 
 def strip_records(policies: dict[str, dict]) -> None:
@@ -427,3 +447,4 @@ def strip_records(policies: dict[str, dict]) -> None:
     for res in policies.values():
         for point in res["points"]:
             point.pop("records", None)
+            point.pop("turns", None)

@@ -2,8 +2,11 @@
 same trace, and compare attainment with what the real stack measured.
 
 The cost model is the in-process engine's own step and switch times on this CPU (fitted with the
-scheduler's estimator formulas), plus the per-step overhead of the real path (NATS, gateway, SSE)
-measured as isolated stack latency minus the engine's time for the same request. The policy
+scheduler's estimator formulas), plus the overhead of the real path: per prefill, the isolated
+stack's first-token time minus the engine's; per decode step, what the live workers spent per
+step at that very point beyond the engine alone (their ``TurnDone`` timings: under load the
+worker shares two cores with the gateway, the scheduler and NATS, which an idle profile does not
+see), or, for a point without decode turns, the isolated stack's TBT minus the engine's step. The policy
 inside the simulation uses the estimator the real scheduler used (no profile: roofline defaults)
 and the same SLO, so it makes the same decisions.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aegaeon.bench.serve_priority import by_class
-from aegaeon.protocol import SamplingParams
+from aegaeon.protocol import SamplingParams, TurnDone
 from aegaeon.scheduler.estimators import (
     Estimator,
     ModelProfile,
@@ -132,6 +135,27 @@ def path_overhead(
     engine_ttft = cost.prefill_time(model, [prompt_len])
     mid = prompt_len + output_len // 2
     return ttft_s - engine_ttft, tbt_s - cost.decode_time(model, [mid])
+
+
+def live_step_overhead(
+    turns: Sequence[TurnDone], cost: Estimator, trace: Sequence[TraceRequest]
+) -> tuple[float, int] | None:
+    """(seconds, steps): the mean time a live decode step took beyond ``cost``'s for the same
+    model and batch size at the trace's mean mid-request context, over every decode step of
+    ``turns``; None when none decoded."""
+    if not trace:
+        return None
+    context = round(sum(r.prompt_len + r.output_len / 2 for r in trace) / len(trace))
+    extra, steps = 0.0, 0
+    for turn in turns:
+        decoded = turn.steps - 1  # the first step of a turn is timed as its prefill_s
+        if decoded < 1 or turn.decode_s <= 0 or turn.batch_size < 1:
+            continue
+        if turn.model not in cost.profiles:
+            continue
+        extra += turn.decode_s - decoded * cost.decode_time(turn.model, [context] * turn.batch_size)
+        steps += decoded
+    return (extra / steps, steps) if steps else None
 
 
 def simulate_measured(
