@@ -118,8 +118,11 @@ def test_prefetch_hidden_fraction_is_the_share_of_switch_bytes_copied_in_the_bac
               SwitchDone("w", "b", "c", 0.01, 100, prefetched_bytes=0),
               SwitchDone("w", "c", "a", 0.0, 0, prefetched_bytes=0)]  # fmt: skip
     summary = switch_summary(events)
+    # One found its model partly copied, one not at all; the third had it resident (no copy).
     assert summary == {"count": 3, "bytes": 110, "prefetched_bytes": 90,
-                       "wait_s": pytest.approx(0.011)}  # fmt: skip
+                       "wait_s": pytest.approx(0.011), "whole": 0, "partial": 1, "none": 1}  # fmt: skip
+    whole = switch_summary([SwitchDone("w", "a", "b", 0.0, 0, prefetched_bytes=90)])
+    assert (whole["whole"], whole["partial"], whole["none"]) == (1, 0, 0)
     assert prefetch_hidden_fraction([summary]) == pytest.approx(90 / 200)
     assert prefetch_hidden_fraction([switch_summary([])]) is None
 

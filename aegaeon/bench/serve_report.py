@@ -78,6 +78,15 @@ HEADLINE_KEYS = (
 )  # fmt: skip
 
 
+def _switch_cell(switches: dict | None) -> str:
+    """ "count (wholly / partly / not prefetched)"; older results lack the split."""
+    if not switches:
+        return "—"
+    if "whole" not in switches:
+        return str(switches["count"])
+    return f"{switches['count']} ({switches['whole']}/{switches['partial']}/{switches['none']})"
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
@@ -108,7 +117,7 @@ def print_run(result: dict, console: Console) -> None:
         f"({_pct(result['device']['budget_fraction_of_weights'])} of all weights)"
     )
     for col in ("policy", "λ/model", "reqs", "done", "strict", "time-frac", "qos", "sim",
-                "TTFT p50", "TTFT p99", "TBT p50 ms", "TBT p99 ms", "switches", "prefetched",
+                "TTFT p50", "TTFT p99", "TBT p50 ms", "TBT p99 ms", "switches (pre: all/part/none)", "prefetched",
                 "errors"):  # fmt: skip
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, res in result["policies"].items():
@@ -121,7 +130,7 @@ def print_run(result: dict, console: Console) -> None:
                 _pct(p.get("artifact_qos")), _pct(p.get("sim", {}).get("attainment")),
                 _fmt(p["ttft_s"]["p50"]), _fmt(p["ttft_s"]["p99"]),
                 _fmt(p["tbt_s"]["p50"], 1e3, 0), _fmt(p["tbt_s"]["p99"], 1e3, 0),
-                str(sw["count"]) if sw else "—", _pct(hidden),
+                _switch_cell(sw), _pct(hidden),
                 ", ".join(f"{k}×{v}" for k, v in p["errors"].items()) or "",
             )  # fmt: skip
     console.print(table)
