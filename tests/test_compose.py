@@ -25,7 +25,7 @@ import yaml
 
 from aegaeon.bus_permissions import ROLES, deployed_authorization_block, password_variable
 from aegaeon.cli import COMMANDS
-from aegaeon.servers import REDIS_DISABLED_COMMANDS, _binary, free_port
+from aegaeon.servers import REDIS_DISABLED_COMMANDS, free_port, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -438,7 +438,7 @@ def test_the_deployed_nats_config_admits_each_role_with_its_password_only(tmp_pa
     passwords = {role: f"{role}-from-env" for role in ROLES}
     env = {**os.environ, **{password_variable(role): pw for role, pw in passwords.items()}}
     server = subprocess.Popen(
-        [_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
+        [server_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
          "-m", str(free_port())],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -498,7 +498,7 @@ def test_the_deployed_redis_start_requires_the_password_and_renames_dangerous_co
     script = tmp_path / "start.sh"  # the same script, listening where this test can reach it
     script.write_text(REDIS_START.read_text().replace(
         'exec redis-server "$conf"', f'exec redis-server "$conf" --port {port} --bind 127.0.0.1'))  # fmt: skip
-    path = f"{Path(_binary('redis-server')).parent}:{os.environ['PATH']}"
+    path = f"{Path(server_binary('redis-server')).parent}:{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "AEGAEON_REDIS_PASSWORD": "from-env"}
     server = subprocess.Popen(["sh", str(script)], env=env, stdout=subprocess.DEVNULL)
     try:

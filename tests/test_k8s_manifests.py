@@ -26,7 +26,7 @@ import redis
 import yaml
 
 from aegaeon.bus_permissions import ROLES, password_variable
-from aegaeon.servers import _binary, free_port
+from aegaeon.servers import free_port, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
@@ -476,7 +476,7 @@ def _start_nats_server(
     (folder / "nats-cluster.conf").write_text(cluster)
     with (folder / "log").open("wb") as log:  # the server writes to its own copy
         return subprocess.Popen(
-            [_binary("nats-server"), "-c", str(folder / "nats-cluster.conf"), "-a", "127.0.0.1",
+            [server_binary("nats-server"), "-c", str(folder / "nats-cluster.conf"), "-a", "127.0.0.1",
              "-p", str(client), "-m", str(monitor)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -536,7 +536,7 @@ def test_the_redis_start_script_runs_a_replica_that_copies_the_primary(tmp_path:
     script = CONFIG_MAPS["redis-start"]["data"]["redis-start.sh"]
     [replica] = pod_spec(WORKLOADS["redis-replica"])["containers"]
     ports = free_port(), free_port()
-    path = f"{Path(_binary('redis-server')).parent}:{os.environ['PATH']}"
+    path = f"{Path(server_binary('redis-server')).parent}:{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "AEGAEON_REDIS_PASSWORD": "from-env"}
     replica_of = env_value(replica, "AEGAEON_REDIS_REPLICA_OF").replace("redis:", "127.0.0.1:")
     replica_of = replica_of.replace(":6379", f":{ports[0]}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from netns import Host, Network
 
-from aegaeon.servers import _binary
+from aegaeon.servers import server_binary
 
 NATS_HOSTS = {"nats-1": 11, "nats-2": 12, "nats-3": 13}
 REDIS_HOST, REDIS_OCTET = "state", 20
@@ -84,7 +84,7 @@ class Cluster:
         routes = ",".join(f"nats://{h.address}:{ROUTE_PORT}" for h in self.nats.values())
         for name, host in self.nats.items():
             host.spawn("nats-server", [
-                _binary("nats-server"), "-a", host.address, "-p", str(CLIENT_PORT),
+                server_binary("nats-server"), "-a", host.address, "-p", str(CLIENT_PORT),
                 "-m", str(MONITOR_PORT), "-n", name, "--cluster_name", "aegaeon",
                 "--cluster", f"nats://{host.address}:{ROUTE_PORT}", "--routes", routes,
                 "-js", "-sd", str(self.work / name),
@@ -94,7 +94,7 @@ class Cluster:
                       lambda r: r.get("num_routes", 0) >= len(self.nats) - 1, 30)  # fmt: skip
         state = self.network.add_host(REDIS_HOST, REDIS_OCTET)
         state.spawn("redis-server", [
-            _binary("redis-server"), "--bind", state.address, "--port", "6379", "--save", "",
+            server_binary("redis-server"), "--bind", state.address, "--port", "6379", "--save", "",
             "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.work),
         ], os.environ.copy(), self.logs)  # fmt: skip
         wait_port(state.address, 6379, 20)
