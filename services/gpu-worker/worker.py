@@ -74,6 +74,9 @@ class WorkerService(Residency, TurnSpans, KVHandoff):
         log.info("worker %s ready (%s)", self.worker_id, self.engine.stats())
         await self._stopped.wait()
         await sub.unsubscribe()
+        # Prefetches too: one still waiting for the model-store would otherwise ask the engine
+        # thread for a copy after it shut down, and outlive the worker.
+        tasks += self._prefetch_tasks
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

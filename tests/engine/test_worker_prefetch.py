@@ -124,3 +124,34 @@ async def _restaged_mid_turn(
         await w.send(RunTurn(2, NEXT, ["b"], quota_s=1e6))
         assert isinstance(await w.turn_ended(), TurnDone)
     return w.events, w.tokens, copied_mid_turn
+
+
+def test_stopping_the_worker_cancels_a_prefetch_still_waiting_for_the_store(
+    demo_models_dir, nats_server, redis_server, device, tmp_path
+):
+    """A prefetch whose model-store answer has not come when the worker stops ends with it
+    (rather than asking the engine thread for a copy after it shut down)."""
+    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
+                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    try:
+        pending = asyncio.run(_stop_during_prefetch(engine, demo_models_dir, nats_server, redis_server))  # fmt: skip
+    finally:
+        engine.close()
+    assert pending and all(pending)
+
+
+async def _stop_during_prefetch(engine: Engine, models: Path, nats_server, redis_server) -> list[bool]:  # fmt: skip
+    never = asyncio.Event()
+    async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
+        asked = asyncio.Event()
+
+        async def store_never_answers(model: str) -> None:
+            asked.set()
+            await never.wait()
+
+        w.worker._ensure_model = store_never_answers  # type: ignore[method-assign]
+        await w.send(PrefetchModel(NEXT))
+        await asyncio.wait_for(asked.wait(), 30)
+        pending = list(w.worker._prefetch_tasks)
+    # Read here, as the worker left them: asyncio.run would cancel what is left on return.
+    return [task.cancelled() for task in pending]
