@@ -86,7 +86,8 @@ RESIDENT_MODELS = Gauge(
 KV_SWAP_BYTES = Counter("aegaeon:kv_swap_bytes", "KV bytes moved.", ["direction"])
 KV_HANDOFF = Histogram(
     "aegaeon:kv_handoff_seconds",
-    "Prefill → decode KV hand-off on one node: time to import the exported KV (decode worker).",
+    "Prefill → decode KV hand-off: time for the decode worker to import the exported KV "
+    "(mapped on one node, fetched from the source's transfer server across nodes).",
     ["model_name"], buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
 ENGINE_STEP = Histogram(
