@@ -212,6 +212,19 @@ def test_a_request_arriving_mid_turn_has_its_model_copied_before_its_switch():
     assert to_b and to_b[0][3] > 0, cost.seen  # bytes copied in the background
 
 
+def test_an_instance_left_idle_stages_the_model_asked_for_most_that_it_lacks():
+    """C asked twice, then A, then B: once B's turns end (holding B and A), the idle instance
+    copies C over A, so C's next request finds its weights in a slot (all bytes prefetched)."""
+    cost = ObservingEstimator(copy_cost().profiles)
+    arrivals = [("C", 0.0), ("C", 10.0), ("A", 20.0), ("B", 30.0), ("C", 40.0)]
+    trace = [TraceRequest(f"r{i}", m, t, 10, 3) for i, (m, t) in enumerate(arrivals)]
+    policy = POLICIES["aegaeon"]({m: ModelSpec(m, 1 << 30, 0) for m in "ABC"}, SLO, cost)
+    result = simulate(trace, policy, [InstanceView("g0")], cost, SLO, control_s=0.0)
+    assert result.metrics["finished"] == 5
+    assert [m for m, *_ in cost.seen] == ["C", "A", "B", "C"]
+    assert cost.seen[-1] == ("C", pytest.approx(0.05), 0, 1 << 30)
+
+
 def test_the_policys_estimator_learns_the_turns_round_trip_and_step_times_as_live():
     cost = copy_cost()
     policy_est = roofline_estimator({m: ModelSpec(m, 1 << 30, 1 << 20) for m in "AB"},

@@ -3,9 +3,11 @@
 Events are arrivals (from the trace) and turn ends. After each event every idle instance is
 asked for its next turn, and each busy one the event touched whether to restage its prefetch
 (``Policy.prefetch_now``): the instance where an arrival was placed, or where the requests of an
-ended turn went next (a hand-off target). The scheduler service asks every busy worker; the
-answers are the same, since an instance's next switch changes only with what its own queues
-hold (deadlines are absolute times), and only those instances' queues changed. A turn is
+ended turn went next (a hand-off target); and the instance whose turn ended, if it is left idle
+(it may stage a model for the next arrival). The scheduler service asks every worker; the
+answers are the same, since a busy instance's next switch changes only with what its own queues
+hold (deadlines are absolute times), only those instances' queues changed, and an idle one is
+given a model only when first asked after its turn. A turn is
 executed at once, in closed form, by :mod:`aegaeon.sim.instance` (switch, KV swap-in, prefill,
 decode steps until the quota, KV swap-out), which also stamps each token's time; the turn's end
 is then queued as an event. Token times feed :mod:`aegaeon.slo_metrics`.
@@ -188,7 +190,7 @@ def simulate(
             rejected += refused
             if misses is not None:
                 misses.arrived(nxt, refused)
-            touched = [nxt.request_id]
+            touched, ended = [nxt.request_id], None
             nxt = next(arrivals, None)
         else:
             now, _, instance_id = heapq.heappop(events)
@@ -205,11 +207,14 @@ def simulate(
             policy.turn_done(instance_id, plan, result, now)
             idle.add(instance_id)
             awake.add(instance_id)
-            touched = plan.request_ids
+            touched, ended = plan.request_ids, instance_id
         awake |= _where(policy, touched) & idle
         dispatch(now)
         awake.clear()
-        for instance_id in sorted(_where(policy, touched) - idle):  # see the module docstring
+        asked = _where(policy, touched) - idle  # see the module docstring
+        if ended is not None and ended in idle:
+            asked.add(ended)  # nothing to run: it may stage a model for the next arrival
+        for instance_id in sorted(asked):
             staged = policy.prefetch_now(instance_id)
             if staged is not None:
                 sims[instance_id].start_prefetch(staged, now)

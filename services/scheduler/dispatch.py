@@ -1,7 +1,8 @@
 """Dispatch: each idle worker's next turn from the policy, sent as AssignRequests (a request
 new to that worker, with an exported KV handle when a prefill worker on its node left one)
 and a RunTurn (naming the requests whose KV the prefill worker must export); then a
-PrefetchModel to each busy worker whose next switch changed since its turn was planned."""
+PrefetchModel to each busy worker whose next switch changed since its turn was planned, and to
+each worker left idle that the policy has stage a model for the next arrival."""
 
 from __future__ import annotations
 
@@ -35,20 +36,20 @@ class Dispatch(ServiceCore):
             return
         for plan in self._plan_idle():
             await self._send_turn(plan)
-        for worker_id, model in self._restage_busy():
+        for worker_id, model in self._restage():
             await self.bus.publish(self.subjects.worker_cmd(worker_id), PrefetchModel(model))
             await self.bus.publish(self.subjects.models("prefetch"), PrefetchHint(model))
 
-    def _restage_busy(self) -> list[tuple[str, str]]:
+    def _restage(self) -> list[tuple[str, str]]:
         """(worker, model) for each busy worker whose next switch changed since its turn was
         planned (a request of another model arrived): it stages that model now, so the copy
-        overlaps the rest of the running turn (synchronous)."""
+        overlaps the rest of the running turn; and for each worker left idle with nothing to
+        run that should stage a model for the next arrival (synchronous)."""
         staged = []
         for worker in self._live_workers():
-            if not worker.idle:
-                model = self._policy.prefetch_now(worker.worker_id)
-                if model is not None:
-                    staged.append((worker.worker_id, model))
+            model = self._policy.prefetch_now(worker.worker_id)
+            if model is not None:
+                staged.append((worker.worker_id, model))
         return staged
 
     def _plan_idle(self) -> list[tuple[TurnPlan, int]]:

@@ -80,9 +80,7 @@ class KeepAlive(ServiceCore):
             for worker_id in workers:
                 await self.bus.publish(self.subjects.worker_cmd(worker_id), EvictModel(name))
             if self.policy is not None:  # its next turn anywhere pays a switch: plan for one
-                for view in self.policy.instances.values():
-                    if view.resident_model == name:
-                        view.resident_model = None
+                self.policy.weights_evicted(name)
             await self.bus.publish(self.subjects.models("evict"), EvictIdle(name))
             log.info("%s idle for %.0f s (its keep-alive): evicted from %d workers and the host "
                      "caches", name, keep[name], len(workers))  # fmt: skip

@@ -44,6 +44,7 @@ from aegaeon.protocol import (
     ListModels,
     ModelInfo,
     ModelList,
+    PrefetchModel,
     RequestDone,
     RunTurn,
     SamplingParams,
@@ -373,6 +374,22 @@ async def test_turns_rotate_between_models_on_one_worker(harness):
     assert [t.model for t in turns] == ["a", "b", "a", "b", "a", "b"]
     assert turns[1].swap_out_after and turns[1].prefetch_model == "a"
     assert harness.stream("ra") == harness.stream("rb") == expected_stream(3)
+
+
+async def test_a_worker_left_idle_is_told_to_stage_the_model_most_asked_for_that_it_lacks(
+    harness,
+):
+    """c asked twice, then a, then b: the idle worker holds b and a (its two slots), and is
+    sent a PrefetchModel for c after b's last turn."""
+    harness.model_names = ["a", "b", "c"]
+    worker = await harness.worker("w1", tokens_per_turn=2)
+    await harness.scheduler(policy="aegaeon", policy_options={})
+    for rid, model in [("rc1", "c"), ("rc2", "c"), ("ra", "a"), ("rb", "b")]:
+        assert (await harness.submit(rid, model, max_tokens=2)).accepted
+        await wait_for(lambda rid=rid: harness.finished(rid), what=f"{rid} to finish")
+    staged = await wait_for(lambda: worker.of_type(PrefetchModel), what="a PrefetchModel")
+    assert [c.model for c in staged] == ["c"]
+    assert worker.commands.index(staged[0]) > worker.commands.index(worker.of_type(RunTurn)[-1])
 
 
 async def test_the_decode_times_workers_report_teach_the_estimator(harness):

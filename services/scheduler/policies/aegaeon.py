@@ -52,7 +52,15 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     def remove_model(self, name: str) -> None:
         super().remove_model(name)
+        self.weights_evicted(name)
         self._assign_pins()  # its instances no longer keep it
+
+    def weights_evicted(self, name: str) -> None:
+        super().weights_evicted(name)
+        self.demand.forget(name)  # not staged again until it is asked for again
+        for lane in self.lanes.values():
+            if lane.standby == name:
+                lane.standby = None
 
     def add_instance(self, instance: InstanceView) -> None:
         super().add_instance(instance)
@@ -76,6 +84,7 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
         if request.model not in self.models:
             return Rejection(f"model {request.model!r} is not registered", status=404)
         self.requests[request.request_id] = request
+        self.demand.arrived(request.model, now)
         if not self._place_for_prefill(request, now):
             self.unplaced.append(request.request_id)
         return None
@@ -107,10 +116,12 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
     def turn_done(self, instance_id: str, plan: TurnPlan, result: TurnResult, now: float) -> None:
         view = self.instances.get(instance_id)
         if view is not None:
+            lane = self.lanes[instance_id]
+            lane.standby = _standby_after(plan, view.resident_model, lane)
             view.busy = False
             view.resident_model = plan.model
-            lane = self.lanes[instance_id]
             lane.busy_until, lane.running, lane.staged = now, None, None
+            lane.stage_when_idle = True
         finished = set(result.finished)
         for request_id in plan.request_ids:
             request = self.requests.get(request_id)
@@ -136,3 +147,17 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     def cancel(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+
+
+def _standby_after(plan: TurnPlan, before: str | None, lane: Lane) -> str | None:
+    """The model in the instance's other weight slot after ``plan``'s turn: the pinned model,
+    which holds it for good; else the one staged during the turn (its copy goes on after the
+    turn); else, after a switch, the model resident before it (the engine copies a new model
+    into the slot the resident one does not use); else what it held."""
+    if plan.pinned is not None and plan.pinned != plan.model:
+        return plan.pinned
+    if lane.staged is not None and lane.staged != plan.model:
+        return lane.staged
+    if before is not None and before != plan.model:
+        return before
+    return lane.standby if lane.standby != plan.model else None

@@ -21,6 +21,7 @@ from aegaeon.scheduler.policies.base import (
     TurnPlan,
 )
 from aegaeon.scheduler.policies.default_costs import DefaultEstimator
+from aegaeon.scheduler.policies.demand import Demand
 from aegaeon.scheduler.policies.quota import qmax_for
 
 GROUP_CAP = 8
@@ -55,6 +56,10 @@ class Lane:
     running: str | None = None  # the running turn's model (None: idle)
     staged: str | None = None  # the model named for its free weight slot during that turn
     running_shift: float = 0.0  # how far that turn moves its batch's deadline (tokens × TBT)
+    # The model in its other weight slot, as its turns and stagings left it: a switch to it
+    # rebinds views (the engine's slots keep the previous resident model, or a prefetched one).
+    standby: str | None = None
+    stage_when_idle: bool = False  # a turn ended: if it stays idle, it may stage a model once
 
 
 class AegaeonBase(Policy):
@@ -74,6 +79,7 @@ class AegaeonBase(Policy):
         self.pins: dict[str, str] = {}  # instance → the model it keeps resident (ModelSpec.pin)
         self.qmax_s = qmax_for(slo.ttft_s)  # the longest quota
         self.alone_quota_s = min(self.qmax_s, max(slo.ttft_s / 8, 10 * slo.tbt_s))
+        self.demand = Demand()  # arrivals per model, recent ones counting most (staging)
 
     # ------------------------------------------------------------ one part asks another
 
@@ -185,7 +191,8 @@ class AegaeonBase(Policy):
         plan.pinned = self.pins.get(instance_id)
         if plan.prefetch_model is None and plan.pinned not in (None, plan.model):
             plan.prefetch_model = plan.pinned  # nothing else to stage: bring the pinned one back
-        switch = self.est.switch_time(plan.model) if plan.model != view.resident_model else 0.0
+        at_hand = plan.model in (view.resident_model, lane.standby)
+        switch = 0.0 if at_hand else self.est.switch_time(plan.model)
         lane.busy_until = now + switch + work_s
         lane.running, lane.staged, lane.running_shift = plan.model, plan.prefetch_model, 0.0
         view.busy = True

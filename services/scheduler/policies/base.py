@@ -9,14 +9,16 @@ against a cost model. Both call it the same way::
     plan = policy.next_turn(instance_id, now)        # an instance is idle: what should it run?
     ...the instance executes plan (switch, prefill/decode steps for plan.quota_s)...
     policy.turn_done(instance_id, plan, TurnResult(...), now)
-    policy.prefetch_now(instance_id)                 # after each event, for busy instances
+    policy.prefetch_now(instance_id)                 # after each event: stage a model?
     policy.cancel(request_id)                        # client went away
     lost = policy.remove_instance(instance_id)       # worker died → requests to re-run
 
 A driver asks ``next_turn`` for every idle instance after each event (a policy returns None
-when that instance has nothing to do now), then ``prefetch_now`` for every busy one. A policy
-returns None only for an instance that holds no work, and that call changes nothing: the
-simulator relies on it to ask only the instances an event gave work.
+when that instance has nothing to do now), then ``prefetch_now`` for every instance. A policy
+returns None from ``next_turn`` only for an instance that holds no work, and that call changes
+nothing: the simulator relies on it to ask only the instances an event gave work. An idle
+instance gets something to stage from ``prefetch_now`` only when first asked after its turn
+ended (the simulator asks it then, and later calls answer None).
 
 Models have priority classes (``ModelSpec.priority``, :mod:`aegaeon.priority`): where a policy
 orders work of several models, a higher class goes first, and a request that has waited
@@ -194,6 +196,13 @@ class Policy(ABC):
         queued or running here."""
         self.models.pop(name, None)
 
+    def weights_evicted(self, name: str) -> None:
+        """The model's weights left every instance (keep-alive unloaded it): its next turn
+        anywhere pays a switch."""
+        for view in self.instances.values():
+            if view.resident_model == name:
+                view.resident_model = None
+
     def add_instance(self, instance: InstanceView) -> None:
         """A worker joined."""
         self.instances[instance.instance_id] = instance
@@ -263,8 +272,9 @@ class Policy(ABC):
         """Forget a request (client cancelled or it ended with an error)."""
 
     def prefetch_now(self, instance_id: str) -> str | None:
-        """For a busy instance: a model to copy into its free weight slot now, because the turn
+        """A model to copy into the instance's free weight slot now. Busy: because the turn
         expected after the running one changed since that turn was planned (a request
-        arrived). None: leave the staging as it is. Drivers ask after each event; policies
-        that do not prefetch never restage."""
+        arrived). Idle with nothing to run, first asked since its turn ended: one the next
+        arrival is likely to want. None: leave the slot as it is. Drivers ask after each
+        event; policies that do not prefetch never stage."""
         return None

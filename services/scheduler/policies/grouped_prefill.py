@@ -18,6 +18,10 @@ the maximum wait going first.
 With a locality hint (``Policy.locality``) a switch on an instance also pays the time to bring
 its model's weights to the instance's node, so a new group goes where its first token comes
 soonest counting that transfer: a node that caches the model wins among otherwise equal lanes.
+
+A switch to the model in an instance's other weight slot (``Lane.standby``: the model it ran
+before, or one it staged) only rebinds views, so a new group counts no switch there: a request
+goes to the idle instance that still holds its model rather than one that must copy it.
 """
 
 from __future__ import annotations
@@ -125,27 +129,36 @@ class GroupedPrefill(AegaeonBase):
         (``fetch``: the locality hint's time for the lane's node, None without one)."""
         lane = self.lanes[instance_id]
         t = max(lane.busy_until, now)
-        ahead = self._groups_ahead(lane, request.model)
-        last = ahead[-1].model if ahead else self.instances[instance_id].resident_model
-        if last != request.model:
+        if request.model not in self._slots_after(instance_id, self._groups_ahead(lane, request.model)):  # fmt: skip
             t += switch
             if fetch is not None:
                 t += fetch
         return t + alone
+
+    def _slots_after(self, instance_id: str, groups: list[PrefillGroup]) -> tuple[str | None, str | None]:  # fmt: skip
+        """The models in the instance's two weight slots once ``groups`` have run: each switch
+        leaves the model before it in the other slot, so switching back is a rebind."""
+        model, standby = self.instances[instance_id].resident_model, self.lanes[instance_id].standby
+        pinned = self.pins.get(instance_id)  # holds the other slot for good
+        for group in groups:
+            if group.model != model:
+                model, standby = group.model, pinned or model
+        return model, standby
 
     def _prefill_finish_time(self, instance_id: str, request: RequestView, now: float) -> float:
         lane, view = self.lanes[instance_id], self.instances[instance_id]
         t = max(lane.busy_until, now)
         if view.role == "both":  # groups wait for the decode turns they alternate with
             t += self._round_time(lane)
-        model = view.resident_model
+        model, standby, pinned = view.resident_model, lane.standby, self.pins.get(instance_id)
         ahead = self._groups_ahead(lane, request.model)
         for group in [*ahead, PrefillGroup(request.model, [request.request_id])]:
-            if group.model != model:
+            if group.model not in (model, standby):
                 t += self.est.switch_time(group.model)
                 if self.locality is not None:
                     t += self.fetch_s(instance_id, group.model)
-                model = group.model
+            if group.model != model:
+                model, standby = group.model, pinned or model
             t += self.est.prefill_time(group.model, self._prompt_lens(group.request_ids))
         return t
 

@@ -4,11 +4,21 @@ of the first turn after it that needs a switch, so that switch finds its weights
 It is named twice: with the turn (``TurnPlan.prefetch_model``), and again while the turn runs
 when the expected next turn changed (a request of another model arrived): the driver asks
 :meth:`PrefetchChoice.prefetch_now` after each arrival and tells the busy worker.
+
+An instance whose turn ended with nothing left to run has a free slot and nothing to hide a
+copy behind later: the next request will find it idle, and a switch then copies in the
+foreground while the request waits. So once per idle spell (the first time the driver asks
+after the turn) it stages the model most in demand (arrivals, decayed with a half-life of
+:class:`~.demand.Demand`) that no instance holds in either slot, if its demand is recent
+(:data:`~.demand.STAGE_MIN_DEMAND`) and above that of the model the slot would lose, unless another
+instance holds that one too. Placement (:mod:`.grouped_prefill`) then sends the model's next
+request to the instance that staged it, where the switch only rebinds views.
 """
 
 from __future__ import annotations
 
-from aegaeon.scheduler.policies.aegaeon_lanes import AegaeonBase, DecodeBatch
+from aegaeon.scheduler.policies.aegaeon_lanes import AegaeonBase, DecodeBatch, Lane
+from aegaeon.scheduler.policies.demand import STAGE_MIN_DEMAND
 
 
 class PrefetchChoice(AegaeonBase):
@@ -41,10 +51,40 @@ class PrefetchChoice(AegaeonBase):
 
     def prefetch_now(self, instance_id: str) -> str | None:
         lane, view = self.lanes.get(instance_id), self.instances.get(instance_id)
-        if lane is None or view is None or not view.busy or lane.running is None:
+        if lane is None or view is None:
+            return None
+        if not view.busy:
+            return self._stage_while_idle(instance_id, lane)
+        if lane.running is None:
             return None
         model = self._upcoming_model(instance_id, lane.running)
         if model is None or model == lane.staged:
             return None
         lane.staged = model
+        return model
+
+    def _stage_while_idle(self, instance_id: str, lane: Lane) -> str | None:
+        """The model an idle instance copies into its free slot (see the module docstring)."""
+        if (
+            not lane.stage_when_idle
+            or lane.groups
+            or any(r in self.requests for b in lane.batches for r in b.request_ids)
+        ):
+            return None  # asked already this idle spell, or work is waiting for its turn
+        lane.stage_when_idle = False
+        if instance_id in self.pins:
+            return None  # the pinned model holds the other slot
+        held: dict[str, int] = {}  # model → instances holding it in a slot
+        for other_id, view in self.instances.items():
+            for model in {view.resident_model, self.lanes[other_id].standby}:
+                if model is not None:
+                    held[model] = held.get(model, 0) + 1
+        wanted = [m for m in self.models if m not in held and self.demand.of(m) >= STAGE_MIN_DEMAND]  # fmt: skip
+        if not wanted:
+            return None
+        model = min(wanted, key=lambda m: (-self.demand.of(m), m))
+        losing = lane.standby
+        if losing is not None and held.get(losing, 0) < 2 and self.demand.of(losing) >= self.demand.of(model):  # fmt: skip
+            return None
+        lane.standby = model
         return model
