@@ -8,10 +8,10 @@ when the expected next turn changed (a request of another model arrived): the dr
 An instance whose turn ended with nothing left to run has a free slot and nothing to hide a
 copy behind later: the next request will find it idle, and a switch then copies in the
 foreground while the request waits. So once per idle spell (the first time the driver asks
-after the turn) it stages the model most in demand (arrivals, decayed with a half-life of
-:class:`~.demand.Demand`) that no instance holds in either slot, if its demand is recent
-(:data:`~.demand.STAGE_MIN_DEMAND`) and above that of the model the slot would lose, unless another
-instance holds that one too. Placement (:mod:`.grouped_prefill`) then sends the model's next
+after the turn) it stages the model most in demand (:class:`~.demand.Demand`: arrivals that
+age with a half-life) that no instance holds in either slot, if its demand is recent
+(:data:`~.demand.STAGE_MIN_DEMAND`) and above that of the model the slot would lose, unless
+another instance holds that one too. Placement (:mod:`.grouped_prefill`) then sends the model's next
 request to the instance that staged it, where the switch only rebinds views.
 """
 
