@@ -4,6 +4,7 @@ placement that counts a switch to it as a rebind, and staging on an instance lef
 from __future__ import annotations
 
 from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
+from aegaeon.scheduler.policies.aegaeon_lanes import switch_slots
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, TurnResult
 from aegaeon.scheduler.policies.demand import DEMAND_HALF_LIFE_S, Demand
 from fixed_costs import FixedCosts
@@ -33,6 +34,13 @@ def test_a_switch_leaves_the_model_before_it_in_the_other_slot():
     assert (policy.instances["i0"].resident_model, policy.lanes["i0"].standby) == ("B", "A")
     serve(policy, "a1", "A", 2.0)  # back to A: a rebind, B now waits in the other slot
     assert (policy.instances["i0"].resident_model, policy.lanes["i0"].standby) == ("A", "B")
+
+
+def test_the_slot_walk_follows_the_engine():
+    assert switch_slots("A", "B", "A", None) == ("A", "B")  # no switch: nothing moves
+    assert switch_slots("A", "B", "C", None) == ("C", "A")  # C is copied over B
+    assert switch_slots("A", "P", "C", "P") == ("C", "P")  # the pinned model keeps its slot
+    assert switch_slots(None, "S", "C", None) == ("C", "S")  # nothing resident: an empty slot
 
 
 def test_the_model_staged_during_a_turn_takes_the_other_slot():

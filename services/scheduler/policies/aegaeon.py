@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from aegaeon.scheduler.policies.aegaeon_lanes import GROUP_CAP, Lane
+from aegaeon.scheduler.policies.aegaeon_lanes import GROUP_CAP, Lane, switch_slots
 from aegaeon.scheduler.policies.base import (
     InstanceView,
     ModelSpec,
@@ -152,12 +152,10 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 def _standby_after(plan: TurnPlan, before: str | None, lane: Lane) -> str | None:
     """The model in the instance's other weight slot after ``plan``'s turn: the pinned model,
     which holds it for good; else the one staged during the turn (its copy goes on after the
-    turn); else, after a switch, the model resident before it (the engine copies a new model
-    into the slot the resident one does not use); else what it held."""
+    turn); else as the switch left the slots (:func:`switch_slots`)."""
     if plan.pinned is not None and plan.pinned != plan.model:
         return plan.pinned
     if lane.staged is not None and lane.staged != plan.model:
         return lane.staged
-    if before is not None and before != plan.model:
-        return before
-    return lane.standby if lane.standby != plan.model else None
+    _, standby = switch_slots(before, lane.standby, plan.model, None)
+    return standby if standby != plan.model else None

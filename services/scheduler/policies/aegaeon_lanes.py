@@ -62,6 +62,17 @@ class Lane:
     stage_when_idle: bool = False  # a turn ended: if it stays idle, it may stage a model once
 
 
+def switch_slots(resident: str | None, standby: str | None, model: str, pinned: str | None
+                 ) -> tuple[str, str | None]:  # fmt: skip
+    """The two weight slots (resident, other) after a turn of ``model``: a switch leaves the
+    model before it in the other slot (the engine copies into the slot the resident one does
+    not use; with none resident, into an empty one), or the pinned model, which holds that
+    slot for good."""
+    if model == resident:
+        return resident, standby
+    return model, pinned or (standby if resident is None else resident)
+
+
 class AegaeonBase(Policy):
     """State and shared readings of the aegaeon policy; the parts subclass it."""
 

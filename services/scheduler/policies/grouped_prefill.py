@@ -29,7 +29,13 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from aegaeon.scheduler.policies.aegaeon_lanes import GROUP_CAP, AegaeonBase, Lane, PrefillGroup
+from aegaeon.scheduler.policies.aegaeon_lanes import (
+    GROUP_CAP,
+    AegaeonBase,
+    Lane,
+    PrefillGroup,
+    switch_slots,
+)
 from aegaeon.scheduler.policies.base import RequestView, TurnPlan
 
 
@@ -141,8 +147,7 @@ class GroupedPrefill(AegaeonBase):
         model, standby = self.instances[instance_id].resident_model, self.lanes[instance_id].standby
         pinned = self.pins.get(instance_id)  # holds the other slot for good
         for group in groups:
-            if group.model != model:
-                model, standby = group.model, pinned or model
+            model, standby = switch_slots(model, standby, group.model, pinned)
         return model, standby
 
     def _prefill_finish_time(self, instance_id: str, request: RequestView, now: float) -> float:
@@ -157,8 +162,7 @@ class GroupedPrefill(AegaeonBase):
                 t += self.est.switch_time(group.model)
                 if self.locality is not None:
                     t += self.fetch_s(instance_id, group.model)
-            if group.model != model:
-                model, standby = group.model, pinned or model
+            model, standby = switch_slots(model, standby, group.model, pinned)
             t += self.est.prefill_time(group.model, self._prompt_lens(group.request_ids))
         return t
 
