@@ -62,8 +62,9 @@ class Lane:
     stage_when_idle: bool = False  # a turn ended: if it stays idle, it may stage a model once
 
 
-def switch_slots(resident: str | None, standby: str | None, model: str, pinned: str | None
-                 ) -> tuple[str, str | None]:  # fmt: skip
+def switch_slots(
+    resident: str | None, standby: str | None, model: str, pinned: str | None
+) -> tuple[str, str | None]:
     """The two weight slots (resident, other) after a turn of ``model``: a switch leaves the
     model before it in the other slot (the engine copies into the slot the resident one does
     not use; with none resident, into an empty one), or the pinned model, which holds that
