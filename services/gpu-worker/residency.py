@@ -68,17 +68,42 @@ class Residency(WorkerCore):
         round trip runs in a task (a turn's first step must not wait for it) and the copy then
         overlaps the steps. Only the most recent wish is acted on."""
         self._prefetch_wanted = model
-        task = asyncio.create_task(self._prefetch_when_cached(model), name=f"prefetch {model}")
+        asked = self._switches, self._turn_in_hand()
+        task = asyncio.create_task(self._prefetch_when_cached(model, *asked), name=f"prefetch {model}")  # fmt: skip
         self._prefetch_tasks.add(task)
         task.add_done_callback(self._prefetch_tasks.discard)
 
-    async def _prefetch_when_cached(self, model: str) -> None:
+    async def _prefetch_when_cached(self, model: str, switches: int, turn: int | None) -> None:
         try:
             await self._ensure_model(model)
-            if self._prefetch_wanted == model:
-                await self._on_engine(self.engine.start_prefetch, model)
+            if self._prefetch_wanted != model:
+                return
+            if not await self._on_engine(self._prefetch_on_engine, model, switches, turn):
+                log.debug("prefetch of %s dropped: a switch since it was asked took its slot", model)  # fmt: skip
+                if self._prefetch_wanted == model:
+                    self._prefetch_wanted = None
         except Exception as exc:  # a hint: the switch copies in the foreground instead
             log.warning("prefetch of %s not started: %s", model, exc)
+
+    def _prefetch_on_engine(self, model: str, switches: int, turn: int | None) -> bool:
+        """On the engine thread: start the copy unless a switch made after the wish (other than
+        the switch of ``turn``, the turn in hand when it was made) moved the slots. The
+        scheduler named the model for the free slot as it was; a later switch copied its model
+        there and left the one before it in the other slot, which the scheduler's books now
+        count on (``switch_slots``); copying the stale wish over it would leave the books wrong."""
+        since = self._switches - switches
+        if since > 1 or (since == 1 and (turn is None or turn != self._last_switch_turn)):
+            return False
+        self.engine.start_prefetch(model)
+        return True
+
+    def _switch_on_engine(self, model: str, turn: int | None) -> Any:
+        """On the engine thread: switch, and count it for :meth:`_prefetch_on_engine`."""
+        stats = self.engine.switch_to(model)
+        if stats.from_model != stats.to_model:
+            self._switches += 1
+            self._last_switch_turn = turn
+        return stats
 
     async def _switch(self, model: str, request_ids: Sequence[str] = ()) -> Any:
         """Make ``model`` resident; returns the engine's SwitchStats (None when already resident).
@@ -102,7 +127,7 @@ class Residency(WorkerCore):
     async def _switch_now(self, model: str) -> Any:
         await self._ensure_model(model)
         with _tracer.start_as_current_span("aegaeon.switch") as span:
-            stats = await self._on_engine(self.engine.switch_to, model)
+            stats = await self._on_engine(self._switch_on_engine, model, self._turn_in_hand())
             span.set_attributes(
                 {
                     "aegaeon.switch.from": stats.from_model or "",

@@ -105,7 +105,7 @@ class WorkerService(Residency, TurnSpans, KVHandoff):
         # other starts a background copy that is meant to overlap that turn.
         if isinstance(command, PrefetchModel):
             # Newer than the choice of the turn running or queued (one at a time per worker).
-            self._restaged_for = self.turn.command.turn_id if self.turn else self._queued_turn
+            self._restaged_for = self._turn_in_hand()
             self._start_prefetch(command.model)
             return
         if isinstance(command, Preempt):

@@ -97,6 +97,10 @@ class WorkerCore:
         self._stopped = asyncio.Event()
         self._prefetch_wanted: str | None = None  # the model the scheduler named last
         self._restaged_for: int | None = None  # a PrefetchModel came after this turn's RunTurn
+        # Switches the engine made (counted on its thread) and the turn of the last one: a
+        # staging asked before a later switch is stale (``Residency._prefetch_on_engine``).
+        self._switches = 0
+        self._last_switch_turn: int | None = None
         self._pinned: str | None = None  # the model the engine keeps in a slot (RunTurn.pinned)
         self._fence = EpochFence()  # the newest scheduler term heard: older ones are ignored
         self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected
@@ -105,6 +109,10 @@ class WorkerCore:
     async def _on_engine(self, fn: Any, *args: Any) -> Any:
         """Run one engine call on the engine's thread."""
         return await self._engine_future(fn, *args)
+
+    def _turn_in_hand(self) -> int | None:
+        """The turn running, else the one queued (None: idle)."""
+        return self.turn.command.turn_id if self.turn else self._queued_turn
 
     def _engine_future(self, fn: Any, *args: Any) -> asyncio.Future:
         """Queue one engine call on the engine's thread (calls run one at a time, in order)."""

@@ -1,15 +1,18 @@
 """The worker acts on ``RunTurn.prefetch_model`` and on ``PrefetchModel`` sent mid-turn: the named model is copied into the free slot
 while the turn decodes, the next turn's switch only rebinds, and TurnDone / SwitchDone report
-the bytes copied in the background and while waiting. A real engine, NATS and Redis; only the
+the bytes copied in the background and while waiting; a staging overtaken by a switch is
+dropped. A real engine, NATS and Redis; only the
 model-store's "ensure cached" answer is faked (``worker_harness``)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.residency import Residency
 from engine_helpers import GREEDY, NEW_TOKENS, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
 
@@ -155,3 +158,68 @@ async def _stop_during_prefetch(engine: Engine, models: Path, nats_server, redis
         pending = list(w.worker._prefetch_tasks)
     # Read here, as the worker left them: asyncio.run would cancel what is left on return.
     return [task.cancelled() for task in pending]
+
+
+def test_a_staging_overtaken_by_a_switch_is_dropped_and_the_slots_stay_as_the_switch_left_them(
+    demo_models_dir, nats_server, redis_server, device, tmp_path
+):
+    """An idle worker is asked to stage a model, and a turn of a third model switches before the
+    model-store has answered for it. That switch copied its model into the free slot and left
+    the model before it in the other, as the scheduler's books now count on (``switch_slots``):
+    the late staging must not copy over it."""
+    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
+                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    try:
+        slots, dropped = asyncio.run(
+            _staging_overtaken(engine, demo_models_dir, nats_server, redis_server)
+        )
+    finally:
+        engine.close()
+    assert dropped, "the staging task did not end"
+    assert sorted(m for m in slots if m) == sorted([FIRST, THIRD])
+    assert engine.slots.prefetching is None
+
+
+THIRD = "demo-mistral"
+
+
+def test_a_staging_waits_out_only_the_switch_of_the_turn_in_hand_when_it_was_asked() -> None:
+    """The rule of the test above, case by case: a wish made while turn 7 ran (or was queued)
+    survives turn 7's switch and no other; one made while idle survives no switch."""
+    started: list[str] = []
+    worker = object.__new__(Residency)
+    worker.engine = SimpleNamespace(start_prefetch=started.append)  # type: ignore[assignment]
+    worker._switches, worker._last_switch_turn = 3, 7
+    assert worker._prefetch_on_engine("x", 3, None)  # no switch since
+    assert worker._prefetch_on_engine("x", 2, 7)  # turn 7's own switch
+    assert not worker._prefetch_on_engine("x", 2, None)  # asked while idle
+    assert not worker._prefetch_on_engine("x", 2, 6)  # another turn's switch
+    assert not worker._prefetch_on_engine("x", 1, 7)  # two switches
+    assert started == ["x", "x"]
+
+
+async def _staging_overtaken(
+    engine: Engine, models: Path, nats_server, redis_server
+) -> tuple[list[str | None], bool]:
+    async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
+        await w.send(AssignRequest("a", FIRST, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(1, FIRST, ["a"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+        ensure, asked, answer = w.worker._ensure_model, asyncio.Event(), asyncio.Event()
+
+        async def store_answers_late_for_next(model: str) -> None:
+            if model == NEXT:
+                asked.set()
+                await answer.wait()
+            await ensure(model)
+
+        w.worker._ensure_model = store_answers_late_for_next  # type: ignore[method-assign]
+        await w.send(PrefetchModel(NEXT))  # idle: stage NEXT
+        await asyncio.wait_for(asked.wait(), 30)
+        staging = list(w.worker._prefetch_tasks)
+        await w.send(AssignRequest("c", THIRD, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(2, THIRD, ["c"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+        answer.set()
+        done, _ = await asyncio.wait(staging, timeout=60)
+        return list(engine.slots.models), len(done) == len(staging) > 0
