@@ -35,7 +35,8 @@ from aegaeon.bench.serve_report import (
     sim_differences,
     write_plot,
 )
-from aegaeon.bench.serve_run import BenchPlan, calibrate, run_policy, simulate_all, strip_records
+from aegaeon.bench.serve_run import BenchPlan, calibrate, run_policy, strip_records
+from aegaeon.bench.serve_sim import simulate_all
 from aegaeon.bench.serve_trace import CpuScale
 from aegaeon.children import exit_on_sigterm
 from aegaeon.scheduler.policies import POLICIES

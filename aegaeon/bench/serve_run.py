@@ -1,6 +1,6 @@
 """The run of ``bench serve``: its plan (models, device budget, traces), the SLO calibrated once on
-a stack of its own, one policy's sweep against the real stack (every policy's scheduler planning
-for that same SLO), and the simulator over the same traces."""
+a stack of its own, and one policy's sweep against the real stack (every policy's scheduler
+planning for that same SLO); the simulator over the same traces is ``serve_sim``'s."""
 
 from __future__ import annotations
 
@@ -19,13 +19,6 @@ from rich.console import Console
 from aegaeon.bench.serve_models import device_budget, model_specs, write_bench_models
 from aegaeon.bench.serve_priority import MAX_WAIT_IN_TTFT, by_class, classes_for, with_classes
 from aegaeon.bench.serve_replay import Replay, isolated_latency, replay, warm_up
-from aegaeon.bench.serve_sim import (
-    add_path_overhead,
-    live_step_overhead,
-    path_overhead,
-    profile_engine,
-    simulate_measured,
-)
 from aegaeon.bench.serve_trace import PAPER_TTFT_IN_TBT, CpuScale, clamp_lengths, scaled_slo
 from aegaeon.bench.stack_process import StackProcess
 from aegaeon.bench.watch import Watcher
@@ -396,55 +389,6 @@ def stack_errors(logs: Path, limit: int = 8) -> dict:
                 if len(first) < limit:
                     first.append(f"{log.stem}: {line.strip()[:300]}")
     return {"counts": dict(counts), "first": first}
-
-
-# ------------------------------------------------------------------ the simulator
-
-
-def fit_cost(plan: BenchPlan, console: Console) -> Estimator:
-    """The CPU cost model: the in-process engine's times (fitted once) plus this run's path
-    overhead (isolated stack latency − the engine's time for the same request); a point with
-    live decode turns replaces the per-step part with theirs (:func:`point_cost`)."""
-    assert plan.models_dir is not None
-    if plan.engine_cost is None:
-        console.print("  profiling the engine in-process for the simulator's cost model …")
-        plan.engine_cost = profile_engine(plan.models_dir, plan.specs, plan.arena_bytes)
-    cost = plan.engine_cost
-    iso = plan.isolated
-    if "ttft_s" in iso:
-        pre, dec = path_overhead(cost, iso["model"], iso["prompt_len"], iso["output_len"],
-                                 iso["ttft_s"], iso["tbt_s"])  # fmt: skip
-        iso["stack_overhead_prefill_s"], iso["stack_overhead_step_s"] = pre, dec
-        cost = add_path_overhead(cost, pre, dec)
-    return cost
-
-
-def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -> None:
-    """Predict every measured point on the same trace, with the same SLO and drain; adds
-    ``sim`` to each point."""
-    assert plan.slo is not None
-    cost = fit_cost(plan, console)
-    for name, res in policies.items():
-        if name not in POLICIES:
-            continue
-        for point in res["points"]:
-            trace = plan.traces[point["rate_per_model"]]
-            priced = point_cost(plan, cost, point, trace)
-            point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), priced,
-                                             plan.slo, plan.args.drain, plan.max_wait_s)  # fmt: skip
-
-
-def point_cost(plan: BenchPlan, cost: Estimator, point: dict, trace: list[TraceRequest]) -> Estimator:  # fmt: skip
-    """``cost`` with the decode step priced as the live workers ran it at this point: the
-    engine's fitted step plus their measured per-step excess (``sim_step_overhead``)."""
-    assert plan.engine_cost is not None
-    live = live_step_overhead(point.get("turns", []), plan.engine_cost, trace)
-    if live is None:
-        return cost
-    extra_s, steps = live
-    point["sim_step_overhead"] = {"seconds": extra_s, "decode_steps": steps}
-    prefill_s = plan.isolated.get("stack_overhead_prefill_s", 0.0)
-    return add_path_overhead(plan.engine_cost, prefill_s, extra_s)
 
 
 def strip_records(policies: dict[str, dict]) -> None:

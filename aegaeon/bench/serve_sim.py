@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aegaeon.bench.serve_priority import by_class
 from aegaeon.protocol import SamplingParams, TurnDone
@@ -30,10 +30,15 @@ from aegaeon.scheduler.estimators import (
     fit_switch,
     load_estimator,
 )
-from aegaeon.scheduler.policies import policy_class
+from aegaeon.scheduler.policies import POLICIES, policy_class
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
 from aegaeon.sim.engine import simulate
 from aegaeon.workload import TraceRequest
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from aegaeon.bench.serve_run import BenchPlan
 
 PREFILL_BATCHES = ([24], [64], [128], [224], [64, 64], [128, 96, 32])
 DECODE_BATCH_SIZES = (1, 2, 4)
@@ -180,3 +185,49 @@ def simulate_measured(
     if max_wait_s is not None and len(set(classes.values())) > 1:
         found["by_class"] = by_class(result.records, classes, slo, max_wait_s)
     return found | {"switches": result.switches, "rejected": result.rejected}
+
+
+def fit_cost(plan: BenchPlan, console: Console) -> Estimator:
+    """The CPU cost model: the in-process engine's times (fitted once) plus this run's path
+    overhead (isolated stack latency − the engine's time for the same request); a point with
+    live decode turns replaces the per-step part with theirs (:func:`point_cost`)."""
+    assert plan.models_dir is not None
+    if plan.engine_cost is None:
+        console.print("  profiling the engine in-process for the simulator's cost model …")
+        plan.engine_cost = profile_engine(plan.models_dir, plan.specs, plan.arena_bytes)
+    cost = plan.engine_cost
+    iso = plan.isolated
+    if "ttft_s" in iso:
+        pre, dec = path_overhead(cost, iso["model"], iso["prompt_len"], iso["output_len"],
+                                 iso["ttft_s"], iso["tbt_s"])  # fmt: skip
+        iso["stack_overhead_prefill_s"], iso["stack_overhead_step_s"] = pre, dec
+        cost = add_path_overhead(cost, pre, dec)
+    return cost
+
+
+def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -> None:
+    """Predict every measured point on the same trace, with the same SLO and drain; adds
+    ``sim`` to each point."""
+    assert plan.slo is not None
+    cost = fit_cost(plan, console)
+    for name, res in policies.items():
+        if name not in POLICIES:
+            continue
+        for point in res["points"]:
+            trace = plan.traces[point["rate_per_model"]]
+            priced = point_cost(plan, cost, point, trace)
+            point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), priced,
+                                             plan.slo, plan.args.drain, plan.max_wait_s)  # fmt: skip
+
+
+def point_cost(plan: BenchPlan, cost: Estimator, point: dict, trace: list[TraceRequest]) -> Estimator:  # fmt: skip
+    """``cost`` with the decode step priced as the live workers ran it at this point: the
+    engine's fitted step plus their measured per-step excess (``sim_step_overhead``)."""
+    assert plan.engine_cost is not None
+    live = live_step_overhead(point.get("turns", []), plan.engine_cost, trace)
+    if live is None:
+        return cost
+    extra_s, steps = live
+    point["sim_step_overhead"] = {"seconds": extra_s, "decode_steps": steps}
+    prefill_s = plan.isolated.get("stack_overhead_prefill_s", 0.0)
+    return add_path_overhead(plan.engine_cost, prefill_s, extra_s)
