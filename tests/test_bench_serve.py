@@ -95,6 +95,8 @@ def test_goodput_ratio_divides_and_gives_a_lower_bound_when_the_baseline_never_p
     assert goodput_ratio(0.4, 0.1, 0.05) == (pytest.approx(4.0), None)
     assert goodput_ratio(0.4, 0.0, 0.05) == (None, pytest.approx(8.0))
     assert goodput_ratio(0.0, 0.0, 0.05) == (None, None)
+    assert goodput_ratio(0.6, 0.4, 0.1) == (1.5, None)  # exactly: 0.6 / 0.4 < 1.5 in floats
+    assert goodput_ratio(0.6, 0.0, 0.1)[1] == 6.0
 
 
 def test_ratio_spread_is_the_largest_relative_difference_between_runs() -> None:

@@ -19,11 +19,13 @@ def policy_goodput(points: list[dict], key: str = "attainment") -> float:
 
 def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float | None, float | None]:  # fmt: skip
     """(ratio, lower bound). When the baseline meets the target at no rate its goodput is below
-    the lowest rate tried, so only a lower bound ``ours / lowest_rate`` is known."""
+    the lowest rate tried, so only a lower bound ``ours / lowest_rate`` is known. Both are ratios
+    of grid rates, rounded to 6 decimals: 0.6 / 0.4 is 1.5, not the float 1.4999999999999998
+    that a goal of ≥ 1.5 would read as missed."""
     if theirs > 0:
-        return ours / theirs, None
+        return round(ours / theirs, 6), None
     if ours > 0:
-        return None, ours / lowest_rate
+        return None, round(ours / lowest_rate, 6)
     return None, None
 
 
