@@ -306,3 +306,31 @@ def test_the_simulators_decode_step_is_priced_as_the_live_workers_ran_it() -> No
     assert steps == 6
     assert extra == pytest.approx((4 * 0.004 + 2 * 0.010) / 6)
     assert live_step_overhead(turns[2:3], cost, trace) is None
+
+
+def test_the_simulators_turn_control_cost_is_the_live_gap_between_turns_while_work_waited() -> None:
+    from aegaeon.bench.serve_sim import live_control_overhead, point_control_s
+    from aegaeon.protocol import TurnDone
+    from aegaeon.sim.instance import CONTROL_OVERHEAD_S
+
+    def turn(worker: str, elapsed: float, prefilled: list[str] | None = None) -> TurnDone:
+        return TurnDone(worker, 0, "m", steps=3, elapsed_s=elapsed, prefilled=prefilled or [])
+
+    # (turn, when its TurnDone reached the benchmark): worker w's turns started 4 ms and 6 ms
+    # after the TurnDone before them; its prefill turn started 0.5 s after one (an arrival:
+    # idle, not control); worker v's first turn has no turn before it on v.
+    seen = [
+        (turn("w", 0.10), 1.000),
+        (turn("v", 0.20), 1.050),
+        (turn("w", 0.20), 1.204),  # started 1.004
+        (turn("w", 0.10, ["new"]), 1.804),  # started 1.704: not counted
+        (turn("w", 0.30), 2.110),  # started 1.810: 6 ms after 1.804
+    ]
+    turns, received = [t for t, _ in seen], [at for _, at in seen]
+    seconds, count = live_control_overhead(turns, received) or (None, None)
+    assert count == 2 and seconds == pytest.approx(0.005)
+    assert live_control_overhead(turns[:2], received[:2]) is None
+    point = {"turns": turns, "turns_received_s": received}
+    assert point_control_s(point) == pytest.approx(0.005)
+    assert point["sim_control_overhead"] == {"seconds": pytest.approx(0.005), "turns": 2}
+    assert point_control_s({}) == CONTROL_OVERHEAD_S

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -340,12 +341,17 @@ async def _sweep(
     for rate in plan.rates:
         switches: list[SwitchDone] = []
         turns: list[TurnDone] = []
+        received: list[float] = []  # when each of ``turns`` reached the benchmark
 
-        def keep(event: object, into: list[SwitchDone] = switches, done: list[TurnDone] = turns) -> None:  # fmt: skip
+        def keep(
+            event: object, into: list[SwitchDone] = switches, done: list[TurnDone] = turns,
+            at: list[float] = received,
+        ) -> None:  # fmt: skip
             if isinstance(event, SwitchDone):
                 into.append(event)
             elif isinstance(event, TurnDone):
                 done.append(event)
+                at.append(time.monotonic())
 
         run = await _replay_watching(plan, name, url, rate, nats_url, subjects, keep)
         point = {"rate_per_model": rate, "total_rate": rate * len(plan.specs),
@@ -353,7 +359,8 @@ async def _sweep(
                  "wall_s": run.wall_s, "records": run.records}  # fmt: skip
         if nats_url:
             point["switches"] = switch_summary(switches)
-            point["turns"] = turns  # the simulator's per-step price at this point
+            point["turns"] = turns  # the simulator's per-step and per-turn price at this point
+            point["turns_received_s"] = received
         if plan.classes and plan.max_wait_s is not None:
             point["by_class"] = by_class(run.records, plan.classes, plan.slo, plan.max_wait_s)
         points.append(point)
@@ -397,3 +404,4 @@ def strip_records(policies: dict[str, dict]) -> None:
         for point in res["points"]:
             point.pop("records", None)
             point.pop("turns", None)
+            point.pop("turns_received_s", None)

@@ -6,9 +6,10 @@ scheduler's estimator formulas), plus the overhead of the real path: per prefill
 stack's first-token time minus the engine's; per decode step, what the live workers spent per
 step at that very point beyond the engine alone (their ``TurnDone`` timings: under load the
 worker shares two cores with the gateway, the scheduler and NATS, which an idle profile does not
-see), or, for a point without decode turns, the isolated stack's TBT minus the engine's step. The policy
-inside the simulation uses the estimator the real scheduler used (no profile: roofline defaults)
-and the same SLO, so it makes the same decisions.
+see), or, for a point without decode turns, the isolated stack's TBT minus the engine's step; per
+turn, the control round trip as the live workers stood between turns at that point (or the
+simulator's idle measure). The policy inside the simulation uses the estimator the real
+scheduler used (no profile: roofline defaults) and the same SLO, so it makes the same decisions.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aegaeon.scheduler.estimators import (
 from aegaeon.scheduler.policies import POLICIES, policy_class
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
 from aegaeon.sim.engine import simulate
+from aegaeon.sim.instance import CONTROL_OVERHEAD_S
 from aegaeon.workload import TraceRequest
 
 if TYPE_CHECKING:
@@ -163,23 +165,44 @@ def live_step_overhead(
     return (extra / steps, steps) if steps else None
 
 
+def live_control_overhead(
+    turns: Sequence[TurnDone], received_s: Sequence[float]
+) -> tuple[float, int] | None:
+    """(seconds, turns): the mean time a live worker stood between two turns while work waited
+    for it — the control round trip (TurnDone to the scheduler, its next plan, RunTurn back),
+    which under load includes waiting for the two shared cores. ``received_s``: when each of
+    ``turns`` reached the benchmark. A turn starts ``elapsed_s`` before its TurnDone left, so
+    the gap before it is its start less the previous TurnDone's arrival, both seen from here
+    (the bus's latency each way is alike and cancels). Only gaps before a turn that prefilled
+    nothing count: its requests were already waiting when the turn before ended, so the worker
+    was not idle for want of work. None with no such pair."""
+    last: dict[str, float] = {}  # worker → arrival of its previous TurnDone
+    gaps: list[float] = []
+    for turn, at in zip(turns, received_s, strict=True):
+        previous = last.get(turn.worker_id)
+        if previous is not None and not turn.prefilled and turn.steps > 0:
+            gaps.append(at - turn.elapsed_s - previous)
+        last[turn.worker_id] = at
+    return (max(0.0, sum(gaps) / len(gaps)), len(gaps)) if gaps else None
+
+
 def simulate_measured(
     trace: Sequence[TraceRequest], policy_name: str, models: dict[str, ModelSpec],
     instances: Sequence[InstanceView], cost: Estimator, slo: Slo, drain_s: float,
-    max_wait_s: float | None = None,
+    max_wait_s: float | None = None, control_s: float = CONTROL_OVERHEAD_S,
 ) -> dict:  # fmt: skip
     """Attainment the simulator predicts for one policy on the run's trace and instances.
 
     The policy inside plans with the estimator the real scheduler had (no profile: roofline
     defaults) for the SLO the real scheduler was given; the run is priced by ``cost`` and
     scored against the same SLO; requests open ``drain_s`` after the last arrival are
-    unfinished, as in the replay."""
+    unfinished, as in the replay. ``control_s``: each turn's control round trip."""
     policy_estimator = load_estimator(None, dict(models))
     policy = policy_class(policy_name)(dict(models), slo, policy_estimator)
     if max_wait_s is not None:
         policy.max_wait_s = max_wait_s
     views = [replace(v) for v in instances]
-    result = simulate(trace, policy, views, cost, slo, drain_s=drain_s)
+    result = simulate(trace, policy, views, cost, slo, drain_s=drain_s, control_s=control_s)
     found = {key: result.metrics[key] for key in ATTAINMENT_VIEWS if key in result.metrics}
     classes = {name: spec.priority for name, spec in models.items()}
     if max_wait_s is not None and len(set(classes.values())) > 1:
@@ -206,7 +229,8 @@ def fit_cost(plan: BenchPlan, console: Console) -> Estimator:
 
 
 def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -> None:
-    """Predict every measured point on the same trace, with the same SLO and drain; adds
+    """Predict every measured point on the same trace, with the same SLO and drain, each priced
+    as the live stack ran at that point (:func:`point_cost`, :func:`point_control_s`); adds
     ``sim`` to each point."""
     assert plan.slo is not None
     cost = fit_cost(plan, console)
@@ -217,7 +241,8 @@ def simulate_all(plan: BenchPlan, policies: dict[str, dict], console: Console) -
             trace = plan.traces[point["rate_per_model"]]
             priced = point_cost(plan, cost, point, trace)
             point["sim"] = simulate_measured(trace, name, plan.specs, plan.instances(), priced,
-                                             plan.slo, plan.args.drain, plan.max_wait_s)  # fmt: skip
+                                             plan.slo, plan.args.drain, plan.max_wait_s,
+                                             point_control_s(point))  # fmt: skip
 
 
 def point_cost(plan: BenchPlan, cost: Estimator, point: dict, trace: list[TraceRequest]) -> Estimator:  # fmt: skip
@@ -231,3 +256,14 @@ def point_cost(plan: BenchPlan, cost: Estimator, point: dict, trace: list[TraceR
     point["sim_step_overhead"] = {"seconds": extra_s, "decode_steps": steps}
     prefill_s = plan.isolated.get("stack_overhead_prefill_s", 0.0)
     return add_path_overhead(plan.engine_cost, prefill_s, extra_s)
+
+
+def point_control_s(point: dict) -> float:
+    """Each turn's control round trip as the live workers stood between turns at this point
+    (``sim_control_overhead``), or the simulator's idle measure where none was seen."""
+    live = live_control_overhead(point.get("turns", []), point.get("turns_received_s", []))
+    if live is None:
+        return CONTROL_OVERHEAD_S
+    seconds, turns = live
+    point["sim_control_overhead"] = {"seconds": seconds, "turns": turns}
+    return seconds
