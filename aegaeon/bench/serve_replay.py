@@ -96,9 +96,9 @@ def _abandoned(request: TraceRequest) -> RequestRecord:
 
 async def isolated_latency(
     url: str, model: str, prompt_len: int, output_len: int, vocab: int, repeats: int = 3
-) -> tuple[float, float]:
-    """(TTFT, mean TBT) of ``model`` serving one request alone, warm: the median of ``repeats``
-    after one warm-up request (which makes the model resident)."""
+) -> tuple[list[float], list[float]]:
+    """(TTFTs, mean TBTs) of ``model`` serving one request alone, warm: ``repeats`` requests
+    after one warm-up request (which makes the model resident), in the order measured."""
     probe = TraceRequest("isolated", model, 0.0, prompt_len, output_len)
     prompt = prompt_ids(probe, vocab)
     ttfts, tbts = [], []
@@ -112,7 +112,7 @@ async def isolated_latency(
                 raise RuntimeError(f"isolated request to {model} failed: {timing.error}")
             ttfts.append(times[0] - timing.sent_at)
             tbts.append((times[-1] - times[0]) / (len(times) - 1))
-    return sorted(ttfts)[len(ttfts) // 2], sorted(tbts)[len(tbts) // 2]
+    return ttfts, tbts
 
 
 async def warm_up(url: str, models: Sequence[str], vocab: int) -> dict[str, str]:

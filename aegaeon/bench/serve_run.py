@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from aegaeon.workload import TraceRequest, generate_trace, load_sharegpt
 
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
 CALIBRATION_POLICY = "request-level"  # a lone request runs uninterrupted under it
-CALIBRATION_REPEATS = 5  # the SLO is the median of these isolated requests (one warm-up first)
+CALIBRATION_REPEATS = 7  # the SLO is the median of these isolated requests (after a warm-up)
 
 
 @dataclass
@@ -277,12 +278,16 @@ async def _isolated(plan: BenchPlan, url: str) -> dict:
     prompt = int(min(plan.scale.max_input, max(plan.scale.min_input, dist.input_median)))
     output = int(min(plan.scale.max_output, max(plan.scale.min_output, dist.output_median)))
     found: dict = {"model": plan.largest, "prompt_len": prompt, "output_len": output}
+    # Every model once first, as before a sweep: the first loads (host cache, first kernels)
+    # are done and the stack is idle when the isolated requests run.
+    failures = await warm_up(url, list(plan.specs), plan.vocab)
     try:
-        ttft, tbt = await isolated_latency(url, plan.largest, prompt, output, plan.vocab,
-                                           repeats=CALIBRATION_REPEATS)  # fmt: skip
+        ttfts, tbts = await isolated_latency(url, plan.largest, prompt, output, plan.vocab,
+                                             repeats=CALIBRATION_REPEATS)  # fmt: skip
     except RuntimeError as exc:
-        return found | {"error": str(exc)[:300]}
-    return found | {"ttft_s": ttft, "tbt_s": tbt}
+        return found | {"error": str(exc)[:300], "warm_up_failures": failures}
+    return found | {"ttft_s": statistics.median(ttfts), "tbt_s": statistics.median(tbts),
+                    "ttft_samples_s": ttfts, "tbt_samples_s": tbts}  # fmt: skip
 
 
 # ------------------------------------------------------------------ one policy
