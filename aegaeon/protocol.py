@@ -245,7 +245,9 @@ class RequestDone(msgspec.Struct, tag="request_done", omit_defaults=True):
 class SwitchDone(msgspec.Struct, tag="switch_done", omit_defaults=True):
     """worker → scheduler: the resident model changed. ``seconds``: how long the turn waited
     for the weights; ``bytes``: copied while it waited; ``prefetched_bytes``: copied in the
-    background (prefetch) before the switch began."""
+    background (prefetch) before the switch began; ``staged_while_idle``: that background copy
+    began while the worker ran no turn (staged on an idle instance for the next arrival), so it
+    was not hidden behind another model's decode."""
 
     worker_id: str
     from_model: str | None
@@ -253,6 +255,7 @@ class SwitchDone(msgspec.Struct, tag="switch_done", omit_defaults=True):
     seconds: float
     bytes: int
     prefetched_bytes: int = 0
+    staged_while_idle: bool = False
 
 
 class KVImported(msgspec.Struct, tag="kv_imported", omit_defaults=True):

@@ -19,6 +19,7 @@ from aegaeon.bench.serve_replay import error_kind
 from aegaeon.bench.serve_report import (
     goodput_ratio,
     policy_goodput,
+    prefetch_background_fraction,
     prefetch_hidden_fraction,
     ratio_spread,
     sim_differences,
@@ -115,18 +116,24 @@ def test_ratio_spread_is_the_largest_relative_difference_between_runs() -> None:
     assert spread is None and by_key["goodput_ratio_vs_static_mux"] is None
 
 
-def test_prefetch_hidden_fraction_is_the_share_of_switch_bytes_copied_in_the_background() -> None:
+def test_prefetch_hidden_fraction_is_the_share_of_switch_bytes_copied_behind_a_turn() -> None:
     events = [SwitchDone("w", "a", "b", 0.001, 10, prefetched_bytes=90),
               SwitchDone("w", "b", "c", 0.01, 100, prefetched_bytes=0),
               SwitchDone("w", "c", "a", 0.0, 0, prefetched_bytes=0)]  # fmt: skip
     summary = switch_summary(events)
     # One found its model partly copied, one not at all; the third had it resident (no copy).
-    assert summary == {"count": 3, "bytes": 110, "prefetched_bytes": 90,
+    assert summary == {"count": 3, "bytes": 110, "prefetched_bytes": 90, "prefetched_idle_bytes": 0,
                        "wait_s": pytest.approx(0.011), "whole": 0, "partial": 1, "none": 1}  # fmt: skip
     whole = switch_summary([SwitchDone("w", "a", "b", 0.0, 0, prefetched_bytes=90)])
     assert (whole["whole"], whole["partial"], whole["none"]) == (1, 0, 0)
     assert prefetch_hidden_fraction([summary]) == pytest.approx(90 / 200)
+    assert prefetch_background_fraction([summary]) == pytest.approx(90 / 200)
     assert prefetch_hidden_fraction([switch_summary([])]) is None
+    # A model staged on an idle worker is background but hid nothing behind a decode.
+    idle = switch_summary([*events, SwitchDone("w", "a", "d", 0.0, 0, 100, staged_while_idle=True)])
+    assert idle["prefetched_idle_bytes"] == 100
+    assert prefetch_hidden_fraction([idle]) == pytest.approx(90 / 300)
+    assert prefetch_background_fraction([idle]) == pytest.approx(190 / 300)
 
 
 def test_sim_differences_report_the_worst_rate_in_points() -> None:
@@ -233,6 +240,7 @@ def test_the_json_carries_every_headline_figure_and_repeats_report_their_spread(
     assert first["goodput_ratio_vs_request_level"] == pytest.approx(4.0)
     assert first["goodput_ratio_vs_static_mux"] == pytest.approx(2.0)
     assert first["prefetch_hidden_fraction"] == pytest.approx(0.8)
+    assert first["prefetch_background_fraction"] == pytest.approx(0.8)
     assert first["sim_vs_measured_max_abs_diff"] == pytest.approx(6.0)
     assert first["min_requests_per_point"] == 20
     assert first["device"]["weight_budget_within_half"] is (

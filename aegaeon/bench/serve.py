@@ -29,6 +29,7 @@ from aegaeon.bench.serve_priority import (
 from aegaeon.bench.serve_report import (
     goodput_ratio,
     policy_goodput,
+    prefetch_background_fraction,
     prefetch_hidden_fraction,
     print_summary,
     ratio_spread,
@@ -218,6 +219,7 @@ def assemble(plan: BenchPlan, policies: dict[str, dict]) -> dict:
         switches = [p["switches"] for p in res["points"] if "switches" in p]
         if switches:
             res["prefetch_hidden_fraction"] = prefetch_hidden_fraction(switches)
+            res["prefetch_background_fraction"] = prefetch_background_fraction(switches)
     ours = policies.get("aegaeon", {}).get("goodput_rate_per_model")
     for base, key in BASELINES:
         if ours is None or base not in policies:
@@ -227,7 +229,8 @@ def assemble(plan: BenchPlan, policies: dict[str, dict]) -> dict:
         if bound is not None:
             result[f"goodput_ratio_vs_{key}_at_least"] = bound
     if "aegaeon" in policies:
-        result["prefetch_hidden_fraction"] = policies["aegaeon"].get("prefetch_hidden_fraction")
+        for key in ("prefetch_hidden_fraction", "prefetch_background_fraction"):
+            result[key] = policies["aegaeon"].get(key)
     diffs = sim_differences(policies)
     if diffs:
         result["sim_vs_measured_abs_diff_points"] = diffs
@@ -242,7 +245,7 @@ def measured_min_requests(policies: dict[str, dict]) -> int | None:
 
 
 HEADLINE = [*RATIO_KEYS, *(f"{k}_at_least" for k in RATIO_KEYS), "sim_vs_measured_max_abs_diff",
-            "prefetch_hidden_fraction", "min_requests_per_point"]  # fmt: skip
+            "prefetch_hidden_fraction", "prefetch_background_fraction", "min_requests_per_point"]  # fmt: skip
 
 
 def combine(runs: list[dict]) -> dict:

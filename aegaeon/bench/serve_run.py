@@ -322,13 +322,15 @@ def _highest_rate_records(result: dict) -> list[RequestRecord]:
 
 
 def switch_summary(events: list[SwitchDone]) -> dict:
-    """The workers' switches during one point: how many, bytes waited for, bytes prefetched;
-    and how many found their model wholly prefetched, partly (the turn waited for the rest of
-    the copy) or not at all (another model was staged, or none)."""
+    """The workers' switches during one point: how many, bytes waited for, bytes prefetched (of
+    which staged on an idle worker rather than behind another model's decode); and how many
+    found their model wholly prefetched, partly (the turn waited for the rest of the copy) or
+    not at all (another model was staged, or none)."""
     return {
         "count": len(events),
         "bytes": sum(e.bytes for e in events),
         "prefetched_bytes": sum(e.prefetched_bytes for e in events),
+        "prefetched_idle_bytes": sum(e.prefetched_bytes for e in events if e.staged_while_idle),
         "wait_s": sum(e.seconds for e in events),
         "whole": sum(1 for e in events if e.prefetched_bytes and not e.bytes),
         "partial": sum(1 for e in events if e.prefetched_bytes and e.bytes),

@@ -94,16 +94,23 @@ class Residency(WorkerCore):
         since = self._switches - switches
         if since > 1 or (since == 1 and (turn is None or turn != self._last_switch_turn)):
             return False
+        before = self.engine.slots.prefetching
         self.engine.start_prefetch(model)
+        if before != model and self.engine.slots.prefetching == model:
+            self._staged_while_idle = (model, self._turn_in_hand() is None)
         return True
 
     def _switch_on_engine(self, model: str, turn: int | None) -> Any:
-        """On the engine thread: switch, and count it for :meth:`_prefetch_on_engine`."""
+        """On the engine thread: switch, and count it for :meth:`_prefetch_on_engine`. Returns
+        the engine's stats and whether the background copy it found was staged while idle."""
         stats = self.engine.switch_to(model)
         if stats.from_model != stats.to_model:
             self._switches += 1
             self._last_switch_turn = turn
-        return stats
+        staged, self._staged_while_idle = self._staged_while_idle, None
+        if staged is not None and staged[0] != model and self.engine.slots.prefetching == staged[0]:
+            self._staged_while_idle = staged  # the switch left that staging where it was
+        return stats, staged == (model, True) and stats.prefetched_bytes > 0
 
     async def _switch(self, model: str, request_ids: Sequence[str] = ()) -> Any:
         """Make ``model`` resident; returns the engine's SwitchStats (None when already resident).
@@ -127,7 +134,9 @@ class Residency(WorkerCore):
     async def _switch_now(self, model: str) -> Any:
         await self._ensure_model(model)
         with _tracer.start_as_current_span("aegaeon.switch") as span:
-            stats = await self._on_engine(self._switch_on_engine, model, self._turn_in_hand())
+            stats, idle_staged = await self._on_engine(
+                self._switch_on_engine, model, self._turn_in_hand()
+            )
             span.set_attributes(
                 {
                     "aegaeon.switch.from": stats.from_model or "",
@@ -145,6 +154,6 @@ class Residency(WorkerCore):
             await self.bus.publish(
                 self.subjects.worker_events(self.worker_id),
                 SwitchDone(self.worker_id, stats.from_model, model, stats.seconds, stats.bytes,
-                           stats.prefetched_bytes),
+                           stats.prefetched_bytes, staged_while_idle=idle_staged),
             )  # fmt: skip
         return stats

@@ -101,6 +101,9 @@ class WorkerCore:
         # staging asked before a later switch is stale (``Residency._prefetch_on_engine``).
         self._switches = 0
         self._last_switch_turn: int | None = None
+        # The model staged in the free slot and whether no turn ran when its copy began (an
+        # idle instance's guess at the next arrival, not a copy behind another model's decode).
+        self._staged_while_idle: tuple[str, bool] | None = None
         self._pinned: str | None = None  # the model the engine keeps in a slot (RunTurn.pinned)
         self._fence = EpochFence()  # the newest scheduler term heard: older ones are ignored
         self._prefetch_tasks: set[asyncio.Task] = set()  # held: a bare task may be collected

@@ -48,6 +48,7 @@ def test_turn_prefetches_the_next_model_and_its_switch_copies_nothing_while_wait
     assert (switches[-1].to_model, switches[-1].bytes, switches[-1].prefetched_bytes) == (
         NEXT, 0, nbytes,
     )  # fmt: skip
+    assert not switches[-1].staged_while_idle  # staged while turn 1 ran
     for model, rid in ((FIRST, "a"), (NEXT, "b")):
         assert tokens[rid] == references(model, device)[0][0]
     # The cold model's request heard it load before its first token; the prefetched one's not.
@@ -129,6 +130,39 @@ async def _restaged_mid_turn(
     return w.events, w.tokens, copied_mid_turn
 
 
+def test_a_model_staged_on_an_idle_worker_is_reported_as_staged_while_idle(
+    demo_models_dir, nats_server, redis_server, device, tmp_path
+):
+    """A staging asked of an idle worker (the scheduler's guess at the next arrival) hid
+    nothing behind another model's decode: the switch that finds it says so
+    (``SwitchDone.staged_while_idle``), which ``bench serve`` keeps apart from the bytes
+    copied behind a turn."""
+    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
+                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    try:
+        events = asyncio.run(_staged_on_idle(engine, demo_models_dir, nats_server, redis_server))
+    finally:
+        engine.close()
+    switches = [e for e in events if isinstance(e, SwitchDone)]
+    nbytes = engine.specs[NEXT].weight_bytes
+    assert [(s.to_model, s.prefetched_bytes, s.staged_while_idle) for s in switches] == [
+        (FIRST, 0, False), (NEXT, nbytes, True),
+    ]  # fmt: skip
+
+
+async def _staged_on_idle(engine: Engine, models: Path, nats_server, redis_server) -> list:
+    async with WorkerHarness(engine, models, nats_server.url, redis_server.url) as w:
+        await w.send(AssignRequest("a", FIRST, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(1, FIRST, ["a"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+        await w.send(PrefetchModel(NEXT))  # idle: stage NEXT for the next arrival
+        await asyncio.wait_for(_prefetch_done(engine, NEXT), 120)
+        await w.send(AssignRequest("b", NEXT, PROMPTS[0], GREEDY, GATEWAY, 0.0))
+        await w.send(RunTurn(2, NEXT, ["b"], quota_s=1e6))
+        assert isinstance(await w.turn_ended(), TurnDone)
+    return w.events
+
+
 def test_stopping_the_worker_cancels_a_prefetch_still_waiting_for_the_store(
     demo_models_dir, nats_server, redis_server, device, tmp_path
 ):
@@ -188,7 +222,7 @@ def test_a_staging_waits_out_only_the_switch_of_the_turn_in_hand_when_it_was_ask
     survives turn 7's switch and no other; one made while idle survives no switch."""
     started: list[str] = []
     worker = object.__new__(Residency)
-    worker.engine = SimpleNamespace(start_prefetch=started.append)  # type: ignore[assignment]
+    worker.engine = SimpleNamespace(start_prefetch=started.append, slots=SimpleNamespace(prefetching=None))  # type: ignore[assignment]  # fmt: skip
     worker._switches, worker._last_switch_turn = 3, 7
     assert worker._prefetch_on_engine("x", 3, None)  # no switch since
     assert worker._prefetch_on_engine("x", 2, 7)  # turn 7's own switch
