@@ -34,15 +34,16 @@ def make_engine(
     demo_models_dir: Path, device: str, tmp_path: Path
 ) -> Iterator[Callable[..., Engine]]:
     """Build engines with all demo models registered (from ``models``: another copy of them,
-    e.g. saved in bf16); closes them at the end."""
+    e.g. saved in bf16; ``None``: none registered, as a worker's engine starts); closes them at
+    the end."""
     engines: list[Engine] = []
 
-    def build(models: Path = demo_models_dir, **overrides: object) -> Engine:
+    def build(models: Path | None = demo_models_dir, **overrides: object) -> Engine:
         options: dict = {"device": device, "dtype": "float32", "arena_bytes": 640 << 20,
                          "host_kv_bytes": 64 << 20, "host_kv_dir": str(tmp_path)}  # fmt: skip
         options.update(overrides)
         engine = Engine(EngineConfig(**options))
-        for name in MODELS:
+        for name in MODELS if models is not None else ():
             engine.register_model(name, models / name)
         engines.append(engine)
         return engine

@@ -12,7 +12,6 @@ import asyncio
 
 import pytest
 from aegaeon.gpu_worker import stepping
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
 from aegaeon.gpu_worker.worker import CLIENT_ERROR
 from engine_helpers import GREEDY, MODELS, NATIVE, PROMPTS, run_all
 from worker_harness import GATEWAY, WorkerHarness
@@ -129,13 +128,12 @@ def test_a_fallback_forward_that_raises_leaves_the_others_caches_as_they_were(
 
 
 def test_the_worker_ends_only_the_failed_request_and_tells_its_client_no_internals(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path, monkeypatch
+    demo_models_dir, nats_server, redis_server, references, device, make_engine, monkeypatch
 ):
     """Through the worker: the failed request's client gets a generic error, the scheduler gets
     the cause in RequestDone, the turn ends normally, the batch's other streams are exact."""
     fail_draw_at(monkeypatch, 2)
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    engine = make_engine(None, host_kv_bytes=16 << 20)
     engine.register_model(MODEL, demo_models_dir / MODEL)
     bad = SamplingParams(max_tokens=12, temperature=0.8, seed=BAD_SEED, ignore_eos=True)
 
@@ -149,10 +147,7 @@ def test_the_worker_ends_only_the_failed_request_and_tells_its_client_no_interna
             assert isinstance(await w.turn_ended(), TurnDone)
         return w
 
-    try:
-        w = asyncio.run(run())
-    finally:
-        engine.close()
+    w = asyncio.run(run())
     ref_tokens, _ = references(MODEL, device)
     for i in range(len(PROMPTS)):
         assert w.tokens[f"r{i}"] == ref_tokens[i]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
 from engine_helpers import GREEDY, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
 
@@ -16,10 +15,9 @@ A, B = "demo-llama", "demo-qwen2"
 
 
 def test_a_dropped_request_is_recomputed_on_its_next_turn_with_the_same_tokens(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+    demo_models_dir, nats_server, redis_server, references, device, make_engine
 ):
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    engine = make_engine(None, host_kv_bytes=16 << 20)
 
     async def run() -> tuple[WorkerHarness, list]:
         async with WorkerHarness(engine, demo_models_dir, nats_server.url, redis_server.url) as w:
@@ -31,11 +29,8 @@ def test_a_dropped_request_is_recomputed_on_its_next_turn_with_the_same_tokens(
             turns = [await w.turn_ended() for _ in range(3)]
         return w, turns
 
-    try:
-        w, turns = asyncio.run(run())
-        dropped = engine.counters["dropped"]
-    finally:
-        engine.close()
+    w, turns = asyncio.run(run())
+    dropped = engine.counters["dropped"]
     assert all(isinstance(t, TurnDone) for t in turns)
     assert dropped == 1
     assert turns[2].prefilled == ["a"]  # recomputed there, not swapped in

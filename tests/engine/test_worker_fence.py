@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.engine import Engine
 from aegaeon.scheduler.fencing import FencedBus
 from engine_helpers import GREEDY, PROMPTS
 from worker_harness import GATEWAY, WORKER, WorkerHarness
@@ -14,14 +14,10 @@ from aegaeon.protocol import AssignRequest, RunTurn, TurnDone
 
 
 def test_a_deposed_leaders_commands_are_dropped_and_the_new_leaders_run(
-    demo_models_dir, nats_server, redis_server, tmp_path, device
+    demo_models_dir, nats_server, redis_server, make_engine
 ):
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
-    try:
-        turns = asyncio.run(_two_leaders(engine, demo_models_dir, nats_server, redis_server))
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20)
+    turns = asyncio.run(_two_leaders(engine, demo_models_dir, nats_server, redis_server))
     assert [t.turn_id for t in turns] == [1, 3]  # turn 2, the deposed leader's, never ran
 
 

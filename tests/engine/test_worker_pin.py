@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.engine import Engine
 from engine_helpers import GREEDY, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
 
@@ -18,14 +18,10 @@ BURST = ["demo-qwen2", "demo-gpt2", "demo-mistral", "demo-qwen2", "demo-gpt2"]
 
 
 def test_a_pinned_model_is_never_copied_again_through_a_burst_of_other_models(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+    demo_models_dir, nats_server, redis_server, references, device, make_engine
 ):
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
-    try:
-        events, tokens = asyncio.run(_burst(engine, demo_models_dir, nats_server, redis_server))
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20)
+    events, tokens = asyncio.run(_burst(engine, demo_models_dir, nats_server, redis_server))
     switches = [e for e in events if isinstance(e, SwitchDone)]
     into_pinned = [s for s in switches if s.to_model == PINNED]
     assert into_pinned[0].bytes > 0  # its first load

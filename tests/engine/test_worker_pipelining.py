@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
 from engine_helpers import GREEDY, NEW_TOKENS, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
 
@@ -20,10 +19,9 @@ OVERLAP_WAIT_S = 10.0  # how long a delivery waits to see the next step start (m
 
 
 def test_each_steps_delivery_overlaps_the_next_step_and_the_tokens_stay_exact(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+    demo_models_dir, nats_server, redis_server, references, device, make_engine
 ):
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
+    engine = make_engine(None, host_kv_bytes=16 << 20)
     steps_started = [0]  # written on the engine's thread
     engine_step = engine.step
 
@@ -54,10 +52,7 @@ def test_each_steps_delivery_overlaps_the_next_step_and_the_tokens_stay_exact(
             done = await w.turn_ended()
         return w, done
 
-    try:
-        w, done = asyncio.run(run())
-    finally:
-        engine.close()
+    w, done = asyncio.run(run())
     assert isinstance(done, TurnDone) and done.finished == ["a"]
     assert done.steps == steps_started[0] == NEW_TOKENS
     assert overlapped == [True] * (NEW_TOKENS - 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import msgspec
-from aegaeon.gpu_worker.engine import Engine, EngineConfig
+from aegaeon.gpu_worker.engine import Engine
 from aegaeon.gpu_worker.residency import Residency
 from engine_helpers import GREEDY, NEW_TOKENS, PROMPTS
 from worker_harness import GATEWAY, WorkerHarness
@@ -29,17 +29,12 @@ FIRST, NEXT = "demo-llama", "demo-qwen2"
 
 
 def test_turn_prefetches_the_next_model_and_its_switch_copies_nothing_while_waiting(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+    demo_models_dir, nats_server, redis_server, references, device, make_engine
 ):
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path),
-                                 copy_chunk_bytes=1 << 20))  # fmt: skip
-    try:
-        events, tokens, token_events = asyncio.run(
-            _two_turns(engine, demo_models_dir, nats_server, redis_server)
-        )
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20, copy_chunk_bytes=1 << 20)
+    events, tokens, token_events = asyncio.run(
+        _two_turns(engine, demo_models_dir, nats_server, redis_server)
+    )
     turns = [e for e in events if isinstance(e, TurnDone)]
     switches = [e for e in events if isinstance(e, SwitchDone)]
     nbytes = engine.specs[NEXT].weight_bytes
@@ -81,20 +76,15 @@ async def _prefetch_done(engine: Engine, model: str) -> None:
 
 
 def test_a_prefetch_named_mid_turn_copies_while_that_turn_decodes_and_changes_no_token(
-    demo_models_dir, nats_server, redis_server, references, device, tmp_path
+    demo_models_dir, nats_server, redis_server, references, device, make_engine
 ):
     """The scheduler restages a busy worker (``PrefetchModel``) when a request of another model
     arrives: the copy runs beside the turn's decode steps, not queued behind the turn, and
     neither the decoding request's tokens nor the next model's change."""
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path),
-                                 copy_chunk_bytes=1 << 20))  # fmt: skip
-    try:
-        events, tokens, copied_mid_turn = asyncio.run(
-            _restaged_mid_turn(engine, demo_models_dir, nats_server, redis_server)
-        )
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20, copy_chunk_bytes=1 << 20)
+    events, tokens, copied_mid_turn = asyncio.run(
+        _restaged_mid_turn(engine, demo_models_dir, nats_server, redis_server)
+    )
     assert copied_mid_turn, "the prefetch did not complete while the first turn still ran"
     turns = [e for e in events if isinstance(e, TurnDone)]
     nbytes = engine.specs[NEXT].weight_bytes
@@ -131,18 +121,14 @@ async def _restaged_mid_turn(
 
 
 def test_a_model_staged_on_an_idle_worker_is_reported_as_staged_while_idle(
-    demo_models_dir, nats_server, redis_server, device, tmp_path
+    demo_models_dir, nats_server, redis_server, make_engine
 ):
     """A staging asked of an idle worker (the scheduler's guess at the next arrival) hid
     nothing behind another model's decode: the switch that finds it says so
     (``SwitchDone.staged_while_idle``), which ``bench serve`` keeps apart from the bytes
     copied behind a turn."""
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
-    try:
-        events = asyncio.run(_staged_on_idle(engine, demo_models_dir, nats_server, redis_server))
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20)
+    events = asyncio.run(_staged_on_idle(engine, demo_models_dir, nats_server, redis_server))
     switches = [e for e in events if isinstance(e, SwitchDone)]
     nbytes = engine.specs[NEXT].weight_bytes
     assert [(s.to_model, s.prefetched_bytes, s.staged_while_idle) for s in switches] == [
@@ -164,16 +150,12 @@ async def _staged_on_idle(engine: Engine, models: Path, nats_server, redis_serve
 
 
 def test_stopping_the_worker_cancels_a_prefetch_still_waiting_for_the_store(
-    demo_models_dir, nats_server, redis_server, device, tmp_path
+    demo_models_dir, nats_server, redis_server, make_engine
 ):
     """A prefetch whose model-store answer has not come when the worker stops ends with it
     (rather than asking the engine thread for a copy after it shut down)."""
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
-    try:
-        pending = asyncio.run(_stop_during_prefetch(engine, demo_models_dir, nats_server, redis_server))  # fmt: skip
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20)
+    pending = asyncio.run(_stop_during_prefetch(engine, demo_models_dir, nats_server, redis_server))  # fmt: skip
     assert pending and all(pending)
 
 
@@ -195,20 +177,16 @@ async def _stop_during_prefetch(engine: Engine, models: Path, nats_server, redis
 
 
 def test_a_staging_overtaken_by_a_switch_is_dropped_and_the_slots_stay_as_the_switch_left_them(
-    demo_models_dir, nats_server, redis_server, device, tmp_path
+    demo_models_dir, nats_server, redis_server, make_engine
 ):
     """An idle worker is asked to stage a model, and a turn of a third model switches before the
     model-store has answered for it. That switch copied its model into the free slot and left
     the model before it in the other, as the scheduler's books now count on (``switch_slots``):
     the late staging must not copy over it."""
-    engine = Engine(EngineConfig(device=device, dtype="float32", arena_bytes=640 << 20,
-                                 host_kv_bytes=16 << 20, host_kv_dir=str(tmp_path)))  # fmt: skip
-    try:
-        slots, dropped = asyncio.run(
-            _staging_overtaken(engine, demo_models_dir, nats_server, redis_server)
-        )
-    finally:
-        engine.close()
+    engine = make_engine(None, host_kv_bytes=16 << 20)
+    slots, dropped = asyncio.run(
+        _staging_overtaken(engine, demo_models_dir, nats_server, redis_server)
+    )
     assert dropped, "the staging task did not end"
     assert sorted(m for m in slots if m) == sorted([FIRST, THIRD])
     assert engine.slots.prefetching is None
