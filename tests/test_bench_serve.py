@@ -114,6 +114,9 @@ def test_ratio_spread_is_the_largest_relative_difference_between_runs() -> None:
     runs[1]["goodput_ratio_vs_static_mux"] = None
     spread, by_key = ratio_spread(runs, keys)
     assert spread is None and by_key["goodput_ratio_vs_static_mux"] is None
+    # Rounded as the ratios are: (4/3 − 1) / 1 is 0.333333, not 0.3333330000000001.
+    thirds = [{"goodput_ratio_vs_request_level": 1.0}, {"goodput_ratio_vs_request_level": 1.333333}]
+    assert ratio_spread(thirds, keys)[0] == 0.333333
 
 
 def test_prefetch_hidden_fraction_is_the_share_of_switch_bytes_copied_behind_a_turn() -> None:
@@ -143,6 +146,9 @@ def test_sim_differences_report_the_worst_rate_in_points() -> None:
         "dedicated": {"points": [{"attainment": 0.2}]},
     }  # fmt: skip
     assert sim_differences(policies) == {"aegaeon": pytest.approx(20.0)}
+    # Exactly 10 points, not 10.000000000000009 (0.8 − 0.7 in floats), against a ≤ 10 goal.
+    tenth = {"aegaeon": {"points": [{"attainment": 0.7, "sim": {"attainment": 0.8}}]}}
+    assert sim_differences(tenth) == {"aegaeon": 10.0}
 
 
 def test_device_budget_fits_the_largest_model_per_slot_and_half_the_bench_weights() -> None:
