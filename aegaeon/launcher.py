@@ -38,7 +38,14 @@ from aegaeon.bus_permissions import ROLES, authorization_block
 from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
 from aegaeon.config import CONNECTION_FILE, BusConfig, default_state_dir, shm_dir
 from aegaeon.metrics import scrape_targets
-from aegaeon.servers import ServerProcess, free_port, start_nats, start_redis, write_private
+from aegaeon.servers import (
+    ServerProcess,
+    free_port,
+    reserve_port,
+    start_nats,
+    start_redis,
+    write_private,
+)
 from aegaeon.subjects import Subjects
 from aegaeon.supervisor import RestartPlanner
 
@@ -394,6 +401,7 @@ def main(args: argparse.Namespace) -> int:
     if not _port_free(args.host, args.port):
         print(f"aegaeon up: port {args.port} is in use; pick another with --port", file=sys.stderr)
         return 1
+    reserve_port(args.port)  # the gateway binds it only later: no server started first may take it
     stack = Stack(args)
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -12,18 +12,36 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from aegaeon.children import parent_death_hook
 
+_RECENT_PORTS_KEPT = 4096
+_recent_ports: deque[int] = deque(maxlen=_RECENT_PORTS_KEPT)
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that this process has not
+    handed out (or reserved) lately. The kernel may offer the same port again as soon as the
+    probe socket closes, before the server it was picked for binds it: a stack's gateway port
+    and its NATS server's came out equal once, and the gateway could not start."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _recent_ports:
+            _recent_ports.append(port)
+            return port
+    raise OSError("no free TCP port that was not handed out already")
+
+
+def reserve_port(port: int) -> None:
+    """Keep :func:`free_port` from offering ``port`` (one chosen elsewhere, e.g. on the command
+    line, that its server has not bound yet)."""
+    _recent_ports.append(port)
 
 
 def server_binary(name: str) -> str:

@@ -16,7 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from aegaeon import launcher
+from aegaeon import launcher, servers
 from aegaeon.bus import connect_redis
 from aegaeon.config import BusConfig
 from aegaeon.servers import start_nats, start_redis
@@ -264,3 +264,33 @@ def test_servers_started_from_another_thread_outlive_that_thread(tmp_path):
         client.close()
     finally:
         server.stop()
+
+
+class _ProbeSocket:
+    """A socket whose ``bind(("…", 0))`` gets the next port of ``offers``: a kernel that
+    offers a port again as soon as the probe closes, as it did once to a stack's gateway and
+    its NATS server."""
+
+    def __init__(self, offers: list[int]) -> None:
+        self.offers = offers
+
+    def __enter__(self) -> "_ProbeSocket":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+    def bind(self, _address: tuple[str, int]) -> None:
+        self.port = self.offers.pop(0)
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+def test_free_port_never_hands_out_a_port_twice_or_a_reserved_one(monkeypatch):
+    offers = [41001, 41001, 41002, 41003, 41004]
+    monkeypatch.setattr(servers.socket, "socket", lambda: _ProbeSocket(offers))
+    assert servers.free_port() == 41001
+    assert servers.free_port() == 41002  # the kernel offered 41001 again: skipped
+    servers.reserve_port(41003)  # e.g. the gateway's --port, bound only later
+    assert servers.free_port() == 41004
