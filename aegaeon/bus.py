@@ -6,6 +6,8 @@ scheduler and workers (DESIGN.md §4).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,6 +53,12 @@ class Bus:
         self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         # Headers every message this bus sends carries (a scheduler term's fencing token).
         self.extra_headers: dict[str, str] = {}
+        self._reconnected = asyncio.Event()  # set at the next reconnect, then replaced
+
+    def _on_reconnected(self) -> None:
+        """Wake every :meth:`request_idempotent` waiting across this reconnect."""
+        woken, self._reconnected = self._reconnected, asyncio.Event()
+        woken.set()
 
     @classmethod
     async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
@@ -63,6 +71,8 @@ class Bus:
 
         async def on_reconnect() -> None:
             log.warning("%s: reconnected to NATS", name)
+            if holder:
+                holder[0]._on_reconnected()
             for listener in holder[0].reconnect_listeners if holder else []:
                 try:
                     await listener()
@@ -108,6 +118,32 @@ class Bus:
             subject, encode(message), timeout=timeout, headers=self._headers()
         )
         return decode(msg.data, reply_type)
+
+    async def request_idempotent(
+        self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0
+    ):
+        """:meth:`request` for a request that may be answered twice: sent again whenever the
+        connection is re-established while it waits. Core NATS is at-most-once, so an answer
+        published while this client was away (its server crashed) is lost, and a plain request
+        would wait out its whole ``timeout``; ``timeout`` bounds the whole wait here too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reconnected = asyncio.ensure_future(self._reconnected.wait())
+            ask = asyncio.ensure_future(
+                self.request(subject, message, reply_type, max(deadline - loop.time(), 0.001))
+            )
+            try:
+                await asyncio.wait({ask, reconnected}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reconnected.cancel()
+                if not ask.done():
+                    ask.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ask
+            if not ask.cancelled():
+                return ask.result()
+            log.info("reconnected while waiting on %s: asking again", subject)
 
     async def subscribe(
         self,

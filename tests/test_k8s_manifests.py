@@ -507,10 +507,12 @@ def test_the_nats_cluster_config_forms_a_three_server_jetstream_cluster(tmp_path
         for i in range(3):
             member = env | _route_urls(server, "route-secret", routes) | {"POD_NAME": f"nats-{i}"}
             processes.append(_start_nats_server(tmp_path / f"nats-{i}", files, ports[i], member))
+        # Two members may elect a leader before the third (slow to start on a busy machine)
+        # has joined: wait for a leader among all three, on each member.
         for _, _, monitor in ports[:3]:
             jsz = _wait_json(f"http://127.0.0.1:{monitor}/jsz",
-                             lambda j: j.get("meta_cluster", {}).get("leader"))  # fmt: skip
-            assert jsz["meta_cluster"]["cluster_size"] == 3
+                             lambda j: j.get("meta_cluster", {}).get("leader")
+                             and j["meta_cluster"].get("cluster_size") == 3)  # fmt: skip
             assert jsz["meta_cluster"]["name"] == "aegaeon"
         rogue = env | _route_urls(server, "wrong", routes) | {"POD_NAME": "nats-rogue"}
         processes.append(_start_nats_server(tmp_path / "rogue", files, ports[3], rogue))

@@ -42,15 +42,18 @@ class Residency(WorkerCore):
 
     async def _ask_store(self, request: EnsureCached) -> ModelReply:
         """This node's model-store (its cache paths are in shared memory this worker can map);
-        with no store of that id answering, any store (one node, or an id not set alike)."""
+        with no store of that id answering, any store (one node, or an id not set alike). Asked
+        again after a reconnect (an ensure may be answered twice): an answer lost with a
+        crashed NATS server must not hold the turn for the whole timeout."""
+        ask = self.bus.request_idempotent
         shared = self.subjects.models("ensure")
         if self.store_id:
             local = self.subjects.models(f"ensure.{self.store_id}")
             try:
-                return await self.bus.request(local, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
+                return await ask(local, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
             except NoRespondersError:
                 log.warning("no model-store %r answers %s: asking any store", self.store_id, local)
-        return await self.bus.request(shared, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
+        return await ask(shared, request, ModelReply, timeout=ENSURE_TIMEOUT_S)
 
     async def _evict(self, model: str) -> None:
         """A drained model is being removed: forget it. Commands run one at a time, so this
