@@ -385,12 +385,15 @@ def read_chunk(model_dir: Path, request: FetchFile) -> FileChunk:
 
 
 async def fetch_file(bus: Bus, model: str, file: str, timeout: float = 10.0) -> bytes:
-    """Client side of ``models.file``: the whole file, chunk by chunk. Raises FileNotFoundError."""
+    """Client side of ``models.file``: the whole file, chunk by chunk (a chunk is asked again
+    after a reconnect: a read may be answered twice). Raises FileNotFoundError."""
     parts: list[bytes] = []
     offset, total = 0, None
     while total is None or offset < total:
         request = FetchFile(model, file, offset, MAX_CHUNK)
-        chunk = await bus.request(bus.subjects.models("file"), request, FileChunk, timeout)
+        chunk = await bus.request_idempotent(
+            bus.subjects.models("file"), request, FileChunk, timeout
+        )
         if chunk.error:
             raise FileNotFoundError(chunk.error)
         total = chunk.total
