@@ -41,6 +41,20 @@ def context_from(msg: Msg) -> otel_context.Context:
     return propagate.extract(dict(msg.headers or {}))
 
 
+class Reconnects:
+    """The connection's reconnects, as an event per reconnect to come (set when it happens)."""
+
+    def __init__(self) -> None:
+        self._next = asyncio.Event()
+
+    def next(self) -> asyncio.Event:
+        return self._next
+
+    async def notify(self) -> None:
+        woken, self._next = self._next, asyncio.Event()
+        woken.set()
+
+
 class Bus:
     """One NATS connection with typed helpers. ``await Bus.connect(config, name)``."""
 
@@ -48,17 +62,12 @@ class Bus:
         self.nc = nc
         self.config = config
         self.subjects = Subjects(config.prefix)
+        self.reconnects = Reconnects()
         # Called after each reconnect: core NATS is at-most-once, so whatever was published
         # while this or another client was away may be lost and needs checking.
-        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = [self.reconnects.notify]
         # Headers every message this bus sends carries (a scheduler term's fencing token).
         self.extra_headers: dict[str, str] = {}
-        self._reconnected = asyncio.Event()  # set at the next reconnect, then replaced
-
-    def _on_reconnected(self) -> None:
-        """Wake every :meth:`request_idempotent` waiting across this reconnect."""
-        woken, self._reconnected = self._reconnected, asyncio.Event()
-        woken.set()
 
     @classmethod
     async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
@@ -71,8 +80,6 @@ class Bus:
 
         async def on_reconnect() -> None:
             log.warning("%s: reconnected to NATS", name)
-            if holder:
-                holder[0]._on_reconnected()
             for listener in holder[0].reconnect_listeners if holder else []:
                 try:
                     await listener()
@@ -129,7 +136,7 @@ class Bus:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            reconnected = asyncio.ensure_future(self._reconnected.wait())
+            reconnected = asyncio.ensure_future(self.reconnects.next().wait())
             ask = asyncio.ensure_future(
                 self.request(subject, message, reply_type, max(deadline - loop.time(), 0.001))
             )

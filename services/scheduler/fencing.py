@@ -39,7 +39,7 @@ class FencedBus(Bus):
 
     def __init__(self, bus: Bus, leads: Leads, epoch: int = 0) -> None:
         super().__init__(bus.nc, bus.config)
-        self.reconnect_listeners = bus.reconnect_listeners
+        self.reconnect_listeners, self.reconnects = bus.reconnect_listeners, bus.reconnects
         self._leads = leads
         self.extra_headers = epoch_headers(epoch)  # workers drop an older term's commands
 
