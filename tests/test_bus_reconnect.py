@@ -5,8 +5,9 @@ out its timeout. The asker reaches a real nats-server through a TCP relay the te
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+
+from nats_relay import Relay
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
@@ -14,41 +15,6 @@ from aegaeon.protocol import EnsureCached, ModelReply
 
 SUBJECT = "reconnect.ensure"
 TIMEOUT_S = 60.0
-
-
-class Relay:
-    """127.0.0.1:port → the server; ``cut()`` drops every connection through it (as a crashed
-    server would), new ones are relayed again."""
-
-    def __init__(self, server_port: int) -> None:
-        self.server_port = server_port
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.server_port)
-        self.writers += [client_w, server_w]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
-
-    def cut(self) -> None:
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
-
-    def close(self) -> None:
-        self.cut()
-        self.server.close()
 
 
 def test_an_answer_lost_in_a_reconnect_is_asked_for_again_not_waited_out(nats_server):

@@ -114,14 +114,16 @@ class Generation:
 
     async def _request_admission(self, request: SubmitRequest) -> SubmitReply:
         """Ask the scheduler. While none answers (one restarting takes a second or two), keep
-        asking until the submit timeout, so a scheduler restart is invisible to new requests."""
+        asking until the submit timeout, so a scheduler restart is invisible to new requests.
+        Asked again after a bus reconnect (the answer may have been lost with a NATS server):
+        the scheduler answers a request it has seen without running it twice."""
         bus = self.s.bus
         deadline = time.monotonic() + self.s.submit_timeout_s
         pause = 0.05
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return await bus.request(
+                return await bus.request_idempotent(
                     bus.subjects.submit, request, SubmitReply, max(remaining, 0.1)
                 )
             except NoRespondersError:

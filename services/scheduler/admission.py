@@ -40,6 +40,11 @@ class Admission(ModelRegistry):
             await self._submit(request, msg)
 
     async def _submit(self, request: SubmitRequest, msg: Any) -> None:
+        if await self._seen(request.request_id):
+            # The same submit again: a gateway sends it once more when its bus connection comes
+            # back while it waits for the answer (which may have been lost). It runs once.
+            await self.bus.reply(msg, self._accepted(request.request_id))
+            return
         if request.model not in self.models or self._loading(request.model):
             await self._load_models()  # registered or ready a moment ago (a change not heard)
         await self._wait_for_a_worker()
@@ -51,12 +56,24 @@ class Admission(ModelRegistry):
                 await self.store.forget_queued(request.request_id)
             else:
                 self._traces[request.request_id] = RequestTrace(context_from(msg))
-        if rejection is None:
-            tracked = self.requests[request.request_id]
-            position = tracked.reported_position = waiting_ahead(self.requests, tracked)
-            rejection = SubmitReply(accepted=True, queued_ahead=position)
-        await self.bus.reply(msg, rejection)
+        await self.bus.reply(msg, rejection or self._accepted(request.request_id))
         await self._dispatch()
+
+    async def _seen(self, request_id: str) -> bool:
+        """Accepted already: still here, ended here lately, or ended under another scheduler
+        (Redis holds its end)."""
+        return (
+            request_id in self.requests
+            or request_id in self.ended
+            or await self.store.ended(request_id)
+        )
+
+    def _accepted(self, request_id: str) -> SubmitReply:
+        tracked = self.requests.get(request_id)
+        if tracked is None:  # it has ended: its gateway has the end or reads it from Redis
+            return SubmitReply(accepted=True)
+        position = tracked.reported_position = waiting_ahead(self.requests, tracked)
+        return SubmitReply(accepted=True, queued_ahead=position)
 
     async def _report_positions(self) -> None:
         """Tell each gateway where its requests still waiting for a first token now stand in the

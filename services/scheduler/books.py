@@ -11,6 +11,7 @@ The policy decides *what* runs; these books know *where the bytes are*::
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, TurnPlan
@@ -63,6 +64,29 @@ class TrackedRequest:
             arrival=self.arrival,
             generated=self.generated,
         )
+
+
+class RecentIds:
+    """The last ``size`` request ids added, for ``in`` tests; older ones are forgotten."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+
+    def add(self, request_id: str) -> None:
+        if request_id in self._ids:
+            return
+        self._order.append(request_id)
+        self._ids.add(request_id)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 @dataclass

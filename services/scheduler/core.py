@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aegaeon.scheduler.books import TrackedRequest, WorkerBook
+from aegaeon.scheduler.books import RecentIds, TrackedRequest, WorkerBook
 from aegaeon.scheduler.locality import DEFAULT_FETCH_BYTES_PER_S, NodeCaches
 from aegaeon.scheduler.policies.base import ModelSpec, Policy, Slo, TurnPlan, TurnResult
 from aegaeon.scheduler.store import RequestStore
@@ -25,6 +25,9 @@ from aegaeon.telemetry import RequestTrace
 
 log = logging.getLogger(__name__)
 
+ENDED_IDS_KEPT = 10_000
+"""How many ended request ids the scheduler remembers (~1.5 MB), so a submit sent again moments
+after its request ended is not run: Redis records the end a moment after the books drop it."""
 
 EstimatorFactory = Callable[[dict[str, ModelSpec]], Any]
 """Builds the policy's step-time estimator once the models are known (None: policy defaults)."""
@@ -80,6 +83,9 @@ class ServiceCore(ABC):
         self.policy: Policy | None = None
         self.estimator: Any = None  # the policy's step-time estimator (None: its default)
         self.requests: dict[str, TrackedRequest] = {}
+        # Requests that ended here lately: a submit of one again (a gateway re-sends its submit
+        # after a bus reconnect) must not run it twice. Redis says so for older ones.
+        self.ended = RecentIds(ENDED_IDS_KEPT)
         self.workers: dict[str, WorkerBook] = {}
         # What each node's host cache holds (model-store heartbeats): the policy's locality hint
         # once a store is heard.
@@ -169,6 +175,7 @@ class ServiceCore(ABC):
     def _forget(self, tracked: TrackedRequest) -> None:
         """Drop a request from the books and the policy (after the turn that holds it)."""
         self.requests.pop(tracked.request_id, None)
+        self.ended.add(tracked.request_id)
         self._traces.pop(tracked.request_id, None)
         source = self._take_kv(tracked)
         if source is not None:  # it ended before the decode worker imported its KV

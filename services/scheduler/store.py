@@ -114,6 +114,15 @@ class RequestStore:
         )
         return None if raw is None else [int(t) for t in raw]
 
+    async def ended(self, request_id: str) -> bool:
+        """Whether the request has ended (its metadata holds a finish reason). False when Redis
+        cannot say: the caller then takes it as a request it has not seen."""
+        key = self.keys.request(request_id)
+        found = await self._retry(
+            f"read the end of {request_id}", lambda: self.redis.hexists(key, "finish_reason"), False
+        )
+        return bool(found)
+
     async def mark_running(self, request_id: str, worker_id: str) -> None:
         key = self.keys.request(request_id)
 

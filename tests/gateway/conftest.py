@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,19 @@ class Stack:
 
 
 async def serve_stack(
-    nats_server, redis_server, tiny_model: Path, prefix: str, **settings
+    nats_server,
+    redis_server,
+    tiny_model: Path,
+    prefix: str,
+    gateway_nats_url: str = "",
+    **settings,
 ) -> AsyncIterator[Stack]:
-    """The real app on a free port with a fake backend; each stack uses its own prefix."""
+    """The real app on a free port with a fake backend; each stack uses its own prefix.
+    ``gateway_nats_url``: where the gateway reaches NATS (default the server, as the backend)."""
     bus_config = BusConfig(nats_url=nats_server.url, redis_url=redis_server.url, prefix=prefix)
     settings.setdefault("tokenizer_cache_dir", tiny_model.parent / "cache")
-    app = create_app(GatewaySettings(bus=bus_config, gateway_id=f"{prefix}-gw", **settings))
+    gateway_bus = replace(bus_config, nats_url=gateway_nats_url or bus_config.nats_url)
+    app = create_app(GatewaySettings(bus=gateway_bus, gateway_id=f"{prefix}-gw", **settings))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))

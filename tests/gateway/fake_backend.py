@@ -55,6 +55,7 @@ class Script:
     error_after: int | None = None  # send an error event after this many tokens
     hang: bool = False  # accept and never send a token
     silent: bool = False  # take the submit and never answer it
+    unanswered: int = 0  # take this many submits first and never answer them
     logprobs: bool = True
     queued_ahead: int = 0  # the admission reply's queue position
     statuses: list[RequestStatus] = field(default_factory=list)  # sent before the first token
@@ -153,7 +154,7 @@ class FakeBackend:
 
         request = decode(msg.data, SubmitRequest)
         self.submitted.append(request)
-        if self.script.silent:
+        if self.script.silent or len(self.submitted) <= self.script.unanswered:
             return
         if self.script.reject is not None:
             await self.bus.reply(msg, self.script.reject)

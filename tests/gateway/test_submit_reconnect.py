@@ -1,0 +1,43 @@
+"""A submit whose answer is lost while the gateway's bus connection is down (its NATS server
+crashed) is asked again once the connection is back, and the request is served: not a 503 after
+the submit timeout. The gateway reaches the real nats-server through a relay the test cuts; the
+backend (scheduler) reaches it directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from nats_relay import Relay
+
+from .conftest import serve_stack
+from .fake_backend import Script
+
+
+async def test_a_submit_answer_lost_in_a_bus_reconnect_is_asked_for_again(
+    nats_server, redis_server, tiny_model
+):
+    relay = Relay(nats_server.port)
+    relay_url = f"nats://127.0.0.1:{await relay.start()}"
+    try:
+        async for stack in serve_stack(
+            nats_server, redis_server, tiny_model, "resubmit", gateway_nats_url=relay_url,
+            submit_timeout_s=30.0,
+        ):  # fmt: skip
+            backend = stack.backend
+            backend.script = Script(unanswered=1)  # the first answer is never sent
+            async with httpx.AsyncClient(base_url=stack.base_url, timeout=120) as http:
+                body = {"model": "tiny", "prompt": "x", "max_tokens": 5}
+                asked = asyncio.create_task(http.post("/v1/completions", json=body))
+                while not backend.submitted and not asked.done():
+                    await asyncio.sleep(0.01)
+                relay.cut()  # as a crashed server: the gateway reconnects, through the relay
+                response = await asked
+            assert response.status_code == 200, response.text
+            first, again = backend.submitted
+            assert again == first  # the same submit (same request id), sent once more
+            text = response.json()["choices"][0]["text"]
+            assert text and response.json()["usage"]["completion_tokens"] == 5
+            await stack.settle()
+    finally:
+        relay.close()

@@ -1,0 +1,63 @@
+"""A submit the scheduler has seen before (a gateway sends it again when its bus connection came
+back while it waited for the answer) is answered "accepted" and never runs the request twice:
+while it runs, just after it ended, and after a take-over by another scheduler (Redis says it
+ended). Real NATS and Redis, fake workers (test_service's harness)."""
+
+from __future__ import annotations
+
+from aegaeon.scheduler.books import RecentIds
+from test_service import expected_stream, final_state, harness, wait_for
+
+from aegaeon.protocol import AssignRequest
+
+__all__ = ["harness"]  # the fixture, imported for pytest
+
+
+def assigned(worker, rid: str) -> int:
+    return sum(1 for c in worker.of_type(AssignRequest) if c.request_id == rid)
+
+
+async def test_a_submit_sent_again_after_its_request_ended_does_not_run_it_again(harness):
+    worker = await harness.worker("w1")
+    scheduler = await harness.scheduler()
+    assert (await harness.submit("r1", max_tokens=2)).accepted
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    again = await harness.submit("r1", max_tokens=2)
+    assert again.accepted and again.queued_ahead == 0
+    assert "r1" not in scheduler.requests  # admission happens before the answer: none
+    assert (await harness.submit("r2", max_tokens=2)).accepted
+    await wait_for(lambda: harness.finished("r2"), what="r2 to finish")
+    assert assigned(worker, "r1") == 1
+    assert harness.stream("r1") == expected_stream(2)
+
+
+async def test_after_a_take_over_redis_says_which_submits_have_ended(harness):
+    worker = await harness.worker("w1")
+    await harness.scheduler()
+    assert (await harness.submit("r1", max_tokens=2)).accepted
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    assert await final_state(harness, "r1") == b"finished"
+    await harness.stop_scheduler()
+    successor = await harness.scheduler()
+    assert "r1" not in successor.ended  # it never ran here
+    assert (await harness.submit("r1", max_tokens=2)).accepted
+    assert "r1" not in successor.requests
+    assert assigned(worker, "r1") == 1
+
+
+async def test_a_submit_sent_again_while_it_waits_is_accepted_even_with_the_queue_full(harness):
+    worker = await harness.worker("w1")
+    worker.answer = False
+    scheduler = await harness.scheduler(max_queue=1)
+    assert (await harness.submit("r1")).accepted
+    again = await harness.submit("r1")
+    assert again.accepted, again.reason  # it was: 503 "queue is full", and the gateway cancelled
+    assert list(scheduler.requests) == ["r1"]
+    assert assigned(worker, "r1") == 1
+
+
+def test_recent_ids_keep_the_last_ones_added():
+    recent = RecentIds(3)
+    for rid in ("a", "b", "a", "c", "d"):
+        recent.add(rid)
+    assert "a" not in recent and all(r in recent for r in "bcd") and len(recent) == 3
