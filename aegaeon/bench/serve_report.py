@@ -17,20 +17,29 @@ def policy_goodput(points: list[dict], key: str = "attainment") -> float:
     return goodput((p["rate_per_model"], p[key]) for p in points)
 
 
+FIGURE_DECIMALS = 6
+"""Figures compared against goals are ratios and differences of grid rates and attainments;
+rounded to this many decimals, 0.6 / 0.4 is 1.5 and 0.8 − 0.7 is 10 points, not the floats
+1.4999999999999998 and 10.000000000000009 that goals of ≥ 1.5 and ≤ 10 would read as missed."""
+
+
+def _figure(value: float) -> float:
+    return round(value, FIGURE_DECIMALS)
+
+
 def goodput_ratio(ours: float, theirs: float, lowest_rate: float) -> tuple[float | None, float | None]:  # fmt: skip
     """(ratio, lower bound). When the baseline meets the target at no rate its goodput is below
-    the lowest rate tried, so only a lower bound ``ours / lowest_rate`` is known. Both are ratios
-    of grid rates, rounded to 6 decimals: 0.6 / 0.4 is 1.5, not the float 1.4999999999999998
-    that a goal of ≥ 1.5 would read as missed."""
+    the lowest rate tried, so only a lower bound ``ours / lowest_rate`` is known. Both are
+    rounded (:data:`FIGURE_DECIMALS`)."""
     if theirs > 0:
-        return round(ours / theirs, 6), None
+        return _figure(ours / theirs), None
     if ours > 0:
-        return None, round(ours / lowest_rate, 6)
+        return None, _figure(ours / lowest_rate)
     return None, None
 
 
 def ratio_spread(runs: list[dict], keys: list[str]) -> tuple[float | None, dict[str, float | None]]:
-    """Per ratio key: (max − min) / min over the runs, rounded to 6 decimals as the ratios are;
+    """Per ratio key: (max − min) / min over the runs, rounded as the ratios are;
     overall: the largest. A key missing from some run but present in another (a baseline that
     passed nowhere once) has no finite spread: None, and the overall spread is None too."""
     by_key: dict[str, float | None] = {}
@@ -42,7 +51,7 @@ def ratio_spread(runs: list[dict], keys: list[str]) -> tuple[float | None, dict[
             by_key[key] = None
             continue
         low, high = min(values), max(values)  # type: ignore[type-var]
-        by_key[key] = round((high - low) / low, 6)  # type: ignore[operator]
+        by_key[key] = _figure((high - low) / low)  # type: ignore[operator]
     if any(v is None for v in by_key.values()):
         return None, by_key
     return max((v for v in by_key.values() if v is not None), default=None), by_key
@@ -71,11 +80,10 @@ def _switched_bytes(switches: list[dict]) -> int:
 
 def sim_differences(policies: dict[str, dict]) -> dict[str, float]:
     """Per policy: the largest |simulated − measured| attainment over its rates, in points,
-    rounded to 6 decimals: 0.8 − 0.7 is 10 points, not the float 10.000000000000009 that a
-    goal of ≤ 10 would read as missed."""
+    rounded (:data:`FIGURE_DECIMALS`)."""
     diffs = {}
     for name, result in policies.items():
-        gaps = [round(abs(p["sim"]["attainment"] - p["attainment"]) * 100, 6)
+        gaps = [_figure(abs(p["sim"]["attainment"] - p["attainment"]) * 100)
                 for p in result["points"] if "sim" in p]  # fmt: skip
         if gaps:
             diffs[name] = max(gaps)
