@@ -115,13 +115,14 @@ class RequestStore:
         return None if raw is None else [int(t) for t in raw]
 
     async def ended(self, request_id: str) -> bool:
-        """Whether the request has ended (its metadata holds a finish reason). False when Redis
-        cannot say: the caller then takes it as a request it has not seen."""
-        key = self.keys.request(request_id)
-        found = await self._retry(
-            f"read the end of {request_id}", lambda: self.redis.hexists(key, "finish_reason"), False
-        )
-        return bool(found)
+        """Whether the request has ended (its metadata holds a finish reason). Asked once, not
+        retried: when Redis cannot say, False (the caller takes it as a request it has not seen,
+        and its next write waits out the outage anyway)."""
+        try:
+            return bool(await self.redis.hexists(self.keys.request(request_id), "finish_reason"))
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            log.warning("redis: reading the end of %s failed: %s", request_id, exc)
+            return False
 
     async def mark_running(self, request_id: str, worker_id: str) -> None:
         key = self.keys.request(request_id)
