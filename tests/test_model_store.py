@@ -12,11 +12,12 @@ import msgspec
 import numpy as np
 import pytest
 from aegaeon.model_store.cli import register
+from aegaeon.model_store.files import fetch_file
 from aegaeon.model_store.host_cache import CacheError, HostCache, cache_root
 from aegaeon.model_store.layout import ALIGN
 from aegaeon.model_store.lifecycle import LifecycleBook
 from aegaeon.model_store.registry import ModelError, RegistryScanner, check_name, describe
-from aegaeon.model_store.service import ModelStoreService, fetch_file
+from aegaeon.model_store.service import ModelStoreService
 from safetensors.numpy import load_file, save_file
 
 from aegaeon.bus import Bus

@@ -193,7 +193,7 @@ class TokenizerCache:
 
     async def _fetch(self, model: str) -> Path:
         """Copy the tokenizer files from the model-store (another node) into the cache dir."""
-        from aegaeon.model_store.service import fetch_file
+        from aegaeon.model_store.files import fetch_file
 
         if self.bus is None:
             raise FileNotFoundError(f"model {model!r}: no local tokenizer and no bus to fetch it")

@@ -1,5 +1,6 @@
-"""The model-store's NATS shell: answers ``models.list|describe|ensure|prefetch|file`` and the
-admin API's verbs ``models.deploy|drain|remove|serving`` (``admin.py``).
+"""The model-store's NATS shell: answers ``models.list|describe|ensure|prefetch|file`` (file
+chunks: ``files.py``) and the admin API's verbs ``models.deploy|drain|remove|serving``
+(``admin.py``).
 
 Registry scans and cache loads are file I/O, so they run in threads; the event loop only decodes,
 dispatches and replies. Workers' heartbeats tell the store how much weight memory the largest
@@ -53,6 +54,7 @@ from aegaeon.protocol import (
 from aegaeon.telemetry import tracer
 
 from .admin import LifecycleVerbs
+from .files import read_chunk
 from .host_cache import CacheError, HostCache
 from .lifecycle import LifecycleBook
 from .peers import Peers
@@ -61,11 +63,6 @@ from .registry import Registry, RegistryScanner
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-MAX_CHUNK = 512 * 1024
-"""Largest FetchFile chunk: well under NATS's 1 MiB payload limit."""
-MAX_SERVED_FILE = 64 * 1024 * 1024
-"""FetchFile serves small files (tokenizer, config); weights move through shared memory."""
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 HEARTBEAT_FRESH_S = 30.0
 STORE_HEARTBEAT_INTERVAL_S = 1.0
 """How often the store says what its cache holds (the scheduler forgets it after 3 silent)."""
@@ -359,46 +356,3 @@ class ModelStoreService:
             f"model {info.name} has {info.weight_bytes} bytes of weights; the largest worker "
             f"weight budget is {max(budgets)} bytes, so no worker can load it"
         )
-
-
-def read_chunk(model_dir: Path, request: FetchFile) -> FileChunk:
-    """One chunk of a small, non-weight file directly inside a model folder."""
-    name = request.file
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return FileChunk(error=f"invalid file name {name!r}: a plain file name in the model folder")
-    if name.endswith(WEIGHT_SUFFIXES):
-        return FileChunk(error=f"{name} is a weights file: weights move through the host cache")
-    path = model_dir / name
-    if not path.is_file():
-        return FileChunk(error=f"model {request.name!r} has no file {name!r}")
-    total = path.stat().st_size
-    if total > MAX_SERVED_FILE:
-        return FileChunk(
-            error=f"{name} is {total} bytes; only files up to {MAX_SERVED_FILE} are served"
-        )
-    if request.offset < 0 or request.length <= 0:
-        return FileChunk(error="offset must be >= 0 and length > 0")
-    with path.open("rb") as f:
-        f.seek(request.offset)
-        data = f.read(min(request.length, MAX_CHUNK))
-    return FileChunk(data=data, total=total)
-
-
-async def fetch_file(bus: Bus, model: str, file: str, timeout: float = 10.0) -> bytes:
-    """Client side of ``models.file``: the whole file, chunk by chunk (a chunk is asked again
-    after a reconnect: a read may be answered twice). Raises FileNotFoundError."""
-    parts: list[bytes] = []
-    offset, total = 0, None
-    while total is None or offset < total:
-        request = FetchFile(model, file, offset, MAX_CHUNK)
-        chunk = await bus.request_idempotent(
-            bus.subjects.models("file"), request, FileChunk, timeout
-        )
-        if chunk.error:
-            raise FileNotFoundError(chunk.error)
-        total = chunk.total
-        if not chunk.data and offset < total:
-            raise OSError(f"{model}/{file}: empty chunk at offset {offset} of {total}")
-        parts.append(chunk.data)
-        offset += len(chunk.data)
-    return b"".join(parts)

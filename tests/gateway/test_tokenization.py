@@ -7,7 +7,7 @@ import json
 import shutil
 
 from aegaeon.gateway.tokenization import FALLBACK_TEMPLATE, TokenizerCache, load_tokenizer
-from aegaeon.model_store.service import read_chunk
+from aegaeon.model_store.files import read_chunk
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
