@@ -1,4 +1,5 @@
-"""Redis keys, defined once. Every key expires, so nothing grows without bound.
+"""Redis keys, defined once. Every key expires but the one epoch key of a deployment, so nothing
+grows without bound.
 
 ``<prefix>:req:<id>``      hash  request metadata: state, model, gateway, prompt_len, output_len,
                                  arrival, first_token_at, finished_at, finish_reason, worker
@@ -9,6 +10,9 @@
                                  has accepted but not finished (a restarted scheduler resumes them)
 ``<prefix>:scheduler:leader`` string  the leader lease: ``<scheduler id>:<pid>:<nonce>`` of the one
                                  scheduler that schedules; expires unless renewed (a few seconds)
+``<prefix>:scheduler:leader:epoch`` string  the last term's fencing epoch (the lease key +
+                                 ``:epoch``, kept by ``RedisLease`` in the scheduler's leadership.py;
+                                 it does not expire: the next term's epoch must exceed it)
 """
 
 from __future__ import annotations
