@@ -86,20 +86,33 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's validation report → one 400 naming the first bad field."""
+def validation_error(exc: RequestValidationError, content_type: str = "application/json") -> APIError:  # fmt: skip
+    """FastAPI's validation report → one 400 naming the first bad field. A body sent with another
+    content type than JSON is not parsed at all (``curl -d`` sends a form type unless told):
+    say so, instead of the validator's words about the unparsed bytes."""
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request.")
     first = errors[0]
     if first.get("type") == "json_invalid":
         return bad_request("We could not parse the JSON body of your request.", code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",) and not _is_json(content_type):
+        return bad_request(
+            f"The request body must be JSON sent with 'Content-Type: application/json' "
+            f"(it came as {content_type.split(';')[0].strip()!r}).",
+            code="invalid_content_type",
+        )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = str(first.get("msg", "Invalid value"))
     if param:
         message = f"Invalid value for '{param}': {message}"
     return bad_request(message, param=param, code="invalid_value")
+
+
+def _is_json(content_type: str) -> bool:
+    mime = content_type.split(";")[0].strip().lower()
+    return mime == "application/json" or mime.endswith("+json")
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -110,8 +123,9 @@ def install_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "application/json")
+        return validation_error(exc, content_type).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

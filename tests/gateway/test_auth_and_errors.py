@@ -82,3 +82,10 @@ def test_validation_errors_become_400_naming_the_field():
         [{"type": "json_invalid", "loc": ("body", 3), "msg": "x"}]
     )
     assert validation_error(invalid_json).code == "invalid_json"
+    not_parsed = RequestValidationError([{"type": "dict_type", "loc": ("body",), "msg": "x"}])
+    assert validation_error(not_parsed, "text/plain").code == "invalid_content_type"
+    assert validation_error(not_parsed, "application/json").code == "invalid_value"
+    assert (
+        validation_error(not_parsed, "application/vnd.api+json; charset=utf-8").code
+        == "invalid_value"
+    )

@@ -225,6 +225,22 @@ async def test_a_scheduler_that_comes_back_within_the_submit_timeout_serves_the_
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS, "/tokenize"])
+async def test_a_json_body_sent_as_a_form_is_told_to_send_json(stack, path):
+    """``curl -d '{…}'`` without a header sends a form type, and FastAPI then parses nothing."""
+    body = b'{"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}'
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        response = await http.post(path, content=body, headers=form)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_content_type"
+    assert "Content-Type: application/json" in error["message"]
+    assert "application/x-www-form-urlencoded" in error["message"]
+    await stack.settle()
+    assert stack.backend.submitted == []
+
+
 async def test_empty_prompt_is_400(stack):
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         response = await http.post(COMPLETIONS, json={"model": "tiny", "prompt": ""})
