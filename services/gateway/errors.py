@@ -96,10 +96,11 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     first = errors[0]
     if first.get("type") == "json_invalid":
         return bad_request("We could not parse the JSON body of your request.", code="invalid_json")
-    if tuple(first.get("loc", ())) == ("body",) and not _is_json(content_type):
+    mime = content_type.split(";")[0].strip().lower()
+    if tuple(first.get("loc", ())) == ("body",) and not _is_json(mime):
         return bad_request(
             f"The request body must be JSON sent with 'Content-Type: application/json' "
-            f"(it came as {content_type.split(';')[0].strip()!r}).",
+            f"(it came as {mime!r}).",
             code="invalid_content_type",
         )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -110,8 +111,7 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     return bad_request(message, param=param, code="invalid_value")
 
 
-def _is_json(content_type: str) -> bool:
-    mime = content_type.split(";")[0].strip().lower()
+def _is_json(mime: str) -> bool:
     return mime == "application/json" or mime.endswith("+json")
 
 

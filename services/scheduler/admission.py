@@ -40,9 +40,10 @@ class Admission(ModelRegistry):
             await self._submit(request, msg)
 
     async def _submit(self, request: SubmitRequest, msg: Any) -> None:
-        if await self._seen(request.request_id):
+        if request.request_id in self.requests or request.request_id in self.ended:
             # The same submit again: a gateway sends it once more when its bus connection comes
-            # back while it waits for the answer (which may have been lost). It runs once.
+            # back while it waits for the answer (which may have been lost). It runs once; one
+            # that ended under an earlier scheduler is caught by the persist below.
             await self.bus.reply(msg, self._accepted(request.request_id))
             return
         if request.model not in self.models or self._loading(request.model):
@@ -50,7 +51,9 @@ class Admission(ModelRegistry):
         await self._wait_for_a_worker()
         rejection = self._check_admission(request)
         if rejection is None and request.request_id not in self.requests:
-            await self.store.persist(request)
+            if not await self.store.persist(request):  # it ended already: do not run it again
+                await self.bus.reply(msg, self._accepted(request.request_id))
+                return
             rejection = self._admit(TrackedRequest(request))
             if rejection is not None:
                 await self.store.forget_queued(request.request_id)
@@ -58,15 +61,6 @@ class Admission(ModelRegistry):
                 self._traces[request.request_id] = RequestTrace(context_from(msg))
         await self.bus.reply(msg, rejection or self._accepted(request.request_id))
         await self._dispatch()
-
-    async def _seen(self, request_id: str) -> bool:
-        """Accepted already: still here, ended here lately, or ended under another scheduler
-        (Redis holds its end)."""
-        return (
-            request_id in self.requests
-            or request_id in self.ended
-            or await self.store.ended(request_id)
-        )
 
     def _accepted(self, request_id: str) -> SubmitReply:
         tracked = self.requests.get(request_id)

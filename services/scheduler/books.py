@@ -11,7 +11,6 @@ The policy decides *what* runs; these books know *where the bytes are*::
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, RequestView, TurnPlan
@@ -71,22 +70,18 @@ class RecentIds:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._order: deque[str] = deque()
-        self._ids: set[str] = set()
+        self._ids: dict[str, None] = {}  # insertion-ordered: the oldest first
 
     def add(self, request_id: str) -> None:
-        if request_id in self._ids:
-            return
-        self._order.append(request_id)
-        self._ids.add(request_id)
-        if len(self._order) > self.size:
-            self._ids.discard(self._order.popleft())
+        self._ids[request_id] = None
+        if len(self._ids) > self.size:
+            del self._ids[next(iter(self._ids))]
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._ids
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._ids)
 
 
 @dataclass

@@ -25,6 +25,17 @@ T = TypeVar("T")
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Back-off between attempts: about 3 s in all, longer than a local Redis restart."""
 
+PERSIST_SCRIPT = """
+-- KEYS: the queue hash, the request's metadata hash. ARGV: request id, packed submit, metadata
+-- TTL, then field/value pairs. Atomic: an ended request is never queued again.
+if redis.call('HEXISTS', KEYS[2], 'finish_reason') == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+"""Queue an accepted request and write its metadata, unless it has ended (one round trip)."""
+
 
 class RequestStore:
     """Redis reads and writes of the scheduler, each one retried (see module docstring)."""
@@ -32,6 +43,7 @@ class RequestStore:
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
+        self._persist = redis.register_script(PERSIST_SCRIPT)
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]], default: T) -> T:
         for delay in (*RETRY_DELAYS_S, None):
@@ -54,23 +66,25 @@ class RequestStore:
 
     # ------------------------------------------------------------------ the queue
 
-    async def persist(self, submit: SubmitRequest) -> None:
-        """Remember an accepted request until it ends (a restarted scheduler resumes it)."""
-        key = self.keys.request(submit.request_id)
-        fields = {
+    async def persist(self, submit: SubmitRequest) -> bool:
+        """Remember an accepted request until it ends (a restarted scheduler resumes it). False,
+        writing nothing, when the request has ended already (its metadata holds a finish reason):
+        its submit came again after the scheduler that ran it went away. True when Redis cannot
+        be reached (the request is then admitted, as before the outage)."""
+        fields: dict[str, str | int | float] = {
             "state": "queued",
             "model": submit.model,
             "gateway": submit.gateway_id,
             "prompt_len": len(submit.prompt_token_ids),
             "arrival": submit.arrival_time,
         }
-
-        def build(pipe: Any) -> None:
-            pipe.hset(self.keys.queue, submit.request_id, encode(submit))
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, REQUEST_TTL_S)
-
-        await self._pipeline(f"persist {submit.request_id}", build)
+        keys = [self.keys.queue, self.keys.request(submit.request_id)]
+        args: list[str | bytes | int | float] = [submit.request_id, encode(submit), REQUEST_TTL_S]
+        args += [part for field in fields.items() for part in field]
+        written = await self._retry(
+            f"persist {submit.request_id}", lambda: self._persist(keys=keys, args=args), 1
+        )
+        return bool(written)
 
     async def queued(self) -> list[tuple[SubmitRequest, str | None, int]]:
         """Every persisted request, with the worker that last held it and its output length."""
@@ -113,16 +127,6 @@ class RequestStore:
             None,
         )
         return None if raw is None else [int(t) for t in raw]
-
-    async def ended(self, request_id: str) -> bool:
-        """Whether the request has ended (its metadata holds a finish reason). Asked once, not
-        retried: when Redis cannot say, False (the caller takes it as a request it has not seen,
-        and its next write waits out the outage anyway)."""
-        try:
-            return bool(await self.redis.hexists(self.keys.request(request_id), "finish_reason"))
-        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
-            log.warning("redis: reading the end of %s failed: %s", request_id, exc)
-            return False
 
     async def mark_running(self, request_id: str, worker_id: str) -> None:
         key = self.keys.request(request_id)
