@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,6 +57,40 @@ class Reconnects:
         woken.set()
 
 
+RESEND_WINDOW_S = 5.0
+"""How long before a disconnect an idempotent publish counts as possibly lost with its server:
+a crashed server takes what it had accepted and not yet delivered (milliseconds' worth). What
+is published while disconnected waits in the client's buffer and goes out on reconnecting."""
+
+
+class Resends:
+    """Idempotent publishes of the last :data:`RESEND_WINDOW_S`; those from just before a
+    disconnect are sent again once the connection is back (core NATS is at-most-once)."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._recent: deque[tuple[float, str, bytes, dict[str, str] | None]] = deque()
+        self._at_disconnect: list[tuple[str, bytes, dict[str, str] | None]] = []
+
+    def sent(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        now = time.monotonic()
+        self._recent.append((now, subject, data, headers))
+        while self._recent and self._recent[0][0] < now - RESEND_WINDOW_S:
+            self._recent.popleft()
+
+    def disconnected(self) -> None:
+        since = time.monotonic() - RESEND_WINDOW_S
+        self._at_disconnect = [entry[1:] for entry in self._recent if entry[0] >= since]
+        self._recent.clear()
+
+    async def resend(self) -> None:
+        again, self._at_disconnect = self._at_disconnect, []
+        if again:
+            log.info("reconnected: sending %d idempotent messages again", len(again))
+        for subject, data, headers in again:
+            await self._nc.publish(subject, data, headers=headers)
+
+
 class Bus:
     """One NATS connection with typed helpers. ``await Bus.connect(config, name)``."""
 
@@ -63,9 +99,13 @@ class Bus:
         self.config = config
         self.subjects = Subjects(config.prefix)
         self.reconnects = Reconnects()
+        self.resends = Resends(nc)
         # Called after each reconnect: core NATS is at-most-once, so whatever was published
         # while this or another client was away may be lost and needs checking.
-        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = [self.reconnects.notify]
+        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = [
+            self.reconnects.notify,
+            self.resends.resend,
+        ]
         # Headers every message this bus sends carries (a scheduler term's fencing token).
         self.extra_headers: dict[str, str] = {}
 
@@ -73,10 +113,12 @@ class Bus:
     async def connect(cls, config: BusConfig, name: str, **options: Any) -> Bus:
         """Connect, reconnecting forever: a NATS restart must not take a service down."""
 
+        holder: list[Bus] = []
+
         async def on_disconnect() -> None:
             log.warning("%s: disconnected from NATS", name)
-
-        holder: list[Bus] = []
+            if holder:
+                holder[0].resends.disconnected()
 
         async def on_reconnect() -> None:
             log.warning("%s: reconnected to NATS", name)
@@ -118,6 +160,14 @@ class Bus:
         """Publish one typed message (fire and forget) with ``context`` (default: the current
         one) as its trace context: a service acting for one request among many names it."""
         await self.nc.publish(subject, encode(message), headers=self._headers(context))
+
+    async def publish_idempotent(self, subject: str, message: Any) -> None:
+        """:meth:`publish` for a message its receivers may get twice (a cancel): sent again
+        after a reconnect when it was published shortly before the connection dropped, since
+        the server that had it may have crashed before delivering it."""
+        data, headers = encode(message), self._headers()
+        await self.nc.publish(subject, data, headers=headers)
+        self.resends.sent(subject, data, headers)
 
     async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):
         """Request/reply with a typed answer."""

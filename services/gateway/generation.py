@@ -236,7 +236,8 @@ class Generation:
 
     async def _cancel(self, reason: str) -> None:
         bus = self.s.bus
-        await bus.publish(bus.subjects.cancel, CancelRequest(self.request_id, reason))
+        # A cancel lost with a crashing NATS server would leave the request running for nobody.
+        await bus.publish_idempotent(bus.subjects.cancel, CancelRequest(self.request_id, reason))
 
     async def _record_arrival(self) -> None:
         key = self.s.keys.request(self.request_id)

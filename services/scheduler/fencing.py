@@ -40,6 +40,7 @@ class FencedBus(Bus):
     def __init__(self, bus: Bus, leads: Leads, epoch: int = 0) -> None:
         super().__init__(bus.nc, bus.config)
         self.reconnect_listeners, self.reconnects = bus.reconnect_listeners, bus.reconnects
+        self.resends = bus.resends
         self._leads = leads
         self.extra_headers = epoch_headers(epoch)  # workers drop an older term's commands
 
@@ -52,6 +53,10 @@ class FencedBus(Bus):
     ) -> None:
         self._check()
         await super().publish(subject, message, context)
+
+    async def publish_idempotent(self, subject: str, message: Any) -> None:
+        self._check()
+        await super().publish_idempotent(subject, message)
 
     async def request(self, subject: str, message: Any, reply_type: Any, timeout: float = 5.0):
         self._check()
