@@ -43,13 +43,17 @@ class Admission(ModelRegistry):
         if request.request_id in self.requests or request.request_id in self.ended:
             # The same submit again: a gateway sends it once more when its bus connection comes
             # back while it waits for the answer (which may have been lost). It runs once; one
-            # that ended under an earlier scheduler is caught by the persist below.
+            # that ended under an earlier scheduler is caught by the persist below (or, when
+            # the checks would refuse it now, by the read that follows a refusal).
             await self.bus.reply(msg, self._accepted(request.request_id))
             return
         if request.model not in self.models or self._loading(request.model):
             await self._load_models()  # registered or ready a moment ago (a change not heard)
         await self._wait_for_a_worker()
         rejection = self._check_admission(request)
+        if rejection is not None and await self.store.has_ended(request.request_id):
+            await self.bus.reply(msg, self._accepted(request.request_id))  # not an error: it ran
+            return
         if rejection is None and request.request_id not in self.requests:
             if not await self.store.persist(request):  # it ended already: do not run it again
                 await self.bus.reply(msg, self._accepted(request.request_id))

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from aegaeon.scheduler.store import RequestStore
+from aegaeon.scheduler.store import RETRY_DELAYS_S, RequestStore
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 
@@ -78,10 +78,16 @@ class FencedStore(RequestStore):
         super().__init__(redis, prefix)
         self._leads = leads
 
-    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], default: T) -> T:
+    async def _retry(
+        self,
+        what: str,
+        op: Callable[[], Awaitable[T]],
+        default: T,
+        delays: tuple[float, ...] = RETRY_DELAYS_S,
+    ) -> T:
         async def fenced() -> T:
             if not self._leads():
                 raise NotLeader(f"this scheduler no longer holds the leader lease ({what})")
             return await op()
 
-        return await super()._retry(what, fenced, default)
+        return await super()._retry(what, fenced, default, delays)

@@ -45,8 +45,14 @@ class RequestStore:
         self.keys = Keys(prefix)
         self._persist = redis.register_script(PERSIST_SCRIPT)
 
-    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], default: T) -> T:
-        for delay in (*RETRY_DELAYS_S, None):
+    async def _retry(
+        self,
+        what: str,
+        op: Callable[[], Awaitable[T]],
+        default: T,
+        delays: tuple[float, ...] = RETRY_DELAYS_S,
+    ) -> T:
+        for delay in (*delays, None):
             try:
                 return await op()
             except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
@@ -85,6 +91,18 @@ class RequestStore:
             f"persist {submit.request_id}", lambda: self._persist(keys=keys, args=args), 1
         )
         return bool(written)
+
+    async def has_ended(self, request_id: str) -> bool:
+        """Whether the request's metadata holds a finish reason. Asked once, not retried: False
+        when Redis cannot say (the caller goes on as for a request it has not seen)."""
+        key = self.keys.request(request_id)
+        found = await self._retry(
+            f"read the end of {request_id}",
+            lambda: self.redis.hexists(key, "finish_reason"),
+            False,
+            delays=(),
+        )
+        return bool(found)
 
     async def queued(self) -> list[tuple[SubmitRequest, str | None, int]]:
         """Every persisted request, with the worker that last held it and its output length."""

@@ -1,7 +1,7 @@
 """A submit the scheduler has seen before (a gateway sends it again when its bus connection came
 back while it waited for the answer) is answered "accepted" and never runs the request twice:
 while it runs, just after it ended, and after a take-over by another scheduler (Redis says it
-ended). Real NATS and Redis, fake workers (test_service's harness)."""
+ended), even when the admission checks would refuse it now. Real NATS and Redis, fake workers (test_service's harness)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,23 @@ async def test_a_submit_sent_again_while_it_waits_is_accepted_even_with_the_queu
     again = await harness.submit("r1")
     assert again.accepted, again.reason  # it was: 503 "queue is full", and the gateway cancelled
     assert list(scheduler.requests) == ["r1"]
+    assert assigned(worker, "r1") == 1
+
+
+async def test_after_a_take_over_an_ended_submit_is_accepted_even_when_it_would_be_refused(
+    harness,
+):
+    worker = await harness.worker("w1")
+    await harness.scheduler()
+    assert (await harness.submit("r1", max_tokens=2)).accepted
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    await harness.stop_scheduler()
+    worker.answer = False
+    successor = await harness.scheduler(max_queue=1)
+    assert (await harness.submit("r0")).accepted  # waits: the queue is full now
+    again = await harness.submit("r1", max_tokens=2)
+    assert again.accepted, again.reason  # it ran: not 503 "queue is full" (its stream has ended)
+    assert list(successor.requests) == ["r0"]
     assert assigned(worker, "r1") == 1
 
 
