@@ -11,7 +11,9 @@ and read-only (pinned read-only on CUDA), so it is neither copied in RAM nor wri
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from aegaeon.gpu_worker.host_kv import map_file_read_only, pin, unpin
@@ -30,11 +32,20 @@ def align_down(value: int, align: int = ALIGN) -> int:
 
 @dataclass
 class HostWeights:
-    """A model's host-cache file mapped into this process (pinned on CUDA), kept across switches."""
+    """A model's host-cache file mapped into this process (pinned on CUDA), kept across switches
+    while the file is the one the host cache holds at ``path``."""
 
     mapping: torch.Tensor  # the whole file from its first byte: the address that was pinned
     tensor: torch.Tensor  # the data section only (``data_offset`` bytes into ``mapping``)
     pinned: bool
+    path: Path
+    file_id: tuple[int, int]  # (device, inode) of the file mapped
+
+    def is_current(self) -> bool:
+        """Whether ``path`` still names the file mapped. The host cache unlinks a file it evicts
+        (and writes a new one when the model comes back): a mapping of the old one keeps its
+        pages alive, outside the cache's budget, and would copy from it."""
+        return file_id(self.path) == self.file_id
 
     def release(self) -> None:
         """Unpin (the registered base, not the data section); the mapping goes with the object."""
@@ -81,10 +92,20 @@ class Arena:
 
 def map_host_weights(spec: ModelSpec, device: torch.device) -> HostWeights:
     """Map the host-cache file shared and read-only; pin it read-only when the device is CUDA."""
-    index = spec.index
-    whole = map_file_read_only(spec.weights_path, index.data_offset + index.data_bytes)
+    index, path = spec.index, Path(spec.weights_path)
+    mapped = file_id(path)  # before mapping: a file replaced meanwhile reads as stale, remapped
+    whole = map_file_read_only(path, index.data_offset + index.data_bytes)
     pinned = pin(whole, read_only=True) if device.type == "cuda" else False
-    return HostWeights(whole, whole[index.data_offset :], pinned)
+    return HostWeights(whole, whole[index.data_offset :], pinned, path, mapped or (-1, -1))
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def slot_need(spec: ModelSpec, dtype: torch.dtype) -> int:

@@ -155,6 +155,11 @@ class Engine(Stepping):
         self.specs.pop(name, None)
         self._paged.pop(name, None)
 
+    def release_stale_host_mappings(self) -> list[str]:
+        """Unmap (and unpin) host-cache files the node's model-store has evicted or replaced,
+        so their memory goes back to it; the next copy of such a model maps its current file."""
+        return self.slots.release_stale_mappings()
+
     def invalidate_weights(self) -> None:
         """Forget what the weight slots hold (someone wrote over them); the next switch copies."""
         self.slots.invalidate()

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 _tracer = tracer(__name__)
 
+MAPPING_SWEEP_S = 5.0
+"""How often the engine's host mappings are checked against the host cache's files."""
+
 
 class Residency(WorkerCore):
     """Host-cache loads, switches and prefetch of the worker's engine."""
@@ -65,6 +68,15 @@ class Residency(WorkerCore):
         with contextlib.suppress(KeyError):  # never sampled here: no series to remove
             metrics.RESIDENT_MODELS.remove(self.worker_id, model)
         log.info("evicted %s", model)
+
+    async def _release_stale_mappings_loop(self) -> None:
+        """Every few seconds, unmap host-cache files the model-store has evicted: a mapping
+        keeps an unlinked file's pages, which the store believes it freed."""
+        while True:
+            await asyncio.sleep(MAPPING_SWEEP_S)
+            released = await self._on_engine(self.engine.release_stale_host_mappings)
+            if released:
+                log.info("unmapped evicted host-cache files of %s", ", ".join(released))
 
     def _start_prefetch(self, model: str) -> None:
         """Stage ``model`` in the engine's free weight slot in the background: the host-cache

@@ -236,6 +236,16 @@ class WeightSlots:
                 if self._resident == i:
                     self._resident = None
 
+    def release_stale_mappings(self) -> list[str]:
+        """Drop the host mappings of files the host cache has evicted or replaced (none that a
+        copy in flight reads); returns their models. The slots keep what they hold."""
+        copying = self._copy.model if self._copy is not None else None
+        stale = [name for name, host in self._host.items()
+                 if name != copying and not host.is_current()]  # fmt: skip
+        for name in stale:
+            self._host.pop(name).release()
+        return stale
+
     def invalidate(self) -> None:
         """Forget what every slot holds (someone wrote over them); the next switch copies."""
         self._stop_copy()
@@ -278,7 +288,10 @@ class WeightSlots:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-copy")
         host: HostWeights | Callable[[], HostWeights] | None = self._host.get(spec.name)
-        if host is None:  # first copy of this model: the copy thread maps (and pins) it
+        if isinstance(host, HostWeights) and not host.is_current():  # evicted, cached anew
+            self._host.pop(spec.name).release()
+            host = None
+        if host is None:  # first copy of this file: the copy thread maps (and pins) it
             host = lambda: map_host_weights(spec, self.device)  # noqa: E731
         dtype = self.dtype
 

@@ -70,6 +70,7 @@ class WorkerService(Residency, TurnSpans, KVHandoff):
         tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._command_loop(), name="commands"),
+            asyncio.create_task(self._release_stale_mappings_loop(), name="mapping sweep"),
         ]
         log.info("worker %s ready (%s)", self.worker_id, self.engine.stats())
         await self._stopped.wait()
