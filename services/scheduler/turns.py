@@ -50,6 +50,7 @@ class TurnEvents(ServiceCore):
             tracked = self.requests.get(request_id)
             if tracked is not None and tracked.worker == worker.worker_id:
                 tracked.generated = max(tracked.generated, produced)
+        await self._abort_orphans(worker.worker_id, event)
         plan = worker.turn
         assert plan is not None  # the turn this TurnDone answers (checked above)
         result = TurnResult(
@@ -75,6 +76,22 @@ class TurnEvents(ServiceCore):
         if worker.draining:
             await self._retire(worker.worker_id, "drained")
         await self._dispatch()
+
+    async def _abort_orphans(self, worker_id: str, event: TurnDone) -> None:
+        """The worker lists every request it holds: abort those these books do not place there
+        (nor as a previous holder or a KV hand-off's source). Their abort was lost with a NATS
+        server, or they ended while moving: otherwise they would keep KV there for nobody."""
+        for request_id in event.progress:
+            tracked = self.requests.get(request_id)
+            if tracked is None or worker_id not in (
+                tracked.worker,
+                tracked.previous_worker,
+                tracked.kv_source,
+            ):
+                log.info("%s still holds %s, which runs elsewhere or ended: abort", worker_id, request_id)  # fmt: skip
+                await self.bus.publish(
+                    self.subjects.worker_cmd(worker_id), AbortRequest(request_id)
+                )
 
     def _observe_switch(self, event: TurnDone) -> None:
         """Feed the estimator the switch time the turn really waited (what prefetch left)."""
