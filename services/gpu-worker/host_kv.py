@@ -12,6 +12,7 @@ its own failure. Every failed (un)register here clears it at once and says what 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -134,20 +135,63 @@ def _loaded_cudart() -> ctypes.CDLL | None:
     return _CUDART[0]
 
 
+POOL_PREFIX = "aegaeon-hostkv-"
+
+
+def remove_orphan_pools(directory: Path) -> list[Path]:
+    """Unlink the pool files in ``directory`` whose process is gone (killed: its ``close()``
+    never ran; gigabytes each, in a ``/dev/shm`` that outlives a container restart). A pool's
+    process holds a lock on its file for its whole life, which the kernel drops when it dies."""
+    removed = []
+    for path in directory.glob(f"{POOL_PREFIX}*.bin"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.warning("removed %d host KV pools of processes gone: %s", len(removed), removed)
+    return removed
+
+
+def _create_locked(directory: Path, nbytes: int) -> tuple[Path, int]:
+    """A new pool file of ``nbytes``, locked (see :func:`remove_orphan_pools`) before it takes
+    the name a sweep looks for; the open descriptor holding the lock."""
+    name = f"{POOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+    staging = directory / f".{name}"
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, nbytes)
+    os.rename(staging, directory / name)
+    return directory / name, fd
+
+
+def _remove_pool(path: Path, fd: int) -> None:
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
 class HostKVPool:
     """A shared-memory byte pool with first-fit allocation; ``close()`` removes the file."""
 
     def __init__(self, nbytes: int, directory: Path, pin_memory: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"aegaeon-hostkv-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+        remove_orphan_pools(directory)
+        self.path, lock = _create_locked(directory, max(nbytes, 1))
         self.nbytes = nbytes
-        with self.path.open("wb") as f:
-            f.truncate(max(nbytes, 1))
         self.buffer = map_file(self.path, max(nbytes, 1))
         self.pinned = pin(self.buffer) if pin_memory else False
         self.book = ExtentAllocator(nbytes)
-        # A process that exits without close() must not leave its pool in /dev/shm.
-        self._finalizer = weakref.finalize(self, self.path.unlink, missing_ok=True)
+        # A process that exits without close() must not leave its pool in /dev/shm (one killed
+        # leaves it: the next pool made in the folder removes it).
+        self._finalizer = weakref.finalize(self, _remove_pool, self.path, lock)
 
     @property
     def free_bytes(self) -> int:
