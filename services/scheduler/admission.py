@@ -50,6 +50,9 @@ class Admission(ModelRegistry):
         if request.model not in self.models or self._loading(request.model):
             await self._load_models()  # registered or ready a moment ago (a change not heard)
         await self._wait_for_a_worker()
+        if request.request_id in self.cancelled_unseen:  # its gateway gave up meanwhile
+            await self.bus.reply(msg, SubmitReply(False, "cancelled before it was admitted", 409))
+            return
         rejection = self._check_admission(request)
         if rejection is not None and await self.store.has_ended(request.request_id):
             await self.bus.reply(msg, self._accepted(request.request_id))  # not an error: it ran
@@ -140,6 +143,8 @@ class Admission(ModelRegistry):
     async def _on_cancel(self, cancel: CancelRequest, _msg: Any) -> None:
         tracked = self.requests.get(cancel.request_id)
         if tracked is None:
+            if cancel.request_id not in self.ended:
+                self.cancelled_unseen.add(cancel.request_id)
             return
         holders = {tracked.worker, tracked.previous_worker} - {None}
         self._forget(tracked)

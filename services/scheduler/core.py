@@ -86,6 +86,10 @@ class ServiceCore(ABC):
         # Requests that ended here lately: a submit of one again (a gateway re-sends its submit
         # after a bus reconnect) must not run it twice. Redis says so for older ones.
         self.ended = RecentIds(ENDED_IDS_KEPT)
+        # Cancels of requests not (yet) in the books: a gateway cancels a submit it gave up
+        # waiting for, which this scheduler may still be admitting (loading models, waiting
+        # for a worker): it must not then run for nobody.
+        self.cancelled_unseen = RecentIds(ENDED_IDS_KEPT)
         self.workers: dict[str, WorkerBook] = {}
         # What each node's host cache holds (model-store heartbeats): the policy's locality hint
         # once a store is heard.

@@ -265,7 +265,9 @@ class Harness:
         self.workers.append(worker)
         return worker
 
-    async def scheduler(self, **options: Any) -> SchedulerService:
+    async def scheduler(self, wait_ready: bool = True, **options: Any) -> SchedulerService:
+        """A scheduler service running on this harness; returned once ready (``wait_ready``:
+        it has resumed, workers heard) or at once."""
         settings: dict[str, Any] = {
             "policy": "round-robin",
             "policy_options": {"quota_s": 0.05},
@@ -282,7 +284,8 @@ class Harness:
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         self._schedulers.append((stop, task, bus))
-        await asyncio.wait_for(service.ready.wait(), 30.0)
+        if wait_ready:
+            await asyncio.wait_for(service.ready.wait(), 30.0)
         return service
 
     async def stop_scheduler(self, index: int = -1) -> None:

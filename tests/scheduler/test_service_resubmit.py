@@ -1,14 +1,17 @@
 """A submit the scheduler has seen before (a gateway sends it again when its bus connection came
 back while it waited for the answer) is answered "accepted" and never runs the request twice:
 while it runs, just after it ended, and after a take-over by another scheduler (Redis says it
-ended), even when the admission checks would refuse it now. Real NATS and Redis, fake workers (test_service's harness)."""
+ended), even when the admission checks would refuse it now. A submit whose cancel came while it
+waited to be admitted (its gateway gave up) does not run. Real NATS and Redis, fake workers (test_service's harness)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from aegaeon.scheduler.books import RecentIds
 from test_service import expected_stream, final_state, harness, wait_for
 
-from aegaeon.protocol import AssignRequest
+from aegaeon.protocol import AssignRequest, CancelRequest
 
 __all__ = ["harness"]  # the fixture, imported for pytest
 
@@ -78,3 +81,17 @@ def test_recent_ids_keep_the_last_ones_added():
     for rid in ("a", "b", "a", "c", "d"):
         recent.add(rid)
     assert "a" not in recent and all(r in recent for r in "bcd") and len(recent) == 3
+
+
+async def test_a_cancel_heard_while_its_submit_waits_for_a_worker_keeps_it_from_running(harness):
+    scheduler = await harness.scheduler(wait_ready=False, heartbeat_timeout_s=30.0)
+    await wait_for(lambda: harness.states, what="the scheduler to listen")
+    submitted = asyncio.create_task(harness.submit("r1"))  # waits: no worker is up yet
+    await harness.bus.publish(harness.bus.subjects.cancel, CancelRequest("r1", "abort"))
+    await wait_for(lambda: "r1" in scheduler.cancelled_unseen, what="the cancel to be heard")
+    worker = await harness.worker("w1")
+    reply = await submitted
+    assert not reply.accepted and reply.status == 409
+    assert "r1" not in scheduler.requests and assigned(worker, "r1") == 0
+    assert (await harness.submit("r2", max_tokens=2)).accepted  # the scheduler serves on
+    await wait_for(lambda: harness.finished("r2"), what="r2 to finish")
