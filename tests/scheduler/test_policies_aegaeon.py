@@ -303,6 +303,17 @@ def test_cancel_drops_a_queued_request_from_its_group():
     assert plan is not None and plan.request_ids == ["a1"]
 
 
+def test_cancel_forgets_a_request_waiting_for_an_instance():
+    policy = make_policy()  # no instance yet
+    for rid in ("a0", "a1"):
+        policy.submit(request(rid, "A"), now=0.0)
+    policy.cancel("a0")
+    assert list(policy.unplaced) == ["a1"]
+    policy.add_instance(InstanceView("i0", role="both"))
+    plan = policy.next_turn("i0", 0.0)
+    assert plan is not None and plan.request_ids == ["a1"]
+
+
 def test_removing_an_instance_returns_the_requests_it_held():
     policy = make_policy("prefill", "decode")
     decode_ready(policy, ("a0", "A"))

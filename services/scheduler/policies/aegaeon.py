@@ -147,6 +147,8 @@ class AegaeonPolicy(GroupedPrefill, DecodeRounds, PrefetchChoice):
 
     def cancel(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+        if request_id in self.unplaced:  # waits for an instance that may never come
+            self.unplaced.remove(request_id)
 
 
 def _standby_after(plan: TurnPlan, before: str | None, lane: Lane) -> str | None:
