@@ -37,6 +37,7 @@ from aegaeon.scheduler.dispatch import Dispatch
 from aegaeon.scheduler.keep_alive import KeepAlive
 from aegaeon.scheduler.liveness import Liveness
 from aegaeon.scheduler.policies import make_policy
+from aegaeon.scheduler.store import UNWRITTEN_RETRY_S
 from aegaeon.scheduler.turns import TurnEvents
 
 from aegaeon import metrics
@@ -89,6 +90,7 @@ class SchedulerService(Admission, Dispatch, TurnEvents, Liveness, KeepAlive):
             self._every(self.config.check_interval_s, self._evict_idle_models),
             self._every(self.config.state_interval_s, self._publish_state),
             self._every(self.config.models_refresh_s, self._load_models),
+            self._every(UNWRITTEN_RETRY_S, self.store.write_unwritten),
             self._resume(),
         ]
         tasks = [asyncio.create_task(loop) for loop in loops]

@@ -2,7 +2,10 @@
 the output tokens a recovery re-runs from (keys in :mod:`aegaeon.state`).
 
 Every call retries through a short outage (Redis restarting) and then gives up with a warning
-instead of raising: losing a metadata update is better than a scheduler loop that crashes.
+instead of raising: a scheduler loop must not crash on it. The queue writes that gave up (a
+request queued, ended or dropped) are kept, the latest per request, and written by
+:meth:`RequestStore.write_unwritten` once Redis answers again: otherwise a restart after a long
+outage would lose requests accepted during it and re-run requests that ended during it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ T = TypeVar("T")
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Back-off between attempts: about 3 s in all, longer than a local Redis restart."""
 
+UNWRITTEN_RETRY_S = 1.0
+"""How often the scheduler checks whether Redis is back to take the queue writes it missed."""
+
 PERSIST_SCRIPT = """
 -- KEYS: the queue hash, the request's metadata hash. ARGV: request id, packed submit, metadata
 -- TTL, then field/value pairs. Atomic: an ended request is never queued again.
@@ -44,6 +50,8 @@ class RequestStore:
         self.redis = redis
         self.keys = Keys(prefix)
         self._persist = redis.register_script(PERSIST_SCRIPT)
+        # request id → its latest queue write that Redis missed (one attempt; True: written)
+        self._unwritten: dict[str, Callable[[], Awaitable[bool]]] = {}
 
     async def _retry(
         self,
@@ -62,13 +70,42 @@ class RequestStore:
                 await asyncio.sleep(delay)
         return default
 
-    async def _pipeline(self, what: str, build: Callable[[Any], None]) -> None:
-        async def run() -> None:
+    async def _pipeline(
+        self, what: str, build: Callable[[Any], None], delays: tuple[float, ...] = RETRY_DELAYS_S
+    ) -> bool:
+        """Run one transaction; whether it was written."""
+
+        async def run() -> bool:
             async with self.redis.pipeline(transaction=True) as pipe:
                 build(pipe)
                 await pipe.execute()
+            return True
 
-        await self._retry(what, run, None)
+        return await self._retry(what, run, False, delays)
+
+    def _written(self, request_id: str, done: bool, again: Callable[[], Awaitable[bool]]) -> None:
+        """Book a queue write's outcome: if Redis missed it, ``again`` is the request's write to
+        make when it is back (replacing an older one: the latest write says it all)."""
+        if done:
+            self._unwritten.pop(request_id, None)
+        else:
+            self._unwritten[request_id] = again
+
+    async def write_unwritten(self) -> None:
+        """Make the queue writes Redis missed, oldest request first; quiet while it is away."""
+        if not self._unwritten:
+            return
+        try:
+            await self.redis.ping()
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            return
+        for request_id, write in list(self._unwritten.items()):
+            done = await write()
+            if self._unwritten.get(request_id) is write:  # not replaced meanwhile
+                self._written(request_id, done, write)
+            if not done:
+                return
+        log.info("redis is back: the queue writes it missed are made")
 
     # ------------------------------------------------------------------ the queue
 
@@ -87,10 +124,17 @@ class RequestStore:
         keys = [self.keys.queue, self.keys.request(submit.request_id)]
         args: list[str | bytes | int | float] = [submit.request_id, encode(submit), REQUEST_TTL_S]
         args += [part for field in fields.items() for part in field]
-        written = await self._retry(
-            f"persist {submit.request_id}", lambda: self._persist(keys=keys, args=args), 1
-        )
-        return bool(written)
+        what = f"persist {submit.request_id}"
+
+        async def write(delays: tuple[float, ...] = RETRY_DELAYS_S) -> int | None:
+            return await self._retry(what, lambda: self._persist(keys=keys, args=args), None, delays)  # fmt: skip
+
+        async def again() -> bool:
+            return await write(()) is not None
+
+        written = await write()
+        self._written(submit.request_id, written is not None, again)
+        return written != 0
 
     async def has_ended(self, request_id: str) -> bool:
         """Whether the request's metadata holds a finish reason. Asked once, not retried: False
@@ -131,9 +175,11 @@ class RequestStore:
         return (_text(worker) if worker else None), int(produced or 0)
 
     async def forget_queued(self, request_id: str) -> None:
-        await self._retry(
-            f"forget {request_id}", lambda: self.redis.hdel(self.keys.queue, request_id), 0
-        )
+        def build(pipe: Any) -> None:
+            pipe.hdel(self.keys.queue, request_id)
+
+        done = await self._pipeline(f"forget {request_id}", build)
+        self._written(request_id, done, lambda: self._pipeline(f"forget {request_id}", build, ()))
 
     # ------------------------------------------------------------------ one request
 
@@ -176,7 +222,8 @@ class RequestStore:
             # completes the stream from it.
             pipe.expire(self.keys.output_tokens(request_id), OUTPUT_AFTER_FINISH_S)
 
-        await self._pipeline(f"finish {request_id}", build)
+        done = await self._pipeline(f"finish {request_id}", build)
+        self._written(request_id, done, lambda: self._pipeline(f"finish {request_id}", build, ()))
 
 
 def _text(value: bytes | str) -> str:

@@ -706,7 +706,7 @@ async def test_scheduler_survives_a_redis_restart(nats_server, tmp_path):
         failed: list[str] = []  # what the scheduler's Redis attempts that failed were for
         retry = service.store._retry
 
-        async def noting_failures(what: str, op: Any, default: Any) -> Any:
+        async def noting_failures(what: str, op: Any, default: Any, *delays: Any) -> Any:
             async def attempt() -> Any:
                 try:
                     return await op()
@@ -714,7 +714,7 @@ async def test_scheduler_survives_a_redis_restart(nats_server, tmp_path):
                     failed.append(what)
                     raise
 
-            return await retry(what, attempt, default)
+            return await retry(what, attempt, default, *delays)
 
         service.store._retry = noting_failures  # type: ignore[method-assign]
         redis_server.kill()
@@ -725,6 +725,35 @@ async def test_scheduler_survives_a_redis_restart(nats_server, tmp_path):
         assert (await pending).accepted
         await wait_for(lambda: h.finished("r1"), what="r1 to finish after the outage")
         assert await h.redis.hget(h.keys.request("r1"), "state") == b"finished"
+    finally:
+        with contextlib.suppress(Exception):
+            await h.close()
+        redis_server.stop()
+
+
+async def test_queue_writes_missed_in_a_long_redis_outage_are_made_once_it_is_back(nats_server, tmp_path):  # fmt: skip
+    port = free_port()
+    redis_server = start_redis(tmp_path / "r1", port=port)
+    h = await Harness(nats_server.url, redis_server.url).open()
+    try:
+        worker = await h.worker("w1")
+        service = await h.scheduler()
+        redis_server.kill()  # longer than the store's retries: each write gives up
+
+        async def submit(rid: str) -> SubmitReply:
+            request = SubmitRequest(rid, "a", [1, 2], SamplingParams(max_tokens=2), GATEWAY, 0.0)
+            return await h.bus.request(h.bus.subjects.submit, request, SubmitReply, timeout=60)
+
+        assert (await submit("r1")).accepted
+        await wait_for(lambda: h.finished("r1"), what="r1 to finish during the outage")
+        worker.answer = False  # r2 is still running when Redis is back
+        assert (await submit("r2")).accepted
+        unwritten = service.store._unwritten
+        await wait_for(lambda: set(unwritten) == {"r1", "r2"}, what="both writes to give up")
+        redis_server = start_redis(tmp_path / "r2", port=port)  # a new, empty Redis
+        await wait_for(lambda: not unwritten, what="the missed writes to be made")
+        assert await h.redis.hget(h.keys.request("r1"), "finish_reason") == b"length"
+        assert await h.redis.hkeys(h.keys.queue) == [b"r2"]  # a restart resumes r2, not r1
     finally:
         with contextlib.suppress(Exception):
             await h.close()
