@@ -2,15 +2,18 @@
 
 Requests are strict (``"1"`` is not a number, ``1`` is not a bool), as OpenAI's API is; unknown
 fields are ignored so clients written for other servers still work. Ranges follow OpenAI's
-documented bounds; what this server does not support is limited in the schema (``n``, ``best_of``)
-or refused with 400 by the route (non-empty ``tools``, ``logit_bias``, ``echo``, ``suffix``).
+documented bounds; what this server does not support is limited in the schema (``n``, ``best_of``,
+content parts other than text) or refused with 400 by the route (non-empty ``tools`` and
+``functions``, a ``tool_choice`` or ``function_call`` that asks for a call, ``logit_bias``,
+``echo``, ``suffix``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from aegaeon.priority import Priority
 from aegaeon.serving import MAX_KEEP_ALIVE_S, MAX_PIN
@@ -41,6 +44,21 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, content: Any) -> Any:
+        """A part of another type (an image, audio, a file) is told so plainly, instead of the
+        union's report that the content is not a string."""
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "Only text content parts are supported (part {index} has type {kind}).",
+                    {"index": index, "kind": repr(kind)},
+                )
+        return content
 
     def text(self) -> str:
         if self.content is None:
@@ -85,6 +103,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the legacy form of tools
+    function_call: Any = None  # the legacy form of tool_choice
     response_format: dict[str, Any] | None = None
 
 

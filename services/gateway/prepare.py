@@ -14,13 +14,21 @@ from typing import Literal
 from aegaeon.protocol import ModelInfo, SamplingParams
 
 from .errors import APIError, bad_request
-from .openai_types import ChatCompletionRequest, CompletionRequest, TokenizeRequest
-from .tokenization import ModelTokenizer
+from .openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from .tokenization import ModelTokenizer, TemplateRefusal
 
 Kind = Literal["chat", "completion"]
 
 LONG_TEXT = 20_000
 """Prompts longer than this (characters) are tokenized off the event loop."""
+
+TEMPLATE_ROLES = {"developer": "system"}
+"""Roles as chat templates know them: OpenAI's ``developer`` is the successor of ``system``, and
+templates written before it (Qwen2.5's, Llama's) drop or mis-render a role they do not know."""
+
+NO_CALL = (None, "none", "auto")
+"""``tool_choice`` / ``function_call`` values that ask for no call: with no tools (non-empty
+``tools`` and ``functions`` are refused), ``auto`` can only choose none."""
 
 
 @dataclass
@@ -47,6 +55,12 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
             raise bad_request("tools are not supported.", param="tools")
+        if body.functions:
+            raise bad_request("functions are not supported.", param="functions")
+        if body.tool_choice not in NO_CALL:
+            raise bad_request("tool_choice is not supported.", param="tool_choice")
+        if body.function_call not in NO_CALL:
+            raise bad_request("function_call is not supported.", param="function_call")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise bad_request("Only response_format type 'text' is supported.", "response_format")
     else:
@@ -59,12 +73,25 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise bad_request("At most 16 stop strings of up to 1024 characters.", param="stop")
 
 
+def check_consistent(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse a field that means something only beside another the request leaves out, as
+    OpenAI does: ignoring it would hide the client's mistake."""
+    chat = body if isinstance(body, ChatCompletionRequest) else None
+    if chat is not None and chat.top_logprobs is not None and not chat.logprobs:
+        raise bad_request(
+            "'logprobs' must be set to true if 'top_logprobs' is used.", param="top_logprobs"
+        )
+    if body.stream_options is not None and not body.stream:
+        raise bad_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+
+
 async def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: ModelTokenizer):
     """The prompt as token ids: a chat through the template, or a completion's text or ids."""
     if isinstance(body, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        size = sum(len(m["content"]) for m in messages)
-        return await _maybe_thread(size, tok.encode_chat, messages)
+        return await chat_ids(body.messages, tok)
     prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # one prompt in a batch of one
@@ -87,10 +114,21 @@ async def tokenize(body: TokenizeRequest, tok: ModelTokenizer) -> list[int]:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Give either prompt or messages.", param="prompt")
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await _maybe_thread(sum(len(m["content"]) for m in messages), tok.encode_chat, messages)  # fmt: skip
+        return await chat_ids(body.messages, tok)
     text = body.prompt or ""
     return await _maybe_thread(len(text), lambda t: tok.encode(t, body.add_special_tokens), text)
+
+
+async def chat_ids(messages: list[ChatMessage], tok: ModelTokenizer) -> list[int]:
+    """A conversation through the model's chat template; one the template refuses is a 400
+    with the template's words (the client can change the conversation, a retry cannot)."""
+    rendered = [{"role": TEMPLATE_ROLES.get(m.role, m.role), "content": m.text()} for m in messages]
+    try:
+        return await _maybe_thread(sum(len(m["content"]) for m in rendered), tok.encode_chat, rendered)  # fmt: skip
+    except TemplateRefusal as exc:
+        raise bad_request(
+            f"The model's chat template refused the messages: {exc}", param="messages"
+        ) from None
 
 
 async def _maybe_thread(size: int, fn, arg):

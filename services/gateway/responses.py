@@ -8,13 +8,16 @@ Before the first token, comment lines say where the request waits (queued, loadi
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
 from aegaeon.protocol import RequestStatus
 
-from .generation import Logprob, Piece
+from .generation import Piece
+from .output_text import Logprob
 from .prepare import Prepared
+from .token_bytes import token_label
 from .tokenization import ModelTokenizer
 
 DONE = "data: [DONE]\n\n"
@@ -34,6 +37,9 @@ def sse_comment(status: RequestStatus) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """``completion_tokens``: the tokens the engine generated, a stop string's and the EOS
+    token included (as vLLM counts them, and as the key's token budget is charged), so it may
+    exceed the tokens in logprobs, which end where the text does."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -48,7 +54,7 @@ class ResponseBuilder:
         self.p = prepared
         self.chat = prepared.kind == "chat"
         self.object = "chat.completion" if self.chat else "text_completion"
-        self._text_offset = 0
+        self._offsets = TextOffsets()  # completions' text_offset, across a stream's chunks
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -101,12 +107,14 @@ class ResponseBuilder:
 
     # ------------------------------------------------------------ whole response
 
-    def complete(self, pieces: list[Piece]) -> dict[str, Any]:
+    def complete(self, pieces: list[Piece], completion_tokens: int) -> dict[str, Any]:
+        """The whole response; ``completion_tokens``: what the engine generated (see usage)."""
         text = "".join(p.text for p in pieces)
         finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
+        # Each piece's tokens and logprobs are paired, so the concatenations stay paired.
         merged = Piece(text, [t for p in pieces for t in p.token_ids], [])
         merged.logprobs = [lp for p in pieces for lp in p.logprobs]
-        self._text_offset = 0
+        self._offsets = TextOffsets()
         logprobs = self.logprobs(merged)
         if self.chat:
             message = {"role": "assistant", "content": text}
@@ -114,29 +122,32 @@ class ResponseBuilder:
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         body = self._envelope(self.object, [choice])
-        body["usage"] = usage(len(self.p.prompt_ids), len(merged.token_ids))
+        body["usage"] = usage(len(self.p.prompt_ids), completion_tokens)
         return body
 
     # ------------------------------------------------------------ logprobs
 
     def logprobs(self, piece: Piece) -> dict[str, Any] | None:
-        if self.p.top_logprobs is None or not piece.logprobs:
+        """The piece's tokens with their logprobs, in OpenAI's chat or completion shape. A token
+        without a logprob (refilled from Redis after a bus restart) keeps its place, so the list
+        still spells the text: chat gives it ``"logprob": null`` and no alternatives, completions
+        ``null`` in ``token_logprobs`` and ``top_logprobs`` (as OpenAI's completions do for the
+        echoed first prompt token, which has none)."""
+        if self.p.top_logprobs is None or not piece.token_ids:
             return None
         tok = self.p.tokenizer
-        pairs = list(zip(piece.token_ids, piece.logprobs, strict=False))
+        pairs = list(zip(piece.token_ids, piece.logprobs, strict=True))
         if self.chat:
             return {"content": [_chat_logprob(tok, t, lp) for t, lp in pairs]}
         return self._completion_logprobs(tok, pairs)
 
-    def _completion_logprobs(self, tok: ModelTokenizer, pairs: list[tuple[int, Logprob]]):
+    def _completion_logprobs(self, tok: ModelTokenizer, pairs: list[tuple[int, Logprob | None]]):
         tokens, chosen, tops, offsets = [], [], [], []
-        for token_id, (logprob, top) in pairs:
-            text = tok.token_text(token_id)
-            tokens.append(text)
-            chosen.append(logprob)
-            tops.append({tok.token_text(t): lp for t, lp in top})
-            offsets.append(self._text_offset)
-            self._text_offset += len(text)
+        for token_id, entry in pairs:
+            tokens.append(tok.token_text(token_id))
+            chosen.append(None if entry is None else entry[0])
+            tops.append(None if entry is None else {tok.token_text(t): lp for t, lp in entry[1]})
+            offsets.append(self._offsets.add(tok.token_bytes(token_id)))
         return {
             "tokens": tokens,
             "token_logprobs": chosen,
@@ -145,11 +156,26 @@ class ResponseBuilder:
         }
 
 
-def _chat_logprob(tok: ModelTokenizer, token_id: int, entry: Logprob) -> dict[str, Any]:
+class TextOffsets:
+    """Where each token begins in the text (characters), from the tokens' bytes: a token that
+    continues a character begun by the one before it begins where that character does."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._chars = 0
+
+    def add(self, raw: bytes) -> int:
+        begins = self._chars
+        self._chars += len(self._decoder.decode(raw))
+        return begins
+
+
+def _chat_logprob(tok: ModelTokenizer, token_id: int, entry: Logprob | None) -> dict[str, Any]:
+    def one(tid: int, lp: float | None) -> dict[str, Any]:
+        raw = tok.token_bytes(tid)
+        return {"token": token_label(raw), "logprob": lp, "bytes": list(raw)}
+
+    if entry is None:
+        return {**one(token_id, None), "top_logprobs": []}
     logprob, top = entry
-
-    def one(tid: int, lp: float) -> dict[str, Any]:
-        text = tok.token_text(tid)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
     return {**one(token_id, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}

@@ -29,6 +29,7 @@ from .openai_types import ChatCompletionRequest, CompletionRequest
 from .prepare import (
     Kind,
     Prepared,
+    check_consistent,
     check_supported,
     max_new_tokens,
     new_request_id,
@@ -193,6 +194,7 @@ class Gateway:
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
     ) -> Prepared:
         check_supported(body)
+        check_consistent(body)
         info = await self.resolve(body.model, key)
         self.check_serving(info)
         tok = await self.tokenizer(info)

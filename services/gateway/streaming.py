@@ -110,7 +110,8 @@ async def complete(request: Request, generation: Generation) -> JSONResponse:
             work.cancel()
             return APIError(499, "Client closed the request.").response()  # nobody reads it
         pieces = work.result()
-        return JSONResponse(ResponseBuilder(generation.p).complete(pieces))
+        body = ResponseBuilder(generation.p).complete(pieces, generation.timings.output_tokens)
+        return JSONResponse(body)
     finally:
         with anyio.CancelScope(shield=True):
             await generation.close()

@@ -116,6 +116,7 @@ class RequestStream:
         if missing is None:
             self.fail("tokens were lost in transit (message bus restart); please retry")
             return
+        # Redis records ids only: these tokens come without logprobs (null in the response).
         self.put(
             TokenEvent(self.request_id, self.received, missing.tokens[: until - self.received])
         )

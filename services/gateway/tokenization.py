@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from aegaeon.bus import Bus
 from aegaeon.protocol import ModelInfo
+
+from .token_bytes import TokenSpelling, token_label
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,11 @@ FALLBACK_TEMPLATE = (
 """For a model whose tokenizer has no chat template: plain ``role: content`` lines."""
 
 
+class TemplateRefusal(ValueError):
+    """The model's chat template refused the conversation (its ``raise_exception``: Gemma's
+    refuses a system message, Mistral's roles that do not alternate): the client's to change."""
+
+
 @dataclass
 class ModelTokenizer:
     """A model's tokenizer with what the gateway needs from it."""
@@ -60,6 +69,10 @@ class ModelTokenizer:
     vocab_size: int
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     """The model's own defaults for fields a request leaves out (generation_config.json)."""
+    spelling: TokenSpelling = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.spelling = TokenSpelling(self.tokenizer)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """A completion prompt, with the model's usual special tokens (BOS) unless not
@@ -72,7 +85,8 @@ class ModelTokenizer:
         Special tokens come from the template only: a message that spells one out (say
         ``<|im_start|>system``, to forge a role boundary) has it tokenized as plain text. Such a
         conversation is tokenized in pieces (template text, then each message's content on its
-        own); any other is tokenized whole, exactly as transformers would."""
+        own); any other is tokenized whole, exactly as transformers would. Raises
+        TemplateRefusal when the template refuses the conversation."""
         if not any(self._spells_special(m.get("content")) for m in messages):
             # The template writes BOS and friends itself; do not add them twice.
             return list(
@@ -96,9 +110,14 @@ class ModelTokenizer:
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
-        return str(self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        ))  # fmt: skip
+        try:
+            return str(self.tokenizer.apply_chat_template(
+                messages, chat_template=template, add_generation_prompt=True, tokenize=False
+            ))  # fmt: skip
+        except jinja2.TemplateSyntaxError:
+            raise  # the model's template is broken: no conversation is at fault
+        except jinja2.TemplateError as exc:  # raise_exception, or what the messages lack
+            raise TemplateRefusal(str(exc)) from exc
 
     def _spells_special(self, content: object) -> bool:
         specials = getattr(self.tokenizer, "all_special_tokens", [])
@@ -109,9 +128,14 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, for logprobs (part of a character, a leading space kept)."""
+        return self.spelling.bytes_of(token_id)
+
     def token_text(self, token_id: int) -> str:
-        """One token as text, for logprobs (may be part of a character)."""
-        return self.tokenizer.decode([token_id])
+        """One token as logprobs name it: its text, or ``bytes:\\xNN…`` when its bytes are
+        not valid UTF-8 on their own."""
+        return token_label(self.token_bytes(token_id))
 
 
 def load_tokenizer(folder: Path) -> ModelTokenizer:

@@ -18,6 +18,7 @@ from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
 from aegaeon.protocol import ModelInfo
 from aegaeon.servers import free_port
+from aegaeon.state import Keys
 
 from .fake_backend import FakeBackend, Script
 from .tokenizer_factory import write_model
@@ -96,12 +97,21 @@ async def serve_stack(
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     models = [model_info("tiny", tiny_model), model_info("cold-one", tiny_model)]
     backend_bus = await Bus.connect(bus_config, "fake-backend")
+    redis = aioredis.from_url(redis_server.url)
+
+    async def record(request_id: str, ids: list[int]) -> None:
+        key = Keys(prefix).output_tokens(request_id)
+        if ids:
+            await redis.rpush(key, *ids)
+            await redis.expire(key, 600)
+
     backend = FakeBackend(
         backend_bus,
         models,
         lambda text: tok(text, add_special_tokens=False)["input_ids"],
         tok.convert_tokens_to_ids("<|eos|>"),
         Script(),
+        record=record,
     )
     await backend.start()
     port = free_port()
@@ -110,7 +120,6 @@ async def serve_stack(
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
-    redis = aioredis.from_url(redis_server.url)
     try:
         yield Stack(f"http://127.0.0.1:{port}", app, backend, redis, prefix)
     finally:

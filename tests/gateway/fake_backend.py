@@ -2,7 +2,8 @@
 
 It speaks the real wire over the real NATS server: answers ``models.list`` and
 ``requests.submit``, "generates" a scripted text's tokens into ``tokens.<gateway-id>`` one
-TokenBatch per step, honours ``requests.cancel``, and publishes heartbeats / scheduler state
+TokenBatch per step (the last one ending with the EOS token, as a worker's does), records them
+as a worker does in Redis when given ``record``, honours ``requests.cancel``, and publishes heartbeats / scheduler state
 when told to. The admin API's verbs get a store's answers: ``models.describe``, ``drain`` and
 ``remove`` move its models by the real lifecycle rules, ``serving`` sets a known model's class
 and pin, those given (404 otherwise), ``deploy`` refuses every path (400), ``scheduler.unload``
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -59,6 +60,7 @@ class Script:
     logprobs: bool = True
     queued_ahead: int = 0  # the admission reply's queue position
     statuses: list[RequestStatus] = field(default_factory=list)  # sent before the first token
+    lost_steps: set[int] = field(default_factory=set)  # steps lost in transit (still recorded)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class FakeBackend:
     encode: Callable[[str], list[int]]  # the model's tokenizer
     eos_id: int
     script: Script = field(default_factory=Script)
+    record: Callable[[str, list[int]], Awaitable[None]] | None = None  # the worker's Redis record
     submitted: list[SubmitRequest] = field(default_factory=list)
     cancelled: list[CancelRequest] = field(default_factory=list)
     finished: set[str] = field(default_factory=set)
@@ -194,7 +197,7 @@ class FakeBackend:
         for status in script.statuses:
             event = TokenEvent(request.request_id, 0, [], status=status)
             await self.bus.publish(subject, TokenBatch([event]))
-        sent = 0
+        sent = step = 0
         while True:
             await asyncio.sleep(script.step_s)
             if script.error_after is not None and sent >= script.error_after:
@@ -204,7 +207,7 @@ class FakeBackend:
             ids = all_ids[sent : sent + script.tokens_per_step][: limit - sent]
             finish = None
             if ids and ids[-1] == self.eos_id:
-                ids, finish = ids[:-1], "stop"
+                finish = "stop"  # the EOS token is sent, as a worker sends it
             elif sent + len(ids) >= limit:
                 finish = "length"
             logprobs = (
@@ -213,8 +216,11 @@ class FakeBackend:
                 else []
             )
             event = TokenEvent(request.request_id, sent, ids, logprobs, finish_reason=finish)
-            await self.bus.publish(subject, TokenBatch([event]))
-            sent += len(ids)
+            if self.record is not None:
+                await self.record(request.request_id, ids)
+            if step not in script.lost_steps:
+                await self.bus.publish(subject, TokenBatch([event]))
+            sent, step = sent + len(ids), step + 1
             if finish:
                 self.finished.add(request.request_id)
                 self._tasks.pop(request.request_id, None)

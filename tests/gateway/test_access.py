@@ -90,11 +90,11 @@ async def test_tokens_over_tpm_get_429_and_unused_tokens_are_refunded(keyed_stac
         second = await http.post("/v1/completions", json=big, headers=auth("sk-carol"))
         assert first.status_code == 200  # used ~30 of 40 tokens, all it asked for
         assert second.status_code == 429
-        keyed_stack.backend.script = Script(text="Hi")
+        keyed_stack.backend.script = Script(text="H")
         small = {"model": "tiny", "prompt": "x", "max_tokens": 5}
         third = await http.post("/v1/completions", json=small, headers=auth("sk-carol"))
         fourth = await http.post("/v1/completions", json=small, headers=auth("sk-carol"))
-    # "Hi" is short: the third request used few of its 5 tokens and got the rest back.
+    # "H" is short: the third request used 2 of its 5 tokens ("H" and EOS), got the rest back.
     assert third.status_code == 200 and fourth.status_code == 200
 
 

@@ -105,6 +105,84 @@ CASES = [
         "tools",
     ),
     (
+        "legacy functions unsupported",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "functions": [{"name": "f", "parameters": {}}]},
+        400,
+        "functions",
+    ),
+    (
+        "legacy function_call naming a function",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "function_call": {"name": "f"}},
+        400,
+        "function_call",
+    ),
+    (
+        "tool_choice required",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "tool_choice": "required"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "tool_choice naming a function",
+        CHAT,
+        {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        400,
+        "tool_choice",
+    ),
+    (
+        "top_logprobs without logprobs",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "top_logprobs with logprobs false",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "logprobs": False, "top_logprobs": 0},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "stream_options without stream",
+        CHAT,
+        {"model": "tiny", "messages": MESSAGES, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    (
+        "stream_options with stream false",
+        COMPLETIONS,
+        {"model": "tiny", "prompt": "x", "stream": False, "stream_options": {}},
+        400,
+        "stream_options",
+    ),
+    (
+        "an image content part",
+        CHAT,
+        {
+            "model": "tiny",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    ],
+                }
+            ],
+        },
+        400,
+        "messages.0.content",
+    ),
+    (
         "logit_bias unsupported",
         CHAT,
         {"model": "tiny", "messages": MESSAGES, "logit_bias": {"1": 5}},
@@ -161,6 +239,33 @@ async def test_bad_input_gets_an_openai_error_and_leaves_nothing(stack, path, bo
     await stack.settle()
     assert await stack.request_keys() == []
     assert stack.backend.submitted == []
+
+
+async def test_a_content_part_that_is_not_text_is_told_only_text_is_supported(stack):
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": [audio]}]
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        chat = await http.post(CHAT, json={"model": "tiny", "messages": messages})
+        tokenize = await http.post("/tokenize", json={"model": "tiny", "messages": messages})
+    for response in (chat, tokenize):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "messages.1.content"
+        assert error["message"] == (
+            "Invalid value for 'messages.1.content': Only text content parts are supported "
+            "(part 0 has type 'input_audio')."
+        )
+    assert stack.backend.submitted == []
+
+
+@pytest.mark.parametrize("choice", ["none", "auto"])
+async def test_a_tool_choice_that_asks_for_no_call_is_served(stack, choice):
+    """Without tools (refused), ``none`` and ``auto`` both choose no call: what is served."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": choice,
+            "function_call": choice, "functions": [], "tools": []}  # fmt: skip
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        response = await http.post(CHAT, json=body)
+    assert response.status_code == 200, response.text
 
 
 async def test_prompt_too_long_code_is_context_length_exceeded(stack):

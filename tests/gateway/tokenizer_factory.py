@@ -49,3 +49,31 @@ def write_model(folder: Path, context_length: int = 128) -> Path:
     model_config = {"eos_token_id": eos_id, "max_position_embeddings": context_length}
     (folder / "config.json").write_text(json.dumps(model_config))
     return folder
+
+
+SPACE = "\u2581"  # SentencePiece's "▁"
+
+
+def write_sentencepiece_model(folder: Path) -> Path:
+    """A Llama-2-style tokenizer folder: SentencePiece pieces (``▁`` for a space) with byte
+    fallback (``<0xC3>`` for a byte no piece covers), and Llama's decoder, which strips the
+    space the pre-tokenizer put before the text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    merges = [(SPACE, "w"), ("o", "r"), (SPACE + "w", "or"), ("l", "d"), (SPACE + "wor", "ld")]
+    for piece in [SPACE, "w", "o", "r", "l", "d", *("".join(pair) for pair in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first")
+    tok.decoder = decoders.Sequence([
+        decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0),
+    ])  # fmt: skip
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    return folder
