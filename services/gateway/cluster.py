@@ -155,7 +155,9 @@ class ClusterView:
 
     def live_workers(self) -> list[Heartbeat]:
         now = time.monotonic()
-        return [b for seen, b in self.heartbeats.values() if now - seen <= FRESH_S]
+        for worker_id in [w for w, (seen, _) in self.heartbeats.items() if now - seen > FRESH_S]:
+            del self.heartbeats[worker_id]  # gone (a restarted worker may come back under a new id)
+        return [beat for _, beat in self.heartbeats.values()]
 
     def scheduler_alive(self) -> bool:
         return self.scheduler is not None and time.monotonic() - self.scheduler[0] <= FRESH_S

@@ -172,6 +172,10 @@ class StreamRouter:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
+        checks = list(self._checks)  # after-reconnect checks still sleeping: nobody reads them
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
 
     def open(self, request_id: str) -> RequestStream:
         """Register before submitting, so no early token is lost."""

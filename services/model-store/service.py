@@ -147,15 +147,16 @@ class ModelStoreService:
 
     async def stop(self) -> None:
         """Stop answering and wait for prefetches in flight (their files are finished, not cut)."""
-        if self._beating is not None:
-            self._beating.cancel()
-            self._beating = None
+        stopped = [self._beating] if self._beating is not None else []
+        self._beating = None
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         self._subscriptions.clear()
         await self.peers.stop()
-        for task in self._evictions:
+        stopped += self._evictions
+        for task in stopped:
             task.cancel()
+        await asyncio.gather(*stopped, return_exceptions=True)
         if self._prefetches or self.lifecycle.loads:
             await asyncio.gather(*self._prefetches, *self.lifecycle.loads, return_exceptions=True)
 
@@ -341,7 +342,9 @@ class ModelStoreService:
 
     def _fresh_beats(self) -> list[Heartbeat]:
         now = time.monotonic()
-        return [beat for beat, seen in self._budgets.values() if now - seen < HEARTBEAT_FRESH_S]
+        for worker_id in [w for w, (_, seen) in self._budgets.items() if now - seen >= HEARTBEAT_FRESH_S]:  # fmt: skip
+            del self._budgets[worker_id]  # gone (a restarted worker may come back under a new id)
+        return [beat for beat, _ in self._budgets.values()]
 
     def largest_slot(self) -> int | None:
         """The largest weight slot among live workers (None: none has reported)."""

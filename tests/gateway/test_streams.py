@@ -1,13 +1,16 @@
-"""Token events fan out per request, in order, and tokens resent after a recovery are dropped."""
+"""Token events fan out per request, in order, and tokens resent after a recovery are dropped;
+the router and the cluster view keep nothing past their use."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aegaeon.gateway import streams
+from aegaeon.gateway.cluster import FRESH_S, ClusterView
 from aegaeon.gateway.streams import Recorded, RequestStream, StreamRouter
 
-from aegaeon.protocol import RequestStatus, TokenBatch, TokenEvent
+from aegaeon.protocol import Heartbeat, RequestStatus, TokenBatch, TokenEvent
 
 
 def drain(stream: RequestStream) -> list[TokenEvent]:
@@ -129,3 +132,21 @@ async def test_a_stream_silent_after_a_bus_reconnect_is_completed_from_the_recor
     await asyncio.sleep(0.3)
     events = drain(ended)
     assert [e.token_ids for e in events] == [[4], [5, 6]] and events[-1].finish_reason == "stop"
+
+
+async def test_stopping_the_router_ends_its_checks_after_a_reconnect():
+    router = StreamRouter()
+    router.open("r")
+    await router.on_reconnect()  # a check sleeps out its grace period
+    checks = list(router._checks)
+    await router.stop()
+    assert checks and all(task.done() for task in checks) and not router._checks
+
+
+def test_the_cluster_view_forgets_a_worker_gone_silent():
+    view = ClusterView()
+    now = time.monotonic()
+    view.heartbeats["gone"] = (now - FRESH_S - 1, Heartbeat("gone", "cpu", "both", 0.0))
+    view.heartbeats["here"] = (now, Heartbeat("here", "cpu", "both", 0.0))
+    assert [beat.worker_id for beat in view.live_workers()] == ["here"]
+    assert list(view.heartbeats) == ["here"]  # one entry per worker id ever seen, else
