@@ -73,10 +73,14 @@ def read_index(path: str | Path) -> SafetensorsIndex:
     data_offset = 8 + header_len
     data_bytes = size - data_offset
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ not an object)")
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not isinstance(dtype, str) or not all(map(_is_int, (*shape, start, end))):
+                raise TypeError(name)
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path}: corrupt entry for tensor {name!r}") from None
         if dtype not in SAFETENSORS_DTYPES:
@@ -91,6 +95,10 @@ def read_index(path: str | Path) -> SafetensorsIndex:
             )
         tensors[name] = TensorEntry(dtype, shape, int(start), int(end))
     return SafetensorsIndex(path, data_offset, data_bytes, tensors, dict(metadata))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def model_weight_files(model_dir: str | Path) -> list[Path]:

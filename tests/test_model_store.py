@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from aegaeon.model_store import host_cache
 from aegaeon.model_store.cli import register
 from aegaeon.model_store.files import fetch_file
 from aegaeon.model_store.host_cache import CacheError, HostCache, cache_root
@@ -283,6 +284,21 @@ def test_cached_file_holds_every_tensor_aligned(models_dir: Path, tmp_path: Path
         start = index.data_offset + entry.start
         got = np.frombuffer(raw[start : start + entry.nbytes], dtype=np.float32)
         np.testing.assert_array_equal(got.reshape(entry.shape), original[name])
+
+
+def test_a_finished_load_is_counted_once(models_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    cache = HostCache(tmp_path / "cache", 10**8)
+    counted: list[int] = []  # the cache's size as the load ends (its "cached" log line)
+
+    def note(message: str, *_args) -> None:
+        if message.startswith("cached"):
+            counted.append(cache.used_bytes)
+
+    monkeypatch.setattr(host_cache.log, "info", note)
+    path = cache.ensure(describe(models_dir / "tiny-b"))
+    assert (
+        counted == [path.stat().st_size] == [cache.used_bytes]
+    )  # not its file and its reservation
 
 
 def test_lru_evicts_the_least_recently_used_model(models_dir: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from aegaeon.model_store import admin
 from aegaeon.model_store.host_cache import HostCache
 from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook
 from aegaeon.model_store.registry import RegistryScanner
@@ -198,6 +200,34 @@ async def test_deploy_refuses_a_taken_name_a_bad_folder_or_path_and_a_model_no_s
     assert [p.name for p in models.iterdir() if not p.name.startswith(".")] == ["resident"]
     assert json.loads((models / MARKS_FILE).read_text()) == {}  # nothing left behind
     assert await store.states() == {"resident": "ready"} and store.changes == []
+
+
+async def test_a_deploy_that_fails_unexpectedly_is_an_error_and_leaves_no_loading_name(
+    store, dirs, monkeypatch
+) -> None:
+    sources, models = dirs
+    # A header whose entries are valid JSON of the wrong types: refused as corrupt (400).
+    weights = sources / "alpha" / "model.safetensors"
+    raw = weights.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = [None] * len(header[first]["shape"])
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+    corrupt = await store.ask("deploy", DeployModel(str(sources / "alpha"), "corrupt"))
+    assert corrupt.status == 400 and "corrupt entry" in corrupt.error, corrupt
+
+    # Any other failure while registering is a 500 (was: an error in a 200 reply, the name
+    # left "loading" for good, refused as taken by every later deploy and remove).
+    def broken(*_args) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(admin, "register", broken)
+    failed = await store.ask("deploy", DeployModel(str(sources / "beta"), "buggy"))
+    assert failed.status == 500 and "a bug" in failed.error, failed
+    assert json.loads((models / MARKS_FILE).read_text()) == {}  # nothing left "loading"
+    assert await store.states() == {"resident": "ready"}
 
 
 async def test_a_ready_model_is_drained_then_removed_from_the_directory_the_cache_and_the_book(

@@ -87,14 +87,14 @@ class LifecycleVerbs:
             return refused(
                 400, f"{request.path!r}: give an absolute path on the model-store's node"
             )
-        resolved = path.expanduser().resolve()  # as `register` names and reads it
+        given = path.expanduser()  # as `register` names it (a .gguf by the name given)
         try:
-            name = model_name(resolved, request.name)
+            name = model_name(given if is_gguf_file(given) else given.resolve(), request.name)
         except ModelError as exc:
             return refused(400, str(exc))
         registry = await self.service.refresh(force=True)
         registered = name in registry.models or name in registry.problems
-        origin: Origin = "import" if is_gguf_file(resolved) else "link"
+        origin: Origin = "import" if is_gguf_file(given) else "link"
         try:
             self.book.move(name, registered, "deploy", origin=origin,
                            priority=request.priority, pin=request.pin)  # fmt: skip
@@ -103,8 +103,10 @@ class LifecycleVerbs:
         slot = self.service.largest_slot()
         try:
             await asyncio.to_thread(register, path, self.models_dir, name, slot)
-        except (ModelError, OSError) as exc:
+        except Exception as exc:  # whatever it is, the name must not stay "loading"
             self.book.discard(name)
+            if not isinstance(exc, ModelError | OSError):
+                log.exception("registering %s from %s failed", name, path)
             return self._refusal(exc)
         info = await self.service.lookup(name)
         if info is None:  # registered, yet the scan refuses it: say why, and take it back
@@ -125,7 +127,9 @@ class LifecycleVerbs:
             return refused(409, str(exc))
         if isinstance(exc, ModelError):
             return refused(400, str(exc))
-        return refused(500, f"The model-store cannot write its models directory: {exc}")
+        if isinstance(exc, OSError):
+            return refused(500, f"The model-store cannot write its models directory: {exc}")
+        return refused(500, f"The model-store failed to register the model: {exc!r} (see its log)")
 
     def start_load(self, name: str) -> None:
         """Copy ``name`` into the host cache in the background; its state follows the result."""

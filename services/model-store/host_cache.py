@@ -260,6 +260,7 @@ class HostCache:
                 self._entries[info.name] = CacheEntry(
                     info.name, target, layout.file_bytes, signature, now + lease_s, now
                 )
+                self._reserved.pop(info.name, None)  # with the entry: never counted twice
                 if copied:
                     self.peer_copies += 1
                     self.peer_bytes += layout.file_bytes

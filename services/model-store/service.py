@@ -180,7 +180,7 @@ class ModelStoreService:
                 return await handler(request)
             except Exception as exc:  # a bug must not take the store down
                 log.exception("models handler failed on %s", msg.subject)
-                return ModelReply(error=f"model-store error: {exc}")
+                return ModelReply(error=f"model-store error: {exc}", status=500)
 
         return on_message
 
