@@ -310,3 +310,15 @@ def test_models_cli_adds_a_gguf_file(gguf_file, tmp_path, capsys) -> None:
     assert [(m["name"], m["model_type"]) for m in listed["models"]] == [("tiny", "llama")]
     assert main(argv) == 1
     assert "already registered" in capsys.readouterr().err
+
+
+def test_a_gguf_file_given_through_a_link_is_imported_by_the_name_given(gguf_file, tmp_path) -> None:  # fmt: skip
+    # A hub cache: snapshots/<rev>/x.gguf is a link to blobs/<hash> (no .gguf suffix).
+    blob = tmp_path / "blobs" / "9f2c1e"
+    blob.parent.mkdir()
+    shutil.copyfile(gguf_file, blob)
+    link = tmp_path / "snapshots" / "rev" / "tiny-llama.F32.gguf"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    folder = register(link, tmp_path / "models")
+    assert folder.name == "tiny-llama-F32" and (folder / "model.safetensors").is_file()

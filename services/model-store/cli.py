@@ -95,9 +95,12 @@ def register(
     a ``.gguf`` file is converted into a folder there. Raises ModelError.
     ``slot_bytes``: the largest weight slot of the running workers, when known (a model larger
     than every slot is refused now rather than at its first request)."""
-    path = path.expanduser().resolve()
-    if is_gguf_file(path):
-        gguf_name = model_name(path, name)
+    # A .gguf is known by the name given: a hub cache's snapshots/<rev>/x.gguf is a link to a
+    # blob named by its hash.
+    given = path.expanduser().absolute()
+    path = given.resolve()
+    if is_gguf_file(given):
+        gguf_name = model_name(given, name)
         _refuse_taken(models_dir / gguf_name, gguf_name)
         return import_gguf(
             path,
