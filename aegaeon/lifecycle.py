@@ -18,6 +18,7 @@ to retry).
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple
 
 from aegaeon.protocol import ModelState
@@ -97,5 +98,16 @@ def serving_refusal(name: str, state: ModelState, reason: str = "") -> Refusal |
             "accepted finish) and is about to be removed."
         )
         return Refusal(409, "model_draining", message, None)
-    message = f"The model '{name}' failed to load: {reason or 'no reason given'}."
+    message = f"The model '{name}' failed to load: {client_reason(reason) or 'no reason given'}."
     return Refusal(409, "model_failed", message, None)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?!dev/shm(?![\w/]))(?:[^\s/:'\"]+/)+([^\s/:'\"]+)")
+"""An absolute path (not a URL's, not ``/dev/shm`` itself: advice, not a place); its name."""
+
+
+def client_reason(reason: str) -> str:
+    """A failure reason as API clients see it: each absolute path shortened to its file name
+    (a load fails with the node's shared-memory or models-directory paths in its words; the
+    model-store's log and the admin CLI keep them whole)."""
+    return _ABSOLUTE_PATH.sub(r"\1", reason)

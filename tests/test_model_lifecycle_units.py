@@ -14,7 +14,7 @@ import pytest
 from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook, record_serving, remove_entry
 
 from aegaeon.cli import COMMANDS
-from aegaeon.lifecycle import MOVES, LifecycleError, next_state, serving_refusal
+from aegaeon.lifecycle import MOVES, LifecycleError, client_reason, next_state, serving_refusal
 from aegaeon.model_admin import error_text, load_outcome, request_of, result_text
 from aegaeon.serving import (
     MAX_KEEP_ALIVE_S,
@@ -76,6 +76,19 @@ def test_only_a_ready_model_takes_requests_and_the_others_say_how_to_refuse() ->
     assert "'m' is draining" in draining.message
     failed = serving_refusal("m", "failed", "disk full")
     assert failed and failed.status == 409 and "failed to load: disk full" in failed.message
+
+
+def test_a_failure_reason_reaches_clients_without_the_nodes_paths() -> None:
+    reason = ("/dev/shm/aegaeon-up-3/m.safetensors: 538060032 bytes of weights do not fit; "
+              "cannot cache m: [Errno 28] No space left on device: '/models/.m.tmp'")  # fmt: skip
+    assert client_reason(reason) == (
+        "m.safetensors: 538060032 bytes of weights do not fit; "
+        "cannot cache m: [Errno 28] No space left on device: '.m.tmp'"
+    )
+    kept = "see http://host/a/b, ./relative/x, ~/home/y (size /dev/shm, e.g. shm_size)"
+    assert client_reason(kept) == kept  # URLs, relative paths and the advice stay
+    failed = serving_refusal("m", "failed", reason)
+    assert failed and "/dev/shm/aegaeon" not in failed.message and "/models" not in failed.message
 
 
 # ---------------------------------------------------------------- the book

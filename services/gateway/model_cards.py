@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from aegaeon.lifecycle import client_reason
 from aegaeon.protocol import ModelInfo
 
 from .cluster import ClusterView
@@ -22,7 +23,7 @@ def model_card(info: ModelInfo, cluster: ClusterView) -> dict[str, Any]:
         "created": info.created or int(time.time()),
         "owned_by": "aegaeon",
         "state": info.state,
-        "state_reason": info.state_reason or None,
+        "state_reason": client_reason(info.state_reason) or None,
         "residency": "resident" if workers else "cold",
         "resident_on": workers,
         "cached": info.cached,

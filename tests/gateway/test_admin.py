@@ -205,13 +205,14 @@ async def test_a_loading_model_answers_503_with_retry_after_and_a_failed_one_409
         loading = await until_status(http, 503)
         assert loading.json()["error"]["code"] == "model_loading"
         assert loading.headers["retry-after"] == "1"
-        info = msgspec.structs.replace(stack.backend.models[0], state="failed",
-                                       state_reason="host cache full")  # fmt: skip
+        reason = "/dev/shm/aegaeon-up-7/tiny.safetensors: host cache full"  # the store's words
+        info = msgspec.structs.replace(stack.backend.models[0], state="failed", state_reason=reason)
         await stack.backend.bus.publish(stack.backend.bus.subjects.registry_changed, ModelChanged(info))  # fmt: skip
         failed = await until_status(http, 409)
         card = (await http.get("/v1/models/tiny")).json()
-    assert "failed to load: host cache full" in failed.json()["error"]["message"]
-    assert (card["state"], card["state_reason"]) == ("failed", "host cache full")
+    # Why, without the node's paths (clients see the file's name only).
+    assert "failed to load: tiny.safetensors: host cache full." in failed.json()["error"]["message"]
+    assert (card["state"], card["state_reason"]) == ("failed", "tiny.safetensors: host cache full")
 
 
 async def test_a_removed_model_is_the_unknown_model_404_and_its_tokenizer_goes(stack) -> None:
