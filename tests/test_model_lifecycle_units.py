@@ -107,6 +107,19 @@ def test_the_book_records_moves_where_another_book_reads_them(tmp_path: Path) ->
     assert json.loads((tmp_path / MARKS_FILE).read_text()) == {}  # a removed model leaves nothing
 
 
+def test_a_change_made_from_a_stale_copy_keeps_what_other_writers_wrote(tmp_path: Path) -> None:
+    for name in ("y", "z"):
+        (tmp_path / name).mkdir()
+    store = LifecycleBook(tmp_path)  # a store's copy, read once
+    record_serving(tmp_path, "y", priority="high", pin=3)  # `models add --priority --pin`
+    LifecycleBook(tmp_path).move("z", True, "drain")  # another store sharing the directory
+    store.move("y", True, "drain")  # from the copy read before both
+    store.discard("nothing")
+    marks = json.loads((tmp_path / MARKS_FILE).read_text())
+    assert (marks["y"]["state"], marks["y"]["priority"], marks["y"]["pin"]) == ("draining", "high", 3)  # fmt: skip
+    assert marks["z"]["state"] == "draining"  # not undone by the stale copy
+
+
 def test_a_book_sees_what_another_store_wrote_and_ignores_stale_marks(tmp_path: Path) -> None:
     mine, theirs = LifecycleBook(tmp_path), LifecycleBook(tmp_path)
     theirs.move("m", True, "drain")

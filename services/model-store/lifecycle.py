@@ -4,8 +4,8 @@ directory beside the folders it speaks of; and the removal of a model's folder.
 
 A model found in the models directory without a mark is ``ready``, ``normal`` and unpinned (as
 before the admin API); setting one of its settings gives it a ``ready`` mark. The marks are one
-small JSON file, ``<models-dir>/.aegaeon-lifecycle.json`` (the registry skips dot-names), written
-through a temp file and a rename::
+small JSON file, ``<models-dir>/.aegaeon-lifecycle.json`` (the registry skips dot-names), changed
+under a lock from the file read afresh and written through a temp file and a rename::
 
     {"my-model": {"state": "draining", "reason": "", "origin": "link", "priority": "high",
                   "pin": 2, "keep_alive_s": 600.0}}
@@ -20,11 +20,14 @@ book adds only the bookkeeping. ``record_serving`` sets the settings without a r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +42,9 @@ from .registry import NAME_PATTERN
 log = logging.getLogger(__name__)
 
 MARKS_FILE = ".aegaeon-lifecycle.json"
+LOCK_FILE = ".aegaeon-lifecycle.lock"
+"""Held while the marks are read, changed and written: stores sharing the directory and
+``aegaeon models add`` write them too, and a change made from a stale copy would undo theirs."""
 
 Origin = Literal["link", "import"]
 """How the admin API registered a model: a link to a folder, or a folder converted from GGUF
@@ -111,19 +117,21 @@ class LifecycleBook:
         ``origin`` and the serving settings ``priority`` and ``pin`` (a deploy's) default to
         those recorded. Raises LifecycleError: a move its state does not allow (4xx), a setting
         out of range (400), or a file that cannot be written (500); nothing changed."""
-        current = self.state(name, registered)
-        target = next_state(name, current, action)
-        settings = _checked_settings(name, priority, pin)
-        marks = dict(self._marks)
-        if target is None:
-            marks.pop(name, None)
-        else:
-            # The mark of an absent model (its folder went by hand) is stale: a deploy starts anew.
-            old = (marks.get(name) if current is not None else None) or Mark(target)
-            marks[name] = replace(
-                old, state=target, reason=reason, origin=origin or old.origin, **settings
-            )
-        self._write(marks)
+        with self._locked():
+            current = self.state(name, registered)
+            target = next_state(name, current, action)
+            settings = _checked_settings(name, priority, pin)
+            marks = dict(self._marks)
+            if target is None:
+                marks.pop(name, None)
+            else:
+                # The mark of an absent model (its folder went by hand) is stale: a deploy
+                # starts anew.
+                old = (marks.get(name) if current is not None else None) or Mark(target)
+                marks[name] = replace(
+                    old, state=target, reason=reason, origin=origin or old.origin, **settings
+                )
+            self._write(marks)
         return target
 
     def set_serving(
@@ -138,13 +146,32 @@ class LifecycleBook:
             raise LifecycleError(400, f"Nothing to set for '{name}': give a priority class, a pin count or a keep-alive.")  # fmt: skip
         if not registered:
             raise LifecycleError(404, f"The model '{name}' is not registered.")
-        old = self._marks.get(name) or Mark("ready")  # unmarked: as found in the directory
-        self._write({**self._marks, name: replace(old, **settings)})
+        with self._locked():
+            old = self._marks.get(name) or Mark("ready")  # unmarked: as found in the directory
+            self._write({**self._marks, name: replace(old, **settings)})
 
     def discard(self, name: str) -> None:
         """Forget ``name``'s mark (a deploy that was refused after its mark was made)."""
-        if name in self._marks:
-            self._write({k: v for k, v in self._marks.items() if k != name})
+        with self._locked():
+            if name in self._marks:
+                self._write({k: v for k, v in self._marks.items() if k != name})
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold :data:`LOCK_FILE` and read the marks afresh for a read-modify-write (held for
+        the few milliseconds of a small file's write)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(LOCK_FILE), "a")  # noqa: SIM115 (held below)
+        except OSError as exc:
+            raise LifecycleError(
+                500, f"The model-store cannot record the model's state in {self.path}: {exc}"
+            ) from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Read whatever its stamp says: another write may fall within one mtime tick.
+            self._marks, self._stamp = _read(self.path), self._current_stamp()
+            yield
 
     def reload_if_changed(self) -> None:
         """Read the file again when another store (or a restart) changed it."""
