@@ -16,7 +16,7 @@ from aegaeon.model_store.cli import register
 from aegaeon.model_store.files import fetch_file
 from aegaeon.model_store.host_cache import CacheError, HostCache, cache_root
 from aegaeon.model_store.layout import ALIGN
-from aegaeon.model_store.lifecycle import LifecycleBook
+from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook
 from aegaeon.model_store.registry import ModelError, RegistryScanner, check_name, describe
 from aegaeon.model_store.service import ModelStoreService
 from safetensors.numpy import load_file, save_file
@@ -178,6 +178,21 @@ def test_register_refuses_unsupported_or_unreadable_models(tmp_path: Path) -> No
     with pytest.raises(ModelError, match=r"config\.json"):
         register(tmp_path / "empty", tmp_path / "reg")
     assert not (tmp_path / "reg" / "weird").exists()
+
+
+def test_a_model_added_under_a_name_does_not_inherit_a_stale_mark(models_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    from aegaeon.cli import main
+
+    registry_dir = tmp_path / "reg"
+    registry_dir.mkdir()
+    # Left by a model of that name whose folder went (a removal stopped half-way, or by hand).
+    stale = {"tiny-c": {"state": "failed", "reason": "old", "origin": "import", "priority": "high",
+                        "pin": 2, "keep_alive_s": 0.0}}  # fmt: skip
+    (registry_dir / MARKS_FILE).write_text(json.dumps(stale))
+    assert main(["models", "add", str(models_dir / "tiny-c"), "--models-dir", str(registry_dir)]) == 0  # fmt: skip
+    book = LifecycleBook(registry_dir)
+    assert book.state("tiny-c", registered=True) == "ready"  # was: failed, every request a 409
+    assert (book.origin("tiny-c"), book.priority("tiny-c"), book.pin("tiny-c")) == (None, "normal", 0)  # fmt: skip
 
 
 def test_models_cli_adds_and_lists(models_dir: Path, tmp_path: Path, capsys) -> None:

@@ -188,8 +188,11 @@ def main(args: argparse.Namespace) -> int:
     if args.command[-1] == "list":
         print_registry(models_dir, args.json)
         return 0
+    before = set(models_dir.iterdir()) if models_dir.is_dir() else set()
     try:
         link = register(args.path, models_dir, args.name, running_workers_slot())
+        if link not in before:  # a new entry: a mark left under its name speaks of another model
+            LifecycleBook(models_dir).discard(link.name)
         if args.priority is not None or args.pin is not None:
             record_serving(models_dir, link.name, args.priority, args.pin)
     except ModelError as exc:
