@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -193,6 +194,16 @@ def test_a_model_added_under_a_name_does_not_inherit_a_stale_mark(models_dir: Pa
     book = LifecycleBook(registry_dir)
     assert book.state("tiny-c", registered=True) == "ready"  # was: failed, every request a 409
     assert (book.origin("tiny-c"), book.priority("tiny-c"), book.pin("tiny-c")) == (None, "normal", 0)  # fmt: skip
+
+
+def test_a_folder_in_the_models_directory_itself_is_added_again_with_a_setting(models_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    from aegaeon.cli import main
+
+    registry_dir = tmp_path / "reg"
+    shutil.copytree(models_dir / "tiny-a", registry_dir / "own")  # a demo model, a GGUF import
+    add = ["models", "add", str(registry_dir / "own"), "--models-dir", str(registry_dir)]
+    assert main([*add, "--pin", "1"]) == 0  # was: refused, "already registered"
+    assert LifecycleBook(registry_dir).pin("own") == 1
 
 
 def test_models_cli_adds_and_lists(models_dir: Path, tmp_path: Path, capsys) -> None:

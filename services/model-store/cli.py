@@ -112,8 +112,8 @@ def register(
     name = model_name(path, name)
     check_servable(path, name, slot_bytes)  # config and every safetensors header must be readable
     link = models_dir / name
-    if link.is_symlink() and link.resolve() == path:
-        return link  # already registered: adding twice is harmless
+    if link.exists() and link.resolve() == path:
+        return link  # already registered (linked, or the folder itself): adding again is harmless
     _refuse_taken(link, name)
     models_dir.mkdir(parents=True, exist_ok=True)
     link.symlink_to(path, target_is_directory=True)
