@@ -7,7 +7,11 @@ gives, and every refusal leaving the models directory as it was."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +326,33 @@ def test_a_gguf_file_given_through_a_link_is_imported_by_the_name_given(gguf_fil
     link.symlink_to(blob)
     folder = register(link, tmp_path / "models")
     assert folder.name == "tiny-llama-F32" and (folder / "model.safetensors").is_file()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_import_killed_midway_leaves_no_staging_folder_behind(gguf_file, tmp_path) -> None:
+    models = tmp_path / "models"
+    abandoned, running, young = (models / f".m{i}.x.importing" for i in range(3))
+    for folder in (abandoned, running, young):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    for folder in (abandoned, running):
+        os.utime(folder, (time.time() - 600, time.time() - 600))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(running)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        register(gguf_file, models, name="tiny")  # the next import sweeps
+        assert not abandoned.exists()  # its process is gone
+        assert running.exists() and young.exists()  # locked; or perhaps not locked yet
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (models / "tiny" / "model.safetensors").is_file()

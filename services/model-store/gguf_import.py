@@ -21,16 +21,25 @@ and a refused file leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
+import os
 import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from .registry import ModelError
+
+log = logging.getLogger(__name__)
+
+STAGING_GRACE_S = 60.0
+"""A staging folder younger than this is never swept (its import may not have locked it yet)."""
 
 GGUF_SUFFIX = ".gguf"
 
@@ -312,10 +321,13 @@ def import_gguf(
     """Convert the GGUF file ``path`` into the model folder ``target`` (which must not exist), keep
     it only if ``validate(folder)`` accepts it, and return ``target``. Raises ModelError."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_imports(target.parent)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".importing", dir=target.parent)
     )
+    lock = os.open(staging, os.O_RDONLY)  # held while this import runs (see the sweep)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         convert_gguf(path, staging, progress)
         validate(staging)
         staging.chmod(0o755)  # as readable as a folder made by hand (mkdtemp makes 0700)
@@ -326,4 +338,31 @@ def import_gguf(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return target
+
+
+def remove_abandoned_imports(models_dir: Path) -> list[Path]:
+    """Remove the staging folders of imports whose process is gone (killed mid-conversion: up to
+    twice the converted model's size on disk, in hidden folders). A running import holds a lock
+    on its staging folder, which the kernel drops when its process dies."""
+    removed = []
+    for staging in models_dir.glob(".*.importing"):
+        try:
+            if time.time() - staging.stat().st_mtime < STAGING_GRACE_S:
+                continue
+            fd = os.open(staging, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its import is running
+        finally:
+            os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    if removed:
+        log.warning("removed %d abandoned GGUF imports: %s", len(removed), removed)
+    return removed
