@@ -12,7 +12,6 @@ its own failure. Every failed (un)register here clears it at once and says what 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import mmap
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from aegaeon.gpu_worker.kv_cache import ExtentAllocator
+
+from aegaeon.life_locks import abandoned, claim
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +143,9 @@ def remove_orphan_pools(directory: Path) -> list[Path]:
     """Unlink the pool files in ``directory`` whose process is gone (killed: its ``close()``
     never ran; gigabytes each, in a ``/dev/shm`` that outlives a container restart). A pool's
     process holds a lock on its file for its whole life, which the kernel drops when it dies."""
-    removed = []
-    for path in directory.glob(f"{POOL_PREFIX}*.bin"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its process is alive
-        finally:
-            os.close(fd)
+    removed = [path for path in directory.glob(f"{POOL_PREFIX}*.bin") if abandoned(path)]
+    for path in removed:
         path.unlink(missing_ok=True)
-        removed.append(path)
     if removed:
         log.warning("removed %d host KV pools of processes gone: %s", len(removed), removed)
     return removed
@@ -166,11 +156,11 @@ def _create_locked(directory: Path, nbytes: int) -> tuple[Path, int]:
     the name a sweep looks for; the open descriptor holding the lock."""
     name = f"{POOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
     staging = directory / f".{name}"
-    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.ftruncate(fd, nbytes)
+    with open(staging, "xb") as f:
+        f.truncate(nbytes)
+    lock = claim(staging)
     os.rename(staging, directory / name)
-    return directory / name, fd
+    return directory / name, lock
 
 
 def _remove_pool(path: Path, fd: int) -> None:

@@ -21,7 +21,6 @@ and a refused file leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from aegaeon.life_locks import abandoned, claim
 
 from .registry import ModelError
 
@@ -325,9 +326,8 @@ def import_gguf(
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".importing", dir=target.parent)
     )
-    lock = os.open(staging, os.O_RDONLY)  # held while this import runs (see the sweep)
+    lock = claim(staging)  # held while this import runs (see the sweep)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         convert_gguf(path, staging, progress)
         validate(staging)
         staging.chmod(0o755)  # as readable as a folder made by hand (mkdtemp makes 0700)
@@ -343,26 +343,21 @@ def import_gguf(
     return target
 
 
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0  # gone meanwhile: nothing to sweep
+
+
 def remove_abandoned_imports(models_dir: Path) -> list[Path]:
     """Remove the staging folders of imports whose process is gone (killed mid-conversion: up to
     twice the converted model's size on disk, in hidden folders). A running import holds a lock
     on its staging folder, which the kernel drops when its process dies."""
-    removed = []
-    for staging in models_dir.glob(".*.importing"):
-        try:
-            if time.time() - staging.stat().st_mtime < STAGING_GRACE_S:
-                continue
-            fd = os.open(staging, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its import is running
-        finally:
-            os.close(fd)
+    removed = [staging for staging in models_dir.glob(".*.importing")
+               if _age_s(staging) >= STAGING_GRACE_S and abandoned(staging)]  # fmt: skip
+    for staging in removed:
         shutil.rmtree(staging, ignore_errors=True)
-        removed.append(staging)
     if removed:
         log.warning("removed %d abandoned GGUF imports: %s", len(removed), removed)
     return removed
