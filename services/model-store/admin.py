@@ -87,9 +87,9 @@ class LifecycleVerbs:
             return refused(
                 400, f"{request.path!r}: give an absolute path on the model-store's node"
             )
-        given = path.expanduser()  # as `register` names it (a .gguf by the name given)
+        given = path.expanduser()
         try:
-            name = model_name(given if is_gguf_file(given) else given.resolve(), request.name)
+            name = model_name(given, request.name)
         except ModelError as exc:
             return refused(400, str(exc))
         registry = await self.service.refresh(force=True)

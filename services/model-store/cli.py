@@ -81,11 +81,12 @@ def _refuse_taken(entry: Path, name: str) -> None:
 
 
 def model_name(path: Path, name: str | None = None) -> str:
-    """The name ``path`` registers as: ``name``, else the folder's name or the GGUF file's stem
-    (made a valid name). Raises ModelError for an invalid name."""
+    """The name ``path`` (as given) registers as: ``name``, else the GGUF file's stem as given (a
+    hub cache's x.gguf is a link to a blob named by its hash) or the folder's own name once
+    links are resolved (made a valid name). Raises ModelError for an invalid name."""
     if name:
         return check_name(name)
-    return check_name(name_from_file(path) if is_gguf_file(path) else path.name)
+    return check_name(name_from_file(path) if is_gguf_file(path) else path.resolve().name)
 
 
 def register(
