@@ -11,7 +11,7 @@ import pytest
 from aegaeon.scheduler.books import instance_view
 from aegaeon.scheduler.locality import STALE_BEATS, NodeCaches
 from aegaeon.scheduler.policies.base import ModelSpec
-from test_service import harness, wait_for
+from scheduler_harness import harness, wait_for
 
 from aegaeon.protocol import AssignRequest, Heartbeat, StoreHeartbeat
 

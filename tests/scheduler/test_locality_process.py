@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_service import wait_for
+from scheduler_harness import wait_for
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig

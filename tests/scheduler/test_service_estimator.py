@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_service import harness, wait_for
+from scheduler_harness import harness, wait_for
 
 __all__ = ["harness"]  # the fixture, shared with test_service
 

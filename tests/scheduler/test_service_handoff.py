@@ -6,7 +6,7 @@ stream (the fakes emit token ``1000 + index``, so a repeated or missing token sh
 from __future__ import annotations
 
 from aegaeon.scheduler.policies import POLICIES
-from test_service import HandoffScript, expected_stream, harness, wait_for
+from scheduler_harness import HandoffScript, expected_stream, harness, wait_for
 
 from aegaeon.protocol import AbortRequest, AssignRequest, KVImported, RunTurn
 

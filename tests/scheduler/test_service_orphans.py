@@ -4,7 +4,7 @@ for nobody. Real NATS and Redis, fake workers (test_service's harness)."""
 
 from __future__ import annotations
 
-from test_service import harness, wait_for
+from scheduler_harness import harness, wait_for
 
 from aegaeon.protocol import AbortRequest, AssignRequest, SamplingParams
 

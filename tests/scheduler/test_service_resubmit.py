@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from aegaeon.scheduler.books import RecentIds
-from test_service import expected_stream, final_state, harness, wait_for
+from scheduler_harness import expected_stream, final_state, harness, wait_for
 
 from aegaeon.protocol import AssignRequest, CancelRequest
 
