@@ -21,7 +21,7 @@ the samples it measured) or, where none exists, from the roofline model of
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,15 @@ sample (a stall, a clock jump) cannot throw a learned scale far."""
 class Estimator:
     """Predicted engine times for every model on one device (implements StepTimeEstimator)."""
 
-    def __init__(self, profiles: dict[str, ModelProfile], device: str = "cpu") -> None:
+    def __init__(
+        self, profiles: dict[str, ModelProfile], device: str = "cpu",
+        measured: Iterable[str] | None = None,
+    ) -> None:  # fmt: skip
         self.profiles = profiles
         self.device = device
+        # The profiles measured by ``aegaeon profile`` (default: all given); the others are
+        # roofline defaults, dropped with what was learned when their model is removed.
+        self.measured = set(profiles if measured is None else measured)
         self.exposed_s: dict[str, float] = {}  # model → EWMA of measured exposed switch seconds
         self.copied_bytes = 0  # over all observed switches: copied while a turn waited
         self.prefetched_bytes = 0  # … and copied in the background before
@@ -79,6 +85,17 @@ class Estimator:
             from aegaeon.sim.hardware import roofline_profile
 
             self.profiles[spec.name] = roofline_profile(spec, self.device)
+            self.measured.discard(spec.name)
+
+    def remove_model(self, name: str) -> None:
+        """``name`` was removed from the registry: forget what was learned of it (a model
+        market's names come and go; nothing is kept per name ever deployed). A measured
+        profile stays, for the model's return."""
+        self.exposed_s.pop(name, None)
+        for key in [k for k in self.scales if k[1] == name]:
+            del self.scales[key]
+        if name not in self.measured:
+            self.profiles.pop(name, None)
 
     def _scale(self, kind: str, model: str) -> float:
         return self.scales.get((kind, model), 1.0)
@@ -238,7 +255,7 @@ def load_estimator(
     for name, spec in models.items():
         if name not in profiles:
             profiles[name] = roofline_profile(spec, base.device)
-    return Estimator(profiles, base.device)
+    return Estimator(profiles, base.device, measured=base.profiles)
 
 
 # ---------------------------------------------------------------- fitting (pure)

@@ -74,8 +74,13 @@ class ModelRegistry(ServiceCore):
         self.model_states.pop(name, None)
         self.keep_alive_s.pop(name, None)
         queued, running = counts_by_model(self.requests)
-        if self.policy is not None and name not in queued and name not in running:
+        if name in queued or name in running:
+            return
+        if self.policy is not None:
             self.policy.remove_model(name)
+        remove_from_estimator = getattr(self.estimator, "remove_model", None)
+        if remove_from_estimator is not None:
+            remove_from_estimator(name)
 
     def _loading(self, name: str) -> bool:
         """Last heard as loading: the one state that ends on its own (drains and failures end

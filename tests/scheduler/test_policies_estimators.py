@@ -63,6 +63,22 @@ def test_models_missing_from_a_profile_get_roofline_defaults(tmp_path):
     assert est.switch_time("b") > est.switch_time("a")
 
 
+def test_a_removed_model_leaves_nothing_learned_behind_but_a_measured_profile(tmp_path):
+    models = {"a": ModelSpec("a", 1 << 30, 1024), "b": ModelSpec("b", 2 << 30, 2048)}
+    path = tmp_path / "p.json"
+    Estimator({"a": roofline_profile(models["a"], "cpu")}, "cpu").save(path)
+    est = load_estimator(str(path), models)
+    for name in models:
+        est.observe_steps(name, decode=([100], est.decode_time(name, [100]) / 2))
+        est.observe_switch(name, 0.1, copied_bytes=10, prefetched_bytes=0)
+    est.remove_model("a")
+    est.remove_model("b")
+    assert est.scales == {} and est.exposed_s == {}
+    assert set(est.profiles) == {"a"}  # measured by `aegaeon profile`: kept for a return
+    est.add_model(models["b"])  # registered again: a fresh roofline default
+    assert est.switch_time("b") > est.switch_time("a")
+
+
 def test_roofline_decode_is_bound_by_reading_the_weights():
     seven_b = paper_models(1)["m000-7b"]
     h800 = roofline_profile(seven_b, DEVICES["H800"])

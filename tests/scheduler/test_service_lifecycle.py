@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aegaeon.scheduler.estimators import load_estimator
-from test_service import CONTEXT, expected_stream, harness, wait_for
+from aegaeon.scheduler.estimators import Estimator, load_estimator
+from scheduler_harness import CONTEXT, expected_stream, harness, wait_for
 
 from aegaeon.protocol import (
     EvictIdle,
@@ -40,7 +40,8 @@ async def unload(h, name: str) -> UnloadReply:
 async def test_a_draining_model_refuses_new_requests_finishes_accepted_ones_then_unloads(harness):
     worker = await harness.worker("w1")
     worker.answer = False  # r1's turn waits until the test runs it
-    await harness.scheduler()
+    made: list[Estimator] = []
+    await harness.scheduler(estimator_factory=lambda models: made.append(load_estimator(None, models)) or made[0])  # fmt: skip
     assert (await harness.submit("r1", "a", max_tokens=4)).accepted
     await wait_for(lambda: worker.of_type(RunTurn), what="r1's turn")
 
@@ -79,6 +80,9 @@ async def test_a_draining_model_refuses_new_requests_finishes_accepted_ones_then
         await asyncio.sleep(0.02)
     assert gone.status == 404 and "does not exist" in gone.reason
     assert (await harness.submit("r5", "b")).accepted  # other models are untouched
+    estimator = made[0]
+    assert "a" not in estimator.profiles and "b" in estimator.profiles  # nothing kept of "a"
+    assert not any(model == "a" for _, model in estimator.scales)
 
 
 async def test_a_loading_model_is_refused_with_503_until_the_store_says_it_is_ready(harness):
