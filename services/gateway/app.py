@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admin import admin_router
 from .errors import APIError, install_handlers
+from .limits import OVERLOADED
 from .routes import router
 from .service import Gateway
 from .settings import GatewaySettings
@@ -40,8 +41,48 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     app.include_router(router)
     app.include_router(admin_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: a refused request costs no body read.
+    retry_after = gw.admission.retry_after_s
+    app.add_middleware(RequestLimit, limit=settings.max_requests, retry_after_s=retry_after)
     _drop_422_from_schema(app)
     return app
+
+
+class RequestLimit:
+    """503 for an HTTP request that arrives while ``limit`` are in progress, answered at once
+    as admission answers (OpenAI's error body, Retry-After) with ``Connection: close``.
+
+    It bounds what a request costs before admission counts it (a body buffered by BodyLimit,
+    validation, tokenization) and what admission never counts (health, metrics, model lists).
+    It counts requests, not connections: an idle keep-alive connection holds no slot, so a
+    client pool's idle connections cannot turn requests away. (uvicorn's ``limit_concurrency``
+    counted them and answered in plain text, without Retry-After; main.py leaves it unset.)
+    A refused connection is closed, so a flood does not keep its connections either.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: float) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = APIError(503, OVERLOADED, retry_after=self.retry_after_s).response()
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
 
 class BodyLimit:

@@ -98,6 +98,10 @@ class RateLimiter:
         return buckets
 
 
+OVERLOADED = "The server is overloaded; try again."
+"""The 503 message when the gateway is full (admission, or the HTTP request limit)."""
+
+
 class Admission:
     """Bounds on requests in flight through this gateway (queued at the scheduler or streaming):
     in all, and per API key, so one key holding streams it never reads cannot take every slot.
@@ -121,7 +125,7 @@ class Admission:
     def refusal(self, key: str | None = None, key_cap: int | None = None) -> str | None:
         """Why a request of ``key`` cannot be admitted now, or None."""
         if self.in_flight >= self.max_in_flight:
-            return "The server is overloaded; try again."
+            return OVERLOADED
         cap = key_cap if key_cap is not None else self.per_key
         if key is not None and cap is not None and self.by_key.get(key, 0) >= cap:
             return f"Too many requests in flight for key '{key}' (at most {cap}); try again."

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
 from aegaeon.config import BusConfig
 from aegaeon.runtime import run_process
@@ -14,10 +15,10 @@ from aegaeon.telemetry import setup_tracing, shutdown_tracing
 
 from .settings import GatewaySettings
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import uvicorn
 
-CONNECTION_HEADROOM = 64
-"""Connections beyond max_in_flight that uvicorn still serves (health, metrics, 503 answers)."""
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +45,7 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
     from .app import create_app
 
     setup_tracing("gateway")
-    # Connections past admission's bound (plus room for health checks and refusals) are turned
-    # away by uvicorn itself with a 503, before they cost a request object.
-    config = uvicorn.Config(
-        create_app(settings), host=host, port=port, access_log=False, log_config=None,
-        limit_concurrency=settings.max_in_flight + CONNECTION_HEADROOM,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(settings), host, port))
     serving = asyncio.create_task(server.serve())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -58,6 +53,19 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
     stopping.cancel()
     await serving
     shutdown_tracing()
+
+
+def server_config(app: Any, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the gateway app (``options`` for tests: a log level).
+
+    No ``limit_concurrency``: uvicorn would count idle keep-alive connections toward it and
+    answer past it with a plain-text 503 without Retry-After, which OpenAI clients do not
+    expect. The app bounds requests in progress itself (app.py's RequestLimit, outermost),
+    answering an OpenAI error with Retry-After. Neither bounds open connections (uvicorn
+    accepts them past its limit too): that is the OS's file limit and a proxy's job."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, **options)
 
 
 def run_gateway_process(settings: GatewaySettings, host: str, port: int) -> int:

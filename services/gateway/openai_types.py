@@ -74,7 +74,8 @@ class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # As OpenAI: [0, 1]; the most probable token is always kept, so 0 keeps only it.
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -1,10 +1,11 @@
 """One request's output as its client sees it: text deltas and the tokens behind them (pure).
 
 The engine's tokens are not all output. A stop string ends the output (it and all after it are
-dropped, tokens the worker generated meanwhile included), and a stop token (EOS) ends it without
-being part of it. The tokens a client is given with the text (for logprobs) end where the text
-ends, and while text is held back (part of a character, what may begin a stop string) its tokens
-wait with it, so no streamed token is one the output turns out not to have.
+dropped, tokens the worker generated meanwhile included), and a stop token (EOS, or the token a
+stop string spells: prepare.py) ends it without being part of it, neither its text nor its
+logprob. The tokens a client is given with the text (for logprobs) end where the text ends, and
+while text is held back (part of a character, what may begin a stop string) its tokens wait with
+it, so no streamed token is one the output turns out not to have.
 
 A token is output when its text begins before the output ends: of " END" cut by the stop string
 "END", the token " E" is kept (it brings the space) and "N", "D" are not. A token's text begins
@@ -64,8 +65,9 @@ class OutputText:
         for i, (token_id, logprob) in enumerate(zip(token_ids, logprobs, strict=True)):
             if self.stop.stopped:
                 break  # generated after the stop string: not output
-            if not (i == last and finish == "stop" and token_id in self.stop_token_ids):
-                self._held.append(_Held(token_id, logprob, len(self.detok.emitted)))
+            if i == last and finish == "stop" and token_id in self.stop_token_ids:
+                break  # the stop token: neither its text (an added token's shows) nor its logprob
+            self._held.append(_Held(token_id, logprob, len(self.detok.emitted)))
             text += self.stop.feed(self.detok.feed([token_id]))
         ended = finish is not None and not self.stop.stopped
         if ended:

@@ -173,6 +173,13 @@ def sampling_params(
     """OpenAI sampling fields → the engine's SamplingParams (temperature 0 is greedy); a field
     the request leaves out takes the model's generation_config.json value, else OpenAI's."""
     model = tok.sampling_defaults
+    # The engine stops at the model's own EOS unless told otherwise; the tokenizer's EOS ids
+    # are added here because a chat template may end turns with another token. A stop string
+    # that spells one token (``<|im_end|>``) stops at that token too: special tokens are not
+    # in the decoded text, so the string alone would never match. It stays a stop string as
+    # well, for the same characters generated as ordinary tokens.
+    eos = [] if body.ignore_eos else list(tok.eos_token_ids)
+    stop_ids = list(dict.fromkeys([*eos, *tok.spelled_token_ids(body.stop_strings())]))
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=model.get("temperature", 1.0) if body.temperature is None else body.temperature,
@@ -181,9 +188,7 @@ def sampling_params(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         top_k=int(model.get("top_k", 0)) if body.top_k is None else body.top_k,
-        # The engine stops at the model's own EOS unless told otherwise; the tokenizer's EOS
-        # ids are added here because a chat template may end turns with another token.
-        stop_token_ids=[] if body.ignore_eos else list(tok.eos_token_ids),
+        stop_token_ids=stop_ids,
         ignore_eos=bool(body.ignore_eos),
         logprobs=top_logprobs(body),
     )

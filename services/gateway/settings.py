@@ -50,6 +50,9 @@ class GatewaySettings:
     max_in_flight_per_key: int = field(
         default_factory=lambda: _env_int("AEGAEON_MAX_IN_FLIGHT_PER_KEY", 0)
     )
+    # HTTP requests in progress at once beyond max_in_flight (health, metrics, model lists,
+    # bodies still being read, refusals); past them every request is answered 503 at once.
+    request_headroom: int = 64
     submit_timeout_s: float = field(
         default_factory=lambda: _env_float("AEGAEON_SUBMIT_TIMEOUT_S", 10.0)
     )
@@ -71,10 +74,17 @@ class GatewaySettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.request_headroom < 0:
+            raise ValueError("request_headroom must be 0 or more")
         if self.max_in_flight_per_key < 0:
             raise ValueError("max_in_flight_per_key must be 0 (a quarter of the total) or more")
         if min(self.submit_timeout_s, self.idle_timeout_s, self.send_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def max_requests(self) -> int:
+        """HTTP requests the gateway serves at once (app.py's RequestLimit)."""
+        return self.max_in_flight + self.request_headroom
 
     @property
     def per_key_in_flight(self) -> int:

@@ -70,9 +70,12 @@ class ModelTokenizer:
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     """The model's own defaults for fields a request leaves out (generation_config.json)."""
     spelling: TokenSpelling = field(init=False, repr=False)
+    added_ids: dict[str, int] = field(init=False, repr=False)
+    """Each added token's text (special ones included, ``<|im_end|>``, ``</s>``) → its id."""
 
     def __post_init__(self) -> None:
         self.spelling = TokenSpelling(self.tokenizer)
+        self.added_ids = added_token_ids(self.tokenizer)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """A completion prompt, with the model's usual special tokens (BOS) unless not
@@ -128,6 +131,12 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def spelled_token_ids(self, texts: Sequence[str]) -> list[int]:
+        """The ids of the texts that are exactly one added or special token's text (stop
+        strings: ``decode`` skips special tokens, so such a stop string never shows in the
+        text and can stop generation only as a token id)."""
+        return [self.added_ids[text] for text in texts if text in self.added_ids]
+
     def token_bytes(self, token_id: int) -> bytes:
         """One token's own bytes, for logprobs (part of a character, a leading space kept)."""
         return self.spelling.bytes_of(token_id)
@@ -136,6 +145,22 @@ class ModelTokenizer:
         """One token as logprobs name it: its text, or ``bytes:\\xNN…`` when its bytes are
         not valid UTF-8 on their own."""
         return token_label(self.token_bytes(token_id))
+
+
+def added_token_ids(tokenizer: Any) -> dict[str, int]:
+    """A tokenizer's added tokens (text → id): those of ``added_tokens_decoder`` and any named
+    special token that is in the vocabulary without being added (a slow tokenizer's ``</s>``)."""
+    found = {
+        str(token.content): int(token_id)
+        for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    }
+    for name in getattr(tokenizer, "all_special_tokens", []):
+        if name in found:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == name:
+            found[name] = token_id  # not the unknown token's id that a missing name maps to
+    return found
 
 
 def load_tokenizer(folder: Path) -> ModelTokenizer:
@@ -160,7 +185,7 @@ def sampling_defaults(folder: Path) -> dict[str, float]:
     except (OSError, ValueError):
         log.warning("%s: unreadable; no default sampling values", path)
         return {}
-    limits = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (0, 1 << 20)}
+    limits = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (0, 1 << 20)}
     out: dict[str, float] = {}
     for key in SAMPLING_DEFAULTS:
         value = config.get(key) if isinstance(config, dict) else None

@@ -60,15 +60,19 @@ def apply_penalties(
     return logits
 
 
-def _filtered(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+def filtered_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """One row's logits to draw from: scaled by temperature, then cut by top-k and top-p (a
+    token cut is -inf). Top-p keeps the fewest most probable tokens whose probabilities reach
+    ``top_p``, and never fewer than one: top_p 0 keeps only the most probable token."""
     logits = logits / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < logits.numel():
         kth = torch.topk(logits, sampling.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the token crossing p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the token crossing p
+        drop[0] = False  # the most probable token always stays
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -93,7 +97,7 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, seed: int) -> int:
     values can make the draw raise."""
     if is_greedy(sampling):
         return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
-    probs = _filtered(logits.float(), sampling).softmax(-1)
+    probs = filtered_logits(logits.float(), sampling).softmax(-1)
     probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
     if not bool(probs.sum() > 0):
         return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))

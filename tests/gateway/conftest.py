@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from aegaeon.gateway.app import create_app
+from aegaeon.gateway.main import server_config
 from aegaeon.gateway.settings import GatewaySettings
 
 from aegaeon.bus import Bus
@@ -115,7 +116,8 @@ async def serve_stack(
     )
     await backend.start()
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    # The gateway's own uvicorn settings (main.py), as `aegaeon serve gateway` runs it.
+    config = server_config(app, "127.0.0.1", port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -2,7 +2,8 @@
 
 It speaks the real wire over the real NATS server: answers ``models.list`` and
 ``requests.submit``, "generates" a scripted text's tokens into ``tokens.<gateway-id>`` one
-TokenBatch per step (the last one ending with the EOS token, as a worker's does), records them
+TokenBatch per step (the last one ending with the EOS token, or with the first of the request's
+``stop_token_ids`` the text holds, finish "stop" as a worker's does), records them
 as a worker does in Redis when given ``record``, honours ``requests.cancel``, and publishes heartbeats / scheduler state
 when told to. The admin API's verbs get a store's answers: ``models.describe``, ``drain`` and
 ``remove`` move its models by the real lifecycle rules, ``serving`` sets a known model's class
@@ -192,6 +193,8 @@ class FakeBackend:
 
     async def _generate(self, request: SubmitRequest, script: Script) -> None:
         all_ids = [*self.encode(script.text), self.eos_id]
+        stops = {self.eos_id, *request.sampling.stop_token_ids}
+        all_ids = all_ids[: next(i for i, t in enumerate(all_ids) if t in stops) + 1]
         limit = request.sampling.max_tokens
         subject = self.bus.subjects.tokens(request.gateway_id)
         for status in script.statuses:
@@ -206,8 +209,8 @@ class FakeBackend:
                 return
             ids = all_ids[sent : sent + script.tokens_per_step][: limit - sent]
             finish = None
-            if ids and ids[-1] == self.eos_id:
-                finish = "stop"  # the EOS token is sent, as a worker sends it
+            if ids and ids[-1] in stops:
+                finish = "stop"  # the stop token is sent, as a worker sends it
             elif sent + len(ids) >= limit:
                 finish = "length"
             logprobs = (

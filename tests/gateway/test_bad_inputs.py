@@ -89,7 +89,7 @@ CASES = [
         400,
         "temperature",
     ),
-    ("top_p zero", CHAT, {"model": "tiny", "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
+    ("top_p above one", CHAT, {"model": "tiny", "messages": MESSAGES, "top_p": 1.5}, 400, "top_p"),
     (
         "penalty out of range",
         CHAT,

@@ -162,6 +162,15 @@ async def test_sampling_fields_reach_the_scheduler(stack):
     assert sampling.max_tokens == 3
 
 
+async def test_top_p_zero_is_accepted_as_openai_accepts_it(stack, tiny_tokenizer):
+    """OpenAI's range is [0, 1]; 0 keeps only the most probable token (the sampler's rule)."""
+    reply = await client(stack).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=0, max_tokens=3
+    )
+    assert reply.choices[0].message.content == expected_text(stack, tiny_tokenizer, 3)
+    assert stack.backend.submitted[-1].sampling.top_p == 0.0
+
+
 async def test_vllm_extensions_top_k_and_ignore_eos_reach_the_scheduler(stack):
     await client(stack).completions.create(
         model="tiny", prompt="x", max_tokens=3, extra_body={"top_k": 5, "ignore_eos": True}

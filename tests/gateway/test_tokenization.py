@@ -69,6 +69,10 @@ def test_a_request_missing_sampling_fields_takes_the_models_generation_config(ti
     (folder / "generation_config.json").write_text(json.dumps({"temperature": -1, "top_p": "x"}))
     fallback = sampling_params(ChatCompletionRequest(model="m", messages=messages), 8, load_tokenizer(folder))  # fmt: skip
     assert (fallback.temperature, fallback.top_p, fallback.top_k) == (1.0, 1.0, 0)
+    # The request's ranges are the defaults' ranges: top_p 0 (only the top token) included.
+    (folder / "generation_config.json").write_text(json.dumps({"top_p": 0, "top_k": 1 << 21}))
+    edges = sampling_params(ChatCompletionRequest(model="m", messages=messages), 8, load_tokenizer(folder))  # fmt: skip
+    assert (edges.top_p, edges.top_k) == (0.0, 0)
 
 
 def test_chat_uses_the_model_template_and_falls_back_without_one(tiny_model, tmp_path):

@@ -4,6 +4,7 @@ splits multi-byte characters across tokens, plus config files with eos and conte
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,6 +49,17 @@ def write_model(folder: Path, context_length: int = 128) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     model_config = {"eos_token_id": eos_id, "max_position_embeddings": context_length}
     (folder / "config.json").write_text(json.dumps(model_config))
+    return folder
+
+
+def with_added_tokens(model: Path, folder: Path, special: list[str], plain: list[str]) -> Path:
+    """A copy of a model folder whose tokenizer has more added tokens, ``special`` ones (as
+    ChatML's ``<|im_end|>``: skipped when decoding) and ``plain`` ones (kept in the text)."""
+    shutil.copytree(model, folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    tok.save(str(folder / "tokenizer.json"))
     return folder
 
 
