@@ -48,6 +48,12 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     return app
 
 
+PROBES = ("/health", "/metrics")
+"""Paths the request limit never refuses: cheap, body-less, and what an orchestrator probes; a
+gateway that is full but working must not be restarted as dead (infra/k8s/gateway.yaml's liveness
+probe reads /metrics) or dropped from its Service while it still streams."""
+
+
 class RequestLimit:
     """503 for an HTTP request that arrives while ``limit`` are in progress, answered at once
     as admission answers (OpenAI's error body, Retry-After) with ``Connection: close``.
@@ -67,7 +73,7 @@ class RequestLimit:
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in PROBES:
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:

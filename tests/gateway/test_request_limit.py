@@ -63,6 +63,22 @@ async def test_a_request_past_the_limit_is_refused_until_one_in_progress_ends():
     assert (await call(limit))[0]["status"] == 200 and limit.active == 0
 
 
+async def test_health_and_metrics_probes_are_answered_when_the_limit_is_reached():
+    held = Held()
+    limit = RequestLimit(held, limit=1, retry_after_s=1.0)
+    first = asyncio.create_task(call(limit))
+    await held.arrived.wait()
+    assert (await call(limit))[0]["status"] == 503
+    for path in ("/health", "/metrics"):
+        held.arrived.clear()
+        probe = asyncio.create_task(call(limit, HTTP | {"path": path}))
+        await asyncio.wait_for(held.arrived.wait(), 10)  # it reached the app: not refused
+        assert limit.active == 1
+    held.release.set()
+    await first
+    await probe
+
+
 async def test_a_failing_request_gives_its_slot_back_and_lifespan_is_not_counted():
     async def failing(scope, receive, send) -> None:
         raise RuntimeError("boom")
