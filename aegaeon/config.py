@@ -67,7 +67,16 @@ class BusConfig:
 
 CONNECTION_FILE = "connection.json"
 """In the state dir: the servers ``aegaeon up`` started and how this user's tools get in (0600):
-Redis' URL with its password, and NATS' read-only observer user (``bus_permissions``)."""
+Redis' URL with its password, NATS' read-only observer user (``bus_permissions``), and the
+models directory it serves (:data:`MODELS_DIR_KEY`)."""
+
+MODELS_DIR_KEY = "AEGAEON_MODELS_DIR"
+"""In the connection file: the models directory the running ``aegaeon up`` serves (its
+``--models-dir``, else ``<home>/models``), where ``aegaeon models add|list`` go by default."""
+
+STACK_PID_KEY = "AEGAEON_STACK_PID"
+"""In the connection file: the process id of the ``aegaeon up`` that wrote it. A file whose
+process is gone (killed with -9, a reboot) was left behind, and no stack runs."""
 
 
 def local_stack_env(home: Path | None = None) -> dict[str, str]:
@@ -80,7 +89,23 @@ def local_stack_env(home: Path | None = None) -> dict[str, str]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict) or not _running(data.get(STACK_PID_KEY)):
+        return {}
     return {k: str(v) for k, v in data.items() if k.startswith("AEGAEON_")}
+
+
+def _running(pid: object) -> bool:
+    """Whether the process ``pid`` (a connection file's writer) exists; True without one (a file
+    of a version that recorded none)."""
+    if pid is None:
+        return True
+    try:
+        os.kill(int(str(pid)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):  # another user's process; a bad value
+        return True
+    return True
 
 
 def local_bus_config() -> BusConfig | None:
@@ -94,6 +119,13 @@ def local_bus_config() -> BusConfig | None:
         nats_user=local.get("AEGAEON_NATS_USER"),
         nats_password=local.get("AEGAEON_NATS_PASSWORD"),
     )
+
+
+def local_models_dir() -> Path | None:
+    """The models directory of the ``aegaeon up`` this user runs here, or None when no such
+    stack runs."""
+    folder = local_stack_env().get(MODELS_DIR_KEY)
+    return Path(folder) if folder else None
 
 
 def default_store_id() -> str:

@@ -36,7 +36,14 @@ from pathlib import Path
 
 from aegaeon.bus_permissions import ROLES, authorization_block
 from aegaeon.children import Child, die_with_parent, make_private_dir, remove_stale_shm, wait_until
-from aegaeon.config import CONNECTION_FILE, BusConfig, default_state_dir, shm_dir
+from aegaeon.config import (
+    CONNECTION_FILE,
+    MODELS_DIR_KEY,
+    STACK_PID_KEY,
+    BusConfig,
+    default_state_dir,
+    shm_dir,
+)
 from aegaeon.metrics import scrape_targets
 from aegaeon.servers import (
     ServerProcess,
@@ -162,6 +169,7 @@ class Stack:
         self.stopping = threading.Event()
         self.env = dict(os.environ)
         self.bus_users: dict[str, dict[str, str]] = {}  # role → its NATS user and password
+        self.connection_written = False  # <home>/connection.json is this run's: it goes at stop
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -180,7 +188,7 @@ class Stack:
         models_dir = self.resolve_models_dir()
         if models_dir is None:
             return False
-        self.start_servers()
+        self.start_servers(models_dir)
         self.env |= {"AEGAEON_SHM_DIR": str(self.shm), "PYTHONUNBUFFERED": "1"}
         cache_bytes = self.args.cache_bytes or _default_cache_bytes()
         profile = profile_path(self.args, self.home)
@@ -232,12 +240,13 @@ class Stack:
                 proc.wait()
         return proc.returncode
 
-    def start_servers(self) -> None:
+    def start_servers(self, models_dir: Path | None = None) -> None:
         """Embedded NATS and Redis, unless the environment points at existing ones. Each gets
         credentials made for this run (another local user's client is refused); on NATS, one
         user per role (``bus_permissions``), each service getting only its own. And
         ``<home>/connection.json`` (0600) tells this user's tools (``aegaeon top``) where they
-        are and how to get in (as the read-only observer); it goes when the stack stops."""
+        are and how to get in (as the read-only observer), and ``aegaeon models add|list`` which
+        ``models_dir`` the stack serves; it goes when the stack stops."""
         connection: dict[str, str] = {}
         if "AEGAEON_NATS_URL" in os.environ:
             self.say(f"  nats         {os.environ['AEGAEON_NATS_URL']} (existing)")
@@ -260,8 +269,14 @@ class Stack:
             self.say(f"  redis-server 127.0.0.1:{redis.port} (password of this run, pid {redis.process.pid})")  # fmt: skip
         # Every service gets the URLs (Redis' carries its password); NATS users go per service.
         self.env |= {k: v for k, v in connection.items() if k.endswith("_URL")}
+        if models_dir is not None:
+            connection[MODELS_DIR_KEY] = str(models_dir.absolute())  # read from any folder
         if connection:
+            connection[STACK_PID_KEY] = str(
+                os.getpid()
+            )  # a file left by a killed run reads as none
             write_private(self.home / CONNECTION_FILE, json.dumps(connection, indent=2))
+            self.connection_written = True
 
     def child_env(self, child: Child) -> dict[str, str]:
         """The environment of one service: the stack's, and the NATS user of its role when the
@@ -325,7 +340,7 @@ class Stack:
                 child.close_log()
         for server in reversed(self.servers):
             server.stop()
-        if self.servers:
+        if self.connection_written:
             (self.home / CONNECTION_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.shm, ignore_errors=True)
 

@@ -22,10 +22,12 @@ import torch
 from aegaeon.gpu_worker.engine import Engine, EngineConfig
 from aegaeon.model_store.cli import register
 from aegaeon.model_store.demo import CHAT_TEMPLATE, train_tokenizer
+from aegaeon.model_store.files import read_chunk
+from aegaeon.model_store.gguf_import import ORIGIN_FILE
 from aegaeon.model_store.registry import ModelError, describe
 from safetensors.torch import load_file
 
-from aegaeon.protocol import SamplingParams
+from aegaeon.protocol import FetchFile, SamplingParams
 
 PROMPTS = [[5, 17, 30, 42, 9, 11, 250, 3, 77, 120], [100, 200, 300, 7]]
 NEW_TOKENS = 12
@@ -295,11 +297,42 @@ def test_a_model_too_large_for_the_running_workers_is_removed_after_conversion(
     assert not list(models.iterdir())  # the converted folder is gone, hidden staging included
 
 
-def test_a_taken_name_is_refused_before_converting(gguf_file, imported) -> None:
+def test_a_taken_name_is_refused_before_converting_another_file(gguf_file, imported, tmp_path) -> None:  # fmt: skip
     before = sorted(p.name for p in imported.parent.iterdir())
+    other = tmp_path / gguf_file.name  # the same bytes, but another file
+    shutil.copyfile(gguf_file, other)
     with pytest.raises(ModelError, match="already registered"):
-        register(gguf_file, imported.parent)
+        register(other, imported.parent)
     assert sorted(p.name for p in imported.parent.iterdir()) == before
+
+
+def test_adding_the_same_gguf_file_again_is_harmless_and_converts_nothing(
+    gguf_file, imported, monkeypatch
+) -> None:
+    from aegaeon.model_store import cli
+
+    def no_conversion(*_args, **_kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(cli, "import_gguf", no_conversion)
+    before = {p.name: p.stat().st_mtime_ns for p in imported.iterdir()}
+    assert register(gguf_file, imported.parent) == imported  # was: refused, "already registered"
+    assert {p.name: p.stat().st_mtime_ns for p in imported.iterdir()} == before
+    origin = json.loads((imported / ORIGIN_FILE).read_text())
+    assert origin["source"] == str(gguf_file.resolve())
+    assert describe(imported).name == imported.name  # the record is no model file
+    assert read_chunk(imported, FetchFile(imported.name, ORIGIN_FILE, 0, 100)).error
+
+
+def test_a_gguf_file_rewritten_since_its_import_is_refused_under_the_taken_name(gguf_file, tmp_path) -> None:  # fmt: skip
+    source = tmp_path / "tiny.gguf"
+    shutil.copyfile(gguf_file, source)
+    folder = register(source, tmp_path / "models")
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # another version of it
+    with pytest.raises(ModelError, match="already registered"):
+        register(source, tmp_path / "models")
+    assert folder.is_dir()
 
 
 def test_models_cli_adds_a_gguf_file(gguf_file, tmp_path, capsys) -> None:
@@ -312,7 +345,11 @@ def test_models_cli_adds_a_gguf_file(gguf_file, tmp_path, capsys) -> None:
     assert main(["models", "list", "--models-dir", str(models), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(m["name"], m["model_type"]) for m in listed["models"]] == [("tiny", "llama")]
-    assert main(argv) == 1
+    assert main([*argv, "--priority", "high"]) == 0  # the same file again: as a folder is
+    assert "already registered tiny" in capsys.readouterr().out
+    other = tmp_path / "other.gguf"
+    shutil.copyfile(gguf_file, other)
+    assert main(["models", "add", str(other), "--name", "tiny", "--models-dir", str(models)]) == 1
     assert "already registered" in capsys.readouterr().err
 
 

@@ -121,6 +121,43 @@ def test_stop_kills_a_service_that_ignores_sigterm_and_its_children(tmp_path: Pa
     assert not stack.shm.exists()
 
 
+def test_up_tells_models_add_the_models_dir_it_serves_until_it_stops(tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+    """Even with servers given by the environment (no password or observer user to write), the
+    connection file names the models directory, so ``aegaeon models add`` adds where the stack
+    looks; it goes with the stack."""
+    from aegaeon.model_store.cli import default_models_dir
+
+    monkeypatch.setenv("AEGAEON_NATS_URL", "nats://127.0.0.1:4222")
+    monkeypatch.setenv("AEGAEON_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("AEGAEON_HOME", str(tmp_path))
+    stack = _stack(tmp_path)
+    served = tmp_path / "served"
+    stack.start_servers(served)
+    connection = tmp_path / "connection.json"
+    written = json.loads(connection.read_text())
+    assert written == {"AEGAEON_MODELS_DIR": str(served), "AEGAEON_STACK_PID": str(os.getpid())}
+    assert stat.S_IMODE(connection.stat().st_mode) == 0o600
+    assert default_models_dir() == served
+    stack.stop()
+    assert not connection.exists() and default_models_dir() == tmp_path / "models"
+
+
+def test_a_connection_file_left_by_a_killed_up_names_no_stack(tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+    """``kill -9`` of ``aegaeon up`` (or a reboot) leaves its connection file: tools must not
+    take its models directory or servers for a running stack's."""
+    from aegaeon.model_store.cli import default_models_dir
+
+    from aegaeon.config import local_bus_config
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setenv("AEGAEON_HOME", str(tmp_path))
+    left = {"AEGAEON_MODELS_DIR": str(tmp_path / "gone"), "AEGAEON_NATS_URL": "nats://127.0.0.1:1",
+            "AEGAEON_STACK_PID": str(dead.pid)}  # fmt: skip
+    (tmp_path / "connection.json").write_text(json.dumps(left))
+    assert default_models_dir() == tmp_path / "models" and local_bus_config() is None
+
+
 def _alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE

@@ -245,6 +245,53 @@ def test_models_cli_adds_and_lists(models_dir: Path, tmp_path: Path, capsys) -> 
     assert "refused" in capsys.readouterr().err
 
 
+def test_models_add_and_list_without_a_models_dir_use_the_one_the_running_stack_serves(
+    models_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """While this user's ``aegaeon up --models-dir X`` runs (its connection file names X), a model
+    added without ``--models-dir`` lands in X, where the stack sees it; with no stack running, in
+    $AEGAEON_HOME/models."""
+    from aegaeon.cli import main
+
+    home, served = tmp_path / "home", tmp_path / "served"
+    home.mkdir()
+    monkeypatch.setenv("AEGAEON_HOME", str(home))
+    (home / "connection.json").write_text(json.dumps({"AEGAEON_MODELS_DIR": str(served)}))
+    assert main(["models", "add", str(models_dir / "tiny-c")]) == 0
+    assert f"in {served}" in capsys.readouterr().out  # says which folder
+    assert (served / "tiny-c").is_symlink() and not (home / "models").exists()
+    assert main(["models", "list", "--json"]) == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)["models"]] == ["tiny-c"]
+    (home / "connection.json").unlink()  # the stack stopped
+    assert main(["models", "add", str(models_dir / "tiny-a")]) == 0
+    assert f"in {home / 'models'}" in capsys.readouterr().out
+    assert (home / "models" / "tiny-a").is_symlink()
+
+
+def test_a_link_whose_target_went_is_listed_as_not_servable_and_a_new_add_says_how_to_remove_it(
+    models_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from aegaeon.cli import main
+
+    registry_dir, moved = tmp_path / "reg", tmp_path / "moved-away"
+    shutil.copytree(models_dir / "tiny-a", moved)
+    register(moved, registry_dir, name="gone")
+    shutil.rmtree(moved)  # moved or deleted: the link dangles
+    registry = RegistryScanner(registry_dir).scan()
+    assert registry.models == {}
+    assert f"links to {moved}, which is missing" in registry.problems.get("gone", "")  # was: hidden
+    assert registry.broken_links == {"gone": moved}
+    assert main(["models", "list", "--models-dir", str(registry_dir)]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.startswith("gone") and "NOT SERVABLE" in row and str(moved) in row
+    assert main(["models", "list", "--models-dir", str(registry_dir), "--json"]) == 0
+    assert str(moved) in json.loads(capsys.readouterr().out)["problems"]["gone"]
+    add = ["models", "add", str(models_dir / "tiny-c"), "--name", "gone"]
+    assert main([*add, "--models-dir", str(registry_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "aegaeon models remove gone" in err and f"rm {registry_dir / 'gone'}" in err
+
+
 def test_a_model_larger_than_the_running_workers_slots_is_refused_at_registration(
     models_dir: Path, tmp_path: Path, nats_server, monkeypatch, capsys
 ) -> None:

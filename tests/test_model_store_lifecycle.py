@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import struct
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -37,6 +39,8 @@ from aegaeon.protocol import (
     ModelReply,
     RemoveModel,
     SetServing,
+    UnloadModel,
+    UnloadReply,
     encode,
 )
 
@@ -342,6 +346,46 @@ async def test_a_load_that_fails_leaves_the_model_failed_with_why_and_removable(
         removed = await s.ask("remove", RemoveModel("alpha"))
         assert removed.error == "" and "alpha" not in await s.states()
     cache.close()
+
+
+async def test_a_model_whose_linked_folder_went_is_failed_with_why_and_removable(
+    store, dirs
+) -> None:
+    """Its folder moved or deleted, a deployed model's link dangles: the store lists it no more,
+    describes it as failed naming the missing folder (what the admin API's removal asks first),
+    refuses its name to a deploy saying how to free it, and removes the link and its mark."""
+    sources, models = dirs
+    await store.ask("deploy", DeployModel(str(sources / "alpha"), priority="high"))
+    await store.until_state("alpha", "ready")
+    shutil.rmtree(sources / "alpha")
+
+    async def listed_without_alpha() -> dict[str, str] | None:
+        states = await store.states()  # the scan goes on, within a second without alpha
+        return states if "alpha" not in states else None
+
+    assert await until(listed_without_alpha, "listed without alpha") == {"resident": "ready"}
+    described = (await store.ask("describe", DescribeModel("alpha"))).model
+    assert described is not None and described.state == "failed"  # was: "not registered"
+    assert f"links to {sources / 'alpha'}, which is missing" in described.state_reason
+    taken = await store.ask("deploy", DeployModel(str(sources / "beta"), "alpha"))
+    assert taken.status == 409 and f"rm {models / 'alpha'}" in taken.error
+
+    # `aegaeon models remove alpha`: the gateway's steps, a scheduler with nothing of it in flight.
+    from aegaeon.gateway.admin import remove as admin_remove
+
+    async def unload(_request: UnloadModel, msg) -> None:
+        await store.client.reply(msg, UnloadReply(True))
+
+    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
+    forgotten: list[str] = []
+    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=forgotten.append))
+    note = await admin_remove(gateway, "alpha")  # type: ignore[arg-type]
+    assert "was already gone" in note and forgotten == ["alpha"]
+    assert not (models / "alpha").is_symlink()
+    assert "alpha" not in json.loads((models / MARKS_FILE).read_text())
+    assert store.service.cache.cached_path("alpha") is None
+    assert (await store.until_heard("alpha", None)).removed
+    assert (await store.ask("remove", RemoveModel("alpha"))).status == 404
 
 
 async def test_a_restarted_store_keeps_a_drain_and_finishes_a_load_left_unfinished(

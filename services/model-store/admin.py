@@ -9,7 +9,8 @@ move publishes.
               ─► background: copy into the host cache ─► ready  (or failed, with why)
     drain  ─► draining (the scheduler and gateways refuse new requests of it)
     remove ─► (the gateway had the scheduler unload it first) folder out, host cache out,
-              mark out ─► absent
+              mark out ─► absent  (a link whose target is gone is described as failed, so it
+              is removed as a failed model is)
     serving ─► the model's priority class, pin and keep-alive in its mark (any state; the
                scheduler's policies weigh the class and keep a pinned model resident, and it
                evicts a model idle past its keep-alive)
@@ -39,7 +40,7 @@ from aegaeon.protocol import (
 )
 from aegaeon.serving import settings_text
 
-from .cli import NameTaken, model_name, register
+from .cli import NameTaken, model_name, register, taken_text
 from .gguf_import import is_gguf_file
 from .host_cache import CacheError
 from .lifecycle import LifecycleBook, Origin, remove_entry
@@ -93,6 +94,8 @@ class LifecycleVerbs:
         except ModelError as exc:
             return refused(400, str(exc))
         registry = await self.service.refresh(force=True)
+        if name in registry.broken_links:  # the book would call it ready: say how to remove it
+            return refused(409, taken_text(self.models_dir / name, name))
         registered = name in registry.models or name in registry.problems
         origin: Origin = "import" if is_gguf_file(given) else "link"
         try:
@@ -194,15 +197,17 @@ class LifecycleVerbs:
 
     async def on_remove(self, request: RemoveModel) -> ModelReply:
         """Only after the scheduler unloaded it (the gateway asks it first): no request of the
-        model is queued or running, and none will be admitted."""
+        model is queued or running, and none will be admitted. A link whose target is gone is
+        a failed model (``broken_link``): the link goes, and its mark whatever it says."""
         name = request.name
         info = await self.service.lookup(name)
+        last = await self.service.broken_link(name) if info is None else self.service.current(info)
+        state = last.state if last is not None else self.book.state(name, False)  # absent, loading
         try:
-            next_state(name, self.book.state(name, info is not None), "remove")
+            next_state(name, state, "remove")
         except LifecycleError as exc:
             return refused(exc.status, exc.message)
-        assert info is not None
-        last = self.service.current(info)
+        assert last is not None  # an absent model (None) was refused above
         try:
             note = await asyncio.to_thread(remove_entry, self.models_dir, name, self.book.origin(name))  # fmt: skip
         except OSError as exc:
@@ -210,7 +215,10 @@ class LifecycleVerbs:
         self.service.cache.evict(name)
         await self.service.refresh(force=True)
         try:
-            self.book.move(name, True, "remove")  # its mark goes with its folder
+            if info is None:  # a broken link's mark may say anything (ready, draining)
+                self.book.discard(name)
+            else:
+                self.book.move(name, True, "remove")  # its mark goes with its folder
         except LifecycleError as exc:  # the folder is gone: a mark left behind reads as absent
             log.warning("removed %s but kept its stale mark: %s", name, exc.message)
         log.info("removed %s: %s", name, note)

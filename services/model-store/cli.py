@@ -5,8 +5,10 @@ model, pointing at the Hugging Face folder, or, for a ``.gguf`` file, a folder c
 (``gguf_import``). A running model-store picks it up on its next scan. ``--priority`` and ``--pin``
 record the model's serving settings in the models directory's lifecycle book
 (``lifecycle.record_serving``).
-When this user's ``aegaeon up`` runs, its workers' heartbeats say how large a model they can hold,
-and a larger one is refused here with what would fit (not at its first request).
+When this user's ``aegaeon up`` runs, both go to the models directory it serves (its connection
+file says which) unless ``--models-dir`` says otherwise, and its workers' heartbeats say how large
+a model they can hold: a larger one is refused here with what would fit (not at its first
+request).
 """
 
 from __future__ import annotations
@@ -21,27 +23,36 @@ from typing import Any
 import msgspec
 
 from aegaeon.capacity import largest_slot, too_large
-from aegaeon.config import default_state_dir, local_bus_config
+from aegaeon.config import default_state_dir, local_bus_config, local_models_dir
 from aegaeon.lifecycle import LifecycleError
 from aegaeon.priority import PRIORITIES
 from aegaeon.protocol import Heartbeat, ModelInfo, decode
 from aegaeon.serving import pin_argument, settings_text
 from aegaeon.subjects import Subjects
 
-from .gguf_import import import_gguf, is_gguf_file, name_from_file
+from .gguf_import import import_gguf, imported_from, is_gguf_file, name_from_file
 from .lifecycle import LifecycleBook, record_serving
-from .registry import ModelError, RegistryScanner, check_name, check_supported, describe
+from .registry import (
+    ModelError,
+    RegistryScanner,
+    check_name,
+    check_supported,
+    describe,
+    missing_target,
+)
 
 
 def default_models_dir() -> Path:
-    """The models directory of ``aegaeon up`` (``$AEGAEON_HOME/models``)."""
-    return default_state_dir() / "models"
+    """The models directory of the ``aegaeon up`` this user runs here (its connection file), else
+    the one it serves by default (``$AEGAEON_HOME/models``): a model added is one the stack sees."""
+    return local_models_dir() or default_state_dir() / "models"
 
 
 def add_arguments_for(words: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models-dir", type=Path, default=None,
-        help="the registry's folder (default: $AEGAEON_HOME/models, i.e. ~/.aegaeon/models)",
+        help="the registry's folder (default: the one the running `aegaeon up` serves, else "
+             "$AEGAEON_HOME/models, i.e. ~/.aegaeon/models)",
     )  # fmt: skip
     if words[-1] == "add":
         parser.add_argument("path", type=Path, help="a Hugging Face model folder or a .gguf file")
@@ -75,9 +86,22 @@ class NameTaken(ModelError):
     """Something already stands in the models directory under the model's name."""
 
 
+def taken_text(entry: Path, name: str) -> str:
+    """Why ``name`` cannot be registered: ``entry`` stands in its place (a link whose target is
+    gone says how to remove it: nothing else would)."""
+    target = missing_target(entry)
+    if target is not None:
+        return (
+            f"the name {name!r} is taken by a link whose target is missing ({entry} → {target}): "
+            f"remove it (`aegaeon models remove {name}` while the stack runs, else `rm {entry}`) "
+            "or pick --name"
+        )
+    return f"a model named {name!r} is already registered ({entry}); pick --name"
+
+
 def _refuse_taken(entry: Path, name: str) -> None:
     if entry.exists() or entry.is_symlink():
-        raise NameTaken(f"a model named {name!r} is already registered ({entry}); pick --name")
+        raise NameTaken(taken_text(entry, name))
 
 
 def model_name(path: Path, name: str | None = None) -> str:
@@ -93,7 +117,8 @@ def register(
     path: Path, models_dir: Path, name: str | None = None, slot_bytes: int | None = None
 ) -> Path:
     """Validate ``path`` and add it to ``models_dir`` as ``name``: a Hugging Face folder is linked,
-    a ``.gguf`` file is converted into a folder there. Raises ModelError.
+    a ``.gguf`` file is converted into a folder there. Adding it again is harmless (the same
+    folder, or the same unchanged .gguf file: nothing is converted again). Raises ModelError.
     ``slot_bytes``: the largest weight slot of the running workers, when known (a model larger
     than every slot is refused now rather than at its first request)."""
     # A .gguf is known by the name given: a hub cache's snapshots/<rev>/x.gguf is a link to a
@@ -102,12 +127,12 @@ def register(
     path = given.resolve()
     if is_gguf_file(given):
         gguf_name = model_name(given, name)
-        _refuse_taken(models_dir / gguf_name, gguf_name)
-        return import_gguf(
-            path,
-            models_dir / gguf_name,
-            lambda folder: check_servable(folder, gguf_name, slot_bytes),
-        )
+        folder = models_dir / gguf_name
+        if imported_from(folder, path):  # already imported from this very file: nothing to do
+            check_servable(folder, gguf_name, slot_bytes)
+            return folder
+        _refuse_taken(folder, gguf_name)
+        return import_gguf(path, folder, lambda out: check_servable(out, gguf_name, slot_bytes))
     if not path.is_dir():
         raise ModelError(f"{path}: not a folder")
     name = model_name(path, name)
@@ -204,5 +229,6 @@ def main(args: argparse.Namespace) -> int:
         return 1
     settings = settings_text(args.priority, args.pin)
     recorded = f" ({settings})" if settings else ""
-    print(f"registered {link.name} → {link.resolve()} in {models_dir}{recorded}")
+    done = "registered" if link not in before else "already registered"
+    print(f"{done} {link.name} → {link.resolve()} in {models_dir}{recorded}")
     return 0

@@ -11,11 +11,12 @@ keeps the narrowest dtype that holds its values exactly.
     FILE.gguf ──convert──▶ <models>/.NAME.…importing/ ──validate──▶ rename ──▶ <models>/NAME/
                            config.json             model.safetensors
                            tokenizer.json          tokenizer_config.json (with the chat template)
-                           generation_config.json
+                           generation_config.json  .aegaeon-gguf-origin.json (which file it was)
 
 The folder is written hidden (the registry skips dot-names) and renamed into place only once the
 same checks as for a linked folder accept it, so a running model-store never sees it half-written
-and a refused file leaves nothing behind.
+and a refused file leaves nothing behind. It records the file it came from (``ORIGIN_FILE``), so
+adding that same file again is known as harmless rather than refused as a taken name.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ STAGING_GRACE_S = 60.0
 
 GGUF_SUFFIX = ".gguf"
 
+ORIGIN_FILE = ".aegaeon-gguf-origin.json"
+"""In an imported folder: the GGUF file it was converted from, as it was then (``gguf_origin``).
+Hidden, and no model file: the registry, the host cache, a peer's copy and ``models.file`` read
+only config, safetensors and tokenizer files by name (``models.file`` refuses dot-names)."""
+
 _NON_NAME = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -56,6 +62,25 @@ def name_from_file(path: Path) -> str:
     """A model name from a file name: ``Llama-3.2-1B-Q4_K_M.gguf`` → ``Llama-3-2-1B-Q4_K_M``
     (GGUF names are full of dots, which model names cannot hold)."""
     return _NON_NAME.sub("-", path.stem).lstrip("-_")[:64]
+
+
+def gguf_origin(path: Path) -> dict[str, Any]:
+    """What an import records of the GGUF file ``path``: its resolved path, size and modification
+    time. Raises ModelError when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ModelError(f"{path}: unreadable ({exc.strerror})") from None
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def imported_from(folder: Path, path: Path) -> bool:
+    """Whether ``folder`` was imported from the GGUF file ``path`` as it is now (the same file,
+    neither rewritten nor replaced since)."""
+    try:
+        return json.loads((folder / ORIGIN_FILE).read_text()) == gguf_origin(path)
+    except (OSError, ValueError):  # no record (not an import, or an older one), or no file
+        return False
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -321,6 +346,7 @@ def import_gguf(
 ) -> Path:
     """Convert the GGUF file ``path`` into the model folder ``target`` (which must not exist), keep
     it only if ``validate(folder)`` accepts it, and return ``target``. Raises ModelError."""
+    origin = gguf_origin(path)  # before converting: a file rewritten meanwhile is another one
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_imports(target.parent)
     staging = Path(
@@ -330,6 +356,7 @@ def import_gguf(
     try:
         convert_gguf(path, staging, progress)
         validate(staging)
+        (staging / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
         staging.chmod(0o755)  # as readable as a folder made by hand (mkdtemp makes 0700)
         staging.rename(target)
     except OSError as exc:

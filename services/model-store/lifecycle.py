@@ -279,8 +279,9 @@ def remove_entry(models_dir: Path, name: str, origin: Origin | None) -> str:
     entry = models_dir / name
     if entry.is_symlink():
         target = os.readlink(entry)
+        untouched = "is untouched" if entry.exists() else "was already gone"
         entry.unlink()
-        return f"removed the link {entry} (its target {target} is untouched)"
+        return f"removed the link {entry} (its target {target} {untouched})"
     if not entry.exists():
         return f"{entry} was already gone"
     if origin == "import":

@@ -3,11 +3,14 @@
 A models directory is in Hugging Face layout, one folder (or symlink to a folder) per model; the
 folder's name is the model's name. Describing a model reads only ``config.json`` and the
 safetensors *headers*, never the weights, so scanning a directory of 70B models is instant.
+A link whose target was moved or deleted still holds its name: it is listed as a problem (and the
+model-store lets the admin API remove it), never skipped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,12 +169,31 @@ def describe(model_dir: str | Path, name: str | None = None) -> ModelInfo:
     )
 
 
+def missing_target(entry: Path) -> Path | None:
+    """The target of ``entry`` when it is a link whose target is gone (moved or deleted), else
+    None."""
+    if not entry.is_symlink() or entry.exists():
+        return None
+    try:
+        target = os.readlink(entry)
+    except OSError:  # gone meanwhile
+        return None
+    return entry.parent / target  # a relative target is relative to the link's folder
+
+
+def broken_link_text(entry: Path, target: Path) -> str:
+    """Why a link whose target is gone cannot be served, naming the target."""
+    return f"{entry} links to {target}, which is missing (moved or deleted)"
+
+
 @dataclass
 class Registry:
-    """The models of one directory: good ones by name, and the folders that were refused, with why."""
+    """The models of one directory: good ones by name, and the folders that were refused, with
+    why; ``broken_links``: those of the refused that are links whose target is gone, with it."""
 
     models: dict[str, ModelInfo] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    broken_links: dict[str, Path] = field(default_factory=dict)
 
 
 def _signature(model_dir: Path) -> tuple[float, ...]:
@@ -198,7 +220,14 @@ class RegistryScanner:
         entries = sorted(self.models_dir.iterdir()) if self.models_dir.is_dir() else []
         seen = set()
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith("."):
+                continue
+            target = missing_target(entry)
+            if target is not None:
+                registry.problems[entry.name] = broken_link_text(entry, target)
+                registry.broken_links[entry.name] = target
+                continue
+            if not entry.is_dir():
                 continue
             seen.add(entry.name)
             result = self._describe(entry)
