@@ -271,7 +271,7 @@ def test_up_serves_every_model_and_stops_cleanly_on_sigterm(demo_models_dir: Pat
 def test_up_passes_slos_and_policy_options_to_the_scheduler(tmp_path):
     import argparse
 
-    from aegaeon.launcher import add_arguments, plan_children
+    from aegaeon.stack_plan import add_arguments, plan_children
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -290,7 +290,7 @@ def test_up_with_two_schedulers_starts_both_under_their_own_ids_and_logs(
 ):
     import argparse
 
-    from aegaeon.launcher import add_arguments, plan_children
+    from aegaeon.stack_plan import add_arguments, plan_children
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -20,7 +20,7 @@ from aegaeon.scheduler.profile import (
 )
 
 from aegaeon import cli
-from aegaeon.launcher import plan_children, profile_path
+from aegaeon.stack_plan import plan_children, profile_path
 
 MODELS = ["demo-llama", "demo-qwen2"]
 TINY = Grid(((16,), (96,), (32, 32), (64, 64, 64)), (1, 3), (24, 120), 2, 2, 2)

@@ -16,7 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from aegaeon import launcher, servers
+from aegaeon import launcher, servers, stack_plan
 from aegaeon.bus import connect_redis
 from aegaeon.config import BusConfig
 from aegaeon.servers import start_nats, start_redis
@@ -151,7 +151,7 @@ def test_aegaeon_up_gives_each_service_only_the_nats_user_of_its_role(tmp_path, 
     stack.logs.mkdir(parents=True)
     try:
         stack.start_servers()
-        children = launcher.plan_children(args, tmp_path, stack.logs, cache_bytes=1 << 20)
+        children = stack_plan.plan_children(args, tmp_path, stack.logs, cache_bytes=1 << 20)
         passwords = {}
         for child in children:
             env = stack.child_env(child)
