@@ -4,8 +4,6 @@ grows without bound.
 ``<prefix>:req:<id>``      hash  request metadata: state, model, gateway, prompt_len, output_len,
                                  arrival, first_token_at, finished_at, finish_reason, worker
 ``<prefix>:req:<id>:out``  list  output token ids already sent to the client (for recovery)
-``<prefix>:kv:<id>``       hash  where the request's KV lives: worker, place (device|host|none),
-                                 blocks, host_path, host_offset, host_bytes
 ``<prefix>:queue``         hash  request id → packed SubmitRequest, for requests the scheduler
                                  has accepted but not finished (a restarted scheduler resumes them)
 ``<prefix>:scheduler:leader`` string  the leader lease: ``<scheduler id>:<pid>:<nonce>`` of the one
@@ -37,9 +35,6 @@ class Keys:
 
     def output_tokens(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}:out"
-
-    def kv(self, request_id: str) -> str:
-        return f"{self.prefix}:kv:{request_id}"
 
     @property
     def queue(self) -> str:
