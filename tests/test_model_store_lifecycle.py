@@ -388,6 +388,29 @@ async def test_a_model_whose_linked_folder_went_is_failed_with_why_and_removable
     assert (await store.ask("remove", RemoveModel("alpha"))).status == 404
 
 
+async def test_a_folder_the_scan_refuses_is_failed_with_why_and_removable(store, dirs) -> None:
+    """A folder put in the models directory by hand with a broken config.json: described as
+    failed with the scan's reason, and the admin API's removal sets it aside (bytes kept)."""
+    _sources, models = dirs
+    (models / "broken").mkdir()
+    (models / "broken" / "config.json").write_text("{not json")
+    described = (await store.ask("describe", DescribeModel("broken"))).model
+    assert described is not None and described.state == "failed"  # was: "cannot be served"
+    assert "config.json" in described.state_reason
+
+    from aegaeon.gateway.admin import remove as admin_remove
+
+    async def unload(_request: UnloadModel, msg) -> None:
+        await store.client.reply(msg, UnloadReply(True))
+
+    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
+    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=lambda name: None))
+    await admin_remove(gateway, "broken")  # type: ignore[arg-type]
+    assert not (models / "broken").exists()
+    assert [p.name.startswith(".removed-broken-") for p in models.iterdir() if "broken" in p.name] == [True]  # fmt: skip
+    assert (await store.ask("describe", DescribeModel("broken"))).model is None
+
+
 async def test_a_restarted_store_keeps_a_drain_and_finishes_a_load_left_unfinished(
     nats_server, dirs, tmp_path: Path
 ) -> None:

@@ -9,8 +9,8 @@ move publishes.
               ─► background: copy into the host cache ─► ready  (or failed, with why)
     drain  ─► draining (the scheduler and gateways refuse new requests of it)
     remove ─► (the gateway had the scheduler unload it first) folder out, host cache out,
-              mark out ─► absent  (a link whose target is gone is described as failed, so it
-              is removed as a failed model is)
+              mark out ─► absent  (an entry the scan refuses, a link whose target is gone
+              included, is described as failed, so it is removed as a failed model is)
     serving ─► the model's priority class, pin and keep-alive in its mark (any state; the
                scheduler's policies weigh the class and keep a pinned model resident, and it
                evicts a model idle past its keep-alive)
@@ -197,11 +197,13 @@ class LifecycleVerbs:
 
     async def on_remove(self, request: RemoveModel) -> ModelReply:
         """Only after the scheduler unloaded it (the gateway asks it first): no request of the
-        model is queued or running, and none will be admitted. A link whose target is gone is
-        a failed model (``broken_link``): the link goes, and its mark whatever it says."""
+        model is queued or running, and none will be admitted. An entry the scan refused (a link
+        whose target is gone, a broken folder) is a failed model (``unservable``): it goes as
+        any entry does (a link unlinked, an import deleted, another folder set aside), and its
+        mark whatever it says."""
         name = request.name
         info = await self.service.lookup(name)
-        last = await self.service.broken_link(name) if info is None else self.service.current(info)
+        last = await self.service.unservable(name) if info is None else self.service.current(info)
         state = last.state if last is not None else self.book.state(name, False)  # absent, loading
         try:
             next_state(name, state, "remove")
@@ -215,7 +217,7 @@ class LifecycleVerbs:
         self.service.cache.evict(name)
         await self.service.refresh(force=True)
         try:
-            if info is None:  # a broken link's mark may say anything (ready, draining)
+            if info is None:  # an unservable entry's mark may say anything (ready, draining)
                 self.book.discard(name)
             else:
                 self.book.move(name, True, "remove")  # its mark goes with its folder

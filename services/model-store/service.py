@@ -246,18 +246,19 @@ class ModelStoreService:
             keep_alive_s=self.book.keep_alive_s(info.name),
         )
 
-    async def broken_link(self, name: str) -> ModelInfo | None:
-        """``name`` as a ``failed`` model when its entry is a link whose target is gone (nothing
-        left to describe it by), else None: the admin API removes it as it removes any failed
-        model. Call after :meth:`lookup` found no model (the registry is then fresh)."""
+    async def unservable(self, name: str) -> ModelInfo | None:
+        """``name`` as a ``failed`` model when its entry cannot be served (a link whose target is
+        gone, a folder the scan refused: a broken config.json, unreadable safetensors), with
+        why, else None: the admin API removes it as it removes any failed model. Call after
+        :meth:`lookup` found no model (the registry is then fresh)."""
         registry = await self.refresh()
-        target = registry.broken_links.get(name)
-        if target is None:
+        why = registry.problems.get(name)
+        if why is None:
             return None
-        return ModelInfo(name=name, architecture="", model_type="", path=str(target),
+        path = registry.broken_links.get(name, self.scanner.models_dir / name)
+        return ModelInfo(name=name, architecture="", model_type="", path=str(path),
                          weight_bytes=0, num_parameters=0, context_length=0, dtype="",
-                         state="failed", state_reason=registry.problems[name],
-                         cache_store=self.store_id)  # fmt: skip
+                         state="failed", state_reason=why, cache_store=self.store_id)  # fmt: skip
 
     async def unknown(self, name: str) -> ModelReply:
         registry = await self.refresh()
@@ -275,10 +276,10 @@ class ModelStoreService:
     async def on_describe(self, request: DescribeModel) -> ModelReply:
         info = await self.lookup(request.name)
         if info is None:
-            broken = await self.broken_link(request.name)  # failed: the admin API may remove it
-            if broken is None:
+            failed = await self.unservable(request.name)  # the admin API may remove it
+            if failed is None:
                 return await self.unknown(request.name)
-            return ModelReply(model=broken)
+            return ModelReply(model=failed)
         return ModelReply(model=self.current(info))
 
     async def on_ensure(self, request: EnsureCached) -> ModelReply:
