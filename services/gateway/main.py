@@ -56,16 +56,25 @@ async def serve_gateway(settings: GatewaySettings, host: str, port: int, stop: a
 
 
 def server_config(app: Any, host: str, port: int, **options: Any) -> uvicorn.Config:
-    """uvicorn's settings for the gateway app (``options`` for tests: a log level).
+    """uvicorn's settings for the gateway app (``options`` for tests: a log level, a protocol).
 
     No ``limit_concurrency``: uvicorn would count idle keep-alive connections toward it and
     answer past it with a plain-text 503 without Retry-After, which OpenAI clients do not
     expect. The app bounds requests in progress itself (app.py's RequestLimit, outermost),
-    answering an OpenAI error with Retry-After. Neither bounds open connections (uvicorn
-    accepts them past its limit too): that is the OS's file limit and a proxy's job."""
+    answering an OpenAI error with Retry-After. A connection that sends no complete request
+    head within 10 s of opening or of its last response is closed (``http_protocol``), so
+    idle or trickling clients cannot hold sockets for ever; how many connections may be open
+    at once is left to the OS's file limit (and a proxy, where one stands in front)."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, **options)
+    from .http_protocol import HeadDeadlineProtocol
+
+    settings: dict[str, Any] = {
+        "access_log": False,
+        "log_config": None,
+        "http": HeadDeadlineProtocol,
+    }
+    return uvicorn.Config(app, host=host, port=port, **(settings | options))
 
 
 def run_gateway_process(settings: GatewaySettings, host: str, port: int) -> int:
