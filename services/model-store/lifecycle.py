@@ -13,8 +13,10 @@ under a lock from the file read afresh and written through a temp file and a ren
 Why there and not in Redis: the models directory already is the registry's durable truth (a
 folder there is a registered model), the model-store is the only writer of both and has no Redis
 connection, and stores that share one directory (one per node) then agree on every state; a
-restarted store keeps a drain and the settings. A removed model's mark goes with its folder, so
-the file holds at most one entry per registered model. Moves follow ``aegaeon.lifecycle``; the
+restarted store keeps a drain and the settings. A removed model's mark goes with its folder. A
+folder deleted by hand leaves its mark, which then reads as absent (a deploy or ``models add``
+of the name starts anew), but a folder copied in by hand under that name inherits it: its
+state and settings, not recorded per folder. Moves follow ``aegaeon.lifecycle``; the
 book adds only the bookkeeping. ``record_serving`` sets the settings without a running store.
 """
 
