@@ -183,9 +183,8 @@ class Stack:
         if models_dir is not None:
             connection[MODELS_DIR_KEY] = str(models_dir.absolute())  # read from any folder
         if connection:
-            connection[STACK_PID_KEY] = str(
-                os.getpid()
-            )  # a file left by a killed run reads as none
+            # Its writer's pid: a file left by a killed run reads as no stack (config._running).
+            connection[STACK_PID_KEY] = str(os.getpid())
             write_private(self.home / CONNECTION_FILE, json.dumps(connection, indent=2))
             self.connection_written = True
 

@@ -144,10 +144,11 @@ class ResponseBuilder:
     def _completion_logprobs(self, tok: ModelTokenizer, pairs: list[tuple[int, Logprob | None]]):
         tokens, chosen, tops, offsets = [], [], [], []
         for token_id, entry in pairs:
-            tokens.append(tok.token_text(token_id))
+            raw = tok.token_bytes(token_id)
+            tokens.append(token_label(raw))
             chosen.append(None if entry is None else entry[0])
             tops.append(None if entry is None else {tok.token_text(t): lp for t, lp in entry[1]})
-            offsets.append(self._offsets.add(tok.token_bytes(token_id)))
+            offsets.append(self._offsets.add(raw))
         return {
             "tokens": tokens,
             "token_logprobs": chosen,

@@ -75,7 +75,7 @@ class ModelTokenizer:
 
     def __post_init__(self) -> None:
         self.spelling = TokenSpelling(self.tokenizer)
-        self.added_ids = added_token_ids(self.tokenizer)
+        self.added_ids = added_token_ids(self.tokenizer, self.spelling.added)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """A completion prompt, with the model's usual special tokens (BOS) unless not
@@ -147,13 +147,11 @@ class ModelTokenizer:
         return token_label(self.token_bytes(token_id))
 
 
-def added_token_ids(tokenizer: Any) -> dict[str, int]:
-    """A tokenizer's added tokens (text → id): those of ``added_tokens_decoder`` and any named
-    special token that is in the vocabulary without being added (a slow tokenizer's ``</s>``)."""
-    found = {
-        str(token.content): int(token_id)
-        for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
-    }
+def added_token_ids(tokenizer: Any, added: dict[int, str]) -> dict[str, int]:
+    """A tokenizer's added tokens (text → id): ``added`` (its ``added_tokens_decoder``, id →
+    text, as ``TokenSpelling`` reads it) and any named special token that is in the vocabulary
+    without being added (a slow tokenizer's ``</s>``)."""
+    found = {text: token_id for token_id, text in added.items()}
     for name in getattr(tokenizer, "all_special_tokens", []):
         if name in found:
             continue

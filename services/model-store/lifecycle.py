@@ -166,14 +166,17 @@ class LifecycleBook:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = open(self.path.with_name(LOCK_FILE), "a")  # noqa: SIM115 (held below)
         except OSError as exc:
-            raise LifecycleError(
-                500, f"The model-store cannot record the model's state in {self.path}: {exc}"
-            ) from None
+            raise self._unwritable(exc) from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             # Read whatever its stamp says: another write may fall within one mtime tick.
             self._marks, self._stamp = _read(self.path), self._current_stamp()
             yield
+
+    def _unwritable(self, exc: OSError) -> LifecycleError:
+        return LifecycleError(
+            500, f"The model-store cannot record the model's state in {self.path}: {exc}"
+        )
 
     def reload_if_changed(self) -> None:
         """Read the file again when another store (or a restart) changed it."""
@@ -199,9 +202,7 @@ class LifecycleBook:
             self._stamp = self._current_stamp()
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise LifecycleError(
-                500, f"The model-store cannot record the model's state in {self.path}: {exc}"
-            ) from None
+            raise self._unwritable(exc) from None
         self._marks = marks
 
 
