@@ -34,3 +34,13 @@ def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models")
     create_demo_models(out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def bench_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two of ``bench serve``'s models, written once per test session."""
+    from aegaeon.bench.serve_models import write_bench_models
+
+    out = tmp_path_factory.mktemp("bench-models")
+    write_bench_models(out, 2)
+    return out

@@ -3,23 +3,16 @@ the stack and the simulator told the same classes and maximum wait."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 from aegaeon.scheduler.policies.base import ModelSpec, Slo
+from bench_serve_args import serve_args
 
-from aegaeon.bench import serve
 from aegaeon.bench.serve_priority import by_class, classes_for, with_classes
 from aegaeon.bench.serve_run import BenchPlan
 from aegaeon.slo_metrics import RequestRecord
-
-
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    return serve.resolve(parser.parse_args(list(argv)))
 
 
 def test_classes_follow_the_model_order_and_the_last_one_repeats():
@@ -52,7 +45,7 @@ def test_the_priority_trace_gives_the_stack_and_the_simulator_the_classes_and_th
 
     models = tmp_path / "models"
     first, second = write_bench_models(models, 2)
-    args = _args("--models-dir", str(models), "--models", "2", "--priority-trace")
+    args = serve_args("--models-dir", str(models), "--models", "2", "--priority-trace")
     assert (args.popularity, args.sweep_all) == ("zipf", True)
     plan = BenchPlan.build(args, tmp_path)
     assert plan.classes == {first: "high", second: "low"}

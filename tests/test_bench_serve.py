@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import Slo
+from bench_serve_args import serve_args
 
 from aegaeon.bench import serve
 from aegaeon.bench.client import StreamTiming
@@ -24,7 +25,8 @@ from aegaeon.bench.serve_report import (
     ratio_spread,
     sim_differences,
 )
-from aegaeon.bench.serve_run import BenchPlan, switch_summary
+from aegaeon.bench.serve_run import BenchPlan
+from aegaeon.bench.serve_sweep import switch_summary
 from aegaeon.bench.serve_trace import CpuScale, clamp_lengths, prompt_ids, scaled_slo, to_record
 from aegaeon.protocol import SwitchDone
 from aegaeon.workload import TraceRequest, generate_trace
@@ -168,21 +170,6 @@ def test_error_kind_buckets_refusals_breaks_and_abandoned_requests() -> None:
 # ---------------------------------------------------------------- the plan and the JSON
 
 
-@pytest.fixture(scope="module")
-def bench_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from aegaeon.bench.serve_models import write_bench_models
-
-    out = tmp_path_factory.mktemp("bench-models")
-    write_bench_models(out, 2)
-    return out
-
-
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
-    return serve.resolve(parser.parse_args(list(argv)))
-
-
 def test_quick_compares_every_registered_baseline_and_leaves_dedicated_out() -> None:
     quick = serve.default_policies(quick=True).split(",")
     assert quick[:2] == ["aegaeon", "request-level"] and "static-mux" in quick
@@ -194,8 +181,8 @@ def test_quick_compares_every_registered_baseline_and_leaves_dedicated_out() -> 
 def test_every_rate_gets_the_same_trace_with_at_least_the_minimum_requests(
     bench_models: Path, tmp_path: Path
 ) -> None:
-    args = _args("--models-dir", str(bench_models), "--models", "2", "--rates", "0.5,0.05",
-                 "--duration", "4", "--min-requests", "20")  # fmt: skip
+    args = serve_args("--models-dir", str(bench_models), "--models", "2", "--rates", "0.5,0.05",
+                      "--duration", "4", "--min-requests", "20")  # fmt: skip
     plan = BenchPlan.build(args, tmp_path)
     again = BenchPlan.build(args, tmp_path)
     assert plan.rates == [0.05, 0.5]
@@ -207,7 +194,7 @@ def test_every_rate_gets_the_same_trace_with_at_least_the_minimum_requests(
 def test_every_policy_stack_is_started_with_the_one_calibrated_slo(
     bench_models: Path, tmp_path: Path
 ) -> None:
-    plan = BenchPlan.build(_args("--models-dir", str(bench_models), "--models", "2"), tmp_path)
+    plan = BenchPlan.build(serve_args("--models-dir", str(bench_models), "--models", "2"), tmp_path)
     assert "--slo-ttft" not in plan.stack_args()  # not calibrated yet
     plan.slo = Slo(0.375, 0.0126)
     extra = plan.stack_args()
@@ -228,8 +215,8 @@ def _point(rate: float, attained: float, sim: float | None = None, switches: dic
 def test_the_json_carries_every_headline_figure_and_repeats_report_their_spread(
     bench_models: Path, tmp_path: Path
 ) -> None:
-    plan = BenchPlan.build(_args("--models-dir", str(bench_models), "--models", "2",
-                                 "--rates", "0.1,0.2,0.4"), tmp_path)  # fmt: skip
+    plan = BenchPlan.build(serve_args("--models-dir", str(bench_models), "--models", "2",
+                                      "--rates", "0.1,0.2,0.4"), tmp_path)  # fmt: skip
     plan.slo = Slo(0.4, 0.013)
 
     def policies(static_mux_at_02: float) -> dict:

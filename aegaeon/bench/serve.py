@@ -5,7 +5,8 @@ switch bytes prefetch hid, and the simulator beside it on the same trace.
 Without ``--url`` the command first calibrates the SLO on a stack of its own (the isolated
 latency of the largest model), then starts the embedded stack (``aegaeon up``) once per policy
 with that same SLO (``--slo-ttft/--slo-tbt``) and a worker whose device budget holds at most half
-of the models' weights at once. Rates are per model (λ, as in the paper): the total rate is
+of the models' weights at once, and measures the policies side by side, rate by rate
+(``serve_sweep``). Rates are per model (λ, as in the paper): the total rate is
 λ × the number of models. ``--repeat N`` runs the whole comparison N times and reports how far
 the goodput ratios moved between runs.
 """
@@ -36,8 +37,9 @@ from aegaeon.bench.serve_report import (
     sim_differences,
     write_plot,
 )
-from aegaeon.bench.serve_run import BenchPlan, calibrate, run_policy, strip_records
+from aegaeon.bench.serve_run import BenchPlan, calibrate
 from aegaeon.bench.serve_sim import simulate_all
+from aegaeon.bench.serve_sweep import measure_policies, strip_records
 from aegaeon.bench.serve_trace import CpuScale
 from aegaeon.children import exit_on_sigterm
 from aegaeon.scheduler.policies import POLICIES
@@ -157,19 +159,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(plan: BenchPlan, console: Console) -> tuple[dict, dict]:
-    """The SLO (calibrated once for the run, unless given), every policy over the rates, then the
-    simulator, then goodput and its ratios."""
+    """The SLO (calibrated once for the run, unless given), every policy over the rates side by
+    side, then the simulator, then goodput and its ratios."""
     if plan.args.slo_ttft is None or plan.args.slo_tbt is None:
         calibrate(plan, console)
     policies: dict[str, dict] = {}
-    records = {}
+    records: dict = {}
     if plan.slo is None:
         console.print("  no SLO: the calibration failed; nothing measured")
     else:
-        for name in plan.policies:
-            res, recs = run_policy(plan, name, console)
-            policies[name] = res
-            records[name] = recs
+        policies, records = measure_policies(plan, console)
         if plan.run_sim and policies:
             simulate_all(plan, policies, console)
     strip_records(policies)

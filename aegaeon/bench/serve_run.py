@@ -1,38 +1,28 @@
-"""The run of ``bench serve``: its plan (models, device budget, traces), the SLO calibrated once on
-a stack of its own, and one policy's sweep against the real stack (every policy's scheduler
-planning for that same SLO); the simulator over the same traces is ``serve_sim``'s."""
+"""The run of ``bench serve``: its plan (models, device budget, traces) and the SLO calibrated once
+on a stack of its own, which every policy's scheduler then plans for. The policies' sweeps are
+``serve_sweep``'s; the simulator over the same traces is ``serve_sim``'s."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import re
 import statistics
-import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from aegaeon.bench.serve_models import device_budget, model_specs, write_bench_models
-from aegaeon.bench.serve_priority import MAX_WAIT_IN_TTFT, by_class, classes_for, with_classes
-from aegaeon.bench.serve_replay import Replay, isolated_latency, replay, warm_up
+from aegaeon.bench.serve_priority import MAX_WAIT_IN_TTFT, classes_for, with_classes
+from aegaeon.bench.serve_replay import isolated_latency, warm_up
 from aegaeon.bench.serve_trace import PAPER_TTFT_IN_TBT, CpuScale, clamp_lengths, scaled_slo
 from aegaeon.bench.stack_process import StackProcess
-from aegaeon.bench.watch import Watcher
-from aegaeon.protocol import SwitchDone, TurnDone, WorkerEvent
 from aegaeon.scheduler.estimators import Estimator
 from aegaeon.scheduler.policies import POLICIES
 from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, Slo
-from aegaeon.slo_metrics import ATTAINMENT_TARGET, RequestRecord, summarize
-from aegaeon.subjects import Subjects
 from aegaeon.workload import TraceRequest, generate_trace, load_sharegpt
 
-ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
 CALIBRATION_POLICY = "request-level"  # a lone request runs uninterrupted under it
 CALIBRATION_REPEATS = 7  # the SLO is the median of these isolated requests (after a warm-up)
 
@@ -232,6 +222,10 @@ def _notes(plan: BenchPlan) -> list[str]:
         "largest model (see slo.scale); every policy's scheduler plans for that same SLO",
         "every policy replays the same trace per rate; a rate's trace spans --duration seconds "
         "or, at low rates, as long as --min-requests arrivals take",
+        "policies are measured side by side: each has its own stack, all started first; at each "
+        "rate every policy still in its sweep replays the trace in turn, the order rotated by "
+        "one from rate to rate (points[].measured_order), so a drift of the host's speed "
+        "during the run falls on every policy alike",
         "goodput = the highest rate at and below which every measured rate reaches ≥ 90% strict "
         "attainment; a sweep stops after its first miss (higher rates cannot raise goodput) "
         "unless --sweep-all",
@@ -288,127 +282,3 @@ async def _isolated(plan: BenchPlan, url: str) -> dict:
         return found | {"error": str(exc)[:300], "warm_up_failures": failures}
     return found | {"ttft_s": statistics.median(ttfts), "tbt_s": statistics.median(tbts),
                     "ttft_samples_s": ttfts, "tbt_samples_s": tbts}  # fmt: skip
-
-
-# ------------------------------------------------------------------ one policy
-
-
-def run_policy(plan: BenchPlan, name: str, console: Console) -> tuple[dict, list[RequestRecord]]:
-    """Start the stack with ``name`` (or use --url), warm it, sweep the rates."""
-    assert plan.slo is not None, "calibrate first"
-    if plan.url:
-        nats_url = plan.args.nats_url
-        subjects = Subjects(plan.args.prefix)
-        result = asyncio.run(_sweep(plan, name, plan.url, nats_url, subjects, console))
-        return result, _highest_rate_records(result)
-    home = plan.tmp / f"home-{plan.run_index}-{name}"
-    try:
-        with StackProcess(home, models_dir=plan.models_dir, workers=plan.args.workers,
-                          policy=name, extra_args=plan.stack_args()) as stack:  # fmt: skip
-            result = asyncio.run(
-                _sweep(plan, name, stack.url, stack.nats_url, stack.subjects, console)
-            )
-    except (RuntimeError, TimeoutError) as exc:
-        result = {"points": [], "error": str(exc)}
-    result["stack_errors"] = stack_errors(home / "logs")
-    result["scheduler_slo"] = {"ttft_s": plan.slo.ttft_s, "tbt_s": plan.slo.tbt_s}
-    return result, _highest_rate_records(result)
-
-
-def _highest_rate_records(result: dict) -> list[RequestRecord]:
-    """Records of the highest rate measured (for the CDF plot)."""
-    points = result["points"]
-    return list(points[-1]["records"]) if points else []
-
-
-def switch_summary(events: list[SwitchDone]) -> dict:
-    """The workers' switches during one point: how many, bytes waited for, bytes prefetched (of
-    which staged on an idle worker rather than behind another model's decode); and how many
-    found their model wholly prefetched, partly (the turn waited for the rest of the copy) or
-    not at all (another model was staged, or none)."""
-    return {
-        "count": len(events),
-        "bytes": sum(e.bytes for e in events),
-        "prefetched_bytes": sum(e.prefetched_bytes for e in events),
-        "prefetched_idle_bytes": sum(e.prefetched_bytes for e in events if e.staged_while_idle),
-        "wait_s": sum(e.seconds for e in events),
-        "whole": sum(1 for e in events if e.prefetched_bytes and not e.bytes),
-        "partial": sum(1 for e in events if e.prefetched_bytes and e.bytes),
-        "none": sum(1 for e in events if e.bytes and not e.prefetched_bytes),
-    }
-
-
-async def _sweep(
-    plan: BenchPlan, name: str, url: str, nats_url: str | None, subjects: Subjects,
-    console: Console,
-) -> dict:  # fmt: skip
-    assert plan.slo is not None
-    failures = await warm_up(url, list(plan.specs), plan.vocab)
-    points = []
-    for rate in plan.rates:
-        switches: list[SwitchDone] = []
-        turns: list[TurnDone] = []
-        received: list[float] = []  # when each of ``turns`` reached the benchmark
-
-        def keep(
-            event: object, into: list[SwitchDone] = switches, done: list[TurnDone] = turns,
-            at: list[float] = received,
-        ) -> None:  # fmt: skip
-            if isinstance(event, SwitchDone):
-                into.append(event)
-            elif isinstance(event, TurnDone):
-                done.append(event)
-                at.append(time.monotonic())
-
-        run = await _replay_watching(plan, name, url, rate, nats_url, subjects, keep)
-        point = {"rate_per_model": rate, "total_rate": rate * len(plan.specs),
-                 **summarize(run.records, plan.slo), "errors": dict(run.errors),
-                 "wall_s": run.wall_s, "records": run.records}  # fmt: skip
-        if nats_url:
-            point["switches"] = switch_summary(switches)
-            point["turns"] = turns  # the simulator's per-step and per-turn price at this point
-            point["turns_received_s"] = received
-        if plan.classes and plan.max_wait_s is not None:
-            point["by_class"] = by_class(run.records, plan.classes, plan.slo, plan.max_wait_s)
-        points.append(point)
-        views = "  ".join(f"{key} {point[key]:.0%}" for key in
-                          ("attainment", "time_fraction_attainment", "artifact_qos") if key in point)  # fmt: skip
-        console.print(f"  {name} λ={rate:g}: {views} ({point['finished']}/{point['requests']} "
-                      f"finished) {dict(run.errors) or ''}")  # fmt: skip
-        if point["attainment"] < ATTAINMENT_TARGET and not plan.args.sweep_all:
-            break  # goodput is settled: no higher rate can count
-    return {"points": points, "warm_up_failures": failures}
-
-
-async def _replay_watching(
-    plan: BenchPlan, name: str, url: str, rate: float, nats_url: str | None, subjects: Subjects,
-    keep: Callable[[Any], None],
-) -> Replay:  # fmt: skip
-    replay_args = {"vocab": plan.vocab, "seed": plan.args.seed, "drain_s": plan.args.drain,
-                   "label": f"{name} λ={rate:g}"}  # fmt: skip
-    if not nats_url:
-        return await replay(url, plan.traces[rate], **replay_args)
-    async with Watcher(nats_url, subjects.all_worker_events, WorkerEvent, keep):
-        return await replay(url, plan.traces[rate], **replay_args)
-
-
-def stack_errors(logs: Path, limit: int = 8) -> dict:
-    """Error lines the services logged during the run (a benchmark must not hide them)."""
-    counts: Counter = Counter()
-    first: list[str] = []
-    for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
-        for line in log.read_text(errors="replace").splitlines():
-            if ERROR_LINE.search(line):
-                counts[log.stem] += 1
-                if len(first) < limit:
-                    first.append(f"{log.stem}: {line.strip()[:300]}")
-    return {"counts": dict(counts), "first": first}
-
-
-def strip_records(policies: dict[str, dict]) -> None:
-    """Drop the raw records before writing JSON."""
-    for res in policies.values():
-        for point in res["points"]:
-            point.pop("records", None)
-            point.pop("turns", None)
-            point.pop("turns_received_s", None)
