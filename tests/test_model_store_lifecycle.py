@@ -23,8 +23,8 @@ from aegaeon.model_store.host_cache import HostCache
 from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook
 from aegaeon.model_store.registry import RegistryScanner
 from aegaeon.model_store.service import ModelStoreService
+from model_store_models import write_model
 from test_gguf_import import gguf_file, source
-from test_model_store import write_model
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig

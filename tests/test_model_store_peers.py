@@ -15,14 +15,14 @@ import pytest
 from aegaeon.model_store.host_cache import HostCache
 from aegaeon.model_store.registry import RegistryScanner
 from aegaeon.model_store.service import ModelStoreService
-from test_model_store import models_dir
+from model_store_models import models_dir
 from test_transfer import sent
 
 from aegaeon.bus import Bus
 from aegaeon.config import BusConfig
 from aegaeon.protocol import EnsureCached, ModelReply, ShareCached, SharedWeights
 
-__all__ = ["models_dir"]  # the fixture, shared with test_model_store
+__all__ = ["models_dir"]  # the fixture, shared through model_store_models
 
 MODEL = "tiny-a"
 
