@@ -4,7 +4,8 @@ Tokens arrive a few at a time; the client must see text as soon as it is certain
 text uncertain:
 
 * a token may end in the middle of a multi-byte UTF-8 character (byte-level BPE): the decoder
-  then yields U+FFFD, which must never reach the client, so that text is held back;
+  then yields U+FFFD for a character that may still complete, which must never reach the
+  client, so that text is held back;
 * decoders that treat a token differently at the start of a string (SentencePiece's leading
   space), so decoding a window of tokens alone is not the same as decoding them in context.
 
@@ -15,6 +16,18 @@ an earlier emission boundary, so that text is known) and the window extends it; 
 back to decoding everything. ``finish()`` reconciles with a full decode, so the concatenated
 deltas always equal ``tokenizer.decode(all_ids)``.
 
+A U+FFFD at the end is not always an unfinished character: bytes no later byte can make valid
+(a stray continuation byte, an invalid lead) decode to U+FFFD for good. Given each token's bytes
+(``token_bytes``), the detokenizer follows the output's UTF-8 and holds text back only while its
+bytes end inside a character that may still complete; a run of broken bytes streams as it comes
+instead of showing nothing until the end. Without them (a tokenizer whose spelling of bytes is
+unknown), every trailing U+FFFD is taken as unfinished.
+
+SentencePiece's byte fallback (``<0xE4>``) decodes a whole run of byte tokens at once: valid UTF-8
+becomes its characters, anything else one U+FFFD per byte, so a broken byte at the end of a run
+turns the characters before it into U+FFFD too. Text is held back while the output ends inside
+such a run (``byte_run``) and comes when the run ends.
+
 Two inputs once made every step a full decode (quadratic on the event loop): whitespace-only
 output (whose context is never trusted) and output that keeps ending in a literal U+FFFD (which
 looks like an unfinished character forever). Past HOLD_CHECK_TOKENS held tokens, or that many
@@ -24,10 +37,16 @@ stays O(n log n) in all; the held text comes with the next check or ``finish()``
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Sequence
 
 Decode = Callable[[Sequence[int]], str]
 """``ids -> text`` (e.g. ``lambda ids: tok.decode(ids, skip_special_tokens=True)``)."""
+TokenBytes = Callable[[int], "bytes | None"]
+"""``id -> the bytes it adds to the decoded output`` (b"" for a token ``decode`` skips; None
+where they cannot be told)."""
+ByteRun = Callable[[int], bool]
+"""``id -> whether it is a byte-fallback token``, decoded with the run of them it belongs to."""
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
@@ -41,8 +60,17 @@ straddle characters, so a real character may take several tokens.)"""
 class IncrementalDetokenizer:
     """Turns token ids, fed in order, into text deltas that never split a character."""
 
-    def __init__(self, decode: Decode) -> None:
+    def __init__(
+        self, decode: Decode, token_bytes: TokenBytes | None = None,
+        byte_run: ByteRun | None = None,
+    ) -> None:  # fmt: skip
         self._decode = decode
+        self._token_bytes = token_bytes
+        self._byte_run = byte_run
+        # The output's UTF-8, followed byte by byte (None: bytes unknown); what it buffers is an
+        # unfinished character.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if token_bytes else None
+        self._last_sizes: list[int] = []  # bytes of the last few tokens, oldest first
         self.ids: list[int] = []
         self.emitted = ""
         self._read = 0
@@ -55,21 +83,30 @@ class IncrementalDetokenizer:
     def feed(self, token_ids: Sequence[int]) -> str:
         """Add tokens; return the new text that is now certain ("" if none)."""
         self.ids.extend(token_ids)
+        self._follow_bytes(token_ids)
+        if self._byte_run is not None and self.ids and self._byte_run(self.ids[-1]):
+            return ""  # inside a run of byte tokens: its text is known when the run ends
         held = len(self.ids) - self._read
         if held < self._next_check:
             return ""
         prefix, offset = self._boundaries[0]
+        end = len(self.ids)
         window = self._decode(self.ids[prefix:])
-        if window.endswith(REPLACEMENT):  # an unfinished character: wait for the next token
-            if held >= HOLD_CHECK_TOKENS:
-                self._next_check = 2 * held
-            return ""
+        if window.endswith(REPLACEMENT) and self._unfinished():
+            # The text up to the token where the unfinished character begins is certain; the
+            # rest waits for the next token.
+            end = self._unfinished_from() or 0
+            if end <= self._read:
+                if held >= HOLD_CHECK_TOKENS:
+                    self._next_check = 2 * held
+                return ""
+            window = self._decode(self.ids[prefix:end])
         context = self.emitted[offset:]  # how ids[prefix:read] read in full
         if prefix == 0 or self._trusted(window, context, prefix):
             delta = window[len(context) :]
             self._fallbacks = self._next_check = 0
         else:
-            full = self._full_delta()
+            full = self._full_delta(end)
             if full is None:
                 return ""
             delta = full
@@ -77,7 +114,7 @@ class IncrementalDetokenizer:
             if self._fallbacks >= HOLD_CHECK_TOKENS:  # e.g. whitespace-only output
                 self._next_check = max(HOLD_CHECK_TOKENS, 2 * held)
         self.emitted += delta
-        self._advance()
+        self._advance(end)
         return delta
 
     def finish(self) -> str:
@@ -90,6 +127,34 @@ class IncrementalDetokenizer:
         self._advance()
         return delta
 
+    def _follow_bytes(self, token_ids: Sequence[int]) -> None:
+        if self._utf8 is None or self._token_bytes is None:
+            return
+        for token_id in token_ids:
+            raw = self._token_bytes(token_id)
+            if raw is None:  # from here on, unknown: a trailing U+FFFD may be unfinished
+                self._utf8 = None
+                return
+            self._utf8.decode(raw)
+            self._last_sizes = [*self._last_sizes[-7:], len(raw)]
+
+    def _unfinished(self) -> bool:
+        """Whether text ending in U+FFFD may still change: its bytes end inside a character
+        (or are unknown)."""
+        return self._utf8 is None or bool(self._utf8.getstate()[0])
+
+    def _unfinished_from(self) -> int | None:
+        """The index of the token whose bytes begin the unfinished character, when a token
+        begins it (None: bytes unknown, or it begins inside a token)."""
+        if self._utf8 is None:
+            return None
+        pending, seen, index = len(self._utf8.getstate()[0]), 0, len(self.ids)
+        for size in reversed(self._last_sizes):
+            if seen >= pending:
+                break
+            seen, index = seen + size, index - 1
+        return index if seen == pending else None
+
     def _trusted(self, window: str, context: str, prefix: int) -> bool:
         """The window extends its context, and the context decodes alone to the very text it
         was emitted as. A context of only whitespace is not trusted: a decoder that strips a
@@ -100,16 +165,16 @@ class IncrementalDetokenizer:
             and self._decode(self.ids[prefix : self._read]) == context
         )
 
-    def _full_delta(self) -> str | None:
-        full = self._decode(self.ids)
+    def _full_delta(self, end: int | None = None) -> str | None:
+        full = self._decode(self.ids[:end])
         if not full.startswith(self.emitted):
             return None
         return full[len(self.emitted) :]
 
-    def _advance(self) -> None:
-        """Record the boundary; the window starts at the latest boundary at least
-        CONTEXT_TOKENS back (or the oldest there is)."""
-        self._read = len(self.ids)
+    def _advance(self, end: int | None = None) -> None:
+        """Record the boundary (after the tokens emitted, ``end``: all by default); the window
+        starts at the latest boundary at least CONTEXT_TOKENS back (or the oldest there is)."""
+        self._read = len(self.ids) if end is None else end
         self._boundaries.append((self._read, len(self.emitted)))
         keep = 0
         for i, (index, _) in enumerate(self._boundaries):

@@ -106,8 +106,9 @@ class Generation:
         self.api_key = api_key
         self.timings = RequestTimings()
         self.output = OutputText(
-            prepared.tokenizer.decode, prepared.stops, prepared.sampling.stop_token_ids
-        )
+            prepared.tokenizer.decode, prepared.stops, prepared.sampling.stop_token_ids,
+            prepared.tokenizer.output_bytes, prepared.tokenizer.spelling.is_byte_piece,
+        )  # fmt: skip
         self.finish_reason: str | None = None
         self.submitted = False
         self.queued_ahead = 0  # at admission: requests before it waiting for a first token

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .detokenizer import Decode, IncrementalDetokenizer, StopMatcher
+from .detokenizer import ByteRun, Decode, IncrementalDetokenizer, StopMatcher, TokenBytes
 
 Logprob = tuple[float, list[tuple[int, float]]]
 """A token's logprob and its top alternatives (token id, logprob)."""
@@ -44,8 +44,11 @@ class _Held:
 class OutputText:
     """Feed each event's tokens in order; ``stopped`` once a stop string ended the output."""
 
-    def __init__(self, decode: Decode, stops: Sequence[str], stop_token_ids: Sequence[int]) -> None:
-        self.detok = IncrementalDetokenizer(decode)
+    def __init__(
+        self, decode: Decode, stops: Sequence[str], stop_token_ids: Sequence[int],
+        token_bytes: TokenBytes | None = None, byte_run: ByteRun | None = None,
+    ) -> None:  # fmt: skip
+        self.detok = IncrementalDetokenizer(decode, token_bytes, byte_run)
         self.stop = StopMatcher(stops)
         self.stop_token_ids = frozenset(stop_token_ids)
         self._held: list[_Held] = []  # tokens whose text the client has not been given yet

@@ -62,6 +62,14 @@ class TokenSpelling:
         spelled = None if piece is None else self._spelled(piece)
         return spelled if spelled is not None else str(self.tokenizer.decode([token_id])).encode()
 
+    def is_byte_piece(self, token_id: int) -> bool:
+        """A SentencePiece byte-fallback token (``<0xE6>``): its decoder renders a run of them
+        together."""
+        if self.spelling != "sentencepiece" or token_id in self.added:
+            return False
+        piece = self._piece(token_id)
+        return piece is not None and BYTE_PIECE.fullmatch(piece) is not None
+
     def _spelled(self, piece: str) -> bytes | None:
         """The bytes a vocabulary entry spells; None where its spelling cannot tell."""
         if self.spelling == "byte_level":

@@ -72,10 +72,17 @@ class ModelTokenizer:
     spelling: TokenSpelling = field(init=False, repr=False)
     added_ids: dict[str, int] = field(init=False, repr=False)
     """Each added token's text (special ones included, ``<|im_end|>``, ``</s>``) → its id."""
+    _skipped: frozenset[int] = field(init=False, repr=False)  # the special ids decode skips
 
     def __post_init__(self) -> None:
         self.spelling = TokenSpelling(self.tokenizer)
         self.added_ids = added_token_ids(self.tokenizer, self.spelling.added)
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        specials = getattr(self.tokenizer, "all_special_ids", None) or ()
+        self._skipped = frozenset(
+            {int(i) for i, token in added.items() if getattr(token, "special", False)}
+            | {int(i) for i in specials}
+        )
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """A completion prompt, with the model's usual special tokens (BOS) unless not
@@ -130,6 +137,13 @@ class ModelTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def output_bytes(self, token_id: int) -> bytes | None:
+        """The bytes ``token_id`` adds to ``decode``'s output (b"" for a special token, which
+        it skips); None where the vocabulary's spelling of bytes is unknown."""
+        if self.spelling.spelling == "text":
+            return None
+        return b"" if token_id in self._skipped else self.spelling.bytes_of(token_id)
 
     def spelled_token_ids(self, texts: Sequence[str]) -> list[int]:
         """The ids of the texts that are exactly one added or special token's text (stop
