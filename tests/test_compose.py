@@ -1,31 +1,24 @@
 """docker-compose.yml and the Kubernetes manifests, checked without a Docker engine: every service
 is built from the repository's Dockerfile and runs a real ``aegaeon`` command whose options the
-service's own argument parser accepts; no secret is committed; the NATS config and the Redis
-start script they share run on real servers here."""
+service's own argument parser accepts; no secret is committed. The NATS config and the Redis
+start script they share run on real servers in test_k8s_servers.py."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import os
 import re
 import shlex
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import nats
-import psutil
 import pytest
-import redis
 import yaml
 
 from aegaeon.bus_permissions import ROLES, deployed_authorization_block, password_variable
 from aegaeon.cli import COMMANDS
-from aegaeon.servers import REDIS_DISABLED_COMMANDS, free_port, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -33,7 +26,6 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 OURS = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 SERVE_KINDS = {words[1] for words in COMMANDS if words[0] == "serve"}
 NATS_CONF = ROOT / "infra" / "k8s" / "nats.conf"
-REDIS_START = ROOT / "infra" / "k8s" / "redis-start.sh"
 KUSTOMIZATION = yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())
 K8S_DOCS = [  # the manifests' objects as written (tests/test_k8s_manifests.py renders them)
     doc
@@ -424,99 +416,3 @@ def test_kubernetes_admits_clients_at_the_gateway_only():
     assert generated == {"nats-config": ["nats-cluster.conf", "nats.conf"],
                          "redis-start": ["redis-start.sh"],
                          "otel-collector": ["config.yaml=otel-collector-config.yaml"]}  # fmt: skip
-
-
-# ---------------------------------------------------------------- the servers' own settings
-
-
-def test_the_deployed_nats_config_admits_each_role_with_its_password_only(tmp_path):
-    """infra/k8s/nats.conf on a real nats-server (address, ports and store moved to this test's),
-    each role's password from the environment; its permissions hold under the default prefix."""
-    port = free_port()
-    conf = tmp_path / "nats.conf"  # the same file, its store in this test's folder
-    conf.write_text(NATS_CONF.read_text().replace('"/data"', f'"{tmp_path / "js"}"'))
-    passwords = {role: f"{role}-from-env" for role in ROLES}
-    env = {**os.environ, **{password_variable(role): pw for role, pw in passwords.items()}}
-    server = subprocess.Popen(
-        [server_binary("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port),
-         "-m", str(free_port())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-
-    async def attempt(**credentials: Any) -> bool:
-        for _ in range(600):  # until it listens (up to 30 s on a busy machine)
-            try:
-                nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False,
-                                        connect_timeout=2, max_reconnect_attempts=0,
-                                        **credentials)  # fmt: skip
-            except Exception as exc:
-                if "authorization" in str(exc).lower():
-                    return False
-                assert server.poll() is None, "nats-server exited: the config does not load"
-                await asyncio.sleep(0.05)
-                continue
-            await nc.close()
-            return True
-        raise AssertionError("nats-server did not start")
-
-    async def worker_refusals() -> list[str]:
-        """What the server refuses a worker; the last publish, refused to every role, comes
-        back after the others (tests/test_bus_permissions.py)."""
-        refused: list[str] = []
-        barrier_refused = asyncio.Event()
-
-        async def on_error(exc: Exception) -> None:
-            refused.append(str(exc).lower())
-            if "_inbox.barrier" in refused[-1]:
-                barrier_refused.set()
-
-        nc = await nats.connect(f"nats://127.0.0.1:{port}", user="worker",
-                                password=passwords["worker"], error_cb=on_error)  # fmt: skip
-        await nc.publish("aegaeon.requests.submit", b"forged")
-        await nc.publish("aegaeon.worker.heartbeat", b"allowed")
-        await nc.publish("_INBOX.barrier", b"")
-        await asyncio.wait_for(barrier_refused.wait(), 10)
-        await nc.close()
-        return refused[:-1]
-
-    try:
-        for role, password in passwords.items():
-            assert asyncio.run(attempt(user=role, password=password)), role
-        assert not asyncio.run(attempt())
-        assert not asyncio.run(attempt(user="worker", password=passwords["gateway"]))
-        assert asyncio.run(worker_refusals()) == [
-            'nats: permissions violation for publish to "aegaeon.requests.submit"'
-        ]
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
-def test_the_deployed_redis_start_requires_the_password_and_renames_dangerous_commands(tmp_path):
-    """infra/k8s/redis-start.sh with a real redis-server (port moved to this test's)."""
-    port = free_port()
-    script = tmp_path / "start.sh"  # the same script, listening where this test can reach it
-    script.write_text(REDIS_START.read_text().replace(
-        'exec redis-server "$conf"', f'exec redis-server "$conf" --port {port} --bind 127.0.0.1'))  # fmt: skip
-    path = f"{Path(server_binary('redis-server')).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "AEGAEON_REDIS_PASSWORD": "from-env"}
-    server = subprocess.Popen(["sh", str(script)], env=env, stdout=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, password="from-env")
-        for _ in range(600):  # until it listens (up to 30 s on a busy machine)
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        assert client.ping()
-        with pytest.raises(redis.ResponseError, match="unknown command"):
-            client.execute_command("CONFIG", "SET", "dir", "/tmp")
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis(port=port).ping()
-        assert "from-env" not in " ".join(psutil.Process(server.pid).cmdline())
-        renamed = re.search(r"for command in ([A-Z ]+); do", REDIS_START.read_text())
-        assert renamed and tuple(renamed.group(1).split()) == REDIS_DISABLED_COMMANDS
-    finally:
-        server.terminate()
-        server.wait(10)

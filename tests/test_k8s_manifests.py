@@ -1,112 +1,39 @@
 """The Kubernetes manifests (``infra/k8s``), checked without a cluster: the kustomization is
-rendered here as ``kubectl kustomize`` would (and compared with it where kubectl exists), every
+rendered here as ``kubectl kustomize`` would (``k8s_render``; compared with kubectl's own), every
 object is validated against the Kubernetes API schema (``kubernetes-validate``, strict: an
 unknown field fails), and what a schema cannot say is checked on the rendered objects: probes
 wired to endpoints the services serve, GPU workers on GPU nodes, a three-server NATS cluster with
-JetStream, a Redis replica of the primary, sized memory-backed /dev/shm. The NATS cluster config
-and the Redis replica mode then run on real servers here."""
+JetStream, a Redis replica of the primary, sized memory-backed /dev/shm. test_k8s_servers.py
+runs the servers' configs on real servers."""
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import re
 import subprocess
 import sysconfig
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import redis
 import yaml
+from k8s_render import (
+    CONFIG_MAPS,
+    DOCS,
+    K8S,
+    KUSTOMIZATION,
+    ROUTE_PASSWORD,
+    SERVICES,
+    WORKLOADS,
+    containers,
+    env_value,
+    option,
+    pod_spec,
+)
 
-from aegaeon.bus_permissions import ROLES, password_variable
-from aegaeon.servers import free_port, server_binary
-
-ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "infra" / "k8s"
 KUBERNETES_VERSION = "1.33.0"  # a release the schema package carries; the manifests use GA APIs
-KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-CLUSTER_SCOPED = {"Namespace"}
 EXTERNAL_SECRETS = {"aegaeon-bus", "aegaeon-api-keys"}  # created by hand, never committed
-ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def _generated_config_maps(kustomization: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
-    """configMapGenerator's ConfigMaps: one key per file (``key=path`` or the file's name)."""
-    maps = []
-    for generator in kustomization.get("configMapGenerator", []):
-        data = {}
-        for entry in generator["files"]:
-            key, _, path = entry.rpartition("=")
-            data[key or Path(path).name] = (folder / path).read_text()
-        maps.append({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": generator["name"]}, "data": data})  # fmt: skip
-    return maps
-
-
-def _set_images(doc: dict[str, Any], images: list[dict[str, str]]) -> None:
-    """kustomize's ``images:``: a container image named ``name`` becomes ``newName:newTag``."""
-    for container in pod_spec(doc).get("containers", []):
-        for image in images:
-            if container["image"].split(":")[0] == image["name"]:
-                name = image.get("newName", image["name"])
-                container["image"] = f"{name}:{image['newTag']}" if "newTag" in image else name
-
-
-def render(folder: Path = K8S) -> list[dict[str, Any]]:
-    """What ``kubectl kustomize <folder>`` builds, for the features kustomization.yaml uses
-    (resources, configMapGenerator, namespace, images), less the hash kustomize appends to a
-    generated ConfigMap's name."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    docs = [doc for resource in kustomization["resources"]
-            for doc in yaml.safe_load_all((folder / resource).read_text()) if doc]  # fmt: skip
-    docs += _generated_config_maps(kustomization, folder)
-    for doc in docs:
-        if doc["kind"] not in CLUSTER_SCOPED and "namespace" in kustomization:
-            doc["metadata"]["namespace"] = kustomization["namespace"]
-        _set_images(doc, kustomization.get("images", []))
-    return docs
-
-
-def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    """The pod template's spec of a workload ({} for anything else)."""
-    return doc.get("spec", {}).get("template", {}).get("spec", {})
-
-
-DOCS = render()
-WORKLOADS = {d["metadata"]["name"]: d for d in DOCS if pod_spec(d)}
-SERVICES = {d["metadata"]["name"]: d for d in DOCS if d["kind"] == "Service"}
-CONFIG_MAPS = {d["metadata"]["name"]: d for d in DOCS if d["kind"] == "ConfigMap"}
-
-
-def containers() -> Iterator[tuple[str, dict[str, Any]]]:
-    """(workload name, container) for every container of every workload."""
-    for name, doc in WORKLOADS.items():
-        for container in pod_spec(doc)["containers"]:
-            yield name, container
-
-
-def option(container: dict[str, Any], flag: str) -> str | None:
-    """The value of ``--flag`` in the container's command (None when absent)."""
-    words = [str(w) for w in container.get("command", []) + container.get("args", [])]
-    return words[words.index(flag) + 1] if flag in words else None
-
-
-def env_value(container: dict[str, Any], name: str) -> Any:
-    """The container's variable ``name``: its value, or its valueFrom."""
-    for variable in container.get("env", []):
-        if variable["name"] == name:
-            return variable.get("value", variable.get("valueFrom"))
-    raise KeyError(name)
 
 
 KUBECTL = Path(sysconfig.get_path("scripts")) / "kubectl"
@@ -442,131 +369,3 @@ def test_the_otel_collector_runs_the_repository_config_with_its_health_check() -
     assert config["extensions"]["health_check"]["endpoint"].endswith(":13133")
     [collector] = pod_spec(WORKLOADS["otel-collector"])["containers"]
     assert collector["livenessProbe"]["httpGet"]["port"] == 13133
-
-
-# ---------------------------------------------------------------- on real servers
-
-
-def _wait_json(url: str, ok: Any, seconds: float = 30.0) -> Any:
-    """GET ``url`` until ``ok(json)`` holds; the last answer."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                answer = json.loads(reply.read())
-            if ok(answer):
-                return answer
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} never satisfied the check")
-        time.sleep(0.1)
-
-
-def _start_nats_server(
-    folder: Path, files: dict[str, str], ports: tuple[int, int, int], env: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    """One server of the cluster from the ConfigMap's files, its store in ``folder`` and its
-    client, route and monitoring ports moved to ``ports`` (the route's in the config, not with
-    ``--cluster``, which would drop the cluster block's authorization); its log in folder/log."""
-    folder.mkdir()
-    client, route, monitor = ports
-    (folder / "nats.conf").write_text(files["nats.conf"].replace('"/data"', f'"{folder}/js"'))
-    cluster = files["nats-cluster.conf"].replace("  port: 6222", f"  listen: 127.0.0.1:{route}")
-    (folder / "nats-cluster.conf").write_text(cluster)
-    with (folder / "log").open("wb") as log:  # the server writes to its own copy
-        return subprocess.Popen(
-            [server_binary("nats-server"), "-c", str(folder / "nats-cluster.conf"), "-a", "127.0.0.1",
-             "-p", str(client), "-m", str(monitor)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
-def _route_urls(server: dict[str, Any], password: str, ports: list[int]) -> dict[str, str]:
-    """nats.yaml's NATS_ROUTE_<i> with ``password`` for the secret's and this machine's ports."""
-    urls = {}
-    for i, port in enumerate(ports):
-        url = env_value(server, f"NATS_ROUTE_{i}").replace(f"$({ROUTE_PASSWORD})", password)
-        urls[f"NATS_ROUTE_{i}"] = re.sub(r"@[^/]+$", f"@127.0.0.1:{port}", url)
-    return urls
-
-
-def test_the_nats_cluster_config_forms_a_three_server_jetstream_cluster(tmp_path: Path) -> None:
-    """nats-cluster.conf and nats.conf as the ConfigMap holds them, three nats-server processes
-    with the environment nats.yaml gives them (route URLs moved to this machine's ports):
-    JetStream elects a leader among three peers, and a server with a wrong route password is
-    refused."""
-    [server] = pod_spec(WORKLOADS["nats"])["containers"]
-    files = CONFIG_MAPS["nats-config"]["data"]
-    ports = [(free_port(), free_port(), free_port()) for _ in range(4)]
-    env = {**os.environ, ROUTE_PASSWORD: "route-secret"}
-    env |= {password_variable(role): f"{role}-pw" for role in ROLES}
-    routes = [route for _, route, _ in ports[:3]]
-    processes = []
-    try:
-        for i in range(3):
-            member = env | _route_urls(server, "route-secret", routes) | {"POD_NAME": f"nats-{i}"}
-            processes.append(_start_nats_server(tmp_path / f"nats-{i}", files, ports[i], member))
-        # Two members may elect a leader before the third (slow to start on a busy machine)
-        # has joined: wait for a leader among all three, on each member.
-        for _, _, monitor in ports[:3]:
-            jsz = _wait_json(f"http://127.0.0.1:{monitor}/jsz",
-                             lambda j: j.get("meta_cluster", {}).get("leader")
-                             and j["meta_cluster"].get("cluster_size") == 3)  # fmt: skip
-            assert jsz["meta_cluster"]["name"] == "aegaeon"
-        rogue = env | _route_urls(server, "wrong", routes) | {"POD_NAME": "nats-rogue"}
-        processes.append(_start_nats_server(tmp_path / "rogue", files, ports[3], rogue))
-        logs = [tmp_path / f"nats-{i}" / "log" for i in range(3)]
-        deadline = time.monotonic() + 30
-        while not any("Authentication Failure" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline, "the members never refused the rogue's routes"
-            time.sleep(0.1)
-        routez = _wait_json(f"http://127.0.0.1:{ports[3][2]}/routez", lambda j: True)
-        assert routez["num_routes"] == 0
-        for process in processes:
-            assert process.poll() is None
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
-
-
-def test_the_redis_start_script_runs_a_replica_that_copies_the_primary(tmp_path: Path) -> None:
-    """redis-start.sh twice, as the two Deployments run it (ports moved to this test's): the
-    replica authenticates to the primary, copies its writes, and refuses its own."""
-    script = CONFIG_MAPS["redis-start"]["data"]["redis-start.sh"]
-    [replica] = pod_spec(WORKLOADS["redis-replica"])["containers"]
-    ports = free_port(), free_port()
-    path = f"{Path(server_binary('redis-server')).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "AEGAEON_REDIS_PASSWORD": "from-env"}
-    replica_of = env_value(replica, "AEGAEON_REDIS_REPLICA_OF").replace("redis:", "127.0.0.1:")
-    replica_of = replica_of.replace(":6379", f":{ports[0]}")
-    processes = []
-    try:
-        for port, extra in zip(ports, ({}, {"AEGAEON_REDIS_REPLICA_OF": replica_of}), strict=True):
-            start = tmp_path / f"start-{port}.sh"
-            start.write_text(script.replace('exec redis-server "$conf"',
-                                            f'exec redis-server "$conf" --port {port} '
-                                            f'--bind 127.0.0.1 --dir {tmp_path}'))  # fmt: skip
-            processes.append(subprocess.Popen(["sh", str(start)], env=env | extra,
-                                              stdout=subprocess.DEVNULL))  # fmt: skip
-        primary_client, replica_client = (redis.Redis(port=p, password="from-env") for p in ports)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                primary_client.set("written", "on the primary")
-                if replica_client.get("written") == b"on the primary":
-                    break
-            except redis.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the replica never copied the primary"
-            time.sleep(0.1)
-        assert replica_client.info("replication")["master_link_status"] == "up"
-        with pytest.raises(redis.ReadOnlyError):
-            replica_client.set("written", "on the replica")
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
