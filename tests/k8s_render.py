@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
 KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 CLUSTER_SCOPED = {"Namespace"}
-ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"
+ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"  # the NATS servers' routes (nats-cluster.conf)
 
 
 def _generated_config_maps(kustomization: dict[str, Any], folder: Path) -> list[dict[str, Any]]:

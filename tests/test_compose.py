@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from k8s_render import ROUTE_PASSWORD
 
 from aegaeon.bus_permissions import ROLES, deployed_authorization_block, password_variable
 from aegaeon.cli import COMMANDS
@@ -34,7 +35,6 @@ K8S_DOCS = [  # the manifests' objects as written (tests/test_k8s_manifests.py r
     if doc
 ]
 AEGAEON_IMAGES = {"aegaeon", "aegaeon-cuda"}  # kustomization.yaml's `images:` map them
-ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"  # the NATS servers' routes (nats-cluster.conf)
 
 
 def interpolate(word: str) -> str:
