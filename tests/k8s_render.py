@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
 KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
 CLUSTER_SCOPED = {"Namespace"}
+NATS_CONF = K8S / "nats.conf"  # the servers' config (compose mounts it too)
 ROUTE_PASSWORD = "AEGAEON_NATS_ROUTE_PASSWORD"  # the NATS servers' routes (nats-cluster.conf)
 
 

@@ -11,27 +11,23 @@ import re
 import shlex
 import subprocess
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from k8s_render import ROUTE_PASSWORD
+from k8s_render import K8S, KUSTOMIZATION, NATS_CONF, ROOT, ROUTE_PASSWORD, pod_spec
 
 from aegaeon.bus_permissions import ROLES, deployed_authorization_block, password_variable
 from aegaeon.cli import COMMANDS
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 OURS = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 SERVE_KINDS = {words[1] for words in COMMANDS if words[0] == "serve"}
-NATS_CONF = ROOT / "infra" / "k8s" / "nats.conf"
-KUSTOMIZATION = yaml.safe_load((ROOT / "infra" / "k8s" / "kustomization.yaml").read_text())
 K8S_DOCS = [  # the manifests' objects as written (tests/test_k8s_manifests.py renders them)
     doc
     for resource in KUSTOMIZATION["resources"]
-    for doc in yaml.safe_load_all((ROOT / "infra" / "k8s" / resource).read_text())
+    for doc in yaml.safe_load_all((K8S / resource).read_text())
     if doc
 ]
 AEGAEON_IMAGES = {"aegaeon", "aegaeon-cuda"}  # kustomization.yaml's `images:` map them
@@ -341,7 +337,7 @@ def test_every_volume_is_a_declared_named_volume_or_an_existing_repository_path(
 def _containers() -> list[dict[str, Any]]:
     found = []
     for doc in K8S_DOCS:
-        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        pod = pod_spec(doc)
         found += pod.get("containers", [])
     return found
 
@@ -354,7 +350,7 @@ def test_kubernetes_manifests_run_real_entry_points() -> None:
 
 def test_kubernetes_workers_share_shared_memory_with_their_model_store() -> None:
     for doc in K8S_DOCS:
-        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        pod = pod_spec(doc)
         names = {command_words(c)[2] for c in pod.get("containers", [])
                  if c["image"] in AEGAEON_IMAGES}  # fmt: skip
         if "worker" in names:

@@ -19,12 +19,11 @@ import nats
 import psutil
 import pytest
 import redis
-from k8s_render import CONFIG_MAPS, K8S, ROUTE_PASSWORD, WORKLOADS, env_value, pod_spec
+from k8s_render import CONFIG_MAPS, K8S, NATS_CONF, ROUTE_PASSWORD, WORKLOADS, env_value, pod_spec
 
 from aegaeon.bus_permissions import ROLES, password_variable
 from aegaeon.servers import REDIS_DISABLED_COMMANDS, free_port, server_binary
 
-NATS_CONF = K8S / "nats.conf"
 REDIS_START = K8S / "redis-start.sh"
 
 
