@@ -1,5 +1,5 @@
 """Prefill → decode KV hand-off through the scheduler service, with the fake workers of
-``test_service`` (real NATS and Redis, the real scheduler): the prefill worker keeps the KV it
+``scheduler_harness`` (real NATS and Redis, the real scheduler): the prefill worker keeps the KV it
 exported until the decode worker reports KVImported, and every failure ends in a complete
 stream (the fakes emit token ``1000 + index``, so a repeated or missing token shows)."""
 
@@ -87,4 +87,17 @@ async def test_when_the_decode_worker_dies_before_importing_the_source_frees_the
     await wait_for(lambda: "r1" in aborts(prefill), what="the source to be told to free r1")
     await harness.worker("d", role="decode", node="n1")  # a new decode worker takes over
     await wait_for(lambda: harness.finished("r1"), what="r1 to finish")
+    assert harness.stream("r1") == expected_stream(3)
+
+
+async def test_prefilled_request_is_handed_off_to_the_decode_worker(harness, monkeypatch):
+    monkeypatch.setitem(POLICIES, "test-handoff", f"{HandoffScript.__module__}:HandoffScript")
+    prefill = await harness.worker("p", role="prefill")
+    decode = await harness.worker("d", role="decode")
+    await harness.scheduler(policy="test-handoff", policy_options={})
+    await harness.submit("r1", max_tokens=3)
+    await wait_for(lambda: harness.finished("r1"), what="r1 to finish on d")
+    assert [t.prefill_only for t in prefill.of_type(RunTurn)] == [True]
+    assert [a.request_id for a in prefill.of_type(AbortRequest)] == ["r1"]  # its KV freed
+    assert [a.output_token_ids for a in decode.of_type(AssignRequest)] == [[1000]]
     assert harness.stream("r1") == expected_stream(3)
