@@ -1,33 +1,29 @@
 """The model-store's lifecycle verbs (deploy, drain, remove, serving) and its
 ``registry.changed`` news, on a real NATS server: states, serving settings (class, pin),
-refusals, what a removal leaves behind, a restart, and two stores sharing a directory."""
+refusals, what a removal leaves behind, and two stores sharing a directory. Failures and a
+restart: ``test_model_store_lifecycle_failures``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
 import struct
-import threading
-import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import msgspec
 import pytest
 from aegaeon.model_store import admin
 from aegaeon.model_store.host_cache import HostCache
-from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook
-from aegaeon.model_store.registry import RegistryScanner
-from aegaeon.model_store.service import ModelStoreService
-from model_store_models import write_model
-from test_gguf_import import gguf_file, source
+from aegaeon.model_store.lifecycle import MARKS_FILE
+from model_store_lifecycle_harness import (
+    dirs,
+    running_store,
+    settings_heard,
+    store,
+    until,
+)
 
-from aegaeon.bus import Bus
-from aegaeon.config import BusConfig
 from aegaeon.protocol import (
     DeployModel,
     DescribeModel,
@@ -39,123 +35,12 @@ from aegaeon.protocol import (
     ModelReply,
     RemoveModel,
     SetServing,
-    UnloadModel,
-    UnloadReply,
     encode,
 )
 
-__all__ = ["gguf_file", "source"]  # fixtures, imported for pytest
+__all__ = ["dirs", "store"]  # fixtures, imported for pytest
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class GatedCache(HostCache):
-    """A host cache whose loads wait until ``gate`` opens: a test sees ``loading`` for sure."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def ensure(self, info, lease_s: float = 0.0):
-        assert self.gate.wait(20), "the test never opened the gate"
-        return super().ensure(info, lease_s)
-
-
-class Store:
-    """A running store on its own prefix, a client, and every ModelChanged the client heard."""
-
-    def __init__(self, service: ModelStoreService, client: Bus) -> None:
-        self.service, self.client = service, client
-        self.changes: list[ModelChanged] = []
-
-    async def ask(self, verb: str, message) -> ModelReply:
-        # A first deploy imports transformers (the architecture check): seconds on a busy CPU.
-        subject = self.client.subjects.models(verb)
-        return await self.client.request(subject, message, ModelReply, timeout=30)
-
-    async def states(self) -> dict[str, str]:
-        listed = await self.client.request(
-            self.client.subjects.models("list"), ListModels(), ModelList
-        )
-        return {m.name: m.state for m in listed.models}
-
-    async def until_state(self, name: str, state: str) -> None:
-        for _ in range(400):
-            if (await self.states()).get(name) == state:
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"{name} never became {state}: {await self.states()}")
-
-    async def until_heard(self, name: str, state: str | None) -> ModelChanged:
-        """The news that ``name`` became ``state`` (None: removed)."""
-        for _ in range(200):
-            for change in self.changes:
-                if change.model.name == name and (
-                    change.removed if state is None else change.model.state == state
-                ):
-                    return change
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"never heard {name} → {state}: {self.changes}")
-
-
-async def until(check, what: str, timeout_s: float = 30.0):
-    """``check()``'s first answer that is not None, asked again until ``timeout_s`` passed."""
-    deadline = time.monotonic() + timeout_s
-    while (found := await check()) is None:
-        assert time.monotonic() < deadline, f"never {what}"
-        await asyncio.sleep(0.02)
-    return found
-
-
-async def settings_heard(store: Store, name: str, priority: str, pin: int) -> ModelChanged:
-    async def heard() -> ModelChanged | None:
-        return next((c for c in store.changes if c.model.name == name
-                     and (c.model.priority, c.model.pin) == (priority, pin)), None)  # fmt: skip
-
-    return await until(heard, f"heard {name} become {priority}, pin {pin}")
-
-
-@contextlib.asynccontextmanager
-async def running_store(
-    nats_server, models_dir: Path, cache: HostCache, prefix: str
-) -> AsyncIterator[Store]:
-    config = BusConfig(nats_url=nats_server.url, prefix=prefix)
-    server_bus = await Bus.connect(config, "model-store-test")
-    client = await Bus.connect(config, "admin-test")
-    service = ModelStoreService(server_bus, RegistryScanner(models_dir), cache, store_id="node-1")
-    store = Store(service, client)
-
-    async def heard(change: ModelChanged, _msg) -> None:
-        store.changes.append(change)
-
-    await client.subscribe(client.subjects.registry_changed, ModelChanged, heard)
-    await client.nc.flush()
-    await service.start()
-    try:
-        yield store
-    finally:
-        await service.stop()
-        await server_bus.close()
-        await client.close()
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """(sources outside the registry: alpha, beta; the models directory: resident)."""
-    sources, models = tmp_path / "sources", tmp_path / "models"
-    write_model(sources / "alpha", seed=1)
-    write_model(sources / "beta", seed=2)
-    write_model(models / "resident", seed=3)
-    return sources, models
-
-
-@pytest.fixture
-async def store(nats_server, dirs, tmp_path: Path) -> AsyncIterator[Store]:
-    cache = GatedCache(tmp_path / "cache", 10**8)
-    async with running_store(nats_server, dirs[1], cache, f"l{uuid.uuid4().hex[:8]}") as s:
-        yield s
-    cache.close()
 
 
 async def test_a_model_found_in_the_models_directory_is_ready(store) -> None:
@@ -329,119 +214,3 @@ async def test_two_stores_sharing_a_directory_agree_on_the_serving_settings(nats
 async def test_an_unknown_model_cannot_be_drained(store) -> None:
     reply = await store.ask("drain", DrainModel("nope"))
     assert reply.status == 404 and "'nope' is not registered" in reply.error
-
-
-async def test_a_load_that_fails_leaves_the_model_failed_with_why_and_removable(
-    nats_server, dirs, tmp_path: Path
-) -> None:
-    sources, models = dirs
-    cache = HostCache(tmp_path / "small-cache", 1000)  # smaller than any model
-    async with running_store(nats_server, models, cache, f"f{uuid.uuid4().hex[:8]}") as s:
-        await s.ask("deploy", DeployModel(str(sources / "alpha")))
-        await s.until_state("alpha", "failed")
-        failed = (await s.ask("describe", DescribeModel("alpha"))).model
-        assert "host cache's capacity" in failed.state_reason
-        drain = await s.ask("drain", DrainModel("alpha"))
-        assert drain.status == 409 and "remove it instead" in drain.error
-        removed = await s.ask("remove", RemoveModel("alpha"))
-        assert removed.error == "" and "alpha" not in await s.states()
-    cache.close()
-
-
-async def test_a_model_whose_linked_folder_went_is_failed_with_why_and_removable(
-    store, dirs
-) -> None:
-    """Its folder moved or deleted, a deployed model's link dangles: the store lists it no more,
-    describes it as failed naming the missing folder (what the admin API's removal asks first),
-    refuses its name to a deploy saying how to free it, and removes the link and its mark."""
-    sources, models = dirs
-    await store.ask("deploy", DeployModel(str(sources / "alpha"), priority="high"))
-    await store.until_state("alpha", "ready")
-    shutil.rmtree(sources / "alpha")
-
-    async def listed_without_alpha() -> dict[str, str] | None:
-        states = await store.states()  # the scan goes on, within a second without alpha
-        return states if "alpha" not in states else None
-
-    assert await until(listed_without_alpha, "listed without alpha") == {"resident": "ready"}
-    described = (await store.ask("describe", DescribeModel("alpha"))).model
-    assert described is not None and described.state == "failed"  # was: "not registered"
-    assert f"links to {sources / 'alpha'}, which is missing" in described.state_reason
-    taken = await store.ask("deploy", DeployModel(str(sources / "beta"), "alpha"))
-    assert taken.status == 409 and f"rm {models / 'alpha'}" in taken.error
-
-    # `aegaeon models remove alpha`: the gateway's steps, a scheduler with nothing of it in flight.
-    from aegaeon.gateway.admin import remove as admin_remove
-
-    async def unload(_request: UnloadModel, msg) -> None:
-        await store.client.reply(msg, UnloadReply(True))
-
-    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
-    forgotten: list[str] = []
-    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=forgotten.append))
-    note = await admin_remove(gateway, "alpha")  # type: ignore[arg-type]
-    assert "was already gone" in note and forgotten == ["alpha"]
-    assert not (models / "alpha").is_symlink()
-    assert "alpha" not in json.loads((models / MARKS_FILE).read_text())
-    assert store.service.cache.cached_path("alpha") is None
-    assert (await store.until_heard("alpha", None)).removed
-    assert (await store.ask("remove", RemoveModel("alpha"))).status == 404
-
-
-async def test_a_folder_the_scan_refuses_is_failed_with_why_and_removable(store, dirs) -> None:
-    """A folder put in the models directory by hand with a broken config.json: described as
-    failed with the scan's reason, and the admin API's removal sets it aside (bytes kept)."""
-    _sources, models = dirs
-    (models / "broken").mkdir()
-    (models / "broken" / "config.json").write_text("{not json")
-    described = (await store.ask("describe", DescribeModel("broken"))).model
-    assert described is not None and described.state == "failed"  # was: "cannot be served"
-    assert "config.json" in described.state_reason
-
-    from aegaeon.gateway.admin import remove as admin_remove
-
-    async def unload(_request: UnloadModel, msg) -> None:
-        await store.client.reply(msg, UnloadReply(True))
-
-    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
-    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=lambda name: None))
-    await admin_remove(gateway, "broken")  # type: ignore[arg-type]
-    assert not (models / "broken").exists()
-    assert [p.name.startswith(".removed-broken-") for p in models.iterdir() if "broken" in p.name] == [True]  # fmt: skip
-    assert (await store.ask("describe", DescribeModel("broken"))).model is None
-
-
-async def test_a_restarted_store_keeps_a_drain_and_finishes_a_load_left_unfinished(
-    nats_server, dirs, tmp_path: Path
-) -> None:
-    sources, models = dirs
-    prefix = f"r{uuid.uuid4().hex[:8]}"
-    cache = HostCache(tmp_path / "cache", 10**8)
-    async with running_store(nats_server, models, cache, prefix) as first:
-        await first.ask("serving", SetServing("resident", "high", pin=2))
-        await first.ask("drain", DrainModel("resident"))
-    # A deploy whose store died after linking the folder, before its load ended:
-    LifecycleBook(models).move("interrupted", False, "deploy")
-    (models / "interrupted").symlink_to(sources / "beta")
-    async with running_store(nats_server, models, cache, prefix) as second:
-        assert (await second.states())["resident"] == "draining"
-        described = (await second.ask("describe", DescribeModel("resident"))).model
-        assert (described.priority, described.pin) == ("high", 2)
-        await second.until_state("interrupted", "ready")
-        assert second.service.cache.cached_path("interrupted") is not None
-    cache.close()
-
-
-async def test_a_deployed_gguf_file_is_converted_and_its_folder_deleted_on_removal(
-    store, dirs, gguf_file: Path
-) -> None:
-    models = dirs[1]
-    reply = await store.ask("deploy", DeployModel(str(gguf_file)))
-    assert reply.error == "" and reply.model.name == "tiny-llama-F32"  # named as `models add` does
-    folder = models / "tiny-llama-F32"
-    assert folder.is_dir() and not folder.is_symlink() and (folder / "model.safetensors").exists()
-    await store.until_state("tiny-llama-F32", "ready")
-    await store.ask("drain", DrainModel("tiny-llama-F32"))
-    removed = await store.ask("remove", RemoveModel("tiny-llama-F32"))
-    assert "converted from GGUF" in removed.note and not folder.exists()
-    assert gguf_file.exists()  # the source file is the user's
