@@ -52,9 +52,12 @@ RATIO_KEYS = [f"goodput_ratio_vs_{key}" for _, key in BASELINES]
 # The --quick grid: where the policies' attainment crosses 90% on this CPU under the default
 # (paper-proportioned) SLO — runs on 2026-11-29 measured aegaeon passing at λ 0.5-0.6 and
 # request-level failing at 0.15-0.2 — in steps of ≤ 1.33× so that neighbouring goodputs, and so
-# the ratios, differ by at most a third.
+# the ratios, differ by at most a third. 20 s of arrivals: the low rates run until their 20
+# requests anyway, so the longer window only adds requests where the policies cross 90% (46 at
+# λ 0.4 instead of 20) for little more time (`--repeat 2`: 1,265 s on 2026-12-07, 1,191 s with
+# 10 s the session before, on the same kind of host).
 QUICK = {"models": 5, "rates": "0.1,0.12,0.15,0.2,0.25,0.3,0.4,0.5,0.6,0.8,1.0,1.2,1.6",
-         "duration": 10.0, "drain": 20.0, "workers": 1}  # fmt: skip
+         "duration": 20.0, "drain": 20.0, "workers": 1}  # fmt: skip
 DEFAULTS = {"models": 5, "rates": "0.05,0.1,0.15,0.2,0.3,0.4,0.6,0.8,1.0,1.2,1.6",
             "duration": 30.0, "drain": 60.0, "workers": 1}  # fmt: skip
 
