@@ -14,6 +14,7 @@ import pytest
 from aegaeon.model_store.host_cache import HostCache
 from aegaeon.model_store.lifecycle import MARKS_FILE, LifecycleBook
 from model_store_lifecycle_harness import (
+    Store,
     dirs,
     running_store,
     store,
@@ -34,6 +35,22 @@ from aegaeon.protocol import (
 __all__ = ["dirs", "gguf_file", "source", "store"]  # fixtures, imported for pytest
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def remove_as_the_gateway(store: Store, name: str) -> tuple[str, list[str]]:
+    """`aegaeon models remove NAME`: the gateway's admin steps, with a scheduler that has
+    nothing of the model in flight (every unload answered yes). (The removal's note, the names
+    the gateway forgot.)"""
+    from aegaeon.gateway.admin import remove as admin_remove
+
+    async def unload(_request: UnloadModel, msg) -> None:
+        await store.client.reply(msg, UnloadReply(True))
+
+    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
+    forgotten: list[str] = []
+    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=forgotten.append))
+    note = await admin_remove(gateway, name)  # type: ignore[arg-type]
+    return note, forgotten
 
 
 async def test_a_load_that_fails_leaves_the_model_failed_with_why_and_removable(
@@ -75,16 +92,7 @@ async def test_a_model_whose_linked_folder_went_is_failed_with_why_and_removable
     taken = await store.ask("deploy", DeployModel(str(sources / "beta"), "alpha"))
     assert taken.status == 409 and f"rm {models / 'alpha'}" in taken.error
 
-    # `aegaeon models remove alpha`: the gateway's steps, a scheduler with nothing of it in flight.
-    from aegaeon.gateway.admin import remove as admin_remove
-
-    async def unload(_request: UnloadModel, msg) -> None:
-        await store.client.reply(msg, UnloadReply(True))
-
-    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
-    forgotten: list[str] = []
-    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=forgotten.append))
-    note = await admin_remove(gateway, "alpha")  # type: ignore[arg-type]
+    note, forgotten = await remove_as_the_gateway(store, "alpha")
     assert "was already gone" in note and forgotten == ["alpha"]
     assert not (models / "alpha").is_symlink()
     assert "alpha" not in json.loads((models / MARKS_FILE).read_text())
@@ -103,14 +111,7 @@ async def test_a_folder_the_scan_refuses_is_failed_with_why_and_removable(store,
     assert described is not None and described.state == "failed"  # was: "cannot be served"
     assert "config.json" in described.state_reason
 
-    from aegaeon.gateway.admin import remove as admin_remove
-
-    async def unload(_request: UnloadModel, msg) -> None:
-        await store.client.reply(msg, UnloadReply(True))
-
-    await store.client.subscribe(store.client.subjects.unload_model, UnloadModel, unload)
-    gateway = SimpleNamespace(bus=store.client, models=SimpleNamespace(forget=lambda name: None))
-    await admin_remove(gateway, "broken")  # type: ignore[arg-type]
+    await remove_as_the_gateway(store, "broken")
     assert not (models / "broken").exists()
     assert [p.name.startswith(".removed-broken-") for p in models.iterdir() if "broken" in p.name] == [True]  # fmt: skip
     assert (await store.ask("describe", DescribeModel("broken"))).model is None
