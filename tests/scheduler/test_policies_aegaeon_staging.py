@@ -1,14 +1,15 @@
 """The aegaeon policy's books of both weight slots: what each turn leaves in the other slot,
-placement that counts a switch to it as a rebind, and staging on an instance left idle."""
+placement that counts a switch to it as a rebind, staging on an instance left idle, and
+restaging a busy instance's prefetch when an arrival changes its next switch."""
 
 from __future__ import annotations
 
 from aegaeon.scheduler.policies.aegaeon import AegaeonPolicy
 from aegaeon.scheduler.policies.aegaeon_lanes import switch_slots
-from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, TurnResult
+from aegaeon.scheduler.policies.base import InstanceView, ModelSpec, TurnPlan, TurnResult
 from aegaeon.scheduler.policies.demand import DEMAND_HALF_LIFE_S, Demand
 from fixed_costs import FixedCosts
-from test_policies_aegaeon import SLO, make_policy, request
+from test_policies_aegaeon import SLO, finish_prefill, make_policy, request
 
 
 def serve(policy: AegaeonPolicy, rid: str, model: str, now: float, instance: str = "i0") -> None:
@@ -132,3 +133,60 @@ def test_demand_halves_every_half_life():
     demand.arrived("A", 0.0)
     demand.arrived("B", DEMAND_HALF_LIFE_S)
     assert demand.of("A") == 0.5 and demand.of("B") == 1.0
+
+
+# ---------------------------------------------------------------- restaging the prefetch
+
+
+def decoding_alone(policy: AegaeonPolicy, model: str = "A") -> TurnPlan:
+    """The "both" instance i0 prefills one request of ``model``, then starts decoding it."""
+    policy.submit(request("a0", model), now=0.0)
+    prefill = policy.next_turn("i0", 0.0)
+    assert prefill is not None and prefill.prefill_only
+    finish_prefill(policy, prefill, now=0.2)
+    plan = policy.next_turn("i0", 0.2)
+    assert plan is not None and not plan.prefill_only and plan.prefetch_model is None
+    return plan
+
+
+def test_an_arrival_of_another_model_restages_the_busy_instance_once():
+    policy = make_policy("both")
+    running = decoding_alone(policy)
+    assert policy.prefetch_now("i0") is None  # nothing else to run
+    policy.submit(request("b0", "B", arrival=0.3), now=0.3)
+    assert policy.prefetch_now("i0") == "B"
+    assert policy.prefetch_now("i0") is None  # already staged
+    policy.submit(request("a1", "A", arrival=0.4), now=0.4)  # joins the running model's batch
+    assert policy.prefetch_now("i0") is None
+    done = TurnResult(steps=5, elapsed_s=0.05, generated={"a0": 6})
+    policy.turn_done("i0", running, done, 0.5)
+    assert policy.prefetch_now("i0") is None  # idle: the next plan names its own prefetch
+    nxt = policy.next_turn("i0", 0.5)
+    assert nxt is not None and nxt.model == "B"  # the switch the restaging prepared
+
+
+def test_the_restaged_model_is_the_turn_next_turn_then_chooses():
+    """A batch of B due before C's group's first token: B decodes next, so B is staged; once
+    the C group is due first (the batches are far ahead of schedule), C is."""
+    policy = make_policy("both")
+    policy.submit(request("a0", "A"), now=0.0)
+    policy.submit(request("b0", "B"), now=0.0)
+    for _ in range(2):  # both prefilled, each into its own batch
+        plan = policy.next_turn("i0", 0.0)
+        assert plan is not None and plan.prefill_only
+        finish_prefill(policy, plan, now=0.1)
+    running = policy.next_turn("i0", 0.1)
+    assert running is not None and not running.prefill_only
+    other = "B" if running.model == "A" else "A"
+    assert running.prefetch_model == other
+    policy.submit(request("c0", "C", arrival=0.2), now=0.2)
+    assert policy.prefetch_now("i0") is None  # the other batch is due first: no change
+    lane = policy.lanes["i0"]
+    for batch in lane.batches:  # far ahead: their next tokens are due after C's first
+        for rid in batch.request_ids:
+            policy.requests[rid].generated = 1000
+    assert policy.prefetch_now("i0") == "C"
+    done = TurnResult(steps=1, elapsed_s=0.01, generated={r: 1000 for r in running.request_ids})
+    policy.turn_done("i0", running, done, 0.3)
+    nxt = policy.next_turn("i0", 0.3)
+    assert nxt is not None and (nxt.model, nxt.prefill_only) == ("C", True)
