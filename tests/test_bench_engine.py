@@ -38,3 +38,31 @@ def test_the_roofline_is_the_slower_of_reading_the_bytes_and_doing_the_flops() -
     assert fractions["roofline_fraction_b1"] == pytest.approx(0.9)
     assert fractions["roofline_fraction_b8"] == pytest.approx(0.9)
     assert fractions["roofline_fraction_b32"] == pytest.approx(9.0 * 0.16)
+
+
+def test_the_switch_and_the_plain_copy_are_measured_in_turns_and_every_switch_copies(
+    demo_models_dir: Path,
+) -> None:
+    from aegaeon.gpu_worker.bench import _bench_config, measure_switch
+    from aegaeon.gpu_worker.engine import Engine
+
+    model_dir = demo_models_dir / "demo-llama"
+    engine = Engine(_bench_config("cpu", model_dir))
+    copied: list[int] = []
+    switch_to = engine.switch_to
+
+    def recording_switch(name: str):
+        result = switch_to(name)
+        copied.append(result.bytes)
+        return result
+
+    try:
+        engine.register_model("demo-llama", model_dir)
+        engine.switch_to = recording_switch  # type: ignore[method-assign]
+        figures = measure_switch(engine, "demo-llama", pairs=4)
+    finally:
+        engine.close()
+    # the warm-up, 4 measured switches (each after a plain copy clobbered the slot), the return
+    assert copied[1:5] == [figures["weight_bytes"]] * 4
+    assert figures["switch_s"] > 0 and figures["memcpy_s"] > 0
+    assert figures["switch_over_memcpy"] == pytest.approx(figures["switch_s"] / figures["memcpy_s"])

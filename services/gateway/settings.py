@@ -6,7 +6,10 @@ Environment (besides the bus's ``AEGAEON_NATS_URL`` / ``AEGAEON_REDIS_URL`` / ``
 ``AEGAEON_MAX_BODY_BYTES``     larger request bodies get 413 (default 4 MiB)
 ``AEGAEON_MAX_PROMPT_TOKENS``  longer prompts get 413 (default: only the model's context limits)
 ``AEGAEON_MAX_IN_FLIGHT``      requests in flight through this gateway before 503 (default 1024)
+``AEGAEON_MAX_IN_FLIGHT_PER_KEY``  one API key's share of them (default: a quarter)
+``AEGAEON_REQUEST_HEADROOM``   HTTP requests in progress beyond those before every one gets 503 (64)
 ``AEGAEON_SUBMIT_TIMEOUT_S``   wait for the scheduler's admission answer (default 10 s)
+``AEGAEON_SEND_TIMEOUT_S``     a stream write the client does not take ends its request (30 s)
 ``AEGAEON_IDLE_TIMEOUT_S``     no token for this long ends a request with an error (default 600 s)
 """
 
@@ -52,7 +55,7 @@ class GatewaySettings:
     )
     # HTTP requests in progress at once beyond max_in_flight (health, metrics, model lists,
     # bodies still being read, refusals); past them every request is answered 503 at once.
-    request_headroom: int = 64
+    request_headroom: int = field(default_factory=lambda: _env_int("AEGAEON_REQUEST_HEADROOM", 64))
     submit_timeout_s: float = field(
         default_factory=lambda: _env_float("AEGAEON_SUBMIT_TIMEOUT_S", 10.0)
     )

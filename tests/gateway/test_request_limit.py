@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from aegaeon.gateway.app import RequestLimit
+from aegaeon.gateway.settings import GatewaySettings
 from openai import AsyncOpenAI
 
 from .conftest import serve_stack
@@ -61,6 +62,15 @@ async def test_a_request_past_the_limit_is_refused_until_one_in_progress_ends():
     held.release.set()
     assert (await first)[0]["status"] == 200
     assert (await call(limit))[0]["status"] == 200 and limit.active == 0
+
+
+def test_the_limit_is_the_admission_bound_plus_the_headroom_both_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AEGAEON_MAX_IN_FLIGHT", "10")
+    monkeypatch.setenv("AEGAEON_REQUEST_HEADROOM", "3")
+    assert GatewaySettings().max_requests == 13
+    monkeypatch.setenv("AEGAEON_REQUEST_HEADROOM", "-1")
+    with pytest.raises(ValueError, match="request_headroom"):
+        GatewaySettings()
 
 
 async def test_health_and_metrics_probes_are_answered_when_the_limit_is_reached():
