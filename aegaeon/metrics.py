@@ -35,7 +35,10 @@ E2E_REQUEST_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )  # fmt: skip
 REQUEST_SUCCESS = Counter(
-    "aegaeon:request_success", "Finished requests.", ["model_name", "finished_reason"]
+    "aegaeon:request_success",
+    "Submitted requests that ended without an error, by finish reason: stop, length, or abort "
+    "(the client cancelled or went away first), as vLLM counts them.",
+    ["model_name", "finished_reason"],
 )
 REQUEST_ERRORS = Counter("aegaeon:request_errors", "Requests refused or failed.", ["status"])
 PROMPT_TOKENS = Counter("aegaeon:prompt_tokens", "Prefilled prompt tokens.", ["model_name"])

@@ -133,16 +133,20 @@ def _http_span(request: Request) -> trace.Span | None:
 
 
 def record_latencies(generation: Generation, reason: str) -> None:
-    """TTFT, TPOT, ITL and e2e as vLLM defines them; success, error and token counters."""
+    """TTFT, TPOT, ITL and e2e as vLLM defines them; success, error and token counters. A request
+    the client cancelled counts as finished with reason ``abort`` (operators watch that rate for
+    users giving up) and leaves the latency histograms alone."""
     model = generation.p.model.name
     t = generation.timings
     metrics.PROMPT_TOKENS.labels(model).inc(len(generation.p.prompt_ids))
     metrics.GENERATION_TOKENS.labels(model).inc(t.output_tokens)
-    if reason in ("error", "abort"):
-        if generation.p.stream and reason == "error":  # a non-streamed one answered with an error
+    if reason == "error":
+        if generation.p.stream:  # a non-streamed one was answered with an error, counted there
             metrics.REQUEST_ERRORS.labels("500").inc()
         return
     metrics.REQUEST_SUCCESS.labels(model, reason).inc()
+    if reason == "abort":  # latencies of a request cut short would read as fast ones
+        return
     if t.first_token is None or not t.token_times:
         return
     metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(t.first_token - t.arrival)

@@ -8,6 +8,7 @@ import asyncio
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from prometheus_client import REGISTRY
 
 from aegaeon.protocol import RequestStatus, SubmitReply
 
@@ -192,8 +193,14 @@ async def test_request_is_recorded_in_redis_with_a_ttl_and_final_state(stack):
     assert 0 < await stack.redis.ttl(key) <= 3600
 
 
+def aborted(model: str) -> float:
+    labels = {"model_name": model, "finished_reason": "abort"}
+    return REGISTRY.get_sample_value("aegaeon:request_success_total", labels) or 0.0
+
+
 async def test_client_disconnect_mid_stream_sends_cancel(stack):
     stack.backend.script = Script(step_s=0.05)
+    aborted_before = aborted("tiny")
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 100, "stream": True}
         async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -205,6 +212,7 @@ async def test_client_disconnect_mid_stream_sends_cancel(stack):
     await stack.settle()
     record = await stack.redis.hgetall(stack.gateway.keys.request(rid))
     assert record[b"state"] == b"cancelled"
+    assert aborted("tiny") == aborted_before + 1  # finished, reason abort, as vLLM counts it
 
 
 async def test_client_disconnect_while_queued_sends_cancel(stack):
