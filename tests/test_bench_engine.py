@@ -62,7 +62,7 @@ def test_the_switch_and_the_plain_copy_are_measured_in_turns_and_every_switch_co
         figures = measure_switch(engine, "demo-llama", pairs=4)
     finally:
         engine.close()
-    # the warm-up, 4 measured switches (each after a plain copy clobbered the slot), the return
+    # the warm-up, then 4 measured switches (each after a plain copy clobbered the slot)
     assert copied[1:5] == [figures["weight_bytes"]] * 4
     assert figures["switch_s"] > 0 and figures["memcpy_s"] > 0
     assert figures["switch_over_memcpy"] == pytest.approx(figures["switch_s"] / figures["memcpy_s"])

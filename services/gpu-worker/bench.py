@@ -69,28 +69,22 @@ seconds, and three of each measured one after the other read 0.85 to 1.35 for th
 
 
 def measure_switch(engine: Engine, model: str, pairs: int = SWITCH_PAIRS) -> dict[str, float]:
-    """Switch between two names of the same host file (one weight slot: every switch copies),
-    each switch followed by a plain copy of the same bytes into the same slot; the medians."""
-    engine.register_model(
-        model + "#2", engine.specs[model].model_dir, engine.specs[model].weights_path
-    )
+    """Plain copies of the model's host bytes into the engine's slot, each followed by a switch
+    to the model (one weight slot; the copy clobbered it, so every switch copies); the medians."""
     engine.switch_to(model)
     host = map_host_weights(engine.specs[model], engine.device)
     dest = engine.arena.slots[0][: host.tensor.numel()]
-    names = [model + "#2", model]
+
+    def plain_copy() -> None:  # the engine's own slot as destination: same bytes, same path
+        dest.copy_(host.tensor, non_blocking=host.pinned)
+
     switch_times, copy_times = [], []
-    for i in range(pairs):
-        switch_times.append(engine.switch_to(names[i % 2]).seconds)
-        # The plain copy reuses the engine's own slot as its destination: the same bytes, same
-        # path. It clobbers the slot: the next switch must copy again.
-        copy_times.append(
-            _median_time(lambda: dest.copy_(host.tensor, non_blocking=host.pinned),
-                         engine.device, repeats=1)
-        )  # fmt: skip
+    for _ in range(pairs):
+        copy_times.append(_median_time(plain_copy, engine.device, repeats=1))
         engine.invalidate_weights()
+        switch_times.append(engine.switch_to(model).seconds)
     nbytes = host.tensor.numel()
     host.release()  # unpinned now: the engine keeps its own mapping of the file
-    engine.switch_to(model)
     switch, memcpy = statistics.median(switch_times), statistics.median(copy_times)
     return {"switch_s": switch, "memcpy_s": memcpy, "switch_over_memcpy": switch / memcpy,
             "weight_bytes": nbytes, "memcpy_gb_s": nbytes / memcpy / 1e9}  # fmt: skip
