@@ -176,7 +176,7 @@ def _ours(container: dict[str, Any]) -> bool:
 
 
 def test_aegaeon_probes_ask_the_endpoints_each_service_serves() -> None:
-    """The gateway serves /health (200 once NATS, Redis, a scheduler and a worker are up) and
+    """The gateway serves /health (200 once NATS, Redis, the registry, a scheduler and a worker are up) and
     /metrics on its --port; the other services only /metrics, on their --metrics-port
     (aegaeon/metrics.py). The gateway is ready on /health, alive on /metrics: one waiting for
     its first worker stays out of the Service but is not restarted."""

@@ -83,6 +83,18 @@ class ModelDirectory:
                 await self._refresh()
         return list(self._models.values())
 
+    async def known(self, timeout_s: float = 0.5) -> bool:
+        """Whether this gateway can resolve models: the registry was fetched once (a later store
+        outage serves the last list), or is fetched now within ``timeout_s`` (a probe's time)."""
+        if self._fetched != float("-inf"):
+            return True
+        try:
+            async with self._lock:
+                await self._refresh(timeout_s)
+        except Exception:
+            return False
+        return True
+
     async def get(self, name: str) -> ModelInfo | None:
         models = await self.all()
         found = next((m for m in models if m.name == name), None)
@@ -93,11 +105,12 @@ class ModelDirectory:
             found = self._models.get(name)
         return found
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, timeout_s: float | None = None) -> None:
         try:
             reply = await self.bus.request(
-                self.bus.subjects.models("list"), ListModels(), ModelList, self.timeout_s
-            )
+                self.bus.subjects.models("list"), ListModels(), ModelList,
+                timeout_s or self.timeout_s,
+            )  # fmt: skip
         except Exception:
             if self._fetched == float("-inf"):
                 raise

@@ -307,6 +307,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "unavailable"]
     nats: bool
     redis: bool
+    registry: bool  # the model-store's registry answered at least once
     scheduler: bool
     workers: int
     missing: list[str]

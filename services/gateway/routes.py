@@ -207,7 +207,7 @@ async def prometheus_metrics() -> Response:
     "/health",
     response_model=HealthResponse,
     responses={503: {"model": HealthResponse, "description": "Something is missing"}},
-    summary="200 when NATS, Redis, a scheduler and a worker are up",
+    summary="200 when NATS, Redis, the model registry, a scheduler and a worker are up",
 )
 async def health(request: Request):
     gw = gateway(request)
@@ -218,11 +218,15 @@ async def health(request: Request):
         redis_ok = False
     scheduler_ok = gw.cluster.scheduler_alive()
     workers = len(gw.cluster.live_workers())
+    # Every request resolves its model in the registry first: until the model-store has answered
+    # once, a request would get 503 however healthy the rest looks (a stack starting on a busy host).
+    registry_ok = await gw.models.known()
     missing = [
         name
         for name, ok in (
             ("nats", nats_ok),
             ("redis", redis_ok),
+            ("model-store", registry_ok),
             ("scheduler", scheduler_ok),
             ("worker", workers > 0),
         )
@@ -232,6 +236,7 @@ async def health(request: Request):
         "status": "unavailable" if missing else "ok",
         "nats": nats_ok,
         "redis": redis_ok,
+        "registry": registry_ok,
         "scheduler": scheduler_ok,
         "workers": workers,
         "missing": missing,

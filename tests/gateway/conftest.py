@@ -85,10 +85,12 @@ async def serve_stack(
     tiny_model: Path,
     prefix: str,
     gateway_nats_url: str = "",
+    backend_started: bool = True,
     **settings,
 ) -> AsyncIterator[Stack]:
     """The real app on a free port with a fake backend; each stack uses its own prefix.
-    ``gateway_nats_url``: where the gateway reaches NATS (default the server, as the backend)."""
+    ``gateway_nats_url``: where the gateway reaches NATS (default the server, as the backend);
+    ``backend_started=False``: the gateway starts before the backend answers anything."""
     bus_config = BusConfig(nats_url=nats_server.url, redis_url=redis_server.url, prefix=prefix)
     settings.setdefault("tokenizer_cache_dir", tiny_model.parent / "cache")
     gateway_bus = replace(bus_config, nats_url=gateway_nats_url or bus_config.nats_url)
@@ -114,7 +116,8 @@ async def serve_stack(
         Script(),
         record=record,
     )
-    await backend.start()
+    if backend_started:
+        await backend.start()
     port = free_port()
     # The gateway's own uvicorn settings (main.py), as `aegaeon serve gateway` runs it.
     config = server_config(app, "127.0.0.1", port, log_level="warning", lifespan="on")

@@ -299,6 +299,29 @@ async def test_health_is_503_until_a_scheduler_and_a_worker_are_seen(stack):
     assert after.json()["workers"] == 1
 
 
+async def test_health_is_503_until_the_model_registry_has_answered_once(
+    nats_server, redis_server, tiny_model
+):
+    async for stack in serve_stack(
+        nats_server, redis_server, tiny_model, "noregistry", backend_started=False
+    ):
+        await stack.backend.beat("w1")  # a scheduler and a worker, but no model-store yet
+        async with httpx.AsyncClient(base_url=stack.base_url) as http:
+
+            async def health_missing(missing: list[str]):
+                response = await http.get("/health")
+                return response if response.json()["missing"] == missing else None
+
+            before = await poll(lambda: health_missing(["model-store"]))  # the beat was heard
+            await stack.backend.start()  # the store answers
+            after = await poll(lambda: health_missing([])) or await http.get("/health")
+            await stack.backend.stop()  # a later outage: the gateway serves the last list
+            still = await http.get("/health")
+    assert before is not None and before.status_code == 503 and not before.json()["registry"]
+    assert after.status_code == 200 and after.json()["registry"]
+    assert still.status_code == 200 and still.json()["registry"]
+
+
 async def test_health_goes_503_when_heartbeats_stop(stack, monkeypatch):
     from aegaeon.gateway import cluster
 
