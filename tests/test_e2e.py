@@ -166,6 +166,31 @@ def test_a_tiny_temperature_beside_greedy_streams_is_greedy_and_harms_none(stack
         assert choice.text == tokenizer.decode(expected, skip_special_tokens=True), prompt
 
 
+def test_n_choices_are_greedy_alike_and_seeded_apart(stack, demo_models_dir):
+    """Each of ``n`` choices is a request of its own: greedy ones all give the engine's text,
+    and with a seed choice i samples exactly as a lone request with seed + i would."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    prompt = [5, 17, 42, 99, 7, 61, 23, 88]
+    tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / "demo-llama")
+    expected = tokenizer.decode(engine_greedy(demo_models_dir, "demo-llama", prompt, 12),
+                                skip_special_tokens=True)  # fmt: skip
+    greedy = client.completions.create(
+        model="demo-llama", prompt=prompt, max_tokens=12, temperature=0, n=3
+    )
+    assert [c.text for c in greedy.choices] == [expected] * 3
+    assert greedy.usage is not None and greedy.usage.prompt_tokens == len(prompt)
+
+    def sampled(n: int, seed: int) -> list[str]:
+        reply = client.completions.create(model="demo-llama", prompt=prompt, max_tokens=12,
+                                          temperature=1.0, n=n, seed=seed,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+        return [c.text for c in reply.choices]
+
+    pair = sampled(2, seed=11)
+    assert pair[0] != pair[1]
+    assert sampled(1, seed=12) == [pair[1]]
+
+
 def test_top_draws_the_runtime_view_of_the_running_stack(stack):
     # After the tests above, every worker has served; the view shows them and their models. A
     # worker's resident model comes from its last heartbeat, which may change while top draws:

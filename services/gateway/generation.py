@@ -115,7 +115,7 @@ class Generation:
         self.failed = False  # the engine reported an error
         self.closed = False
         self.stream = services.router.open(prepared.request_id)
-        self.observer: RequestObserver | None = None  # set once submitted (routes._serve)
+        self.observer: RequestObserver | None = None  # set once submitted (RequestObserver.watch)
 
     @property
     def request_id(self) -> str:

@@ -122,14 +122,23 @@ class Admission:
         self.in_flight = 0
         self.by_key: dict[str, int] = {}
 
-    def refusal(self, key: str | None = None, key_cap: int | None = None) -> str | None:
-        """Why a request of ``key`` cannot be admitted now, or None."""
-        if self.in_flight >= self.max_in_flight:
+    def refusal(
+        self, key: str | None = None, key_cap: int | None = None, count: int = 1
+    ) -> str | None:
+        """Why ``count`` requests of ``key`` (the choices of one completion) cannot be
+        admitted now, or None."""
+        if self.in_flight + count > self.max_in_flight:
             return OVERLOADED
-        cap = key_cap if key_cap is not None else self.per_key
-        if key is not None and cap is not None and self.by_key.get(key, 0) >= cap:
+        cap = self.key_cap(key, key_cap)
+        if cap is not None and self.by_key.get(key or "", 0) + count > cap:
             return f"Too many requests in flight for key '{key}' (at most {cap}); try again."
         return None
+
+    def key_cap(self, key: str | None, key_cap: int | None = None) -> int | None:
+        """The bound on ``key``'s requests in flight (None: only the total bounds them)."""
+        if key is None:
+            return None
+        return key_cap if key_cap is not None else self.per_key
 
     def can_admit(self, key: str | None = None, key_cap: int | None = None) -> bool:
         return self.refusal(key, key_cap) is None

@@ -52,18 +52,23 @@ def request_attributes(kind: Kind, body: ChatCompletionRequest | CompletionReque
 
 class RequestObserver:
     """The span and the metrics of one completion request: ``start``, ``current()`` while
-    submitting, then exactly one of ``refused`` or ``finished`` (later calls do nothing).
+    submitting, then exactly one of ``refused``, or ``watch`` and ``finished`` by each of its
+    choices (later calls do nothing).
 
     The span is the GenAI inference span (``{operation} {model}``), a child of the HTTP server
     span when FastAPI makes one (its built-in telemetry), which gets the same ``gen_ai.request.*``
     attributes (and usage too when it is still open at the end: FastAPI may end it with the last
-    byte sent); without one the span continues the client's ``traceparent`` itself.
+    byte sent); without one the span continues the client's ``traceparent`` itself. It ends when
+    the last choice does; each choice, a request of its own to the engine, records its own
+    latencies.
     """
 
     def __init__(self, span: trace.Span, http_span: trace.Span | None) -> None:
         self.span = span
         self.http_span = http_span
         self.ended = False
+        self.open: list[Generation] = []  # choices not finished yet
+        self.done: list[Generation] = []
 
     @classmethod
     def start(
@@ -103,26 +108,42 @@ class RequestObserver:
         self.span.set_status(Status(StatusCode.ERROR, message))
         self.span.end()
 
+    def watch(self, generations: list[Generation]) -> None:
+        """The request's choices, submitted: each reports to ``finished`` when it closes."""
+        self.open = list(generations)
+        for generation in generations:
+            generation.observer = self
+
     def finished(self, generation: Generation) -> None:
-        """It was submitted and is over (finished, failed or cancelled): usage on the spans,
-        latencies in the histograms."""
-        if self.ended:
+        """One choice was submitted and is over (finished, failed or cancelled): its latencies
+        in the histograms; once every choice is, usage on the spans and the span's end."""
+        if self.ended or generation not in self.open:
+            return
+        self.open.remove(generation)
+        self.done.append(generation)
+        record_latencies(generation, finish_reason(generation))
+        if self.open:
             return
         self.ended = True
-        reason = generation.finish_reason or ("error" if generation.failed else "abort")
+        choices = sorted(self.done, key=lambda g: g.p.choice)
+        reasons = [finish_reason(g) for g in choices]
         self._set(
             {
-                "gen_ai.response.id": generation.request_id,
+                "gen_ai.response.id": generation.p.response_id,
                 "gen_ai.response.model": generation.p.model.name,
                 "gen_ai.usage.input_tokens": len(generation.p.prompt_ids),
-                "gen_ai.usage.output_tokens": generation.timings.output_tokens,
-                "gen_ai.response.finish_reasons": [reason],
+                "gen_ai.usage.output_tokens": sum(g.timings.output_tokens for g in choices),
+                "gen_ai.response.finish_reasons": reasons,
             }
         )
-        if reason == "error":
+        if "error" in reasons:
             self.span.set_status(Status(StatusCode.ERROR, "the engine failed on this request"))
         self.span.end()
-        record_latencies(generation, reason)
+
+
+def finish_reason(generation: Generation) -> str:
+    """How a submitted request ended, as the metrics and the span name it."""
+    return generation.finish_reason or ("error" if generation.failed else "abort")
 
 
 def _http_span(request: Request) -> trace.Span | None:

@@ -2,8 +2,8 @@
 
 Requests are strict (``"1"`` is not a number, ``1`` is not a bool), as OpenAI's API is; unknown
 fields are ignored so clients written for other servers still work. Ranges follow OpenAI's
-documented bounds; what this server does not support is limited in the schema (``n``, ``best_of``,
-content parts other than text) or refused with 400 by the route (non-empty ``tools`` and
+documented bounds (``n`` at most MAX_CHOICES); what this server does not support is limited in the
+schema (``best_of``, content parts other than text) or refused with 400 by the route (non-empty ``tools`` and
 ``functions``, a ``tool_choice`` or ``function_call`` that asks for a call, ``logit_bias``,
 ``echo``, ``suffix``).
 """
@@ -19,6 +19,9 @@ from aegaeon.priority import Priority
 from aegaeon.serving import MAX_KEEP_ALIVE_S, MAX_PIN
 
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_CHOICES = 16
+"""The most choices (``n``) one request may ask for: each is a request of its own to the
+scheduler (its own prefill and KV), so ``n`` multiplies the work of one HTTP request."""
 
 
 class _Request(BaseModel):
@@ -76,7 +79,10 @@ class _Sampling(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     # As OpenAI: [0, 1]; the most probable token is always kept, so 0 keeps only it.
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
+    n: int | None = Field(
+        default=None, ge=1, le=MAX_CHOICES,
+        description="Choices to generate for the prompt; with a seed, choice i samples with seed + i.",
+    )  # fmt: skip
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None)

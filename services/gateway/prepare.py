@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
+
+import msgspec
 
 from aegaeon.protocol import ModelInfo, SamplingParams
 
@@ -33,7 +35,9 @@ NO_CALL = (None, "none", "auto")
 
 @dataclass
 class Prepared:
-    """An accepted-looking request, tokenized, ready to submit."""
+    """An accepted-looking request, tokenized, ready to submit: one choice of a completion
+    (``request_id`` is the scheduler's for this choice, ``response_id`` the client's for the
+    whole completion; the same with one choice)."""
 
     kind: Kind
     request_id: str
@@ -46,6 +50,31 @@ class Prepared:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked
     created: int = field(default_factory=lambda: int(time.time()))
+    choice: int = 0  # this choice's index among the completion's ``n``
+    response_id: str = ""  # "": the request id
+
+    def __post_init__(self) -> None:
+        self.response_id = self.response_id or self.request_id
+
+
+def choices(prepared: Prepared, n: int) -> list[Prepared]:
+    """The ``n`` choices of a completion, each a request of its own to the scheduler: ids
+    ``<id>-<i>`` under the one response id, and with a seed, choice i sampling with seed + i
+    (as vLLM seeds them), so that the choices differ and a run repeats."""
+    if n == 1:
+        return [prepared]
+    seed = prepared.sampling.seed
+
+    def sampling(i: int) -> SamplingParams:
+        if seed is None:
+            return prepared.sampling
+        return msgspec.structs.replace(prepared.sampling, seed=(seed + i) % (1 << 63))
+
+    return [
+        replace(prepared, request_id=f"{prepared.request_id}-{i}", response_id=prepared.request_id,
+                choice=i, sampling=sampling(i))
+        for i in range(n)
+    ]  # fmt: skip
 
 
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:

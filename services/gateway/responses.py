@@ -48,7 +48,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class ResponseBuilder:
-    """Shapes one request's Pieces into chunks or a whole response."""
+    """Shapes one choice's Pieces into chunks, or into its part of a whole response
+    (:func:`whole_response`)."""
 
     def __init__(self, prepared: Prepared) -> None:
         self.p = prepared
@@ -58,7 +59,7 @@ class ResponseBuilder:
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": self.p.request_id,
+            "id": self.p.response_id,
             "object": obj,
             "created": self.p.created,
             "model": self.p.model.name,
@@ -74,7 +75,8 @@ class ResponseBuilder:
         """Chat streams start with the role (OpenAI sends it before any content)."""
         if not self.chat:
             return None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        delta = {"role": "assistant", "content": ""}
+        choice = {"index": self.p.choice, "delta": delta, "logprobs": None}
         choice["finish_reason"] = None
         return sse(self._envelope("chat.completion.chunk", [choice]))
 
@@ -100,15 +102,16 @@ class ResponseBuilder:
     def _choice(
         self, text: str, logprobs: Any, finish: str | None = None, empty: bool = False
     ) -> dict[str, Any]:
+        index = self.p.choice
         if self.chat:
             delta = {} if empty else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     # ------------------------------------------------------------ whole response
 
-    def complete(self, pieces: list[Piece], completion_tokens: int) -> dict[str, Any]:
-        """The whole response; ``completion_tokens``: what the engine generated (see usage)."""
+    def whole_choice(self, pieces: list[Piece]) -> dict[str, Any]:
+        """This choice of a whole response, from all its pieces."""
         text = "".join(p.text for p in pieces)
         finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
         # Each piece's tokens and logprobs are paired, so the concatenations stay paired.
@@ -116,14 +119,11 @@ class ResponseBuilder:
         merged.logprobs = [lp for p in pieces for lp in p.logprobs]
         self._offsets = TextOffsets()
         logprobs = self.logprobs(merged)
+        index = self.p.choice
         if self.chat:
             message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        body = self._envelope(self.object, [choice])
-        body["usage"] = usage(len(self.p.prompt_ids), completion_tokens)
-        return body
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}  # fmt: skip
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     # ------------------------------------------------------------ logprobs
 
@@ -155,6 +155,19 @@ class ResponseBuilder:
             "top_logprobs": tops,
             "text_offset": offsets,
         }
+
+
+def whole_response(
+    builders: list[ResponseBuilder], pieces: list[list[Piece]], completion_tokens: int
+) -> dict[str, Any]:
+    """The whole response: one choice per builder (in choice order) from its pieces, and the
+    usage of them all (``completion_tokens``: what the engine generated for every choice; the
+    prompt counts once, as OpenAI counts it)."""
+    first = builders[0]
+    whole = [b.whole_choice(p) for b, p in zip(builders, pieces, strict=True)]
+    body = first._envelope(first.object, whole)
+    body["usage"] = usage(len(first.p.prompt_ids), completion_tokens)
+    return body
 
 
 class TextOffsets:

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import ApiKey
+from .choices import Choices
 from .errors import APIError
 from .model_cards import model_card
 from .observe import RequestObserver
@@ -80,17 +81,17 @@ async def _serve(
     observer = RequestObserver.start(request, kind, body)
     try:
         with observer.current():  # the submit's NATS headers carry this span
-            generation = await gateway(request).open(kind, body, key)
+            choices = Choices(await gateway(request).open(kind, body, key))
     except APIError as exc:
         observer.refused(exc.status, exc.message)
         raise
     except BaseException as exc:
         observer.refused(500, type(exc).__name__)
         raise
-    generation.observer = observer  # ends the span and records latencies on close()
-    if generation.p.stream:
-        return stream(generation)
-    return await complete(request, generation)
+    observer.watch(choices.generations)  # records latencies as each closes, then ends the span
+    if choices.first.p.stream:
+        return stream(choices)
+    return await complete(request, choices)
 
 
 @router.post(

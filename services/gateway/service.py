@@ -1,9 +1,10 @@
 """The gateway's core: its connections and the admission path of a request.
 
-``open()`` runs the checks in the order that sheds load cheapest first: admission, in all and per
-key (503), the key's request rate (429), model (404; not ready: 503 loading, 409 draining or
-failed), tokenization and context (400/413), the key's token rate (429), then the Redis record
-and the submit. Any failure releases what was taken, so a refused request leaves nothing behind.
+``open()`` runs the checks in the order that sheds load cheapest first: ``n`` choices more than
+the in-flight bounds ever admit (400), admission, in all and per key (503), the key's request
+rate (429), model (404; not ready: 503 loading, 409 draining or failed), tokenization and
+context (400/413), the key's token rate (429), then the Redis record and the submit of each
+choice. Any failure releases what was taken, so a refused request leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aegaeon.state import Keys
 
 from .auth import ApiKey, AuthError, KeyStore
 from .cluster import ClusterView, ModelDirectory
-from .errors import APIError
+from .errors import APIError, bad_request
 from .generation import Generation, Services
 from .limits import Admission, RateLimiter
 from .openai_types import ChatCompletionRequest, CompletionRequest
@@ -31,6 +32,7 @@ from .prepare import (
     Prepared,
     check_consistent,
     check_supported,
+    choices,
     max_new_tokens,
     new_request_id,
     prompt_ids,
@@ -168,27 +170,50 @@ class Gateway:
 
     async def open(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
-    ) -> Generation:
-        """Admit, check, record and submit. Raises APIError with nothing left behind."""
+    ) -> list[Generation]:
+        """Admit, check, record and submit each of the ``n`` choices (each takes an admission
+        slot of its own). Raises APIError with nothing left behind."""
+        n = body.n or 1
         slot = self._admission_key(key.name)
-        refusal = self.admission.refusal(slot, key.limit.max_in_flight)
+        self._check_choices(n, slot, key)
+        refusal = self.admission.refusal(slot, key.limit.max_in_flight, count=n)
         if refusal is not None:
             raise APIError(503, refusal, retry_after=self.admission.retry_after_s)
-        self.admission.admit(slot)
-        generation: Generation | None = None
+        for _ in range(n):
+            self.admission.admit(slot)
+        generations: list[Generation] = []
+        charged: Prepared | None = None
         try:
             self._charge_request(key)  # before the body costs tokenization
             prepared = await self.prepare(kind, body, key)
-            self._charge_tokens(key, prepared)
-            generation = Generation(self._services(), prepared, key.name)
-            await generation.submit()
-            return generation
+            self._charge_tokens(key, prepared, n)
+            charged = prepared
+            for choice in choices(prepared, n):
+                generations.append(Generation(self._services(), choice, key.name))
+                await generations[-1].submit()
+            return generations
         except BaseException:
-            if generation is not None:
-                await generation.close()  # releases admission and refunds tokens
-            else:
+            for generation in generations:
+                await generation.close()  # releases its admission slot and refunds its tokens
+            unopened = n - len(generations)
+            for _ in range(unopened):
                 self.admission.release(slot)
+            if charged is not None and unopened:
+                now = time.monotonic()
+                self.limiter.refund(key.name, unopened * charged.sampling.max_tokens, now)
             raise
+
+    def _check_choices(self, n: int, slot: str | None, key: ApiKey) -> None:
+        """``n`` choices that the in-flight bounds could never admit together are a 400 (a
+        retry would get the same 503 for ever)."""
+        cap = self.admission.key_cap(slot, key.limit.max_in_flight)
+        most = min(self.admission.max_in_flight, cap if cap is not None else n)
+        if n > most:
+            raise bad_request(
+                f"n = {n} choices are more than this server runs at once for one caller "
+                f"(at most {most}).",
+                param="n",
+            )
 
     async def prepare(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
@@ -229,9 +254,10 @@ class Gateway:
             key, self.limiter.acquire_request(key.name, key.limit, time.monotonic())
         )
 
-    def _charge_tokens(self, key: ApiKey, prepared: Prepared) -> None:
-        """Prompt + max_tokens (tpm), the most the request can cost; the unused part comes back."""
-        cost = len(prepared.prompt_ids) + prepared.sampling.max_tokens
+    def _charge_tokens(self, key: ApiKey, prepared: Prepared, n: int = 1) -> None:
+        """Prompt + max_tokens for each of the ``n`` choices (tpm), the most the request can
+        cost (the prompt once, as OpenAI counts it); each choice's unused part comes back."""
+        cost = len(prepared.prompt_ids) + n * prepared.sampling.max_tokens
         self._raise_if_waiting(
             key, self.limiter.acquire_tokens(key.name, key.limit, cost, time.monotonic())
         )

@@ -55,6 +55,7 @@ class Script:
     tokens_per_step: int = 1
     reject: SubmitReply | None = None
     error_after: int | None = None  # send an error event after this many tokens
+    error_suffix: str = ""  # ... to the requests whose id ends so (every one by default)
     hang: bool = False  # accept and never send a token
     silent: bool = False  # take the submit and never answer it
     unanswered: int = 0  # take this many submits first and never answer them
@@ -203,7 +204,8 @@ class FakeBackend:
         sent = step = 0
         while True:
             await asyncio.sleep(script.step_s)
-            if script.error_after is not None and sent >= script.error_after:
+            failing = script.error_after is not None and request.request_id.endswith(script.error_suffix)  # fmt: skip
+            if failing and sent >= (script.error_after or 0):
                 event = TokenEvent(request.request_id, sent, [], error="worker lost its device")
                 await self.bus.publish(subject, TokenBatch([event]))
                 return

@@ -74,7 +74,7 @@ CASES = [
         400,
         "messages",
     ),
-    ("n greater than one", CHAT, {"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n"),
+    ("n past the most choices", CHAT, {"model": "tiny", "messages": MESSAGES, "n": 17}, 400, "n"),
     (
         "best_of greater than one",
         COMPLETIONS,

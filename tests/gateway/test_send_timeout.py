@@ -4,15 +4,18 @@ timeout: the generation is closed, so its slot and its unused tokens go back."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+from aegaeon.gateway.choices import Choices
 from aegaeon.gateway.streaming import EventStreamResponse
 
 
 class Generation:
-    """What the response needs of a generation: its settings, its id, and close()."""
+    """What the response needs of a generation: its settings, its ids, and close()."""
 
     def __init__(self) -> None:
-        self.s = type("Services", (), {"send_timeout_s": 0.2})()
+        self.s = SimpleNamespace(send_timeout_s=0.2)
+        self.p = SimpleNamespace(response_id="cmpl-test")
         self.request_id = "cmpl-test"
         self.closed = asyncio.Event()
 
@@ -27,7 +30,7 @@ async def endless_body():
 
 async def test_a_write_the_client_never_takes_ends_the_request():
     generation = Generation()
-    response = EventStreamResponse(endless_body(), generation)  # type: ignore[arg-type]
+    response = EventStreamResponse(endless_body(), Choices([generation]))  # type: ignore[list-item]
     writes = []
 
     async def send(message) -> None:
