@@ -168,7 +168,8 @@ def test_a_tiny_temperature_beside_greedy_streams_is_greedy_and_harms_none(stack
 
 def test_n_choices_are_greedy_alike_and_seeded_apart(stack, demo_models_dir):
     """Each of ``n`` choices is a request of its own: greedy ones all give the engine's text,
-    and with a seed choice i samples exactly as a lone request with seed + i would."""
+    with a seed choice i samples exactly as a lone request with seed + i would, and a batch of
+    prompts gets each prompt's own text."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
     prompt = [5, 17, 42, 99, 7, 61, 23, 88]
     tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / "demo-llama")
@@ -189,6 +190,13 @@ def test_n_choices_are_greedy_alike_and_seeded_apart(stack, demo_models_dir):
     pair = sampled(2, seed=11)
     assert pair[0] != pair[1]
     assert sampled(1, seed=12) == [pair[1]]
+    other = [3, 4, 5, 6, 7]
+    batch = client.completions.create(
+        model="demo-llama", prompt=[prompt, other], max_tokens=12, temperature=0
+    )
+    texts = [tokenizer.decode(engine_greedy(demo_models_dir, "demo-llama", p, 12),
+                              skip_special_tokens=True) for p in (prompt, other)]  # fmt: skip
+    assert [c.text for c in batch.choices] == texts
 
 
 def test_top_draws_the_runtime_view_of_the_running_stack(stack):

@@ -1,4 +1,4 @@
-"""The ``n`` choices of one completion request, answered together.
+"""The choices of one completion request (``n`` per prompt), answered together.
 
 Each choice is a Generation of its own (its own request to the scheduler, admission slot and
 token budget). ``Choices.pieces()`` gives their output as it comes, each piece with its choice's
@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from .generation import Generation, Piece
+from .prepare import prompt_tokens
 
 _END = object()  # a choice's feeder is done
 
@@ -27,6 +28,12 @@ class Choices:
     @property
     def first(self) -> Generation:
         return self.generations[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the request's prompts, each counted once (as OpenAI's usage counts them),
+        however many choices it has."""
+        return prompt_tokens(g.p for g in self.generations)
 
     @property
     def output_tokens(self) -> int:

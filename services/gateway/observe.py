@@ -22,10 +22,11 @@ from aegaeon import metrics
 from aegaeon.telemetry import tracer
 
 from .openai_types import ChatCompletionRequest, CompletionRequest
-from .prepare import Kind
+from .prepare import Kind, prompt_tokens
 
 if TYPE_CHECKING:
     from .generation import Generation
+
 
 _tracer = tracer(__name__)
 
@@ -131,7 +132,7 @@ class RequestObserver:
             {
                 "gen_ai.response.id": generation.p.response_id,
                 "gen_ai.response.model": generation.p.model.name,
-                "gen_ai.usage.input_tokens": len(generation.p.prompt_ids),
+                "gen_ai.usage.input_tokens": prompt_tokens(g.p for g in choices),
                 "gen_ai.usage.output_tokens": sum(g.timings.output_tokens for g in choices),
                 "gen_ai.response.finish_reasons": reasons,
             }

@@ -116,7 +116,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: ``prompt`` is text or token ids (one prompt per request)."""
+    """``POST /v1/completions``: ``prompt`` is text or token ids, or a batch of either (the
+    choices are then ``n`` per prompt, prompt by prompt)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -50,31 +51,39 @@ class Prepared:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked
     created: int = field(default_factory=lambda: int(time.time()))
-    choice: int = 0  # this choice's index among the completion's ``n``
+    choice: int = 0  # this choice's index among the completion's (prompts × n)
+    prompt_index: int = 0  # which prompt of a completion's batch
     response_id: str = ""  # "": the request id
 
     def __post_init__(self) -> None:
         self.response_id = self.response_id or self.request_id
 
 
-def choices(prepared: Prepared, n: int) -> list[Prepared]:
-    """The ``n`` choices of a completion, each a request of its own to the scheduler: ids
-    ``<id>-<i>`` under the one response id, and with a seed, choice i sampling with seed + i
-    (as vLLM seeds them), so that the choices differ and a run repeats."""
-    if n == 1:
-        return [prepared]
-    seed = prepared.sampling.seed
+def prompt_tokens(choices: Iterable[Prepared]) -> int:
+    """Tokens of the prompts behind ``choices``, each prompt counted once (as OpenAI's usage
+    counts them, however many choices a prompt has)."""
+    return sum({c.prompt_index: len(c.prompt_ids) for c in choices}.values())
 
-    def sampling(i: int) -> SamplingParams:
-        if seed is None:
-            return prepared.sampling
-        return msgspec.structs.replace(prepared.sampling, seed=(seed + i) % (1 << 63))
 
-    return [
-        replace(prepared, request_id=f"{prepared.request_id}-{i}", response_id=prepared.request_id,
-                choice=i, sampling=sampling(i))
-        for i in range(n)
-    ]  # fmt: skip
+def choices(prepared: list[Prepared], n: int) -> list[Prepared]:
+    """The choices of a completion, ``n`` per prompt (``prepared``: one per prompt, sharing
+    the request id), each a request of its own to the scheduler: choice ``i·n + j`` is the
+    j-th of prompt i, with id ``<id>-<i·n + j>`` under the one response id (the id itself with
+    a single choice), and with a seed it samples with seed + j (as vLLM seeds them), so that a
+    prompt's choices differ and a run repeats."""
+    if len(prepared) == 1 and n == 1:
+        return list(prepared)
+
+    def choice(prompt: Prepared, j: int) -> Prepared:
+        index = prompt.prompt_index * n + j
+        seed = prompt.sampling.seed
+        sampling = prompt.sampling
+        if seed is not None:
+            sampling = msgspec.structs.replace(sampling, seed=(seed + j) % (1 << 63))
+        return replace(prompt, request_id=f"{prompt.request_id}-{index}", choice=index,
+                       response_id=prompt.request_id, sampling=sampling)  # fmt: skip
+
+    return [choice(prompt, j) for prompt in prepared for j in range(n)]
 
 
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -117,21 +126,45 @@ def check_consistent(body: ChatCompletionRequest | CompletionRequest) -> None:
         )
 
 
-async def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: ModelTokenizer):
-    """The prompt as token ids: a chat through the template, or a completion's text or ids."""
+def prompt_count(body: ChatCompletionRequest | CompletionRequest) -> int:
+    """How many prompts the request holds (known before tokenizing): a chat one, a completion
+    one or a batch (a list of texts or of token-id lists)."""
+    batch = _batch(body)
+    return 1 if batch is None else len(batch)
+
+
+def _batch(body: ChatCompletionRequest | CompletionRequest) -> list[str] | list[list[int]] | None:
+    """A completion's batch of prompts (None: one prompt, text or token ids)."""
     if isinstance(body, ChatCompletionRequest):
-        return await chat_ids(body.messages, tok)
+        return None
     prompt = body.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # one prompt in a batch of one
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return prompt  # type: ignore[return-value]
+    return None
+
+
+async def prompts(
+    body: ChatCompletionRequest | CompletionRequest, tok: ModelTokenizer
+) -> list[list[int]]:
+    """Each prompt as token ids: a chat through the template, a completion's text or ids, or
+    each of a completion's batch of them."""
+    if isinstance(body, ChatCompletionRequest):
+        return [await chat_ids(body.messages, tok)]
+    batch = _batch(body)
+    if batch is not None:
+        return [await _completion_ids(p, tok) for p in batch]
+    return [await _completion_ids(body.prompt, tok)]  # type: ignore[arg-type]
+
+
+async def _completion_ids(prompt: str | list[int], tok: ModelTokenizer) -> list[int]:
     if isinstance(prompt, str):
         ids = await _maybe_thread(len(prompt), tok.encode, prompt)
         if not ids:
             raise bad_request("The prompt is empty.", param="prompt")
         return ids
-    if not prompt or not all(isinstance(t, int) for t in prompt):
-        raise bad_request("Only one prompt per request is supported.", param="prompt")
-    ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+    if not prompt:
+        raise bad_request("The prompt is empty.", param="prompt")
+    ids = [int(t) for t in prompt]
     if any(t < 0 or t >= tok.vocab_size for t in ids):
         raise bad_request(f"Token ids must be in [0, {tok.vocab_size}).", param="prompt")
     return ids

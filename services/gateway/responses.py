@@ -91,9 +91,9 @@ class ResponseBuilder:
             out += sse(self._envelope(self._chunk_object(), [end]))
         return out or None
 
-    def usage_chunk(self, completion_tokens: int) -> str:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
         body = self._envelope(self._chunk_object(), [])
-        body["usage"] = usage(len(self.p.prompt_ids), completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens)
         return sse(body)
 
     def _chunk_object(self) -> str:
@@ -158,15 +158,16 @@ class ResponseBuilder:
 
 
 def whole_response(
-    builders: list[ResponseBuilder], pieces: list[list[Piece]], completion_tokens: int
-) -> dict[str, Any]:
+    builders: list[ResponseBuilder], pieces: list[list[Piece]], prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:  # fmt: skip
     """The whole response: one choice per builder (in choice order) from its pieces, and the
-    usage of them all (``completion_tokens``: what the engine generated for every choice; the
-    prompt counts once, as OpenAI counts it)."""
+    usage of them all (``completion_tokens``: what the engine generated for every choice;
+    ``prompt_tokens``: each prompt once, as OpenAI counts it)."""
     first = builders[0]
     whole = [b.whole_choice(p) for b, p in zip(builders, pieces, strict=True)]
     body = first._envelope(first.object, whole)
-    body["usage"] = usage(len(first.p.prompt_ids), completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens)
     return body
 
 

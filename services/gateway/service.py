@@ -35,7 +35,8 @@ from .prepare import (
     choices,
     max_new_tokens,
     new_request_id,
-    prompt_ids,
+    prompt_count,
+    prompts,
     sampling_params,
 )
 from .settings import GatewaySettings
@@ -171,82 +172,82 @@ class Gateway:
     async def open(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
     ) -> list[Generation]:
-        """Admit, check, record and submit each of the ``n`` choices (each takes an admission
-        slot of its own). Raises APIError with nothing left behind."""
-        n = body.n or 1
+        """Admit, check, record and submit each choice (``n`` per prompt, each taking an
+        admission slot of its own). Raises APIError with nothing left behind."""
+        n, batch = body.n or 1, prompt_count(body)
+        count = batch * n
         slot = self._admission_key(key.name)
-        self._check_choices(n, slot, key)
-        refusal = self.admission.refusal(slot, key.limit.max_in_flight, count=n)
+        self._check_choices(batch, n, slot, key)
+        refusal = self.admission.refusal(slot, key.limit.max_in_flight, count=count)
         if refusal is not None:
             raise APIError(503, refusal, retry_after=self.admission.retry_after_s)
-        for _ in range(n):
+        for _ in range(count):
             self.admission.admit(slot)
         generations: list[Generation] = []
-        charged: Prepared | None = None
+        planned: list[Prepared] = []  # every choice, once their token budget is charged
         try:
             self._charge_request(key)  # before the body costs tokenization
             prepared = await self.prepare(kind, body, key)
             self._charge_tokens(key, prepared, n)
-            charged = prepared
-            for choice in choices(prepared, n):
+            planned = choices(prepared, n)
+            for choice in planned:
                 generations.append(Generation(self._services(), choice, key.name))
                 await generations[-1].submit()
             return generations
         except BaseException:
             for generation in generations:
                 await generation.close()  # releases its admission slot and refunds its tokens
-            unopened = n - len(generations)
-            for _ in range(unopened):
+            for _ in range(count - len(generations)):
                 self.admission.release(slot)
-            if charged is not None and unopened:
-                now = time.monotonic()
-                self.limiter.refund(key.name, unopened * charged.sampling.max_tokens, now)
+            unopened = sum(c.sampling.max_tokens for c in planned[len(generations) :])
+            if unopened:
+                self.limiter.refund(key.name, unopened, time.monotonic())
             raise
 
-    def _check_choices(self, n: int, slot: str | None, key: ApiKey) -> None:
-        """``n`` choices that the in-flight bounds could never admit together are a 400 (a
-        retry would get the same 503 for ever)."""
+    def _check_choices(self, prompts: int, n: int, slot: str | None, key: ApiKey) -> None:
+        """Choices (``n`` per prompt) that the in-flight bounds could never admit together are
+        a 400 (a retry would get the same 503 for ever)."""
+        count = prompts * n
         cap = self.admission.key_cap(slot, key.limit.max_in_flight)
-        most = min(self.admission.max_in_flight, cap if cap is not None else n)
-        if n > most:
+        most = min(self.admission.max_in_flight, cap if cap is not None else count)
+        if count > most:
+            asked = f"{prompts} prompts × n = {n}" if prompts > 1 else f"n = {n}"
             raise bad_request(
-                f"n = {n} choices are more than this server runs at once for one caller "
-                f"(at most {most}).",
+                f"{count} choices ({asked}) are more than this server runs at once for one "
+                f"caller (at most {most}).",
                 param="n",
             )
 
     async def prepare(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, key: ApiKey
-    ) -> Prepared:
+    ) -> list[Prepared]:
+        """One Prepared per prompt (a completion may hold a batch), under one request id."""
         check_supported(body)
         check_consistent(body)
         info = await self.resolve(body.model, key)
         self.check_serving(info)
         tok = await self.tokenizer(info)
-        ids = await prompt_ids(body, tok)
-        limit = self.settings.max_prompt_tokens
-        if limit is not None and len(ids) > limit:
-            raise APIError(
-                413,
-                f"The prompt has {len(ids)} tokens; this server accepts at most {limit}.",
-                code="prompt_too_long",
-            )
-        max_tokens = max_new_tokens(body, len(ids), info.context_length)
+        request_id = new_request_id(kind)
+        created = int(time.time())
         stream = bool(body.stream)
-        sampling = sampling_params(body, max_tokens, tok)
-        return Prepared(
-            kind=kind,
-            request_id=new_request_id(kind),
-            model=info,
-            tokenizer=tok,
-            prompt_ids=ids,
-            sampling=sampling,
-            stops=body.stop_strings(),
-            stream=stream,
-            include_usage=stream
-            and bool(body.stream_options and body.stream_options.include_usage),
-            top_logprobs=sampling.logprobs,
-        )
+        include_usage = stream and bool(body.stream_options and body.stream_options.include_usage)
+        out = []
+        for index, ids in enumerate(await prompts(body, tok)):
+            limit = self.settings.max_prompt_tokens
+            if limit is not None and len(ids) > limit:
+                raise APIError(
+                    413,
+                    f"The prompt has {len(ids)} tokens; this server accepts at most {limit}.",
+                    code="prompt_too_long",
+                )
+            sampling = sampling_params(body, max_new_tokens(body, len(ids), info.context_length), tok)  # fmt: skip
+            out.append(Prepared(
+                kind=kind, request_id=request_id, model=info, tokenizer=tok, prompt_ids=ids,
+                sampling=sampling, stops=body.stop_strings(), stream=stream,
+                include_usage=include_usage, top_logprobs=sampling.logprobs, created=created,
+                prompt_index=index,
+            ))  # fmt: skip
+        return out
 
     def _charge_request(self, key: ApiKey) -> None:
         """The request itself (rpm), charged before the prompt is tokenized."""
@@ -254,10 +255,11 @@ class Gateway:
             key, self.limiter.acquire_request(key.name, key.limit, time.monotonic())
         )
 
-    def _charge_tokens(self, key: ApiKey, prepared: Prepared, n: int = 1) -> None:
-        """Prompt + max_tokens for each of the ``n`` choices (tpm), the most the request can
-        cost (the prompt once, as OpenAI counts it); each choice's unused part comes back."""
-        cost = len(prepared.prompt_ids) + n * prepared.sampling.max_tokens
+    def _charge_tokens(self, key: ApiKey, prepared: list[Prepared], n: int = 1) -> None:
+        """Each prompt, and its max_tokens for each of its ``n`` choices (tpm): the most the
+        request can cost (a prompt once, as OpenAI counts it); each choice's unused part comes
+        back."""
+        cost = sum(len(p.prompt_ids) + n * p.sampling.max_tokens for p in prepared)
         self._raise_if_waiting(
             key, self.limiter.acquire_tokens(key.name, key.limit, cost, time.monotonic())
         )

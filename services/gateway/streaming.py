@@ -91,7 +91,7 @@ async def sse_body(choices: Choices) -> AsyncIterator[str]:
             if chunk:
                 yield chunk
         if first.p.include_usage:
-            yield builders[0].usage_chunk(choices.output_tokens)
+            yield builders[0].usage_chunk(choices.prompt_tokens, choices.output_tokens)
     except APIError as exc:
         yield sse(exc.body())
     except Exception:
@@ -117,7 +117,8 @@ async def complete(request: Request, choices: Choices) -> JSONResponse:
             return APIError(499, "Client closed the request.").response()  # nobody reads it
         pieces = work.result()
         builders = [ResponseBuilder(g.p) for g in choices.generations]
-        return JSONResponse(whole_response(builders, pieces, choices.output_tokens))
+        tokens = choices.prompt_tokens, choices.output_tokens
+        return JSONResponse(whole_response(builders, pieces, *tokens))
     finally:
         with anyio.CancelScope(shield=True):
             await choices.close()

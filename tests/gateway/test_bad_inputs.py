@@ -198,7 +198,20 @@ CASES = [
         "prompt",
     ),
     ("negative token id", COMPLETIONS, {"model": "tiny", "prompt": [-1]}, 400, "prompt"),
-    ("several prompts", COMPLETIONS, {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    (
+        "an empty prompt in a batch",
+        COMPLETIONS,
+        {"model": "tiny", "prompt": ["a", ""]},
+        400,
+        "prompt",
+    ),
+    (
+        "an empty token list in a batch",
+        COMPLETIONS,
+        {"model": "tiny", "prompt": [[5], []]},
+        400,
+        "prompt",
+    ),
     ("empty token prompt", COMPLETIONS, {"model": "tiny", "prompt": []}, 400, "prompt"),
     (
         "too many stop strings",

@@ -1,5 +1,5 @@
-"""``n`` choices of one completion: each a request of its own to the scheduler under the one
-response id, answered together (streamed under each choice's index, or as one body), with usage
+"""``n`` choices of one completion (per prompt, for a batch of prompts): each a request of its
+own to the scheduler under the one response id, answered together (streamed under each choice's index, or as one body), with usage
 summed, and every choice cancelled when the client goes or one of them fails."""
 
 from __future__ import annotations
@@ -74,6 +74,26 @@ async def test_a_chat_stream_opens_every_choice_with_its_role(stack):
     assert ends == [0, 1]
 
 
+async def test_a_batch_of_prompts_gets_n_choices_each_prompt_by_prompt(stack, tiny_tokenizer):
+    prompts = ["The quick brown", "fox"]
+    reply = await client(stack).completions.create(
+        model="tiny", prompt=prompts, max_tokens=5, n=2, seed=3
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert {c.text for c in reply.choices} == {expected_text(stack, tiny_tokenizer, 5)}
+    submitted = stack.backend.submitted[-4:]
+    assert [s.request_id for s in submitted] == [f"{reply.id}-{i}" for i in range(4)]
+    ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [s.prompt_token_ids for s in submitted] == [ids[0], ids[0], ids[1], ids[1]]
+    assert [s.sampling.seed for s in submitted] == [3, 4, 3, 4]  # per prompt, as vLLM
+    assert reply.usage.prompt_tokens == len(ids[0]) + len(ids[1])  # each prompt once
+    assert reply.usage.completion_tokens == 4 * 5
+    tokens = await client(stack).completions.create(model="tiny", prompt=ids, max_tokens=5)
+    assert [s.prompt_token_ids for s in stack.backend.submitted[-2:]] == ids
+    assert [c.index for c in tokens.choices] == [0, 1]
+    await stack.settle()
+
+
 async def test_a_client_gone_cancels_every_choice(stack):
     stack.backend.script = Script(step_s=0.05)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
@@ -125,7 +145,7 @@ def finished(model: str, reason: str) -> float:
 
 def ended_choice(choice: int, reason: str, tokens: int) -> SimpleNamespace:
     """What the observer reads of a closed Generation."""
-    prepared = SimpleNamespace(choice=choice, response_id="cmpl-x", prompt_ids=[1, 2, 3],
+    prepared = SimpleNamespace(choice=choice, prompt_index=0, response_id="cmpl-x", prompt_ids=[1, 2, 3],
                                model=SimpleNamespace(name="observed-model"), stream=False)  # fmt: skip
     timings = SimpleNamespace(output_tokens=tokens, first_token=None, token_times=[])
     return SimpleNamespace(p=prepared, timings=timings, finish_reason=reason, failed=False)
