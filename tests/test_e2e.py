@@ -38,9 +38,11 @@ def stack(tmp_path_factory, demo_models_dir, nats_server, redis_server) -> Itera
 
 
 def engine_greedy(
-    models_dir: Path, model: str, prompt: list[int], max_tokens: int, ignore_eos: bool = False
-) -> list[int]:
-    """The engine's own greedy output, in process, for the same prompt."""
+    models_dir: Path, model: str, prompt: list[int], max_tokens: int, ignore_eos: bool = False,
+    bias: dict[int, float] | None = None,
+) -> list[int]:  # fmt: skip
+    """The engine's own greedy output, in process, for the same prompt (``bias``: a
+    logit_bias)."""
     from aegaeon.gpu_worker.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(device="cpu", arena_bytes=1 << 30))
@@ -49,7 +51,8 @@ def engine_greedy(
         engine.switch_to(model)
         engine.add_request(
             "ref", model, prompt,
-            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos),
+            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos,
+                           logit_bias=bias or {}),
         )  # fmt: skip
         tokens: list[int] = []
         while True:
@@ -197,6 +200,27 @@ def test_n_choices_are_greedy_alike_and_seeded_apart(stack, demo_models_dir):
     texts = [tokenizer.decode(engine_greedy(demo_models_dir, "demo-llama", p, 12),
                               skip_special_tokens=True) for p in (prompt, other)]  # fmt: skip
     assert [c.text for c in batch.choices] == texts
+
+
+def test_logit_bias_forces_and_bans_tokens_on_the_real_engine(stack, demo_models_dir):
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none")
+    prompt = [5, 17, 42, 99, 7, 61, 23, 88]
+    tokenizer = AutoTokenizer.from_pretrained(demo_models_dir / "demo-llama")
+
+    def served(bias: dict[int, float]) -> str:
+        reply = client.completions.create(
+            model="demo-llama", prompt=prompt, max_tokens=4, temperature=0,
+            logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return reply.choices[0].text
+
+    greedy = engine_greedy(demo_models_dir, "demo-llama", prompt, 4, ignore_eos=True)
+    forced = next(t for t in range(300, 400) if t not in greedy)
+    assert served({forced: 100.0}) == tokenizer.decode([forced] * 4, skip_special_tokens=True)
+    ban = {greedy[0]: -100.0}
+    banned = engine_greedy(demo_models_dir, "demo-llama", prompt, 4, ignore_eos=True, bias=ban)
+    assert banned[0] != greedy[0]
+    assert served(ban) == tokenizer.decode(banned, skip_special_tokens=True)
 
 
 def test_top_draws_the_runtime_view_of_the_running_stack(stack):

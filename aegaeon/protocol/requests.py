@@ -25,6 +25,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N: the chosen token's logprob and the top N
+    logit_bias: dict[int, float] = {}  # token id → added to its logit before the choice
 
 
 # ---------------------------------------------------------------- gateway ↔ scheduler

@@ -88,8 +88,6 @@ def choices(prepared: list[Prepared], n: int) -> list[Prepared]:
 
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """Refuse parameters this server accepts in the schema but cannot honour."""
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported.", param="logit_bias")
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
             raise bad_request("tools are not supported.", param="tools")
@@ -253,7 +251,35 @@ def sampling_params(
         stop_token_ids=stop_ids,
         ignore_eos=bool(body.ignore_eos),
         logprobs=top_logprobs(body),
+        logit_bias=logit_bias(body, tok.vocab_size),
     )
+
+
+MAX_LOGIT_BIAS = 1024
+"""The most tokens one request may bias (each costs the sampler a little on every step)."""
+
+
+def logit_bias(body: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> dict[int, float]:  # fmt: skip
+    """OpenAI's ``logit_bias`` (token ids as strings → a bias in [-100, 100]) as the engine's
+    map; a key that is not a token id of this model, or a bias out of range, is a 400."""
+    given = body.logit_bias or {}
+    if len(given) > MAX_LOGIT_BIAS:
+        raise bad_request(f"logit_bias may list at most {MAX_LOGIT_BIAS} tokens.", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in given.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise bad_request(
+                f"logit_bias keys must be token ids in [0, {vocab_size}); got {key!r}.",
+                param="logit_bias",
+            )
+        if not -100.0 <= bias <= 100.0:
+            raise bad_request(
+                f"logit_bias values must be in [-100, 100]; got {bias:g} for {key!r}.",
+                param="logit_bias",
+            )
+        out[token] = float(bias)
+    return out
 
 
 def top_logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:

@@ -1,4 +1,5 @@
-"""Per-request token choice: penalties, greedy / temperature / top-k / top-p, seeds, logprobs.
+"""Per-request token choice: penalties, logit bias, greedy / temperature / top-k / top-p, seeds,
+logprobs.
 
 Seeded sampling is a pure function of (seed, token index, logits): each token draws from a
 generator seeded with both, so a request that is preempted, recomputed or recovered elsewhere
@@ -39,6 +40,7 @@ def is_plain_greedy(sampling: SamplingParams) -> bool:
         is_greedy(sampling)
         and sampling.presence_penalty == 0.0
         and sampling.frequency_penalty == 0.0
+        and not sampling.logit_bias
         and sampling.logprobs is None
     )
 
@@ -60,6 +62,20 @@ def apply_penalties(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: each listed token's logit plus its bias (±100 bans or forces
+    it). Ids past the row (the gateway checks them against the tokenizer) are left out."""
+    if not sampling.logit_bias:
+        return logits
+    ids = [t for t in sampling.logit_bias if 0 <= t < logits.numel()]
+    if not ids:
+        return logits
+    bias = torch.tensor([sampling.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)  # fmt: skip
+    logits = logits.clone()
+    logits[torch.tensor(ids, device=logits.device)] += bias
+    return logits
+
+
 def filtered_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """One row's logits to draw from: scaled by temperature, then cut by top-k and top-p (a
     token cut is -inf). Top-p keeps the fewest most probable tokens whose probabilities reach
@@ -78,8 +94,9 @@ def filtered_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Ten
 
 
 def choose(logits: torch.Tensor, sampling: SamplingParams, outputs: list[int], seed: int) -> Choice:
-    """Pick token number ``len(outputs)`` from one row of float32 logits."""
-    adjusted = apply_penalties(logits, sampling, outputs)
+    """Pick token number ``len(outputs)`` from one row of float32 logits. Logprobs are the
+    model's own, before penalties and bias (as vLLM reports them by default)."""
+    adjusted = apply_logit_bias(apply_penalties(logits, sampling, outputs), sampling)
     token = _sample(adjusted, sampling, token_seed(seed, len(outputs)))
     if sampling.logprobs is None:
         return Choice(token, None, [])

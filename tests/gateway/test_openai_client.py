@@ -301,3 +301,11 @@ async def test_a_bug_while_streaming_ends_the_stream_with_an_error_chunk(stack, 
     await stack.settle()
     rid = stack.backend.submitted[-1].request_id
     assert await stack.backend.cancels_of(rid)
+
+
+async def test_logit_bias_reaches_the_engine_as_token_ids(stack):
+    await client(stack).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        logit_bias={"5": -100, "17": 2.5},
+    )  # fmt: skip
+    assert stack.backend.submitted[-1].sampling.logit_bias == {5: -100.0, 17: 2.5}
