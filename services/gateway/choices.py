@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from .generation import Generation, Piece
-from .prepare import prompt_tokens
 
 _END = object()  # a choice's feeder is done
 
@@ -33,7 +32,7 @@ class Choices:
     def prompt_tokens(self) -> int:
         """Tokens of the request's prompts, each counted once (as OpenAI's usage counts them),
         however many choices it has."""
-        return prompt_tokens(g.p for g in self.generations)
+        return sum({g.p.prompt_index: len(g.p.prompt_ids) for g in self.generations}.values())
 
     @property
     def output_tokens(self) -> int:

@@ -121,6 +121,12 @@ class Generation:
     def request_id(self) -> str:
         return self.p.request_id
 
+    @property
+    def outcome(self) -> str:
+        """How it ended, as Redis, the metrics and the span name it: its finish reason, else
+        "error" (the engine failed) or "abort" (cancelled, or the client went away)."""
+        return self.finish_reason or ("error" if self.failed else "abort")
+
     async def _request_admission(self, request: SubmitRequest) -> SubmitReply:
         """Ask the scheduler. While none answers (one restarting takes a second or two), keep
         asking until the submit timeout, so a scheduler restart is invisible to new requests.
@@ -268,7 +274,7 @@ class Generation:
             return
         fields: dict[str, str | int | float] = {
             "state": "finished" if self.finish_reason else "error" if self.failed else "cancelled",
-            "finish_reason": self.finish_reason or ("error" if self.failed else "abort"),
+            "finish_reason": self.outcome,
             "output_len": self.timings.output_tokens,
             "finished_at": self.timings.finished or time.time(),
         }

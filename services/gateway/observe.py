@@ -22,11 +22,11 @@ from aegaeon import metrics
 from aegaeon.telemetry import tracer
 
 from .openai_types import ChatCompletionRequest, CompletionRequest
-from .prepare import Kind, prompt_tokens
+from .prepare import Kind
 
 if TYPE_CHECKING:
+    from .choices import Choices
     from .generation import Generation
-
 
 _tracer = tracer(__name__)
 
@@ -68,8 +68,8 @@ class RequestObserver:
         self.span = span
         self.http_span = http_span
         self.ended = False
+        self.choices: Choices | None = None
         self.open: list[Generation] = []  # choices not finished yet
-        self.done: list[Generation] = []
 
     @classmethod
     def start(
@@ -109,10 +109,11 @@ class RequestObserver:
         self.span.set_status(Status(StatusCode.ERROR, message))
         self.span.end()
 
-    def watch(self, generations: list[Generation]) -> None:
+    def watch(self, choices: Choices) -> None:
         """The request's choices, submitted: each reports to ``finished`` when it closes."""
-        self.open = list(generations)
-        for generation in generations:
+        self.choices = choices
+        self.open = list(choices.generations)
+        for generation in choices.generations:
             generation.observer = self
 
     def finished(self, generation: Generation) -> None:
@@ -121,30 +122,23 @@ class RequestObserver:
         if self.ended or generation not in self.open:
             return
         self.open.remove(generation)
-        self.done.append(generation)
-        record_latencies(generation, finish_reason(generation))
-        if self.open:
+        record_latencies(generation, generation.outcome)
+        if self.open or self.choices is None:
             return
         self.ended = True
-        choices = sorted(self.done, key=lambda g: g.p.choice)
-        reasons = [finish_reason(g) for g in choices]
+        reasons = [g.outcome for g in self.choices.generations]
         self._set(
             {
                 "gen_ai.response.id": generation.p.response_id,
                 "gen_ai.response.model": generation.p.model.name,
-                "gen_ai.usage.input_tokens": prompt_tokens(g.p for g in choices),
-                "gen_ai.usage.output_tokens": sum(g.timings.output_tokens for g in choices),
+                "gen_ai.usage.input_tokens": self.choices.prompt_tokens,
+                "gen_ai.usage.output_tokens": self.choices.output_tokens,
                 "gen_ai.response.finish_reasons": reasons,
             }
         )
         if "error" in reasons:
             self.span.set_status(Status(StatusCode.ERROR, "the engine failed on this request"))
         self.span.end()
-
-
-def finish_reason(generation: Generation) -> str:
-    """How a submitted request ended, as the metrics and the span name it."""
-    return generation.finish_reason or ("error" if generation.failed else "abort")
 
 
 def _http_span(request: Request) -> trace.Span | None:

@@ -2,10 +2,10 @@
 
 Requests are strict (``"1"`` is not a number, ``1`` is not a bool), as OpenAI's API is; unknown
 fields are ignored so clients written for other servers still work. Ranges follow OpenAI's
-documented bounds (``n`` at most MAX_CHOICES); what this server does not support is limited in the
-schema (``best_of``, content parts other than text) or refused with 400 by the route (non-empty ``tools`` and
-``functions``, a ``tool_choice`` or ``function_call`` that asks for a call, ``echo``,
-``suffix``).
+documented bounds (``n`` at most MAX_CHOICES); what this server does not support is limited in
+the schema (``best_of``, content parts other than text) or refused with 400 by the route
+(non-empty ``tools`` and ``functions``, a ``tool_choice`` or ``function_call`` that asks for a
+call, ``echo``, ``suffix``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -57,12 +56,6 @@ class Prepared:
 
     def __post_init__(self) -> None:
         self.response_id = self.response_id or self.request_id
-
-
-def prompt_tokens(choices: Iterable[Prepared]) -> int:
-    """Tokens of the prompts behind ``choices``, each prompt counted once (as OpenAI's usage
-    counts them, however many choices a prompt has)."""
-    return sum({c.prompt_index: len(c.prompt_ids) for c in choices}.values())
 
 
 def choices(prepared: list[Prepared], n: int) -> list[Prepared]:

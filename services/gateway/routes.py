@@ -88,7 +88,7 @@ async def _serve(
     except BaseException as exc:
         observer.refused(500, type(exc).__name__)
         raise
-    observer.watch(choices.generations)  # records latencies as each closes, then ends the span
+    observer.watch(choices)  # records latencies as each closes, then ends the span
     if choices.first.p.stream:
         return stream(choices)
     return await complete(request, choices)

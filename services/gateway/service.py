@@ -231,9 +231,9 @@ class Gateway:
         created = int(time.time())
         stream = bool(body.stream)
         include_usage = stream and bool(body.stream_options and body.stream_options.include_usage)
+        limit = self.settings.max_prompt_tokens
         out = []
         for index, ids in enumerate(await prompts(body, tok)):
-            limit = self.settings.max_prompt_tokens
             if limit is not None and len(ids) > limit:
                 raise APIError(
                     413,

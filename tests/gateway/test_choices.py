@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from aegaeon.gateway.choices import Choices
 from aegaeon.gateway.observe import RequestObserver
 from openai import AsyncOpenAI, BadRequestError
 from opentelemetry.sdk.trace import TracerProvider
@@ -148,7 +149,7 @@ def ended_choice(choice: int, reason: str, tokens: int) -> SimpleNamespace:
     prepared = SimpleNamespace(choice=choice, prompt_index=0, response_id="cmpl-x", prompt_ids=[1, 2, 3],
                                model=SimpleNamespace(name="observed-model"), stream=False)  # fmt: skip
     timings = SimpleNamespace(output_tokens=tokens, first_token=None, token_times=[])
-    return SimpleNamespace(p=prepared, timings=timings, finish_reason=reason, failed=False)
+    return SimpleNamespace(p=prepared, timings=timings, outcome=reason, observer=None)
 
 
 def test_the_span_ends_with_the_last_choice_and_each_choice_counts_as_a_request():
@@ -158,7 +159,7 @@ def test_the_span_ends_with_the_last_choice_and_each_choice_counts_as_a_request(
     observer = RequestObserver(provider.get_tracer("test").start_span("text_completion m"), None)
     first, second = ended_choice(0, "length", 4), ended_choice(1, "stop", 2)
     before = finished("observed-model", "length"), finished("observed-model", "stop")
-    observer.watch([first, second])  # type: ignore[list-item]
+    observer.watch(Choices([first, second]))  # type: ignore[list-item]
     observer.finished(second)  # type: ignore[arg-type]
     assert not spans.get_finished_spans()  # choice 0 still runs
     observer.finished(first)  # type: ignore[arg-type]
