@@ -96,7 +96,9 @@ async def test_a_batch_of_prompts_gets_n_choices_each_prompt_by_prompt(stack, ti
 
 
 async def test_a_client_gone_cancels_every_choice(stack):
-    stack.backend.script = Script(step_s=0.05)
+    # Slow steps: the choices must still be running (about 6 s of text) when the client goes,
+    # however busy the host, or they would finish instead of being cancelled.
+    stack.backend.script = Script(step_s=0.2)
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 100, "n": 3, "stream": True}
         async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -110,7 +112,7 @@ async def test_a_client_gone_cancels_every_choice(stack):
 
 
 async def test_one_failing_choice_ends_the_answer_and_cancels_the_others(stack):
-    stack.backend.script = Script(step_s=0.05, error_after=2, error_suffix="-1")
+    stack.backend.script = Script(step_s=0.2, error_after=2, error_suffix="-1")  # as above
     async with httpx.AsyncClient(base_url=stack.base_url) as http:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 100, "n": 3, "stream": True}
         response = await http.post("/v1/completions", json=body)
